@@ -1,0 +1,67 @@
+"""The `cot-compress` command line. Thin: each command parses options and calls one function per stage.
+
+Errors from the library (`CotCompressError`) become one line on stderr and exit code 2; the library itself
+never exits.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from eval_artifacts.errors import CotCompressError
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Study config YAML (default: the embedded tiny study).",
+)
+RUN_DIR_OPTION = click.option(
+    "--run-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Override the run directory."
+)
+DATA_DIR_OPTION = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Use a local folder of train.jsonl/test.jsonl as the data source.",
+)
+
+
+def parse_int_list(value: str | None, what: str) -> list[int] | None:
+    """Parse '1,3,5' into [1, 3, 5]; None stays None."""
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{what} must be comma-separated integers, got {value!r}") from None
+
+
+def load_study(config_path: Path | None, run_dir: Path | None = None, data_dir: Path | None = None):
+    """Load the config and apply the command-line overrides every command shares."""
+    from training.config import load_config
+
+    config = load_config(config_path)
+    overrides: dict[str, object] = {"run_dir": run_dir}
+    if data_dir is not None:
+        overrides.update({"data.source": "local", "data.local_dir": data_dir})
+    return config.with_overrides(**overrides)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CotCompressError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="cot-compress")
+def main() -> None:
+    """Run a chain-of-thought compression study end to end and publish it to the Hugging Face Hub."""

@@ -1,0 +1,273 @@
+"""The study config: one YAML file, one typed object. Every problem in a file is reported at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from eval_artifacts.errors import ConfigError
+from training.levels import LEVELS
+
+# Hub names: letters, digits, '-', '_', '.', no '--' or '..' (huggingface_hub's REPO_ID_REGEX rules).
+_HUB_NAME_RE = re.compile(r"^(?!.*(--|\.\.))[\w\-.]{1,96}$")
+_SPDX_PLACEHOLDERS = {"", "license", "licence", "unknown", "todo", "tbd", "other-license", "none"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class BaseModelConfig(_Strict):
+    id: str = Field(description="Hub id of the base model, or a local path. 'tiny' builds the tiny study model.")
+    revision: str = "main"
+    quantization: Literal["nf4", "none"] = "none"
+    """nf4 loads the base in 4-bit NF4 with double quant through bitsandbytes (CUDA only)."""
+    chat_template_think: bool = False
+
+
+class TinyModelConfig(_Strict):
+    """The tiny Qwen3-architecture base that the offline study builds and pre-trains itself."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    pretrain_steps: int = 600
+    pretrain_batch_size: int = 64
+    pretrain_learning_rate: float = 3e-3
+    seed: int = 0
+
+
+class SyntheticDataConfig(_Strict):
+    n_train: int = Field(2000, gt=0)
+    n_test: int = Field(200, gt=0)
+    max_number: int = Field(20, gt=1)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    source: Literal["hub", "local", "synthetic"] = "hub"
+    dataset_id: str = "openai/gsm8k"
+    config_name: str = "main"
+    revision: str = "main"
+    local_dir: Path | None = None
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    max_train_rows: int | None = Field(None, gt=0)
+    max_test_rows: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _local_needs_dir(self) -> DataConfig:
+        if self.source == "local" and self.local_dir is None:
+            raise ValueError("source 'local' needs local_dir (a folder with train.jsonl and test.jsonl)")
+        return self
+
+
+class TeacherConfig(_Strict):
+    kind: Literal["rule", "model"] = "rule"
+    model_id: str | None = None
+    revision: str = "main"
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(512, gt=0)
+    few_shot: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _model_needs_id(self) -> TeacherConfig:
+        if self.kind == "model" and not self.model_id:
+            raise ValueError("teacher kind 'model' needs model_id")
+        return self
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainingConfig(_Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_seq_length: int = Field(512, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: str = "cosine"
+    completion_only_loss: bool = True
+    """False reproduces the original study: loss over the full sequence."""
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    lora: LoraConfig = LoraConfig()
+    seed: int = 42
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(200, gt=0)
+
+
+class EvalConfig(_Strict):
+    max_new_tokens: int = Field(512, gt=0)
+    batch_size: int = Field(64, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    max_problems: int | None = Field(None, gt=0)
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    sweet_spot_margin: float = Field(0.0, ge=0, le=1)
+    """A level is accuracy-preserving when it is not significantly below base, or within this margin of it."""
+
+
+class HubConfig(_Strict):
+    endpoint: str = "local"
+    """'local' starts the embedded Hub-compatible server for the run; any URL is used as is."""
+    namespace: str
+    repo_prefix: str
+    private: bool = True
+    license: str
+    collection_title: str
+    citation: str = ""
+
+    @field_validator("namespace", "repo_prefix")
+    @classmethod
+    def _hub_name(cls, value: str) -> str:
+        if not _HUB_NAME_RE.match(value) or value.startswith(("-", ".")) or value.endswith(("-", ".")):
+            raise ValueError(
+                f"{value!r} is not a valid Hub name: use letters, digits, '-', '_', '.', no '--' or '..', "
+                "not starting or ending with '-' or '.'"
+            )
+        return value
+
+    @field_validator("license")
+    @classmethod
+    def _real_license(cls, value: str) -> str:
+        if value.strip().lower() in _SPDX_PLACEHOLDERS:
+            raise ValueError(f"{value!r} is a placeholder, not a license: give an identifier such as 'apache-2.0'")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value != "local" and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"{value!r} is neither 'local' nor an http(s) URL")
+        return value.rstrip("/")
+
+
+class StudyConfig(_Strict):
+    name: str
+    title: str
+    base_model: BaseModelConfig
+    tiny_model: TinyModelConfig | None = None
+    levels: list[int] = Field(min_length=1)
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
+    hub: HubConfig
+    run_dir: Path
+
+    @field_validator("name")
+    @classmethod
+    def _study_name(cls, value: str) -> str:
+        if not _HUB_NAME_RE.match(value):
+            raise ValueError(f"{value!r} must be a plain name (letters, digits, '-', '_', '.')")
+        return value
+
+    @field_validator("levels")
+    @classmethod
+    def _known_levels(cls, value: list[int]) -> list[int]:
+        unknown = [n for n in value if n not in LEVELS]
+        if unknown:
+            raise ValueError(f"unknown level(s) {unknown}; levels are {sorted(LEVELS)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"levels {value} repeat a level")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _tiny_needs_settings(self) -> StudyConfig:
+        if self.base_model.id == "tiny" and self.tiny_model is None:
+            raise ValueError("base_model.id 'tiny' needs a tiny_model section")
+        return self
+
+    # ---- derived names, used by every stage so that they cannot disagree ----
+    def adapter_repo_id(self, level: int) -> str:
+        return f"{self.hub.namespace}/{self.hub.repo_prefix}-l{level}"
+
+    @property
+    def eval_repo_id(self) -> str:
+        return f"{self.hub.namespace}/{self.hub.repo_prefix}-eval"
+
+    @property
+    def model_keys(self) -> list[str]:
+        """Every evaluated model: base first, then the levels in order."""
+        return ["base"] + [f"level_{n}" for n in self.levels]
+
+    def with_overrides(self, **changes: object) -> StudyConfig:
+        """A copy with top-level or dotted (``hub.namespace``) fields replaced, validated again."""
+        data = self.model_dump(mode="python")
+        for dotted, value in changes.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return _validate(data, source="overrides")
+
+    def fingerprint(self) -> str:
+        """A stable hash of the resolved config, recorded in study.lock.json."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+TINY_CONFIG_NAME = "tiny.yaml"
+
+
+def default_config_path() -> Path:
+    """The embedded tiny study, used when no --config is given."""
+    return Path(str(resources.files("configs") / TINY_CONFIG_NAME))
+
+
+def load_config(path: str | Path | None = None) -> StudyConfig:
+    """Read and validate a study config.
+
+    A relative ``run_dir`` or ``data.local_dir`` stays relative to the current directory, as users expect
+    from a command-line tool; the embedded default is the one exception: its run dir is ``runs/tiny``.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or holds unknown keys or wrong values. The message
+            names the file and every bad key.
+    """
+    path = Path(path) if path is not None else default_config_path()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: pass --config with the path of a study YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return _validate(data, source=str(path))
+
+
+def _validate(data: dict, *, source: str) -> StudyConfig:
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+            if item["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}'")
+            elif item["type"] == "missing":
+                problems.append(f"missing key '{key}'")
+            else:
+                message = item["msg"].removeprefix("Value error, ")
+                problems.append(f"'{key}': {message} (got {item.get('input')!r})")
+        raise ConfigError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems)) from None

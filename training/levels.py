@@ -1,0 +1,90 @@
+"""The five compression levels: one table used by the teachers, the prompts, the cards and the tests."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from eval_artifacts.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Level:
+    number: int
+    name: str
+    style: str
+    typical_length: str
+    example: str
+
+    @property
+    def key(self) -> str:
+        """The model name used in the run directory and the eval dataset (``level_4``)."""
+        return f"level_{self.number}"
+
+
+LEVELS: dict[int, Level] = {
+    level.number: level
+    for level in (
+        Level(
+            1,
+            "Full",
+            "every step in full sentences, like the GSM8K reference solution without calculator annotations",
+            "200–400 chars",
+            "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May.",
+        ),
+        Level(
+            2,
+            "Concise",
+            "one short clause per step, with its arithmetic",
+            "~100–150 chars",
+            "May clips: 48/2 = 24. Total clips: 48+24 = 72.",
+        ),
+        Level(3, "Equations", "the equations only, `;`-separated", "~60–90 chars", "48/2=24; 48+24=72"),
+        Level(
+            4,
+            "Ultra-compact",
+            "a short variable chain with arrows",
+            "~45 chars",
+            "m=48/2=24→t=48+24=72",
+        ),
+        Level(5, "Minimal", "the single final expression, or the answer alone", "≤ 20 chars", "48+48/2"),
+    )
+}
+
+PROMPT_TEMPLATE = "Solve this using Level {number} ({name}).\nProblem: {question}"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_MARKER = "####"
+
+_THINK_RE = re.compile(r"<think>\s*(.*?)\s*</think>", re.DOTALL)
+
+
+def get_level(number: int) -> Level:
+    try:
+        return LEVELS[int(number)]
+    except (KeyError, ValueError):
+        raise ConfigError(f"level {number!r} does not exist; levels are {sorted(LEVELS)}") from None
+
+
+def build_prompt(level: int, question: str) -> str:
+    spec = get_level(level)
+    return PROMPT_TEMPLATE.format(number=spec.number, name=spec.name, question=question.strip())
+
+
+def build_response(reasoning: str, answer: str) -> str:
+    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n{ANSWER_MARKER} {answer}"
+
+
+@dataclass(frozen=True)
+class ParsedResponse:
+    reasoning: str | None
+    """Text strictly inside ``<think>…</think>``; None when the output has no closed think block."""
+    after_think: str
+    """Everything after the think block (the whole text when there is none): where the answer lives."""
+
+
+def parse_response(text: str) -> ParsedResponse:
+    """Split a model response into its reasoning and the part that carries the answer."""
+    match = _THINK_RE.search(text)
+    if match is None:
+        return ParsedResponse(reasoning=None, after_think=text)
+    return ParsedResponse(reasoning=match.group(1), after_think=text[match.end() :])
