@@ -1,0 +1,152 @@
+"""The run directory: the contract between stages. Every path of DESIGN.md's layout is named here once.
+
+Writes are atomic (temp file + ``os.replace``) so a killed process never leaves half a JSON file, and
+JSONL files are appended one complete line at a time, so a kill loses at most the line in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from eval_artifacts.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+
+
+class RunDir:
+    """Named paths of one study's run directory (``runs/<study>/``)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # ---- layout ----
+    @property
+    def lock(self) -> Path:
+        return self.root / "study.lock.json"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def train_file(self, level: int) -> Path:
+        return self.data_dir / f"level_{level}" / "train.jsonl"
+
+    @property
+    def data_stats(self) -> Path:
+        return self.data_dir / "stats.json"
+
+    def adapter_dir(self, level: int) -> Path:
+        return self.root / "adapters" / f"level_{level}"
+
+    def training_json(self, level: int) -> Path:
+        return self.adapter_dir(level) / "training.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    def samples(self, model: str) -> Path:
+        return self.eval_dir / model / "samples.jsonl"
+
+    def metrics(self, model: str) -> Path:
+        return self.eval_dir / model / "metrics.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.eval_dir / "summary.json"
+
+    @property
+    def pareto_png(self) -> Path:
+        return self.eval_dir / "pareto.png"
+
+    @property
+    def cards_dir(self) -> Path:
+        return self.root / "cards"
+
+    def card(self, repo_name: str) -> Path:
+        return self.cards_dir / repo_name / "README.md"
+
+    @property
+    def publish_state(self) -> Path:
+        return self.root / "publish" / "state.json"
+
+    @property
+    def hub_data_dir(self) -> Path:
+        """Storage of the embedded local Hub when ``hub.endpoint`` is ``local``."""
+        return self.root / "hub"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically: readers see the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def read_json(path: Path, *, what: str, hint: str) -> Any:
+    """Read a JSON artifact; a missing or broken file is an ``ArtifactError`` that says how to make it."""
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found at {path}: {hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{what} at {path} is not valid JSON (line {error.lineno}): {hint}") from None
+
+
+def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Append complete lines and flush them to disk before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def iter_jsonl(path: Path, *, what: str) -> Iterator[dict]:
+    """Yield the rows of a JSONL artifact; any malformed line is an ``ArtifactError`` naming it."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise ArtifactError(
+                    f"{what} {path} line {number} is not valid JSON (truncated?): delete the file and rerun the stage"
+                ) from None
+            if not isinstance(row, dict):
+                raise ArtifactError(f"{what} {path} line {number} is not a JSON object")
+            yield row
+
+
+def repair_jsonl_tail(path: Path) -> int:
+    """Drop a partial last line left by a killed writer, so that an appending rerun can resume.
+
+    Returns the number of bytes removed (0 when the file ends with a newline or does not exist).
+    """
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with path.open("r+b") as handle:
+        handle.truncate(keep)
+    return len(data) - keep
