@@ -1,0 +1,162 @@
+"""The per-sample record: one line of ``eval/<model>/samples.jsonl`` per (problem, seed).
+
+Every downstream number is computed from these rows, so reading them is strict: a missing or mistyped
+field, an unknown field, or a second row for the same (id, seed) is an ``ArtifactError`` that names the
+file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eval_artifacts.errors import ArtifactError
+from eval_artifacts.rundir import SCHEMA_VERSION, iter_jsonl
+
+FINISH_REASONS = ("stop", "length")
+_MODEL_RE = re.compile(r"^(base|level_([1-9][0-9]*))$")
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One generated answer to one problem, with its grading and its token counts."""
+
+    id: str
+    question: str
+    gold: str
+    prompt: str
+    completion: str
+    reasoning: str | None
+    """Text inside ``<think>…</think>``; None when the output has no think block (the stock model)."""
+    predicted: str | None
+    """The extracted final answer; None when no extractor matched."""
+    extractor: str | None
+    """Name of the extractor that produced ``predicted``."""
+    correct: bool
+    think_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    """``stop`` (EOS / ``<|im_end|>``) or ``length`` (hit max_new_tokens)."""
+    model: str
+    """``base`` or ``level_<n>``."""
+    level: int | None
+    seed: int
+    schema_version: int = SCHEMA_VERSION
+
+    def to_row(self) -> dict[str, Any]:
+        """The JSONL row, validated, fields in ``SAMPLE_FIELDS`` order."""
+        return validate_record(dataclasses.asdict(self), path="SampleRecord", line=0)
+
+
+SAMPLE_FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(SampleRecord))
+
+# (types accepted, may be None). bool is excluded from int explicitly below: True is an int in Python.
+_FIELD_TYPES: dict[str, tuple[type, bool]] = {
+    "id": (str, False),
+    "question": (str, False),
+    "gold": (str, False),
+    "prompt": (str, False),
+    "completion": (str, False),
+    "reasoning": (str, True),
+    "predicted": (str, True),
+    "extractor": (str, True),
+    "correct": (bool, False),
+    "think_tokens": (int, False),
+    "completion_tokens": (int, False),
+    "finish_reason": (str, False),
+    "model": (str, False),
+    "level": (int, True),
+    "seed": (int, False),
+    "schema_version": (int, False),
+}
+assert tuple(_FIELD_TYPES) == SAMPLE_FIELDS
+
+
+def validate_record(row: dict, *, path: Path | str, line: int) -> dict[str, Any]:
+    """Check one sample row against the schema and return it with fields in ``SAMPLE_FIELDS`` order.
+
+    Raises:
+        ArtifactError: naming ``path``, ``line`` and the first offending field.
+    """
+    where = f"sample record {path} line {line}"
+    missing = [name for name in SAMPLE_FIELDS if name not in row]
+    if missing:
+        raise ArtifactError(
+            f"{where} is missing field '{missing[0]}': regenerate it with `cot-compress evaluate`"
+        )
+    unknown = sorted(set(row) - set(SAMPLE_FIELDS))
+    if unknown:
+        raise ArtifactError(
+            f"{where} has unknown field '{unknown[0]}'; the fields are {', '.join(SAMPLE_FIELDS)}"
+        )
+    for name, (kind, nullable) in _FIELD_TYPES.items():
+        value = row[name]
+        if value is None and nullable:
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            expected = kind.__name__ + (" or null" if nullable else "")
+            raise ArtifactError(f"{where} field '{name}' must be {expected}, got {value!r}")
+    _check_values(row, where)
+    return {name: row[name] for name in SAMPLE_FIELDS}
+
+
+def _check_values(row: dict, where: str) -> None:
+    if row["schema_version"] != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{where} field 'schema_version' is {row['schema_version']}, this code reads {SCHEMA_VERSION}: "
+            "re-run `cot-compress evaluate` with this version"
+        )
+    for name in ("think_tokens", "completion_tokens"):
+        if row[name] < 0:
+            raise ArtifactError(f"{where} field '{name}' is negative ({row[name]})")
+    if row["finish_reason"] not in FINISH_REASONS:
+        raise ArtifactError(
+            f"{where} field 'finish_reason' must be one of {FINISH_REASONS}, got {row['finish_reason']!r}"
+        )
+    match = _MODEL_RE.match(row["model"])
+    if match is None:
+        raise ArtifactError(f"{where} field 'model' must be 'base' or 'level_<n>', got {row['model']!r}")
+    expected_level = None if match.group(2) is None else int(match.group(2))
+    if row["level"] != expected_level:
+        raise ArtifactError(
+            f"{where} field 'level' is {row['level']!r} but model {row['model']!r} means {expected_level!r}"
+        )
+    if row["correct"] and row["predicted"] is None:
+        raise ArtifactError(f"{where} field 'correct' is true but 'predicted' is null")
+
+
+def read_samples(path: Path, *, model: str | None = None) -> list[dict[str, Any]]:
+    """Read and validate every row of a samples.jsonl file.
+
+    Args:
+        path: the samples file (``RunDir.samples(model)``).
+        model: when given, every row must belong to this model.
+
+    Raises:
+        ArtifactError: the file is missing, a line is not JSON (a truncated tail), a row breaks the
+            schema, rows of several models are mixed, or an (id, seed) pair appears twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"samples not found at {path}: run `cot-compress evaluate` for this model first")
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], int] = {}
+    for number, raw in enumerate(iter_jsonl(path, what="samples"), start=1):
+        row = validate_record(raw, path=path, line=number)
+        expected = model if model is not None else (rows[0]["model"] if rows else row["model"])
+        if row["model"] != expected:
+            raise ArtifactError(
+                f"sample record {path} line {number} is for model {row['model']!r}, the file holds {expected!r}"
+            )
+        key = (row["id"], row["seed"])
+        if key in seen:
+            raise ArtifactError(
+                f"sample record {path} line {number} duplicates id {row['id']!r} seed {row['seed']} "
+                f"(first at line {seen[key]}): delete the file and rerun `cot-compress evaluate`"
+            )
+        seen[key] = number
+        rows.append(row)
+    return rows
