@@ -44,8 +44,10 @@ def wilson_ci(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    # Clamp rounding noise at the ends: k == 0 or k == n must give exactly 0 or 1.
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The exact bounds at the ends are 0 and 1; the formula leaves rounding noise there.
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return (low, high)
 
 
 def mcnemar_exact_p(b: int, c: int) -> float:
@@ -245,7 +247,8 @@ METRICS_FIELDS = (
 )
 
 
-def _model_level(model: str) -> int | None:
+def model_level(model: str) -> int | None:
+    """``base`` -> None, ``level_3`` -> 3."""
     return None if model == "base" else int(model.removeprefix("level_"))
 
 
@@ -329,7 +332,7 @@ def check_metrics_match_samples(run_dir: RunDir, model: str) -> None:
         ArtifactError: naming the first field whose stored value differs from the recomputed one.
     """
     stored = read_metrics(run_dir, model)
-    fresh = _recompute(run_dir, model, _model_level(model))
+    fresh = _recompute(run_dir, model, model_level(model))
     # Compare what a reader of the JSON would see: round-trip floats exactly as write_json stores them.
     fresh = json.loads(json.dumps(fresh))
     field = _first_difference(stored, fresh, "")
@@ -341,6 +344,6 @@ def check_metrics_match_samples(run_dir: RunDir, model: str) -> None:
         )
 
 
-def models_in(values: Iterable[str]) -> list[str]:
+def sort_models(values: Iterable[str]) -> list[str]:
     """Model names in study order: base first, then levels by number."""
     return sorted(set(values), key=lambda name: -1 if name == "base" else int(name.removeprefix("level_")))

@@ -17,7 +17,8 @@ from eval_artifacts.errors import ArtifactError
 from eval_artifacts.rundir import SCHEMA_VERSION, iter_jsonl
 
 FINISH_REASONS = ("stop", "length")
-_MODEL_RE = re.compile(r"^(base|level_([1-9][0-9]*))$")
+MODEL_RE = re.compile(r"^(base|level_([1-9][0-9]*))$")
+"""Model names: ``base`` or ``level_<n>``."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def _check_values(row: dict, where: str) -> None:
         raise ArtifactError(
             f"{where} field 'finish_reason' must be one of {FINISH_REASONS}, got {row['finish_reason']!r}"
         )
-    match = _MODEL_RE.match(row["model"])
+    match = MODEL_RE.match(row["model"])
     if match is None:
         raise ArtifactError(f"{where} field 'model' must be 'base' or 'level_<n>', got {row['model']!r}")
     expected_level = None if match.group(2) is None else int(match.group(2))

@@ -1,0 +1,197 @@
+"""The Hub eval dataset: one config per model (split ``test``, one row per sample) plus ``summary``.
+
+And its inverse, for ``regenerate-cards --from-hub``: the dataset's configs written back into a run
+directory as samples.jsonl files, with metrics recomputed from them (never trusted from the Hub).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import datasets
+
+from eval_artifacts.errors import ArtifactError
+from eval_artifacts.metrics import check_metrics_match_samples, model_level, sort_models, write_metrics
+from eval_artifacts.records import MODEL_RE, SAMPLE_FIELDS, read_samples, validate_record
+from eval_artifacts.rundir import RunDir
+from eval_artifacts.summary import build_summary
+
+SPLIT = "test"
+SUMMARY_CONFIG = "summary"
+
+# Explicit types so that a column that is all None (``reasoning`` of the stock model, ``level`` of base)
+# or an empty split still has a type on the Hub and reads back as None, not as a guessed null column.
+SAMPLE_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "question": datasets.Value("string"),
+        "gold": datasets.Value("string"),
+        "prompt": datasets.Value("string"),
+        "completion": datasets.Value("string"),
+        "reasoning": datasets.Value("string"),
+        "predicted": datasets.Value("string"),
+        "extractor": datasets.Value("string"),
+        "correct": datasets.Value("bool"),
+        "think_tokens": datasets.Value("int64"),
+        "completion_tokens": datasets.Value("int64"),
+        "finish_reason": datasets.Value("string"),
+        "model": datasets.Value("string"),
+        "level": datasets.Value("int64"),
+        "seed": datasets.Value("int64"),
+        "schema_version": datasets.Value("int64"),
+    }
+)
+assert tuple(SAMPLE_FEATURES) == SAMPLE_FIELDS
+
+SUMMARY_FEATURES = datasets.Features(
+    {
+        "model": datasets.Value("string"),
+        "level": datasets.Value("int64"),
+        "n_total": datasets.Value("int64"),
+        "n_correct": datasets.Value("int64"),
+        "accuracy": datasets.Value("float64"),
+        "ci95_low": datasets.Value("float64"),
+        "ci95_high": datasets.Value("float64"),
+        "think_tokens_mean": datasets.Value("float64"),
+        "think_tokens_median": datasets.Value("float64"),
+        "think_tokens_p90": datasets.Value("float64"),
+        "completion_tokens_mean": datasets.Value("float64"),
+        "completion_tokens_median": datasets.Value("float64"),
+        "tokens_per_correct": datasets.Value("float64"),
+        "truncated": datasets.Value("int64"),
+        "delta_vs_base": datasets.Value("float64"),
+        "mcnemar_p": datasets.Value("float64"),
+        "on_frontier": datasets.Value("bool"),
+    }
+)
+
+
+def summary_rows(summary: dict) -> list[dict[str, Any]]:
+    """Flatten summary.json's models into the ``summary`` config's rows (one per model)."""
+    rows = []
+    for entry in summary["models"]:
+        vs_base = entry["vs_base"] or {}
+        rows.append(
+            {
+                "model": entry["model"],
+                "level": entry["level"],
+                "n_total": entry["n_total"],
+                "n_correct": entry["n_correct"],
+                "accuracy": entry["accuracy"],
+                "ci95_low": entry["ci95"][0],
+                "ci95_high": entry["ci95"][1],
+                "think_tokens_mean": entry["think_tokens"]["mean"],
+                "think_tokens_median": entry["think_tokens"]["median"],
+                "think_tokens_p90": entry["think_tokens"]["p90"],
+                "completion_tokens_mean": entry["completion_tokens"]["mean"],
+                "completion_tokens_median": entry["completion_tokens"]["median"],
+                "tokens_per_correct": entry["tokens_per_correct"],
+                "truncated": entry["truncated"],
+                "delta_vs_base": vs_base.get("delta"),
+                "mcnemar_p": vs_base.get("mcnemar_p"),
+                "on_frontier": entry["on_frontier"],
+            }
+        )
+    return rows
+
+
+def _columns(rows: list[dict], features: datasets.Features) -> dict[str, list]:
+    return {name: [row[name] for row in rows] for name in features}
+
+
+def build_eval_dataset(run_dir: RunDir, *, models: list[str]) -> dict[str, datasets.DatasetDict]:
+    """The eval dataset's configs: ``{model: DatasetDict(test=samples), "summary": DatasetDict(test=...)}``.
+
+    Metrics are checked against their samples first, so a dataset is never built from stale numbers.
+    """
+    configs: dict[str, datasets.DatasetDict] = {}
+    for model in models:
+        check_metrics_match_samples(run_dir, model)
+        rows = read_samples(run_dir.samples(model), model=model)
+        split = datasets.Dataset.from_dict(_columns(rows, SAMPLE_FEATURES), features=SAMPLE_FEATURES)
+        configs[model] = datasets.DatasetDict({SPLIT: split})
+    summary = build_summary(run_dir, study=run_dir.root.name, models=models)
+    table = datasets.Dataset.from_dict(
+        _columns(summary_rows(summary), SUMMARY_FEATURES), features=SUMMARY_FEATURES
+    )
+    configs[SUMMARY_CONFIG] = datasets.DatasetDict({SPLIT: table})
+    return configs
+
+
+def samples_from_eval_dataset(configs: dict[str, datasets.DatasetDict]) -> dict[str, list[dict[str, Any]]]:
+    """Sample rows of every model config, validated against the record schema (``summary`` skipped).
+
+    Raises:
+        ArtifactError: a config lacks the ``test`` split, a row breaks the schema, or a row's model is
+            not its config's name.
+    """
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for name, dataset_dict in configs.items():
+        if name == SUMMARY_CONFIG:
+            continue
+        if not MODEL_RE.match(name):
+            raise ArtifactError(f"eval dataset config {name!r} is not a model name ('base' or 'level_<n>')")
+        if SPLIT not in dataset_dict:
+            raise ArtifactError(
+                f"eval dataset config {name!r} has no {SPLIT!r} split: push the eval dataset again"
+            )
+        rows = []
+        for number, raw in enumerate(dataset_dict[SPLIT].to_list(), start=1):
+            row = validate_record(raw, path=f"eval dataset config {name!r}", line=number)
+            if row["model"] != name:
+                raise ArtifactError(
+                    f"eval dataset config {name!r} row {number} is for model {row['model']!r}: push the eval dataset again"
+                )
+            rows.append(row)
+        samples[name] = rows
+    if not samples:
+        raise ArtifactError("the eval dataset has no model configs: push it with `cot-compress push-eval`")
+    return samples
+
+
+def _write_samples(path: os.PathLike, rows: list[dict]) -> None:
+    """Replace a samples.jsonl atomically with exactly these rows."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=os.path.dirname(path), delete=False, suffix=".tmp", encoding="utf-8"
+    ) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(handle.name, path)
+
+
+def restore_run_dir_from_eval_dataset(run_dir: RunDir, configs: dict[str, datasets.DatasetDict]) -> list[str]:
+    """Write the dataset's samples into ``run_dir`` and recompute every model's metrics.json.
+
+    When the dataset has a ``summary`` config, its counts must agree with the recomputed metrics.
+
+    Returns:
+        The restored models, base first.
+    """
+    samples = samples_from_eval_dataset(configs)
+    models = sort_models(samples)
+    if models[0] != "base":
+        raise ArtifactError("the eval dataset has no 'base' config: the paired comparison needs it")
+    for model in models:
+        _write_samples(run_dir.samples(model), samples[model])
+        read_samples(run_dir.samples(model), model=model)  # duplicates (id, seed) are caught here
+    metrics = {model: write_metrics(run_dir, model, model_level(model)) for model in models}
+    if SUMMARY_CONFIG in configs and SPLIT in configs[SUMMARY_CONFIG]:
+        for row in configs[SUMMARY_CONFIG][SPLIT].to_list():
+            fresh = metrics.get(row["model"])
+            if fresh is None:
+                continue
+            for field, value in (
+                ("n_total", fresh["n_total"]),
+                ("n_correct", fresh["n_correct"]),
+                ("accuracy", fresh["accuracy"]),
+            ):
+                if row[field] != value:
+                    raise ArtifactError(
+                        f"eval dataset summary row {row['model']!r} field '{field}' is {row[field]!r} but its samples "
+                        f"give {value!r}: push the eval dataset again with `cot-compress push-eval`"
+                    )
+    return models
