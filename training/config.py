@@ -25,7 +25,9 @@ class _Strict(BaseModel):
 
 
 class BaseModelConfig(_Strict):
-    id: str = Field(description="Hub id of the base model, or a local path. 'tiny' builds the tiny study model.")
+    id: str = Field(
+        description="Hub id of the base model, or a local path. 'tiny' builds the tiny study model."
+    )
     revision: str = "main"
     quantization: Literal["nf4", "none"] = "none"
     """nf4 loads the base in 4-bit NF4 with double quant through bitsandbytes (CUDA only)."""
@@ -35,6 +37,8 @@ class BaseModelConfig(_Strict):
 class TinyModelConfig(_Strict):
     """The tiny Qwen3-architecture base that the offline study builds and pre-trains itself."""
 
+    vocab_size: int = 384
+    """Target size of the byte-level BPE vocabulary (256 byte symbols + merges + special tokens)."""
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
@@ -109,6 +113,9 @@ class TrainingConfig(_Strict):
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(200, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    keep_checkpoints: bool = False
+    """Keep ``adapters/level_<n>/checkpoints/`` after a successful finish (they can be large)."""
 
 
 class EvalConfig(_Strict):
@@ -145,7 +152,9 @@ class HubConfig(_Strict):
     @classmethod
     def _real_license(cls, value: str) -> str:
         if value.strip().lower() in _SPDX_PLACEHOLDERS:
-            raise ValueError(f"{value!r} is a placeholder, not a license: give an identifier such as 'apache-2.0'")
+            raise ValueError(
+                f"{value!r} is a placeholder, not a license: give an identifier such as 'apache-2.0'"
+            )
         return value
 
     @field_validator("endpoint")
