@@ -65,3 +65,18 @@ class _Group(click.Group):
 @click.version_option(package_name="cot-compress")
 def main() -> None:
     """Run a chain-of-thought compression study end to end and publish it to the Hugging Face Hub."""
+
+
+@main.command("prepare-data")
+@CONFIG_OPTION
+@RUN_DIR_OPTION
+@DATA_DIR_OPTION
+@click.option("--levels", default=None, help="Comma-separated levels (default: the config's).")
+@click.option("--teacher", type=click.Choice(["rule", "model"]), default=None, help="Override the config's teacher.")
+def prepare_data_command(config_path, run_dir, data_dir, levels, teacher):
+    """Write teacher-written SFT data per level and data/stats.json."""
+    from eval_artifacts.rundir import RunDir
+    from training import prepare_data
+
+    config = load_study(config_path, run_dir, data_dir)
+    prepare_data.run(config, RunDir(config.run_dir), levels=parse_int_list(levels, "--levels"), teacher=teacher)

@@ -27,7 +27,9 @@ def _synthetic_split(config: StudyConfig, split: str) -> list[Problem]:
         return test
     # Train never holds a test question: draw extra problems and drop the overlap.
     held_out = {problem.question for problem in test}
-    train = generate_problems(spec.n_train + spec.n_test, seed=spec.seed, max_number=spec.max_number, split="train")
+    train = generate_problems(
+        spec.n_train + spec.n_test, seed=spec.seed, max_number=spec.max_number, split="train"
+    )
     kept = [problem for problem in train if problem.question not in held_out][: spec.n_train]
     return [
         Problem(id=f"train-{index:05d}", question=p.question, answer=p.answer, gold=p.gold)

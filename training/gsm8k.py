@@ -40,7 +40,7 @@ def normalize_number(text: str | None) -> str | None:
     if not value.is_finite():
         return None
     if value == value.to_integral_value():
-        return str(value.quantize(Decimal(1)))
+        return str(int(value))
     return format(value.normalize(), "f")
 
 
@@ -88,7 +88,11 @@ def safe_eval(expression: str) -> Decimal | None:
     def walk(node: ast.AST) -> Decimal:
         if isinstance(node, ast.Expression):
             return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, int | float)
+            and not isinstance(node.value, bool)
+        ):
             return Decimal(str(node.value))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
             value = walk(node.operand)
@@ -169,7 +173,12 @@ def solution_steps(answer_text: str) -> list[Step]:
             value = normalize_number(stated)
             if not expression or value is None:
                 continue
-            steps.append(Step(sentence, expression, value, values_match(safe_eval(expression), stated)))
+            arithmetic_ok = values_match(safe_eval(expression), stated)
+            # A plain-text match that does not check out is a misread (``1/2 = 1/4`` read as ``= 1``), not a
+            # wrong step: annotations are the solution's own claims, free text is only our parse of it.
+            if not annotations and not arithmetic_ok:
+                continue
+            steps.append(Step(sentence, expression, value, arithmetic_ok))
     return steps
 
 
@@ -231,7 +240,11 @@ class Problem:
 def problems_from_rows(rows: list[dict], *, split: str, source: str) -> list[Problem]:
     problems = []
     for index, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("question"), str)
+            or not isinstance(row.get("answer"), str)
+        ):
             raise DataError(
                 f"{source} row {index + 1}: a GSM8K row needs string fields 'question' and 'answer', "
                 f"got keys {sorted(row) if isinstance(row, dict) else type(row).__name__}"
@@ -240,7 +253,9 @@ def problems_from_rows(rows: list[dict], *, split: str, source: str) -> list[Pro
             gold = parse_gold(row["answer"])
         except DataError as error:
             raise DataError(f"{source} row {index + 1}: {error}") from None
-        problems.append(Problem(id=f"{split}-{index:05d}", question=row["question"], answer=row["answer"], gold=gold))
+        problems.append(
+            Problem(id=f"{split}-{index:05d}", question=row["question"], answer=row["answer"], gold=gold)
+        )
     return problems
 
 
@@ -257,7 +272,9 @@ def load_local_split(directory: Path, split: str) -> list[Problem]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
-                    raise DataError(f"{jsonl} line {number} is not valid JSON: fix or remove the line") from None
+                    raise DataError(
+                        f"{jsonl} line {number} is not valid JSON: fix or remove the line"
+                    ) from None
         return problems_from_rows(rows, split=split, source=str(jsonl))
     parquet = sorted(directory.glob(f"{split}*.parquet")) or sorted(directory.glob(f"**/{split}-*.parquet"))
     if parquet:
@@ -265,7 +282,9 @@ def load_local_split(directory: Path, split: str) -> list[Problem]:
 
         rows = [row for path in parquet for row in pq.read_table(path).to_pylist()]
         return problems_from_rows(rows, split=split, source=str(parquet[0]))
-    raise DataError(f"no {split}.jsonl or {split}*.parquet in {directory}: point --data-dir at a GSM8K folder")
+    raise DataError(
+        f"no {split}.jsonl or {split}*.parquet in {directory}: point --data-dir at a GSM8K folder"
+    )
 
 
 def load_hub_split(dataset_id: str, config_name: str, revision: str, split: str) -> list[Problem]:

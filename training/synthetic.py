@@ -58,6 +58,8 @@ def generate_problems(n: int, *, seed: int, max_number: int = 20, split: str = "
             continue
         seen.add(question)
         problems.append(
-            Problem(id=f"{split}-{len(problems):05d}", question=question, answer=answer, gold=parse_gold(answer))
+            Problem(
+                id=f"{split}-{len(problems):05d}", question=question, answer=answer, gold=parse_gold(answer)
+            )
         )
     return problems

@@ -1,0 +1,132 @@
+"""The study config: every shipped file loads, and bad configs fail with one line naming the problem."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from eval_artifacts.errors import ConfigError
+from hub_tools.cli import main
+from training.config import StudyConfig, default_config_path, load_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert isinstance(config, StudyConfig)
+    assert config.levels == sorted(config.levels)
+    assert config.model_keys[0] == "base"
+
+
+def test_both_studies_are_shipped():
+    names = {path.name for path in CONFIGS}
+    assert {"tiny.yaml", "qwen3-4b-gsm8k.yaml"} <= names
+
+
+def test_default_is_the_embedded_tiny_study():
+    assert load_config(None) == load_config(default_config_path())
+    assert load_config(None).base_model.id == "tiny"
+
+
+def test_real_study_settings():
+    config = load_config(Path(__file__).parents[1] / "configs" / "qwen3-4b-gsm8k.yaml")
+    assert config.base_model.id == "Qwen/Qwen3-4B-Instruct-2507"
+    assert config.base_model.quantization == "nf4"
+    assert (config.data.dataset_id, config.data.config_name) == ("openai/gsm8k", "main")
+    assert config.adapter_repo_id(4).endswith("-l4")
+
+
+def _tiny() -> dict:
+    return yaml.safe_load(default_config_path().read_text())
+
+
+def _set(data: dict, dotted: str, value):
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    if value is _DELETE:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return data
+
+
+_DELETE = object()
+
+# (change to the tiny config, text the one-line error must contain)
+BAD_CONFIGS = [
+    ("colour", "blue", "unknown key 'colour'"),
+    ("training.learnig_rate", 0.1, "unknown key 'training.learnig_rate'"),
+    ("training.batch_size", "eight", "'training.batch_size'"),
+    ("training.batch_size", 0, "'training.batch_size'"),
+    ("levels", [1, 7], "unknown level(s) [7]"),
+    ("levels", [], "'levels'"),
+    ("levels", [2, 2], "repeat a level"),
+    ("hub.repo_prefix", "bad prefix!", "'hub.repo_prefix'"),
+    ("hub.repo_prefix", "a--b", "not a valid Hub name"),
+    ("hub.namespace", "-ns", "'hub.namespace'"),
+    ("hub.license", "license", "placeholder"),
+    ("hub.endpoint", "ftp://example", "'hub.endpoint'"),
+    ("hub.namespace", _DELETE, "missing key 'hub.namespace'"),
+    ("eval.seeds", [], "'eval.seeds'"),
+    ("eval.max_new_tokens", -1, "'eval.max_new_tokens'"),
+    ("base_model.quantization", "int3", "'base_model.quantization'"),
+    ("data.source", "local", "needs local_dir"),
+    ("teacher.kind", "model", "needs model_id"),
+    ("training.lora.dropout", 1.5, "'training.lora.dropout'"),
+    ("tiny_model", _DELETE, "needs a tiny_model section"),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"), BAD_CONFIGS, ids=[c[0] + "-" + str(i) for i, c in enumerate(BAD_CONFIGS)]
+)
+def test_bad_config_is_one_line_exit_2(tmp_path, key, value, message):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(_set(_tiny(), key, value)))
+    result = CliRunner().invoke(main, ["prepare-data", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert str(path) in lines[0]
+    assert message in lines[0]
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    data = _set(_set(_tiny(), "colour", "blue"), "training.batch_size", "eight")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "2 problem(s)" in str(caught.value)
+    assert "colour" in str(caught.value) and "training.batch_size" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found"),
+        ("levels: [1\n", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("", "must be a mapping"),
+    ],
+)
+def test_unreadable_config_files(tmp_path, content, message):
+    path = tmp_path / "study.yaml"
+    if content is not None:
+        path.write_text(content)
+    result = CliRunner().invoke(main, ["prepare-data", "--config", str(path)])
+    assert result.exit_code == 2
+    assert message in result.stderr and "\n" not in result.stderr.strip()
+
+
+def test_overrides_are_validated_too():
+    config = load_config(None)
+    assert config.with_overrides(**{"hub.namespace": "someone"}).adapter_repo_id(1) == "someone/tiny-cot-l1"
+    with pytest.raises(ConfigError, match="hub.namespace"):
+        config.with_overrides(**{"hub.namespace": "bad name"})

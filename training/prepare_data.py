@@ -1,0 +1,118 @@
+"""Stage 1, prepare-data: teacher-written SFT rows per level, kept only where the teacher's answer is gold.
+
+Writes ``data/level_<n>/train.jsonl`` and ``data/stats.json`` (total, kept, dropped by reason, reasoning
+length per level). The rule teacher's file is written whole and atomically; the model teacher appends rows
+as they are generated, so a rerun resumes where a killed one stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from eval_artifacts.errors import ConfigError
+from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, iter_jsonl, read_json, write_json
+from training.config import StudyConfig
+from training.data import load_problems
+from training.gsm8k import Problem
+from training.levels import get_level
+from training.teachers import reasoning_char_stats, rule_teacher, sft_row
+
+
+def run(
+    config: StudyConfig, run_dir: RunDir, *, levels: list[int] | None = None, teacher: str | None = None
+) -> dict:
+    """Write the SFT data for ``levels`` (default: the config's) and return the updated stats."""
+    levels = levels or config.levels
+    for level in levels:
+        get_level(level)
+    teacher = teacher or config.teacher.kind
+    if teacher not in ("rule", "model"):
+        raise ConfigError(f"teacher {teacher!r} does not exist: use 'rule' or 'model'")
+    if teacher == "model" and not config.teacher.model_id:
+        raise ConfigError("the model teacher needs teacher.model_id in the config (a causal LM id or path)")
+
+    problems = load_problems(config, "train")
+    stats = _existing_stats(run_dir) or {"schema_version": SCHEMA_VERSION, "levels": {}}
+    stats["source"] = _source_description(config, len(problems))
+
+    for level in levels:
+        if teacher == "rule":
+            rows, dropped = _rule_rows(level, problems)
+            _write_jsonl_atomic(run_dir.train_file(level), rows)
+        else:
+            from training.teachers import ModelTeacher
+
+            rows, dropped = ModelTeacher(config).write_level(level, problems, run_dir.train_file(level))
+        stats["levels"][str(level)] = {
+            "teacher": teacher if teacher == "rule" else f"model:{config.teacher.model_id}",
+            "total": len(problems),
+            "kept": len(rows),
+            "dropped": dict(sorted(dropped.items())),
+            "reasoning_chars": reasoning_char_stats(rows),
+        }
+        kept = stats["levels"][str(level)]
+        tqdm.write(
+            f"level {level}: kept {kept['kept']}/{kept['total']}, "
+            f"mean reasoning {kept['reasoning_chars']['mean']} chars"
+        )
+    stats["levels"] = dict(sorted(stats["levels"].items(), key=lambda item: int(item[0])))
+    stats["teacher"] = teacher
+    write_json(run_dir.data_stats, stats)
+    return stats
+
+
+def _rule_rows(level: int, problems: list[Problem]) -> tuple[list[dict], Counter]:
+    rows, dropped = [], Counter()
+    for problem in tqdm(problems, desc=f"level {level} (rule teacher)", unit="row", leave=False):
+        result = rule_teacher(level, problem)
+        if result.dropped:
+            dropped[result.dropped] += 1
+        else:
+            rows.append(sft_row(level, problem, result.reasoning, result.answer, "rule"))
+    return rows, dropped
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
+    ) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def _existing_stats(run_dir: RunDir) -> dict | None:
+    if not run_dir.data_stats.is_file():
+        return None
+    return read_json(run_dir.data_stats, what="data stats", hint="delete it and rerun prepare-data")
+
+
+def _source_description(config: StudyConfig, n_rows: int) -> dict:
+    data = config.data
+    if data.source == "synthetic":
+        described = {"kind": "synthetic", **data.synthetic.model_dump()}
+    elif data.source == "local":
+        described = {"kind": "local", "path": str(data.local_dir)}
+    else:
+        described = {
+            "kind": "hub",
+            "dataset_id": data.dataset_id,
+            "config": data.config_name,
+            "revision": data.revision,
+        }
+    return {**described, "train_rows": n_rows}
+
+
+def read_sft_rows(path: Path) -> list[dict]:
+    """The rows of a level's train.jsonl (used by training)."""
+    return list(iter_jsonl(path, what="SFT data"))
