@@ -1,0 +1,201 @@
+"""Read-only HTML pages, so a user can look at what they are about to publish.
+
+``/{repo}``, ``/datasets/{repo}``: card metadata, the model-index results as a table, the card body rendered
+from markdown, the file list. ``/collections/{owner}/{slug}``: items with their notes. ``/``: an index.
+Pages are anonymous (a browser sends no token), so private repos and collections do not show.
+"""
+
+from __future__ import annotations
+
+import html
+
+import jinja2
+import yaml
+from markdown_it import MarkdownIt
+from markupsafe import Markup
+from starlette.responses import HTMLResponse
+
+from hub_tools.local_hub.context import Call
+from hub_tools.local_hub.hub_collections import find, slug_of
+from hub_tools.local_hub.protocol import ApiError, parse_card_data, split_front_matter
+from hub_tools.local_hub.repos import resolve_commit
+
+# Raw HTML in a card is shown as text: these pages render untrusted content on the user's machine.
+MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f7f7f8;color:#1f2328}
+header{background:#fff;border-bottom:1px solid #e5e7eb;padding:18px 32px}
+header h1{margin:0;font-size:22px} header .sub{color:#6b7280;font-size:13px;margin-top:4px}
+.badge{display:inline-block;border:1px solid #d1d5db;border-radius:6px;padding:1px 7px;font-size:12px;
+ margin-left:6px;color:#374151;background:#f9fafb}
+main{display:grid;grid-template-columns:minmax(0,2fr) minmax(0,1fr);gap:24px;padding:24px 32px}
+section{background:#fff;border:1px solid #e5e7eb;border-radius:10px;padding:16px 20px;margin-bottom:20px}
+section h2{font-size:15px;margin:0 0 10px;color:#374151}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{border-bottom:1px solid #eef0f2;padding:6px 8px;text-align:left;vertical-align:top}
+th{background:#f9fafb;color:#4b5563;font-weight:600}
+td.num{font-variant-numeric:tabular-nums;font-weight:600}
+pre{background:#f6f8fa;padding:10px;border-radius:6px;overflow:auto;font-size:12px}
+code{font-size:12px} a{color:#2563eb;text-decoration:none}
+.card h1{font-size:24px;border-bottom:1px solid #eee;padding-bottom:6px}
+.note{color:#374151;font-size:14px;margin-top:4px} li.item{margin-bottom:14px}
+"""
+
+PAGE = jinja2.Environment(autoescape=True).from_string(
+    """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>{{ style }}</style></head><body>{{ body }}</body></html>"""
+)
+
+ENV = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+
+REPO = ENV.from_string(
+    """<header><h1>{{ repo_id }}<span class="badge">{{ repo_type }}</span>
+{% if private %}<span class="badge">private</span>{% endif %}</h1>
+<div class="sub">commit <code>{{ sha[:10] }}</code> · {{ date }} · {{ commits }} commit(s)</div></header>
+<main><div>
+{% if results %}<section id="model-index"><h2>Evaluation results (model-index)</h2><table>
+<tr><th>Model</th><th>Task</th><th>Dataset</th><th>Split</th><th>Metric</th><th>Value</th></tr>
+{% for r in results %}<tr><td>{{ r.model }}</td><td>{{ r.task }}</td><td>{{ r.dataset }}</td><td>{{ r.split }}</td>
+<td>{{ r.metric }}</td><td class="num">{{ r.value }}</td></tr>{% endfor %}</table></section>{% endif %}
+<section class="card" id="card">{% if card_html %}{{ card_html }}{% else %}<p>No README.md in this repo.</p>{% endif %}
+</section></div><div>
+<section id="metadata"><h2>Card metadata</h2>{% if metadata %}<table>
+{% for key, value in metadata %}<tr><th>{{ key }}</th><td>{% if value is string %}{{ value }}{% else %}
+<pre>{{ value | tojson_yaml }}</pre>{% endif %}</td></tr>{% endfor %}</table>
+{% else %}<p>No metadata.</p>{% endif %}</section>
+<section id="files"><h2>Files ({{ files | length }})</h2><table><tr><th>Path</th><th>Size</th><th></th></tr>
+{% for f in files %}<tr><td><a href="{{ f.href }}">{{ f.path }}</a></td><td>{{ f.size }}</td>
+<td>{% if f.lfs %}<span class="badge">LFS</span>{% endif %}</td></tr>{% endfor %}</table></section>
+</div></main>"""
+)
+
+COLLECTION = ENV.from_string(
+    """<header><h1>{{ title }}<span class="badge">collection</span>
+{% if private %}<span class="badge">private</span>{% endif %}</h1>
+<div class="sub">by {{ owner }} · updated {{ updated }} · {{ items | length }} item(s)</div></header>
+<main><div><section>{% if description %}<p>{{ description }}</p>{% endif %}<ol id="items">
+{% for item in items %}<li class="item"><a href="{{ item.href }}">{{ item.id }}</a> <span class="badge">{{ item.type }}</span>
+{% if item.note %}<div class="note">{{ item.note }}</div>{% endif %}</li>{% endfor %}</ol></section></div></main>"""
+)
+
+INDEX = ENV.from_string(
+    """<header><h1>Local Hub</h1><div class="sub">{{ repos | length }} public repo(s)</div></header><main><div>
+<section><h2>Repositories</h2><ul>{% for r in repos %}<li><a href="{{ r.href }}">{{ r.id }}</a>
+<span class="badge">{{ r.type }}</span></li>{% endfor %}</ul></section>
+<section><h2>Collections</h2><ul>{% for c in collections %}<li><a href="/collections/{{ c.slug }}">{{ c.title }}</a>
+</li>{% endfor %}</ul></section></div></main>"""
+)
+ENV.filters["tojson_yaml"] = lambda value: yaml.safe_dump(value, sort_keys=False, allow_unicode=True).strip()
+
+
+def page(title: str, body: str) -> HTMLResponse:
+    return HTMLResponse(PAGE.render(title=title, style=STYLE, body=Markup(body)))
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return str(size)
+
+
+def model_index_rows(metadata: dict) -> list[dict]:
+    """One row per metric of every model-index result, whatever optional fields are missing."""
+    rows = []
+    for model in metadata.get("model-index") or []:
+        for result in (model or {}).get("results") or []:
+            task, dataset = result.get("task") or {}, result.get("dataset") or {}
+            for metric in result.get("metrics") or []:
+                rows.append(
+                    {
+                        "model": model.get("name", ""),
+                        "task": task.get("name") or task.get("type", ""),
+                        "dataset": dataset.get("name") or dataset.get("type", ""),
+                        "split": dataset.get("split", ""),
+                        "metric": metric.get("name") or metric.get("type", ""),
+                        "value": metric.get("value", ""),
+                    }
+                )
+    return rows
+
+
+def repo_page(call: Call, repo_type: str, repo_id: str) -> HTMLResponse:
+    repo = call.readable_repo(repo_type, repo_id)
+    commit = resolve_commit(call, repo_type, repo_id, call.arg("revision") or "main")
+    tree = commit["tree"]
+    metadata, card_html = {}, ""
+    if "README.md" in tree:
+        text = call.storage.read_blob(tree["README.md"]["sha256"]).decode("utf-8", "replace")
+        try:
+            metadata = parse_card_data(text)
+        except ValueError as error:
+            metadata = {"error": str(error)}
+        card_html = MARKDOWN.render(split_front_matter(text)[1])
+    prefix = call.repo_url(repo_type, repo_id)
+    files = [
+        {
+            "path": p,
+            "size": human_size(e["size"]),
+            "lfs": e["lfs"],
+            "href": f"{prefix}/resolve/{commit['sha']}/{p}",
+        }
+        for p, e in sorted(tree.items())
+    ]
+    body = REPO.render(
+        repo_id=repo_id,
+        repo_type=repo_type,
+        private=repo["private"],
+        sha=commit["sha"],
+        date=commit["date"],
+        commits=len(call.storage.history(repo_type, repo_id, commit["sha"])),
+        results=model_index_rows(metadata),
+        card_html=Markup(card_html),
+        metadata=[(k, v) for k, v in metadata.items() if k != "model-index"],
+        files=files,
+    )
+    return page(repo_id, body)
+
+
+def collection_page(call: Call, namespace: str, slug: str) -> HTMLResponse:
+    collection = find(call, namespace, slug)
+    items = []
+    for item in collection["items"]:
+        if item["type"] in ("model", "dataset", "space"):
+            href = call.repo_url(item["type"], item["id"])
+        elif item["type"] == "collection":
+            href = f"{call.base}/collections/{item['slug']}"
+        else:
+            href = f"{call.base}/papers/{item['id']}"
+        items.append({**item, "id": item.get("slug", item["id"]), "href": href})
+    body = COLLECTION.render(
+        title=collection["title"],
+        private=collection["private"],
+        owner=collection["owner"],
+        updated=collection["lastUpdated"],
+        description=collection.get("description"),
+        items=items,
+    )
+    return page(collection["title"], body)
+
+
+def index_page(call: Call) -> HTMLResponse:
+    repos = [
+        {"id": r["id"], "type": r["type"], "href": call.repo_url(r["type"], r["id"])}
+        for r in call.storage.list_repos()
+        if not r["private"] or call.hub.is_member(call.user, r["owner"])
+    ]
+    collections = [
+        {"slug": slug_of(c), "title": c["title"]}
+        for c in call.storage.list_collections()
+        if not c["private"] or call.hub.is_member(call.user, c["owner"])
+    ]
+    return page("Local Hub", INDEX.render(repos=repos, collections=collections))
+
+
+def error_page(error: ApiError) -> HTMLResponse:
+    text = f"<header><h1>{error.status}</h1><div class='sub'>{html.escape(error.message)}</div></header>"
+    response = page(f"{error.status}", text)
+    response.status_code = error.status
+    return response
