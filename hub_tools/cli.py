@@ -80,3 +80,8 @@ def prepare_data_command(config_path, run_dir, data_dir, levels, teacher):
 
     config = load_study(config_path, run_dir, data_dir)
     prepare_data.run(config, RunDir(config.run_dir), levels=parse_int_list(levels, "--levels"), teacher=teacher)
+
+
+from hub_tools.hub_cli import hub  # noqa: E402
+
+main.add_command(hub)
