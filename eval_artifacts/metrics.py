@@ -200,6 +200,9 @@ def compute_model_metrics(
     Headline fields are the one seed's metrics, or, for several seeds, pooled over all (id, seed) rows
     (vs_base paired on (id, seed)). ``across_seeds`` gives mean and sample sd (ddof=1; sd None for one
     seed) of the per-seed accuracy and mean token counts. ``per_seed`` keeps every seed's metrics.
+
+    The pooled Wilson CI counts every (problem, seed) as a trial, so with several seeds it reflects
+    problem sampling only; ``across_seeds.accuracy.sd`` is the seed-to-seed spread to report beside it.
     """
     seeds = sorted({row["seed"] for row in samples})
     per_seed = [

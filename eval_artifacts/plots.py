@@ -41,7 +41,14 @@ def render_pareto(summary: dict, *, fmt: str = "png") -> bytes:
         ys = [by_model[m]["accuracy"] for m in frontier]
         # Staircase: with a budget of x think tokens the best reachable accuracy is the last step left of x.
         axes.step(
-            xs, ys, where="post", color="tab:gray", linestyle="--", linewidth=1.2, label="Pareto frontier"
+            xs,
+            ys,
+            where="post",
+            color="tab:green",
+            linestyle="--",
+            linewidth=1.5,
+            zorder=1,
+            label="Pareto frontier",
         )
         first_level = next((row["model"] for row in rows if row["model"] != "base"), None)
         for row in rows:
