@@ -1,0 +1,243 @@
+"""train-and-publish: prepare data → train → evaluate → render cards → publish, skipping what is current.
+
+A stage is current when the hash of its inputs and the hashes of its outputs match what
+``study.lock.json`` recorded the last time it finished. The lock also records what a reviewer needs to
+reproduce the study: the resolved config and its hash, the code's git sha and dirty flag, library versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import click
+
+from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
+from training.config import StudyConfig
+
+STAGES = ("prepare-data", "train", "evaluate", "render-cards")
+LIBRARIES = ("cot-compress", "torch", "transformers", "peft", "trl", "datasets", "huggingface_hub", "accelerate")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: Callable[[StudyConfig, RunDir], object]
+    """Whatever the stage's result depends on, as JSON-able data (hashed)."""
+    outputs: Callable[[StudyConfig, RunDir], list[Path]]
+    run: Callable[[StudyConfig, RunDir], object]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _hashes(paths: list[Path], root: Path) -> dict[str, str | None]:
+    return {str(path.relative_to(root)): file_sha256(path) if path.is_file() else None for path in paths}
+
+
+# ---------------------------------------------------------------- the stages
+
+
+def _data_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
+    return [run_dir.data_stats] + [run_dir.train_file(level) for level in config.levels]
+
+
+def _adapter_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
+    paths = []
+    for level in config.levels:
+        paths += [run_dir.training_json(level), run_dir.adapter_dir(level) / "adapter_model.safetensors"]
+    return paths
+
+
+def _eval_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
+    paths = [run_dir.summary, run_dir.pareto_png]
+    for model in config.model_keys:
+        paths += [run_dir.samples(model), run_dir.metrics(model)]
+    return paths
+
+
+def _card_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
+    names = [config.adapter_repo_id(level).split("/")[1] for level in config.levels]
+    return [run_dir.card(name) for name in names + [config.eval_repo_id.split("/")[1]]]
+
+
+def _templates_hash(templates_dir: Path | None) -> str:
+    from importlib import resources
+
+    folder = Path(templates_dir) if templates_dir else Path(str(resources.files("cards_templates")))
+    return _hash({path.name: file_sha256(path) for path in sorted(folder.glob("*.j2"))})
+
+
+def _run_prepare(config: StudyConfig, run_dir: RunDir) -> None:
+    from training import prepare_data
+
+    prepare_data.run(config, run_dir)
+
+
+def _run_train(config: StudyConfig, run_dir: RunDir) -> None:
+    from training import sft
+
+    sft.run(config, run_dir)
+
+
+def _run_evaluate(config: StudyConfig, run_dir: RunDir) -> None:
+    from training import evaluate
+
+    evaluate.run(config, run_dir)
+
+
+def _run_render(config: StudyConfig, run_dir: RunDir, templates_dir: Path | None = None) -> None:
+    from hub_tools import cards
+
+    rendered = cards.render_study_cards(config, run_dir, templates_dir=templates_dir)
+    cards.validate_all(rendered, config=config, run_dir=run_dir)
+    cards.write_cards(run_dir, rendered)
+
+
+def build_stages(templates_dir: Path | None = None) -> list[Stage]:
+    return [
+        Stage(
+            "prepare-data",
+            lambda c, r: {"data": c.data.model_dump(mode="json"), "teacher": c.teacher.model_dump(), "levels": c.levels},
+            _data_outputs,
+            _run_prepare,
+        ),
+        Stage(
+            "train",
+            lambda c, r: {
+                "base": c.base_model.model_dump(),
+                "tiny": c.tiny_model.model_dump() if c.tiny_model else None,
+                "training": c.training.model_dump(mode="json"),
+                "data": _hashes(_data_outputs(c, r), r.root),
+            },
+            _adapter_outputs,
+            _run_train,
+        ),
+        Stage(
+            "evaluate",
+            lambda c, r: {
+                "eval": c.eval.model_dump(mode="json"),
+                "data": c.data.model_dump(mode="json"),
+                "adapters": _hashes(_adapter_outputs(c, r), r.root),
+            },
+            _eval_outputs,
+            _run_evaluate,
+        ),
+        Stage(
+            "render-cards",
+            lambda c, r: {
+                "hub": c.hub.model_dump(mode="json"),
+                "title": c.title,
+                "templates": _templates_hash(templates_dir),
+                "eval": _hashes(_eval_outputs(c, r), r.root),
+                "training": _hashes([r.training_json(level) for level in c.levels] + [r.data_stats], r.root),
+            },
+            _card_outputs,
+            lambda c, r: _run_render(c, r, templates_dir),
+        ),
+    ]
+
+
+# ---------------------------------------------------------------- the lock
+
+
+def code_version() -> dict:
+    """The git sha of the code and whether the work tree differs from it (None outside a checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_sha": None, "dirty": None}
+    return {"git_sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def library_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def read_lock(run_dir: RunDir) -> dict:
+    if not run_dir.lock.is_file():
+        return {}
+    return read_json(run_dir.lock, what="study lock", hint="delete study.lock.json to rerun every stage")
+
+
+def write_lock(config: StudyConfig, run_dir: RunDir, stages: dict) -> None:
+    write_json(
+        run_dir.lock,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "study": config.name,
+            "config": config.model_dump(mode="json"),
+            "config_sha256": config.fingerprint(),
+            "code": code_version(),
+            "libraries": library_versions(),
+            "stages": stages,
+        },
+    )
+
+
+def stage_is_current(stage: Stage, config: StudyConfig, run_dir: RunDir, recorded: dict | None) -> bool:
+    if not recorded or recorded.get("inputs") != _hash(stage.inputs(config, run_dir)):
+        return False
+    outputs = _hashes(stage.outputs(config, run_dir), run_dir.root)
+    return None not in outputs.values() and outputs == recorded.get("outputs")
+
+
+def run_stages(
+    config: StudyConfig,
+    run_dir: RunDir,
+    *,
+    force_stages: tuple[str, ...] = (),
+    templates_dir: Path | None = None,
+    echo: Callable[[str], None] = click.echo,
+) -> list[str]:
+    """Run every stage that is not current, in order; return the names of the stages that ran.
+
+    Later stages hash the outputs of earlier ones into their inputs, so a stage that reran and changed its
+    outputs makes every stage after it stale, and one that reran to identical bytes does not.
+    """
+    unknown = set(force_stages) - set(STAGES)
+    if unknown:
+        from eval_artifacts.errors import ConfigError
+
+        raise ConfigError(f"--force-stage {sorted(unknown)} is not a stage; stages are {', '.join(STAGES)}")
+    recorded_stages = dict(read_lock(run_dir).get("stages", {}))
+    ran: list[str] = []
+    for stage in build_stages(templates_dir):
+        if stage.name not in force_stages and stage_is_current(
+            stage, config, run_dir, recorded_stages.get(stage.name)
+        ):
+            echo(f"[{stage.name}] current, skipped")
+            continue
+        echo(f"[{stage.name}] running")
+        stage.run(config, run_dir)
+        recorded_stages[stage.name] = {
+            "inputs": _hash(stage.inputs(config, run_dir)),
+            "outputs": _hashes(stage.outputs(config, run_dir), run_dir.root),
+        }
+        write_lock(config, run_dir, recorded_stages)
+        ran.append(stage.name)
+    if not ran:
+        write_lock(config, run_dir, recorded_stages)
+    return ran
