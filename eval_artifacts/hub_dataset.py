@@ -9,12 +9,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import datasets
 
 from eval_artifacts.errors import ArtifactError
-from eval_artifacts.metrics import check_metrics_match_samples, model_level, sort_models, write_metrics
+from eval_artifacts.metrics import (
+    check_metrics_match_samples,
+    compute_model_metrics,
+    model_level,
+    sort_models,
+    write_metrics,
+)
 from eval_artifacts.records import MODEL_RE, SAMPLE_FIELDS, read_samples, validate_record
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.summary import build_summary
@@ -139,12 +146,19 @@ def samples_from_eval_dataset(configs: dict[str, datasets.DatasetDict]) -> dict[
                 f"eval dataset config {name!r} has no {SPLIT!r} split: push the eval dataset again"
             )
         rows = []
+        seen: set[tuple[str, int]] = set()
         for number, raw in enumerate(dataset_dict[SPLIT].to_list(), start=1):
             row = validate_record(raw, path=f"eval dataset config {name!r}", line=number)
             if row["model"] != name:
                 raise ArtifactError(
                     f"eval dataset config {name!r} row {number} is for model {row['model']!r}: push the eval dataset again"
                 )
+            if (row["id"], row["seed"]) in seen:
+                raise ArtifactError(
+                    f"eval dataset config {name!r} row {number} duplicates id {row['id']!r} seed {row['seed']}: "
+                    "push the eval dataset again"
+                )
+            seen.add((row["id"], row["seed"]))
             rows.append(row)
         samples[name] = rows
     if not samples:
@@ -152,21 +166,35 @@ def samples_from_eval_dataset(configs: dict[str, datasets.DatasetDict]) -> dict[
     return samples
 
 
-def _write_samples(path: os.PathLike, rows: list[dict]) -> None:
+def _write_samples(path: Path, rows: list[dict]) -> None:
     """Replace a samples.jsonl atomically with exactly these rows."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
-        "w", dir=os.path.dirname(path), delete=False, suffix=".tmp", encoding="utf-8"
+        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
     ) as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     os.replace(handle.name, path)
+
+
+def _check_summary_config(configs: dict[str, datasets.DatasetDict], fresh: dict[str, dict]) -> None:
+    """The dataset's own summary rows must agree with the metrics recomputed from its samples."""
+    if SUMMARY_CONFIG not in configs or SPLIT not in configs[SUMMARY_CONFIG]:
+        return
+    for row in configs[SUMMARY_CONFIG][SPLIT].to_list():
+        metrics = fresh.get(row["model"])
+        for field in ("n_total", "n_correct", "accuracy") if metrics else ():
+            if row[field] != metrics[field]:
+                raise ArtifactError(
+                    f"eval dataset summary row {row['model']!r} field '{field}' is {row[field]!r} but its samples "
+                    f"give {metrics[field]!r}: push the eval dataset again with `cot-compress push-eval`"
+                )
 
 
 def restore_run_dir_from_eval_dataset(run_dir: RunDir, configs: dict[str, datasets.DatasetDict]) -> list[str]:
     """Write the dataset's samples into ``run_dir`` and recompute every model's metrics.json.
 
-    When the dataset has a ``summary`` config, its counts must agree with the recomputed metrics.
+    Everything is checked before anything is written (schema, duplicates, a ``base`` config, and the
+    ``summary`` config's counts against the recomputed metrics), so a bad dataset leaves the run dir as it was.
 
     Returns:
         The restored models, base first.
@@ -175,23 +203,18 @@ def restore_run_dir_from_eval_dataset(run_dir: RunDir, configs: dict[str, datase
     models = sort_models(samples)
     if models[0] != "base":
         raise ArtifactError("the eval dataset has no 'base' config: the paired comparison needs it")
+    fresh = {
+        model: compute_model_metrics(
+            samples[model],
+            model=model,
+            level=model_level(model),
+            base_samples=None if model == "base" else samples["base"],
+        )
+        for model in models
+    }
+    _check_summary_config(configs, fresh)
     for model in models:
         _write_samples(run_dir.samples(model), samples[model])
-        read_samples(run_dir.samples(model), model=model)  # duplicates (id, seed) are caught here
-    metrics = {model: write_metrics(run_dir, model, model_level(model)) for model in models}
-    if SUMMARY_CONFIG in configs and SPLIT in configs[SUMMARY_CONFIG]:
-        for row in configs[SUMMARY_CONFIG][SPLIT].to_list():
-            fresh = metrics.get(row["model"])
-            if fresh is None:
-                continue
-            for field, value in (
-                ("n_total", fresh["n_total"]),
-                ("n_correct", fresh["n_correct"]),
-                ("accuracy", fresh["accuracy"]),
-            ):
-                if row[field] != value:
-                    raise ArtifactError(
-                        f"eval dataset summary row {row['model']!r} field '{field}' is {row[field]!r} but its samples "
-                        f"give {value!r}: push the eval dataset again with `cot-compress push-eval`"
-                    )
+    for model in models:  # base first: the levels' metrics pair with it
+        write_metrics(run_dir, model, model_level(model))
     return models

@@ -97,12 +97,13 @@ def paired_delta_ci(*, a: int, b: int, c: int, d: int, z: float = Z95) -> tuple[
     return (max(-1.0, low), min(1.0, high))
 
 
-def _token_stats(values: list[int], *, with_p90: bool = True) -> dict[str, float]:
+def _token_stats(values: list[int]) -> dict[str, float]:
     array = np.asarray(values, dtype=np.float64)
-    stats = {"mean": sum(values) / len(values), "median": float(np.median(array))}
-    if with_p90:
-        stats["p90"] = float(np.percentile(array, 90, method="linear"))
-    return stats
+    return {
+        "mean": sum(values) / len(values),  # exact integer sum, one rounding
+        "median": float(np.median(array)),
+        "p90": float(np.percentile(array, 90, method="linear")),
+    }
 
 
 # ---------------------------------------------------------------- one seed / pooled
@@ -125,15 +126,14 @@ def _base_rows_for_seed(base_samples: list[dict], seed: int) -> list[dict]:
 
 def _paired_table(samples: list[dict], base_samples: list[dict]) -> tuple[int, int, int, int]:
     """The 2x2 table (a, b, c, d) of samples paired with base on (id, seed)."""
-    cells = [0, 0, 0, 0]
+    counts = {(True, True): 0, (True, False): 0, (False, True): 0, (False, False): 0}
     for seed in sorted({row["seed"] for row in samples}):
         base_right = {row["id"]: row["correct"] for row in _base_rows_for_seed(base_samples, seed)}
         for row in samples:
-            if row["seed"] != seed or row["id"] not in base_right:
-                continue
-            cells[(0 if base_right[row["id"]] else 2) + (0 if row["correct"] else 1)] += 1
-    both, base_only, model_only, neither = cells
-    return both, base_only, model_only, neither
+            if row["seed"] == seed and row["id"] in base_right:
+                counts[(base_right[row["id"]], row["correct"])] += 1
+    # (base correct, model correct): a = both, b = base only, c = model only, d = neither.
+    return counts[(True, True)], counts[(True, False)], counts[(False, True)], counts[(False, False)]
 
 
 def _vs_base(samples: list[dict], base_samples: list[dict]) -> dict[str, Any]:

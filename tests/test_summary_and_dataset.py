@@ -252,6 +252,13 @@ def test_eval_dataset_inconsistencies_are_refused(study: RunDir, tmp_path: Path)
     forged = dict(configs, summary=datasets.DatasetDict({"test": datasets.Dataset.from_list(table)}))
     with pytest.raises(ArtifactError, match="summary row 'level_3' field 'n_correct'"):
         restore_run_dir_from_eval_dataset(RunDir(tmp_path / "a"), forged)
+    assert not (tmp_path / "a").exists()  # checked before anything is written
+
+    doubled = datasets.concatenate_datasets(
+        [configs["level_5"]["test"], configs["level_5"]["test"].select([7])]
+    )
+    with pytest.raises(ArtifactError, match="config 'level_5' row 49 duplicates id 'q07' seed 0"):
+        samples_from_eval_dataset(dict(configs, level_5=datasets.DatasetDict({"test": doubled})))
 
     swapped = dict(configs, level_1=configs["level_2"])
     with pytest.raises(ArtifactError, match="config 'level_1' row 1 is for model 'level_2'"):
