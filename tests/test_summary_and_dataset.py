@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -187,6 +189,16 @@ def test_plot_is_byte_identical_for_identical_data(study: RunDir, tmp_path: Path
     changed["models"][2]["accuracy"] += 0.05
     plot_pareto(changed, second)
     assert second.read_bytes() != data
+
+    # A later run is another process (another hash seed, fresh font cache lookup): same bytes.
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    script = (
+        "import json, pathlib; from eval_artifacts.plots import plot_pareto; "
+        f"plot_pareto(json.loads(pathlib.Path({str(tmp_path / 'summary.json')!r}).read_text()), "
+        f"pathlib.Path({str(tmp_path / 'other.png')!r}))"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert (tmp_path / "other.png").read_bytes() == data
 
     svg_a, svg_b = tmp_path / "a.svg", tmp_path / "b.svg"
     plot_pareto(summary, svg_a)
