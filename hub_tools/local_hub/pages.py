@@ -61,8 +61,7 @@ REPO = ENV.from_string(
 <section class="card" id="card">{% if card_html %}{{ card_html }}{% else %}<p>No README.md in this repo.</p>{% endif %}
 </section></div><div>
 <section id="metadata"><h2>Card metadata</h2>{% if metadata %}<table>
-{% for key, value in metadata %}<tr><th>{{ key }}</th><td>{% if value is string %}{{ value }}{% else %}
-<pre>{{ value | tojson_yaml }}</pre>{% endif %}</td></tr>{% endfor %}</table>
+{% for key, text, block in metadata %}<tr><th>{{ key }}</th><td>{% if block %}<pre>{{ text }}</pre>{% else %}{{ text }}{% endif %}</td></tr>{% endfor %}</table>
 {% else %}<p>No metadata.</p>{% endif %}</section>
 <section id="files"><h2>Files ({{ files | length }})</h2><table><tr><th>Path</th><th>Size</th><th></th></tr>
 {% for f in files %}<tr><td><a href="{{ f.href }}">{{ f.path }}</a></td><td>{{ f.size }}</td>
@@ -86,7 +85,6 @@ INDEX = ENV.from_string(
 <section><h2>Collections</h2><ul>{% for c in collections %}<li><a href="/collections/{{ c.slug }}">{{ c.title }}</a>
 </li>{% endfor %}</ul></section></div></main>"""
 )
-ENV.filters["tojson_yaml"] = lambda value: yaml.safe_dump(value, sort_keys=False, allow_unicode=True).strip()
 
 
 def page(title: str, body: str) -> HTMLResponse:
@@ -99,6 +97,21 @@ def human_size(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return str(size)
+
+
+def metadata_rows(metadata: dict) -> list[tuple[str, str, bool]]:
+    """(key, text, shown as a block) per metadata key; lists of plain values read as one comma-separated line."""
+    rows = []
+    for key, value in metadata.items():
+        if key == "model-index":
+            continue  # shown as its own table
+        if isinstance(value, list) and all(isinstance(v, str | int | float | bool) for v in value):
+            rows.append((key, ", ".join(str(v) for v in value), False))
+        elif isinstance(value, dict | list):
+            rows.append((key, yaml.safe_dump(value, sort_keys=False, allow_unicode=True).strip(), True))
+        else:
+            rows.append((key, str(value), False))
+    return rows
 
 
 def model_index_rows(metadata: dict) -> list[dict]:
@@ -152,7 +165,7 @@ def repo_page(call: Call, repo_type: str, repo_id: str) -> HTMLResponse:
         commits=len(call.storage.history(repo_type, repo_id, commit["sha"])),
         results=model_index_rows(metadata),
         card_html=Markup(card_html),
-        metadata=[(k, v) for k, v in metadata.items() if k != "model-index"],
+        metadata=metadata_rows(metadata),
         files=files,
     )
     return page(repo_id, body)
