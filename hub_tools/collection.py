@@ -1,0 +1,237 @@
+"""The study's collection: wanted state (title, items L1…L5 then the eval dataset, notes), diff, apply.
+
+Only items that belong to the study (its adapter repos and eval dataset) are added, moved, re-noted or
+removed; anything a user added by hand stays, after the study's items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from huggingface_hub import Collection
+from huggingface_hub.errors import HfHubHTTPError
+
+from eval_artifacts.errors import CardValidationError, HubError
+from hub_tools.hub_client import HubTarget, describe, status_of
+from training.config import StudyConfig
+from training.levels import LEVELS
+
+NOTE_MAX_CHARS = 500
+
+
+@dataclass(frozen=True)
+class WantedItem:
+    item_id: str
+    item_type: str  # "model" | "dataset"
+    note: str
+
+
+@dataclass
+class CollectionPlan:
+    """What must change for the collection to reach the wanted state."""
+
+    title: str
+    namespace: str
+    private: bool
+    wanted: list[WantedItem]
+    current: Collection | None  # None: the collection does not exist yet
+    owned_ids: set[str]  # every repo id the study may own (any level), for removals
+    notes_only: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str | None:
+        return self.current.slug if self.current else None
+
+    def _current_items(self) -> list:
+        return list(self.current.items) if self.current else []
+
+    def additions(self) -> list[WantedItem]:
+        present = {(i.item_type, i.item_id) for i in self._current_items()}
+        return [] if self.notes_only else [w for w in self.wanted if (w.item_type, w.item_id) not in present]
+
+    def removals(self) -> list:
+        wanted = {(w.item_type, w.item_id) for w in self.wanted}
+        if self.notes_only:
+            return []
+        return [
+            i
+            for i in self._current_items()
+            if i.item_id in self.owned_ids and (i.item_type, i.item_id) not in wanted
+        ]
+
+    def note_changes(self) -> list[tuple[str, WantedItem, str | None]]:
+        """(item object id, wanted item, note on the Hub) for items whose note differs."""
+        by_key = {(i.item_type, i.item_id): i for i in self._current_items()}
+        out = []
+        for w in self.wanted:
+            item = by_key.get((w.item_type, w.item_id))
+            if item is not None and (item.note or "") != w.note:
+                out.append((item.item_object_id, w, item.note))
+        return out
+
+    def final_order(self) -> list[tuple[str, str]]:
+        """The order the Hub will show after adds and removals, before any move (adds go to the end)."""
+        gone = {(i.item_type, i.item_id) for i in self.removals()}
+        order = [
+            (i.item_type, i.item_id) for i in self._current_items() if (i.item_type, i.item_id) not in gone
+        ]
+        return order + [(w.item_type, w.item_id) for w in self.additions()]
+
+    def moves(self) -> list[tuple[tuple[str, str], int]]:
+        """(item, new position) moves, in order, that put the wanted items first in their wanted order."""
+        if self.notes_only:
+            return []
+        order, out = self.final_order(), []
+        for position, w in enumerate(self.wanted):
+            key = (w.item_type, w.item_id)
+            if key in order and order.index(key) != position:
+                order.remove(key)
+                order.insert(position, key)
+                out.append((key, position))
+        return out
+
+    @property
+    def title_change(self) -> bool:
+        return self.current is not None and self.current.title != self.title and not self.notes_only
+
+    @property
+    def changed(self) -> bool:
+        if self.current is None:
+            return not self.notes_only  # regenerate-cards never creates a collection
+        return bool(
+            self.current is None
+            or self.title_change
+            or self.additions()
+            or self.removals()
+            or self.note_changes()
+            or self.moves()
+        )
+
+    def describe(self) -> list[str]:
+        """Human-readable lines for --dry-run and the report."""
+        head = f'collection "{self.title}"'
+        if self.current is None:
+            lines = [f"{head}: create ({'private' if self.private else 'public'}) in {self.namespace}"]
+        else:
+            lines = [f"{head} ({self.current.slug}): " + ("update" if self.changed else "unchanged")]
+        if self.title_change:
+            lines.append(f"  title: {self.current.title!r} -> {self.title!r}")
+        for w in self.additions():
+            lines.append(f"  + {w.item_type} {w.item_id} (note: {w.note!r})")
+        for item in self.removals():
+            lines.append(f"  - {item.item_type} {item.item_id}")
+        for _, w, old in self.note_changes():
+            lines.append(f"  ~ note of {w.item_id}: {old!r} -> {w.note!r}")
+        for (item_type, item_id), position in self.moves():
+            lines.append(f"  > move {item_type} {item_id} to position {position}")
+        return lines + self.warnings
+
+
+def wanted_items(config: StudyConfig, notes: dict[str, str]) -> list[WantedItem]:
+    """Adapters L1…Ln in level order, then the eval dataset, each with its note.
+
+    Raises:
+        CardValidationError: a note is missing, empty or longer than the Hub's 500 characters.
+    """
+    ids = [(config.adapter_repo_id(level), "model") for level in config.levels]
+    ids.append((config.eval_repo_id, "dataset"))
+    items = []
+    for repo_id, repo_type in ids:
+        note = (notes.get(repo_id) or "").strip()
+        if not note:
+            raise CardValidationError(
+                f"no collection note was rendered for {repo_id}: check the note template"
+            )
+        if len(note) > NOTE_MAX_CHARS:
+            raise CardValidationError(
+                f"the collection note of {repo_id} has {len(note)} characters, over the Hub's {NOTE_MAX_CHARS}: "
+                "shorten the note template"
+            )
+        items.append(WantedItem(repo_id, repo_type, note))
+    return items
+
+
+def owned_repo_ids(config: StudyConfig) -> set[str]:
+    return {config.adapter_repo_id(level) for level in LEVELS} | {config.eval_repo_id}
+
+
+def find_collection(target: HubTarget, *, namespace: str, title: str, slug: str | None) -> Collection | None:
+    """The study's collection: by the slug recorded in publish/state.json, else by title in the namespace."""
+    api, token = target.api, target.token
+    try:
+        if slug:
+            try:
+                return api.get_collection(slug, token=token)
+            except HfHubHTTPError as error:
+                if status_of(error) != 404:
+                    raise
+        for found in api.list_collections(owner=namespace, token=token):
+            if found.title == title:
+                return api.get_collection(found.slug, token=token)  # lists cut items to 4
+    except HfHubHTTPError as error:
+        raise HubError(f"cannot read the collections of {namespace!r}: {describe(error, token)}") from None
+    return None
+
+
+def plan_collection(
+    config: StudyConfig, notes: dict[str, str], *, current: Collection | None, notes_only: bool = False
+) -> CollectionPlan:
+    """Compare the wanted collection with ``current``, the Hub's (``find_collection``)."""
+    plan = CollectionPlan(
+        title=config.hub.collection_title,
+        namespace=config.hub.namespace,
+        private=config.hub.private,
+        wanted=wanted_items(config, notes),
+        current=current,
+        owned_ids=owned_repo_ids(config),
+        notes_only=notes_only,
+    )
+    if current is not None and current.private != config.hub.private:
+        wanted = "private" if config.hub.private else "public"
+        plan.warnings.append(
+            f"warning: collection {current.slug} is {'private' if current.private else 'public'} but the config "
+            f"says {wanted}: left as it is; change it on the Hub if you mean it"
+        )
+    return plan
+
+
+def create_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
+    """Create the (empty) collection; its items are added by ``apply_collection``."""
+    try:
+        return target.api.create_collection(
+            plan.title, namespace=plan.namespace, private=plan.private, exists_ok=True, token=target.token
+        )
+    except HfHubHTTPError as error:
+        raise HubError(
+            f"creating collection {plan.title!r} failed: {describe(error, target.token)}; rerun publish"
+        ) from None
+
+
+def apply_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
+    """Bring the collection to the wanted state: create, retitle, add, remove, re-note, reorder."""
+    if plan.current is None:
+        plan.current = create_collection(target, plan)
+    api, token = target.api, target.token
+    try:
+        slug = plan.slug
+        if plan.title_change:
+            slug = api.update_collection_metadata(slug, title=plan.title, token=token).slug
+        for item in plan.removals():
+            api.delete_collection_item(slug, item.item_object_id, missing_ok=True, token=token)
+        for w in plan.additions():
+            api.add_collection_item(slug, w.item_id, w.item_type, note=w.note, token=token)
+        for object_id, w, _ in plan.note_changes():
+            api.update_collection_item(slug, object_id, note=w.note, token=token)
+        if plan.moves():
+            ids = {
+                (i.item_type, i.item_id): i.item_object_id
+                for i in api.get_collection(slug, token=token).items
+            }
+            for key, position in plan.moves():
+                api.update_collection_item(slug, ids[key], position=position, token=token)
+        return api.get_collection(slug, token=token)
+    except HfHubHTTPError as error:
+        raise HubError(
+            f"updating collection {plan.title!r} failed: {describe(error, token)}; rerun publish to finish it"
+        ) from None

@@ -1,0 +1,146 @@
+"""The Hub a publishing command talks to: its endpoint, the token, and the access checks made before any write.
+
+``--endpoint local`` (or ``hub.endpoint: local``) starts the embedded Hub-compatible server with its storage
+under the run directory for the command's duration and uses that server's own token; any URL is used as is,
+with the token from ``HF_TOKEN`` or the login cache. The token is never printed, logged or written: every
+message built from a client error goes through ``scrub``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx2
+import huggingface_hub
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+from eval_artifacts.errors import HubError
+from eval_artifacts.rundir import RunDir
+from training.config import StudyConfig
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+LOCAL = "local"
+# Roles under which a member of an org may push to it (the Hub's org roles; "read" may not).
+WRITE_ROLES = {"admin", "write", "contributor"}
+
+
+@dataclass
+class HubTarget:
+    """A Hub ready for publishing: endpoint, client, and the identity of the token (never the token's text)."""
+
+    endpoint: str
+    label: str  # "local" or the endpoint URL: the key of this Hub in publish/state.json
+    api: HfApi
+    token: str
+    user: str | None = None
+    local_hub: object | None = None  # the running LocalHub for ``local``
+
+    def scrub(self, text: str) -> str:
+        return scrub(text, self.token)
+
+    def repo_url(self, repo_type: str, repo_id: str) -> str:
+        prefix = {"model": "", "dataset": "datasets/"}[repo_type]
+        return f"{self.endpoint}/{prefix}{repo_id}"
+
+    def collection_url(self, slug: str) -> str:
+        return f"{self.endpoint}/collections/{slug}"
+
+
+def scrub(text: str, token: str | None) -> str:
+    """``text`` on one line with the token (if any) masked out."""
+    if token:
+        text = text.replace(token, "hf_***")
+    return " ".join(text.split())
+
+
+def describe(error: BaseException, token: str | None) -> str:
+    """A one-line, token-free description of a client error."""
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        message = error.server_message or str(error).splitlines()[0]
+        return scrub(f"HTTP {error.response.status_code}: {message}", token)
+    return scrub(f"{type(error).__name__}: {error}", token)
+
+
+def status_of(error: BaseException) -> int | None:
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None)
+
+
+@contextmanager
+def open_hub(
+    config: StudyConfig, run_dir: RunDir, *, endpoint: str | None = None, token: str | None = None
+) -> Iterator[HubTarget]:
+    """The Hub for this command: the embedded local hub (started here) or the URL, with its token.
+
+    Raises:
+        HubError: no token is available for a remote endpoint.
+    """
+    endpoint = (endpoint or config.hub.endpoint).rstrip("/")
+    if endpoint == LOCAL:
+        from hub_tools.local_hub import DEFAULT_USERS, configure_clients, running_hub
+
+        # The embedded hub gets one user named after the study's namespace, with the local hub's token.
+        local_token = next(iter(DEFAULT_USERS.values()))
+        with running_hub(run_dir.hub_data_dir, users={config.hub.namespace: local_token}) as hub:
+            configure_clients(hub.endpoint)
+            api = HfApi(endpoint=hub.endpoint, token=local_token)
+            yield HubTarget(hub.endpoint, LOCAL, api, local_token, local_hub=hub)
+        return
+    if not endpoint.startswith(("http://", "https://")):
+        raise HubError(f"--endpoint {endpoint!r} is neither 'local' nor an http(s) URL")
+    if endpoint != DEFAULT_ENDPOINT:
+        from hub_tools.local_hub import configure_clients
+
+        configure_clients(endpoint)  # datasets and module-level helpers must talk to the same Hub
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise HubError(
+            f"no Hugging Face token for {endpoint}: set HF_TOKEN or run `hf auth login`, then rerun "
+            "(or publish to the embedded hub with --endpoint local)"
+        )
+    yield HubTarget(endpoint, endpoint, HfApi(endpoint=endpoint, token=token), token)
+
+
+def check_write_access(target: HubTarget, namespace: str) -> str:
+    """Check with ``whoami`` that the token is valid and may write to ``namespace``; returns the user name.
+
+    Raises:
+        HubError: the token is missing, rejected, read-only, or its user cannot write to the namespace.
+    """
+    try:
+        info = target.api.whoami(token=target.token)
+    except LocalTokenNotFoundError:
+        raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then rerun") from None
+    except HfHubHTTPError as error:
+        if status_of(error) == 401:
+            raise HubError(
+                f"the Hugging Face token was rejected by {target.endpoint} (invalid or expired): "
+                "set HF_TOKEN to a valid token with the 'write' role or run `hf auth login`"
+            ) from None
+        raise HubError(
+            f"cannot check the token with {target.endpoint}: {describe(error, target.token)}"
+        ) from None
+    except (httpx2.HTTPError, OSError) as error:
+        raise HubError(
+            f"cannot reach {target.endpoint} ({describe(error, target.token)}): check --endpoint and the network"
+        ) from None
+    user = info.get("name") or "?"
+    role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise HubError(
+            f"the token of {user!r} is read-only: create a token with the 'write' role "
+            f"({target.endpoint}/settings/tokens) and set HF_TOKEN to it"
+        )
+    writable = {user} | {
+        org.get("name") for org in info.get("orgs") or [] if org.get("roleInOrg", "write") in WRITE_ROLES
+    }
+    if namespace not in writable:
+        raise HubError(
+            f"user {user!r} cannot write to namespace {namespace!r} on {target.endpoint}: pass "
+            f"--namespace {user} or ask an admin of {namespace!r} for the 'write' role"
+        )
+    target.user = user
+    return user
