@@ -362,3 +362,22 @@ def test_hub_serve_command(tmp_path):
         server.terminate()
         server.wait(timeout=10)
     assert (tmp_path / "repos" / "model" / "alice" / "r" / "refs.json").is_file()
+
+
+def test_copies_paths_info_and_expanded_tree(local_hub, api):
+    from huggingface_hub import CommitOperationAdd, CommitOperationCopy, HfFileSystem
+
+    repo = "cot-compress/copies"
+    api.create_repo(repo)
+    ops = [CommitOperationAdd("w.bin", b"\0" * 100), CommitOperationAdd("d/t.txt", b"t")]
+    api.create_commit(repo_id=repo, operations=ops, commit_message="one")
+    ops = [CommitOperationCopy("w.bin", "w2.bin"), CommitOperationCopy("d/t.txt", "d/t2.txt")]
+    api.create_commit(repo_id=repo, operations=ops, commit_message="copy")
+    info = {e.path: e for e in api.get_paths_info(repo, ["w2.bin", "d", "missing.txt"])}
+    assert sorted(info) == ["d", "w2.bin"]
+    assert info["w2.bin"].lfs.sha256 == hashlib.sha256(b"\0" * 100).hexdigest()
+    last = {e.path: e.last_commit.title for e in api.list_repo_tree(repo, expand=True)}
+    assert last == {".gitattributes": "initial commit", "d": "copy", "w.bin": "one", "w2.bin": "copy"}
+    fs = HfFileSystem(endpoint=local_hub.endpoint, token=local_hub.default_token)
+    assert fs.glob(f"{repo}/d/*") == [f"{repo}/d/t.txt", f"{repo}/d/t2.txt"]
+    assert fs.cat(f"{repo}/d/t2.txt") == b"t"

@@ -100,8 +100,8 @@ def lfs_upload(call: Call, oid: str) -> Response:
 def lfs_verify(call: Call, oid: str) -> Response:
     call.require_user()
     size = call.json().get("size")
-    path = call.storage.blob_path(oid)
-    if not path.is_file() or (size is not None and path.stat().st_size != int(size)):
+    path = call.storage.blob_path(oid) if re.fullmatch(r"[0-9a-f]{64}", oid) else None
+    if path is None or not path.is_file() or (size is not None and path.stat().st_size != int(size)):
         raise ApiError(404, f"LFS object {oid} was not uploaded", code="EntryNotFound")
     return json_response({"success": True}, media_type=LFS_MEDIA_TYPE)
 

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from hub_tools.local_hub.faults import FaultPlan
 from hub_tools.local_hub.protocol import ApiError
-from hub_tools.local_hub.storage import Storage
+from hub_tools.local_hub.storage import Storage, check_repo_id
 
 
 @dataclass
@@ -97,6 +97,10 @@ class Call:
         return ApiError(401 if self.user is None else 404, f"{what} not found", code="RepoNotFound")
 
     def readable_repo(self, repo_type: str, repo_id: str) -> dict:
+        try:
+            check_repo_id(repo_id)
+        except ValueError:
+            raise self.not_found(f"Repository {repo_type}/{repo_id}") from None
         repo = self.storage.get_repo(repo_type, repo_id)
         if repo is None or (repo["private"] and not self.hub.is_member(self.user, repo["owner"])):
             raise self.not_found(f"Repository {repo_type}/{repo_id}")

@@ -19,12 +19,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import threading
 from pathlib import Path
 
 from hub_tools.local_hub.protocol import DEFAULT_GITATTRIBUTES, git_blob_oid, lfs_pointer, now_iso
+
+ID_PART = re.compile(r"^(?!\.{1,2}$)[\w\-.]{1,96}$")
+HEX = re.compile(r"^[0-9a-f]+$")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse ids that could leave the data directory (they come from URL segments, percent-decoded)."""
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(ID_PART.match(part) for part in parts):
+        raise ValueError(f"invalid repo id {repo_id!r}")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -66,6 +77,8 @@ class Storage:
 
     # -- blobs ---------------------------------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
+        if not HEX.match(sha256):
+            raise ValueError(f"invalid blob id {sha256!r}")
         return self.root / "blobs" / sha256[:2] / sha256
 
     def has_blob(self, sha256: str) -> bool:
@@ -83,6 +96,7 @@ class Storage:
 
     # -- repos ---------------------------------------------------------------------------------------------
     def repo_dir(self, repo_type: str, repo_id: str) -> Path:
+        check_repo_id(repo_id)
         return self.root / "repos" / repo_type / repo_id
 
     def get_repo(self, repo_type: str, repo_id: str) -> dict | None:
@@ -133,6 +147,8 @@ class Storage:
         )
 
     def get_commit(self, repo_type: str, repo_id: str, sha: str) -> dict | None:
+        if not HEX.match(sha):
+            return None
         return read_json(self.repo_dir(repo_type, repo_id) / "commits" / f"{sha}.json")
 
     def write_commit(
@@ -184,6 +200,8 @@ class Storage:
 
     # -- collections ---------------------------------------------------------------------------------------
     def get_collection(self, collection_id: str) -> dict | None:
+        if not HEX.match(collection_id):
+            return None
         return read_json(self.root / "collections" / f"{collection_id}.json")
 
     def put_collection(self, collection: dict) -> None:
