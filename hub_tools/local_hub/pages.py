@@ -211,4 +211,6 @@ def error_page(error: ApiError) -> HTMLResponse:
     text = f"<header><h1>{error.status}</h1><div class='sub'>{html.escape(error.message)}</div></header>"
     response = page(f"{error.status}", text)
     response.status_code = error.status
+    if error.code:
+        response.headers["X-Error-Code"] = error.code
     return response
