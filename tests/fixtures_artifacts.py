@@ -1,0 +1,291 @@
+"""A fixed, realistic study written into a run dir: everything the stages after evaluation read.
+
+``write_fixture_study(root, config=config)`` writes data/stats.json, adapters/level_<n>/ (training.json, a
+small adapter_config.json + adapter_model.safetensors), eval/<model>/samples.jsonl, metrics.json (through
+``eval_artifacts.metrics.write_metrics``), eval/summary.json and eval/pareto.png. Same inputs, same bytes.
+
+The default shape is that of a real study: the stock model thinks longest, shorter levels lose accuracy,
+and an adapter's right answers are mostly problems base also gets right (paired structure), so that low
+levels are significantly below base and the sweet spot (margin 0.05) is L2. ``profiles`` pins a model's
+exact numbers, e.g. the published Level-4 adapter's 765 / 1319 correct, 39.05 mean and 35 median think tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval_artifacts.metrics import write_metrics
+from eval_artifacts.plots import plot_pareto
+from eval_artifacts.records import SampleRecord
+from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, append_jsonl, write_json
+from eval_artifacts.summary import write_summary
+from training.config import StudyConfig
+from training.levels import LEVELS, build_prompt, build_response
+from training.synthetic import generate_problems
+from training.teachers import rule_teacher
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """One model's numbers on one seed: exact correct count, think-token sum and median."""
+
+    n_correct: int
+    think_total: int
+    think_median: int
+    overlap: float = 0.9
+    """Share of the right answers taken from problems base gets right (paired structure)."""
+    truncated: int = 0
+    """Wrong answers that hit the token limit (finish_reason 'length', no answer extracted)."""
+
+
+# (accuracy, mean think tokens, median think tokens, truncated per 200) per model.
+DEFAULT_SHAPE = {
+    "base": (0.62, 182.35, 171, 2),
+    "level_1": (0.64, 96.4, 92, 0),
+    "level_2": (0.61, 49.8, 47, 0),
+    "level_3": (0.555, 31.2, 29, 0),
+    "level_4": (0.52, 19.6, 18, 0),
+    "level_5": (0.31, 5.3, 5, 0),
+}
+ANSWER_OVERHEAD = {"base": 7, "level": 11}
+"""Completion tokens beyond the think tokens: answer line, think tags, end of sequence."""
+SEED_SHIFT = [0, 3, -2, 4, -1]
+"""Per-seed change of n_correct, so several seeds have a real spread."""
+
+
+def default_profile(model: str, n_problems: int) -> ModelProfile:
+    accuracy, mean, median, truncated = DEFAULT_SHAPE[model]
+    return ModelProfile(
+        n_correct=round(accuracy * n_problems),
+        think_total=round(mean * n_problems),
+        think_median=median,
+        truncated=round(truncated * n_problems / 200),
+    )
+
+
+def token_values(n: int, *, total: int, median: int, rng: random.Random) -> list[int]:
+    """``n`` non-negative ints with exactly this sum and median (shuffled)."""
+    middle = 1 if n % 2 else 2
+    below, above = (n - middle) // 2, (n - middle) // 2
+    low = [rng.randint(median // 2, median) for _ in range(below)]
+    high = [rng.randint(median, 2 * median + 1) for _ in range(above)]
+    diff = total - (sum(low) + sum(high) + middle * median)
+    if diff > 0:
+        for index in range(above):
+            high[index] += diff // above + (1 if index < diff % above else 0)
+    for values, floor in ((high, median), (low, 0)):
+        for index in range(len(values)):
+            if diff >= 0:
+                break
+            take = min(values[index] - floor, -diff)
+            values[index] -= take
+            diff += take
+    if diff < 0:
+        raise ValueError(f"no {n} values with median {median} sum to {total}")
+    values = low + [median] * middle + high
+    rng.shuffle(values)
+    return values
+
+
+def _reasoning(level: int, problem) -> str:
+    row = rule_teacher(level, problem)
+    return row.reasoning if row.reasoning else LEVELS[level].example
+
+
+def _wrong(gold: str) -> str:
+    return str(int(float(gold)) + 1)
+
+
+def _correct_set(n: int, k: int, base_right: set[int] | None, overlap: float, rng: random.Random) -> set[int]:
+    if base_right is None:
+        return set(rng.sample(range(n), k))
+    base_wrong = [i for i in range(n) if i not in base_right]
+    from_right = min(len(base_right), max(k - len(base_wrong), round(overlap * k)))
+    chosen = rng.sample(sorted(base_right), from_right) + rng.sample(base_wrong, k - from_right)
+    return set(chosen)
+
+
+def _samples(model: str, level: int | None, problems, profile: ModelProfile, seed: int, base_right):
+    rng = random.Random(f"{model}:{seed}")
+    n = len(problems)
+    right = _correct_set(n, profile.n_correct, base_right, profile.overlap, rng)
+    think = token_values(n, total=profile.think_total, median=profile.think_median, rng=rng)
+    wrong = sorted(set(range(n)) - right)
+    truncated = set(wrong[: profile.truncated])
+    overhead = ANSWER_OVERHEAD["base" if level is None else "level"]
+    records = []
+    for index, problem in enumerate(problems):
+        predicted = problem.gold if index in right else (None if index in truncated else _wrong(problem.gold))
+        if level is None:
+            body = problem.answer.split("####")[0].strip().replace("<<", "").replace(">>", " ")
+            completion = body if predicted is None else f"{body}\n#### {predicted}"
+            reasoning, prompt = None, problem.question
+        else:
+            reasoning = _reasoning(level, problem)
+            completion = build_response(reasoning, predicted or "")
+            prompt = build_prompt(level, problem.question)
+        records.append(
+            SampleRecord(
+                id=problem.id,
+                question=problem.question,
+                gold=problem.gold,
+                prompt=prompt,
+                completion=completion,
+                reasoning=reasoning,
+                predicted=predicted,
+                extractor=None if predicted is None else "hash",
+                correct=index in right,
+                think_tokens=think[index],
+                completion_tokens=think[index] + overhead,
+                finish_reason="length" if index in truncated else "stop",
+                model=model,
+                level=level,
+                seed=seed,
+            ).to_row()
+        )
+    return records, right
+
+
+def _training_json(config: StudyConfig, level: int, train_rows: int) -> dict:
+    t = config.training
+    gpu = config.base_model.quantization == "nf4"
+    steps = t.max_steps if t.max_steps > 0 else round(t.epochs * train_rows / t.batch_size)
+    wall = round(41.7 + 3.1 * level + (900.0 if gpu else 0.0), 3)
+    tokens = steps * t.batch_size * 96
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "level": level,
+        "base_model": {"id": config.base_model.id, "revision": config.base_model.revision},
+        "adapter": {
+            "method": "LoRA",
+            "r": t.lora.r,
+            "alpha": t.lora.alpha,
+            "dropout": t.lora.dropout,
+            "target_modules": t.lora.target_modules,
+        },
+        "hyperparameters": {
+            "epochs": t.epochs,
+            "max_steps": t.max_steps,
+            "learning_rate": t.learning_rate,
+            "batch_size": t.batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "effective_batch_size": t.batch_size * t.gradient_accumulation_steps,
+            "max_seq_length": t.max_seq_length,
+            "warmup_ratio": t.warmup_ratio,
+            "lr_scheduler": t.lr_scheduler,
+            "optimizer": "adamw_torch_fused" if gpu else "adamw_torch",
+        },
+        "precision": "bf16" if gpu else "fp32",
+        "quantization": config.base_model.quantization,
+        "loss": "completion_only" if t.completion_only_loss else "full_sequence",
+        "hardware": {"device": "cuda", "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 1}
+        if gpu
+        else {"device": "cpu", "gpu_name": None, "gpu_count": 0},
+        "seed": t.seed,
+        "train_rows": train_rows,
+        "data_file": f"data/level_{level}/train.jsonl",
+        "data_sha256": f"{level:x}" * 64,
+        "tokens_seen": tokens,
+        "steps": steps,
+        "loss_curve": [{"step": s, "loss": round(2.5 / (1 + s / 20), 6)} for s in range(10, steps + 1, 10)],
+        "wall_time_s": wall,
+        "tokens_per_s": round(tokens / wall, 1),
+        "library_versions": {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2", "trl": "1.16.0"},
+    }
+
+
+def _write_adapter_weights(directory: Path, config: StudyConfig, level: int) -> None:
+    """A small but loadable-looking PEFT adapter: adapter_config.json and LoRA A/B tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    r = config.training.lora.r
+    directory.mkdir(parents=True, exist_ok=True)
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": config.base_model.id,
+        "r": r,
+        "lora_alpha": config.training.lora.alpha,
+        "lora_dropout": config.training.lora.dropout,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    (directory / "adapter_config.json").write_text(
+        json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8"
+    )
+    generator = torch.Generator().manual_seed(level)
+    tensors = {
+        f"base_model.model.model.layers.0.self_attn.{name}.lora_{part}.weight": torch.randn(
+            (r, 16) if part == "A" else (16, r), generator=generator
+        )
+        for name in ("q_proj", "v_proj")
+        for part in ("A", "B")
+    }
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+
+
+def write_fixture_study(
+    root: Path,
+    *,
+    config: StudyConfig,
+    n_problems: int = 200,
+    profiles: dict[str, ModelProfile] | None = None,
+) -> RunDir:
+    """Write a complete, consistent set of post-evaluation artifacts for ``config`` under ``root``.
+
+    Args:
+        n_problems: problems per seed (synthetic GSM8K-format test problems).
+        profiles: per-model numbers replacing ``DEFAULT_SHAPE`` (seed shifts still apply to later seeds).
+    """
+    run_dir = RunDir(root)
+    problems = generate_problems(n_problems, seed=0, max_number=20, split="test")
+    train_total = 2000
+    stats = {
+        "schema_version": SCHEMA_VERSION,
+        "teacher": "rule",
+        "source": {"kind": config.data.source},
+        "levels": {},
+    }
+    for level in config.levels:
+        dropped = {"no_annotations": 3 * level} if level > 1 else {}
+        kept = train_total - sum(dropped.values())
+        stats["levels"][str(level)] = {
+            "teacher": "rule",
+            "total": train_total,
+            "kept": kept,
+            "dropped": dropped,
+            "reasoning_chars": {
+                "mean": [310.42, 121.07, 72.5, 44.81, 9.66][level - 1],
+                "median": [301.0, 118.0, 71.0, 45.0, 9.0][level - 1],
+            },
+        }
+        write_json(run_dir.training_json(level), _training_json(config, level, kept))
+        _write_adapter_weights(run_dir.adapter_dir(level), config, level)
+    stats["source"]["train_rows"] = train_total
+    write_json(run_dir.data_stats, stats)
+
+    base_right: dict[int, set[int]] = {}
+    for model in config.model_keys:
+        level = None if model == "base" else int(model.removeprefix("level_"))
+        profile = (profiles or {}).get(model) or default_profile(model, n_problems)
+        path = run_dir.samples(model)
+        path.unlink(missing_ok=True)
+        for index, seed in enumerate(config.eval.seeds):
+            shifted = ModelProfile(
+                n_correct=profile.n_correct + SEED_SHIFT[index % len(SEED_SHIFT)],
+                think_total=profile.think_total,
+                think_median=profile.think_median,
+                overlap=profile.overlap,
+                truncated=profile.truncated,
+            )
+            rows, right = _samples(model, level, problems, shifted, seed, base_right.get(seed))
+            if model == "base":
+                base_right[seed] = right
+            append_jsonl(path, rows)
+        write_metrics(run_dir, model, level)
+    summary = write_summary(run_dir, study=config.name, models=config.model_keys)
+    plot_pareto(summary, run_dir.pareto_png)
+    return run_dir
