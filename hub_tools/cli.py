@@ -85,3 +85,34 @@ def prepare_data_command(config_path, run_dir, data_dir, levels, teacher):
 from hub_tools.hub_cli import hub  # noqa: E402
 
 main.add_command(hub)
+
+
+@main.command("render-cards")
+@CONFIG_OPTION
+@RUN_DIR_OPTION
+@click.option(
+    "--templates",
+    "templates_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Folder with your own adapter_card.md.j2, eval_dataset_card.md.j2 and collection_note.txt.j2.",
+)
+@click.option("--check", is_flag=True, help="Exit with code 2 on the first card that fails validation.")
+def render_cards_command(config_path, run_dir, templates_dir, check):
+    """Render every card into cards/<repo>/README.md from the eval artifacts, and validate them."""
+    from eval_artifacts.rundir import RunDir
+    from hub_tools import cards
+
+    config = load_study(config_path, run_dir)
+    study = RunDir(config.run_dir)
+    url = cards.collection_url_from_state(config, study)
+    rendered = cards.render_study_cards(config, study, templates_dir=templates_dir, collection_url=url)
+    notes = cards.render_collection_notes(config, study, templates_dir=templates_dir)
+    for path in cards.write_cards(study, rendered):
+        click.echo(f"wrote {path}")
+    if check:
+        cards.validate_all(rendered, config=config, run_dir=study, notes=notes)
+        click.echo(f"{len(rendered)} cards and {len(notes)} collection notes are valid")
+        return
+    for problem in cards.all_problems(rendered, config=config, run_dir=study, notes=notes):
+        click.echo(f"problem: {problem}", err=True)
