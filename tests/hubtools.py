@@ -5,13 +5,28 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import yaml
 
 CHROMIUM = Path("/usr/bin/chromium")
 CARD_TITLE = "CoT compression, level 4 (Ultra-compact)"
 ACCURACY = 0.7355
+
+
+@contextmanager
+def isolated_hf_caches(root: Path) -> Iterator[None]:
+    """Keep the clients' caches under ``root`` for the block (both libraries read these at call time)."""
+    from datasets import config
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(root / "hub"))
+        patch.setattr(config, "HF_DATASETS_CACHE", root / "datasets")
+        yield
 
 
 def card_text() -> str:

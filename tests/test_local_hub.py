@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hubtools import card_text, folder_files, front_matter, make_folder
+from hubtools import card_text, folder_files, front_matter, isolated_hf_caches, make_folder
 
 from hub_tools.local_hub import LocalHub, configure_clients, running_hub
 
@@ -82,13 +82,14 @@ def publish_everything(hub: LocalHub, tmp: Path) -> Published:
 def published(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("published")
     facts = None
-    with ExitStack() as stack:
-        hub = stack.enter_context(running_hub(tmp / "hub", users=USERS))
-        configure_clients(hub.endpoint)
-        facts = publish_everything(hub, tmp)
-        facts.hub, facts.stack = hub, stack.pop_all()
-    yield facts
-    facts.stack.close()
+    with isolated_hf_caches(tmp / "hf-cache"):
+        with ExitStack() as stack:
+            hub = stack.enter_context(running_hub(tmp / "hub", users=USERS))
+            configure_clients(hub.endpoint)
+            facts = publish_everything(hub, tmp)
+            facts.hub, facts.stack = hub, stack.pop_all()  # the hub outlives this block
+        yield facts
+        facts.stack.close()
 
 
 @pytest.fixture(scope="module", params=["live", "restarted"])
