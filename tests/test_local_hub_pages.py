@@ -68,6 +68,23 @@ def test_collection_page_lists_items_with_notes(site):
     assert "Level 4: 73.6% accuracy at 11 think tokens" in html
 
 
+def test_commit_and_pull_request_urls_open_pages(local_hub):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=local_hub.endpoint, token=local_hub.default_token)
+    api.create_repo("cot-compress/pr")
+    pr = api.create_commit(
+        repo_id="cot-compress/pr",
+        operations=[CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=b"# Proposed card\n")],
+        commit_message="Propose",
+        create_pr=True,
+    )
+    for url in (pr.pr_url, pr.commit_url):
+        page = httpx2.get(url)
+        assert page.status_code == 200 and "<h1>Proposed card</h1>" in page.text
+    assert "Proposed card" not in httpx2.get(local_hub.url_for("model", "cot-compress/pr")).text
+
+
 def test_dataset_page(local_hub):
     from huggingface_hub import HfApi
 

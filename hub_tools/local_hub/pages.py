@@ -134,9 +134,10 @@ def model_index_rows(metadata: dict) -> list[dict]:
     return rows
 
 
-def repo_page(call: Call, repo_type: str, repo_id: str) -> HTMLResponse:
+def repo_page(call: Call, repo_type: str, repo_id: str, revision: str = "main") -> HTMLResponse:
+    """The repo at ``revision`` (also what commit and pull-request URLs returned by the API open)."""
     repo = call.readable_repo(repo_type, repo_id)
-    commit = resolve_commit(call, repo_type, repo_id, call.arg("revision") or "main")
+    commit = resolve_commit(call, repo_type, repo_id, revision)
     tree = commit["tree"]
     metadata, card_html = {}, ""
     if "README.md" in tree:

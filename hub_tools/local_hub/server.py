@@ -62,6 +62,9 @@ def route(call: Call) -> Response:
         return content.resolve_file(call, repo_type, f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
     if len(s) == 2 and m in ("GET", "HEAD"):
         return page(call, pages.repo_page, repo_type, f"{s[0]}/{s[1]}")
+    if len(s) == 4 and m in ("GET", "HEAD") and s[2] in ("commit", "discussions", "tree"):
+        revision = f"refs/pr/{s[3]}" if s[2] == "discussions" else s[3]
+        return page(call, pages.repo_page, repo_type, f"{s[0]}/{s[1]}", revision)
     raise ApiError(
         404, f"No endpoint {m} /{'/'.join(call.segments)} on the local hub", code="EndpointNotFound"
     )
