@@ -1,0 +1,200 @@
+"""The fast generation backend returns HF ``generate``'s greedy outputs, token for token (fp32, CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from training.fast_generate import FastCompletion, FastGenerator
+
+VOCAB = 101
+PAD = 0
+
+
+def tiny_qwen3(seed: int = 0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.2,  # wide logits: no near-ties for rounding to flip
+        pad_token_id=PAD,
+        attn_implementation="sdpa",
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def prompts(n: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 14, (n,), generator=g).tolist()
+    return [torch.randint(1, VOCAB, (k,), generator=g).tolist() for k in lengths]
+
+
+def hf_greedy(model, batch, *, max_new, min_new=0, stop_ids) -> list[FastCompletion]:
+    """Reference: HF ``generate`` on one left-padded batch, cut at the first stop token."""
+    plen = max(map(len, batch))
+    ids = torch.full((len(batch), plen), PAD)
+    mask = torch.zeros((len(batch), plen), dtype=torch.long)
+    for r, p in enumerate(batch):
+        ids[r, plen - len(p) :] = torch.tensor(p)
+        mask[r, plen - len(p) :] = 1
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new,
+            min_new_tokens=min_new,
+            eos_token_id=list(stop_ids),
+            pad_token_id=PAD,
+        )
+    results = []
+    for row in out[:, plen:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        if cut is None:
+            assert len(row) == max_new
+            results.append(FastCompletion(token_ids=row, finish_reason="length"))
+        else:
+            results.append(FastCompletion(token_ids=row[: cut + 1], finish_reason="stop"))
+    return results
+
+
+def pick_stop_token(model, batch, max_new) -> int:
+    """A token that some rows generate (past their first tokens) and others never do."""
+    free = hf_greedy(model, batch, max_new=max_new, stop_ids={VOCAB + 7})  # unreachable id: no stop
+    rows = [set(c.token_ids[1:]) for c in free]
+    for token in range(1, VOCAB):
+        hits = sum(token in r for r in rows)
+        if 0 < hits < len(rows):
+            return token
+    raise AssertionError("no token splits the rows; change the seed")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_qwen3()
+
+
+def test_base_matches_hf_generate_with_stops_and_lengths(base):
+    batch = prompts(9)
+    stop = pick_stop_token(base, batch, 20)
+    expected = hf_greedy(base, batch, max_new=20, stop_ids={stop})
+    engine = FastGenerator(base, max_batch_size=4, context_bucket=8)
+    got = engine.generate(batch, max_new_tokens=20, stop_token_ids=[stop], pad_token_id=PAD)
+    assert got == expected
+    reasons = {c.finish_reason for c in got}
+    assert reasons == {"stop", "length"}
+    # 9 prompts at most 4 a batch: 3 batches of 3 rows, sorted by length.
+    assert [b.rows for b in engine.last_stats.batches] == [3, 3, 3]
+    assert [b.graph_rows for b in engine.last_stats.batches] == [3, 3, 3]
+    lens = [n for b in engine.last_stats.batches for n in b.prompt_lens]
+    assert lens == sorted(len(p) for p in batch)
+
+
+def test_short_last_batch_and_min_new_tokens(base):
+    batch = prompts(7, seed=5)
+    stop = pick_stop_token(base, batch, 12)
+    # 7 prompts at most 3 a batch: 3 batches of 3 rows, the last one has a filler row.
+    engine = FastGenerator(base, max_batch_size=3, context_bucket=4)
+    for min_new in (0, 6):
+        expected = hf_greedy(base, batch, max_new=12, min_new=min_new, stop_ids={stop, stop + 1})
+        got = engine.generate(
+            batch,
+            max_new_tokens=12,
+            min_new_tokens=min_new,
+            stop_token_ids=[stop, stop + 1],
+            pad_token_id=PAD,
+        )
+        assert got == expected
+        assert all(len(c.token_ids) >= min_new for c in got)
+    assert [b.rows for b in engine.last_stats.batches] == [3, 3, 1]
+    assert [b.graph_rows for b in engine.last_stats.batches] == [3, 3, 3]
+
+
+def test_forced_length_and_single_token():
+    model = tiny_qwen3(seed=3)
+    batch = prompts(5, seed=2)
+    engine = FastGenerator(model, context_bucket=16)
+    # Stop on every row's own first token: without min_new_tokens each row stops at once.
+    free = engine.generate(batch, max_new_tokens=1, stop_token_ids=[VOCAB + 1], pad_token_id=PAD)
+    assert free == hf_greedy(model, batch, max_new=1, stop_ids={VOCAB + 1})
+    assert [(len(c.token_ids), c.finish_reason) for c in free] == [(1, "length")] * 5
+    stops = sorted({c.token_ids[0] for c in free})
+    early = engine.generate(batch, max_new_tokens=9, stop_token_ids=stops, pad_token_id=PAD)
+    assert [(len(c.token_ids), c.finish_reason) for c in early] == [(1, "stop")] * 5
+    # min_new_tokens == max_new_tokens forces the length, as the benchmark's token profiles do.
+    forced = engine.generate(
+        batch, max_new_tokens=9, min_new_tokens=9, stop_token_ids=stops, pad_token_id=PAD
+    )
+    assert forced == hf_greedy(model, batch, max_new=9, min_new=9, stop_ids=set(stops))
+    assert [(len(c.token_ids), c.finish_reason) for c in forced] == [(9, "length")] * 5
+
+
+def test_merged_lora_matches_unmerged_peft_and_restores_weights():
+    model = tiny_qwen3(seed=7)
+    batch = prompts(6, seed=9)
+    base_before = FastGenerator(model, context_bucket=8).generate(
+        batch, max_new_tokens=15, stop_token_ids=[VOCAB + 1], pad_token_id=PAD
+    )
+    assert base_before == hf_greedy(model, batch, max_new=15, stop_ids={VOCAB + 1})
+    weights = copy.deepcopy(model.state_dict())
+
+    # init_lora_weights=False draws B at random too: the adapters really change the outputs.
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, LoraConfig(**lora), adapter_name="l1")
+    peft_model.add_adapter("l2", LoraConfig(**{**lora, "r": 8}))
+    peft_model.eval()
+    engine = FastGenerator(peft_model, context_bucket=8)
+    outputs = {}
+    for name in ("l1", "l2"):
+        peft_model.set_adapter(name)
+        expected = hf_greedy(peft_model, batch, max_new=15, stop_ids={VOCAB + 1})
+        got = engine.generate(
+            batch, adapter=name, max_new_tokens=15, stop_token_ids=[VOCAB + 1], pad_token_id=PAD
+        )
+        assert got == expected
+        outputs[name] = got
+    assert outputs["l1"] != base_before and outputs["l2"] != outputs["l1"]
+
+    base_after = engine.generate(batch, max_new_tokens=15, stop_token_ids=[VOCAB + 1], pad_token_id=PAD)
+    assert base_after == base_before
+    after = peft_model.get_base_model().state_dict()
+    for key, value in weights.items():
+        peft_key = (
+            key.replace(".weight", ".base_layer.weight")
+            if key.replace(".weight", ".base_layer.weight") in after
+            else key
+        )
+        assert torch.equal(after[peft_key], value), key
+
+
+def test_unknown_adapter_is_a_config_error(base):
+    from eval_artifacts.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not loaded"):
+        FastGenerator(base).generate(
+            [[1, 2]], adapter="l9", max_new_tokens=2, stop_token_ids=[3], pad_token_id=PAD
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_path_matches_eager_fp32():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_qwen3(seed=11).cuda()
+    batch = prompts(40, seed=4)
+    stop = pick_stop_token(model, batch, 30)
+    expected = hf_greedy(model, [p for p in batch], max_new=30, stop_ids={stop})
+    graphs = FastGenerator(model, max_batch_size=16, context_bucket=8, use_cuda_graphs=True)
+    got = graphs.generate(batch, max_new_tokens=30, stop_token_ids=[stop], pad_token_id=PAD)
+    assert got == expected
