@@ -123,6 +123,11 @@ def test_upload_folder_stored_lfs_and_regular_files(hub, published):
     assert entries["adapter_model.safetensors"].lfs.sha256 == hashlib.sha256(big).hexdigest()
     assert entries["adapter_model.safetensors"].size == len(big)
     assert entries["adapter_config.json"].lfs is None and entries["logs/training.json"].lfs is None
+    siblings = {s.rfilename: s for s in api.model_info(MODEL, files_metadata=True).siblings}
+    assert siblings["adapter_model.safetensors"].lfs.sha256 == hashlib.sha256(big).hexdigest()
+    assert siblings["adapter_config.json"].size == len(
+        (published.folder / "adapter_config.json").read_bytes()
+    )
 
 
 def test_downloads_are_byte_identical(hub, published, tmp_path):

@@ -86,7 +86,7 @@ def lfs_batch(call: Call, repo_type: str, repo_id: str) -> Response:
 
 
 def lfs_upload(call: Call, oid: str) -> Response:
-    size = int(call.arg("size", "-1"))
+    size = int(call.arg("size", "-1")) if (call.arg("size") or "").isdigit() else -1
     if not hmac.compare_digest(call.arg("token", ""), upload_token(call, oid, size)):
         raise ApiError(
             403, "Invalid or missing upload token: ask the LFS batch endpoint for a new upload link"

@@ -43,7 +43,10 @@ class FaultPlan:
         self._lock = threading.Lock()
         self.rules: list[Fault] = []
         for rule in rules or []:
-            self.add(**rule) if isinstance(rule, dict) else self._append(rule)
+            if isinstance(rule, dict):
+                self.add(**rule)
+            else:
+                self._append(rule)
 
     def _append(self, rule: Fault) -> Fault:
         with self._lock:

@@ -12,7 +12,13 @@ from urllib.parse import parse_qs
 from starlette.responses import Response
 
 from hub_tools.local_hub.context import Call, json_response
-from hub_tools.local_hub.protocol import RESERVED_NAMESPACES, ApiError, parse_card_data, validate_repo_name
+from hub_tools.local_hub.protocol import (
+    RESERVED_NAMESPACES,
+    ApiError,
+    lfs_pointer,
+    parse_card_data,
+    validate_repo_name,
+)
 
 
 # -- helpers used by several endpoints -----------------------------------------------------------------------
@@ -40,11 +46,12 @@ def tree_entry(path: str, entry: dict) -> dict:
     """A tree/paths-info file entry as the client's RepoFile reads it."""
     out = {"type": "file", "oid": entry["oid"], "size": entry["size"], "path": path}
     if entry["lfs"]:
-        pointer_size = len(
-            f"version https://git-lfs.github.com/spec/v1\noid sha256:{entry['sha256']}\nsize {entry['size']}\n"
-        )
-        out["lfs"] = {"oid": entry["sha256"], "size": entry["size"], "pointerSize": pointer_size}
+        out["lfs"] = {"oid": entry["sha256"], "size": entry["size"], "pointerSize": pointer_size(entry)}
     return out
+
+
+def pointer_size(entry: dict) -> int:
+    return len(lfs_pointer(entry["sha256"], entry["size"]))
 
 
 def folder_entry(path: str, tree: dict) -> dict:
@@ -187,8 +194,11 @@ def repo_info(call: Call, repo_type: str, repo_id: str, revision: str = "main") 
         if blobs:
             sibling.update({"size": entry["size"], "blobId": entry["oid"]})
             if entry["lfs"]:
-                sibling["lfs"] = tree_entry(path, entry)["lfs"] | {"sha256": entry["sha256"]}
-                del sibling["lfs"]["oid"]
+                sibling["lfs"] = {
+                    "size": entry["size"],
+                    "sha256": entry["sha256"],
+                    "pointerSize": pointer_size(entry),
+                }
         siblings.append(sibling)
     info = {
         "_id": hashlib.sha1(f"{repo_type}/{repo_id}".encode()).hexdigest()[:24],
