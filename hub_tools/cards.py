@@ -452,7 +452,7 @@ def dataset_context(config: StudyConfig, art: StudyArtifacts, **links: Any) -> d
 
 # ---------------------------------------------------------------- sandboxed templates and inert text
 
-_MD_ESCAPE = re.compile(r"([\\`*_{}\[\]|~])")
+_MD_ESCAPE = re.compile(r"([\\`*_{}\[\]|~%#])")
 _LINE_START = re.compile(r"^([-+=#>])")
 _LIST_NUMBER = re.compile(r"^(\d{1,9})([.)])(?=\s|$)")
 
@@ -826,7 +826,8 @@ def _check_numbers(
     parsed: _Parsed, context: dict[str, Any], metrics: dict[str, dict], checked_tables: set[int]
 ) -> list[str]:
     """Decimals and ``k / n`` counts in prose (and unrecognised tables) must be artifact values."""
-    strings = _string_leaves(context)
+    # The example output is model text inside a code block: its numbers prove nothing about the card's.
+    strings = _string_leaves({key: value for key, value in context.items() if key != "example"})
     allowed = {d for s in strings for d in _DECIMAL.findall(s)}
     fractions = {(int(k), int(n)) for s in strings for k, n in _FRACTION.findall(s)}
     texts = list(parsed.prose)
@@ -974,10 +975,8 @@ def validate_card(rendered: RenderedCard, *, config: StudyConfig, run_dir: RunDi
         return [f"front matter does not parse: {' '.join(str(error).split())[:120]}"]
     try:
         art = load_artifacts(config, run_dir)
-        for model in config.model_keys:
-            check_metrics_match_samples(run_dir, model)
     except ArtifactError as error:
-        return problems + [str(error)]
+        return [str(error)]
     parsed = _parse_body(card.text)
     problems += _check_text(card.text, parsed)
     problems += _check_links(parsed, config)
@@ -1025,6 +1024,12 @@ def validate_card(rendered: RenderedCard, *, config: StudyConfig, run_dir: RunDi
     if not found_results:
         problems.append("the card has no results table (a table with columns 'Model' and 'Accuracy')")
     problems += _check_numbers(parsed, context, art.metrics, checked)
+    # Last, so that a card/metrics mismatch (which names the number) is reported first.
+    for model in config.model_keys:
+        try:
+            check_metrics_match_samples(run_dir, model)
+        except ArtifactError as error:
+            problems.append(str(error))
     return problems
 
 

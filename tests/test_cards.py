@@ -1,0 +1,522 @@
+"""Cards rendered from the eval artifacts: golden files, validation against the artifacts, mutations, the
+sandbox, inert free text, the published Level-4 numbers, and the `render-cards` command.
+
+Golden files live in tests/golden/. After an intended change to a template or to the fixture study,
+regenerate them with ``UPDATE_GOLDEN=1 pytest tests/test_cards.py`` and review the diff before committing.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fixtures_artifacts import ModelProfile, write_fixture_study
+from huggingface_hub import DatasetCard, ModelCard
+from markdown_it import MarkdownIt
+
+from eval_artifacts.errors import CardValidationError, TemplateError
+from eval_artifacts.rundir import RunDir, read_json, write_json
+from hub_tools import cards
+from hub_tools.cli import main
+from training.config import load_config
+from training.levels import build_prompt
+
+GOLDEN = Path(__file__).parent / "golden"
+REPO_ROOT = Path(__file__).parent.parent
+QWEN_CONFIG = REPO_ROOT / "configs" / "qwen3-4b-gsm8k.yaml"
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.is_file(), f"golden file {path} missing: run UPDATE_GOLDEN=1 pytest tests/test_cards.py"
+    assert text == path.read_text(encoding="utf-8"), f"{name} differs from its golden file"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The tiny config's study with the fixture artifacts, rendered once (read-only for tests)."""
+    root = tmp_path_factory.mktemp("study")
+    config = load_config().with_overrides(run_dir=str(root))
+    run_dir = write_fixture_study(root, config=config)
+    rendered = cards.render_study_cards(config, run_dir)
+    cards.write_cards(run_dir, rendered)
+    return config, run_dir, rendered
+
+
+@pytest.fixture
+def study_copy(study, tmp_path):
+    """A private copy of the study's run dir, for tests that mutate artifacts."""
+    config, run_dir, _ = study
+    root = tmp_path / "run"
+    shutil.copytree(run_dir.root, root)
+    return config.with_overrides(run_dir=str(root)), RunDir(root)
+
+
+def custom_templates(tmp_path: Path, name: str, old: str, new: str) -> Path:
+    """A copy of the shipped templates with one substitution in ``name``."""
+    directory = tmp_path / "templates"
+    directory.mkdir(exist_ok=True)
+    for template in cards.TEMPLATES:
+        shutil.copy(cards.default_templates_dir() / template, directory / template)
+    text = (directory / name).read_text(encoding="utf-8")
+    assert old in text, f"{old!r} not in {name}"
+    (directory / name).write_text(text.replace(old, new, 1), encoding="utf-8")
+    return directory
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson score interval, written out independently of eval_artifacts."""
+    z = 1.959963984540054
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n), (centre + spread) / (1 + z * z / n)
+
+
+# ---------------------------------------------------------------- golden files and clean validation
+
+
+def test_cards_match_golden_files(study):
+    config, run_dir, rendered = study
+    assert list(rendered) == [f"tiny-cot-l{n}" for n in range(1, 6)] + ["tiny-cot-eval"]
+    check_golden("adapter_card_tiny-cot-l4.md", rendered["tiny-cot-l4"].text)
+    check_golden("adapter_card_tiny-cot-l1.md", rendered["tiny-cot-l1"].text)
+    check_golden("eval_dataset_card_tiny-cot-eval.md", rendered["tiny-cot-eval"].text)
+    notes = cards.render_collection_notes(config, run_dir)
+    check_golden("collection_notes.json", json.dumps(notes, indent=2, ensure_ascii=False) + "\n")
+
+
+def test_fixture_study_validates_cleanly(study):
+    config, run_dir, rendered = study
+    notes = cards.render_collection_notes(config, run_dir)
+    assert cards.all_problems(rendered, config=config, run_dir=run_dir, notes=notes) == []
+    cards.validate_all(rendered, config=config, run_dir=run_dir, notes=notes)
+
+
+def test_written_card_reads_back_metadata_and_eval_results(study):
+    config, run_dir, _ = study
+    card = ModelCard.load(run_dir.card("tiny-cot-l3"))
+    metrics = read_json(run_dir.metrics("level_3"), what="metrics", hint="")
+    data = card.data
+    assert data.base_model == "tiny"
+    assert data.base_model_relation == "adapter"
+    assert (data.library_name, data.pipeline_tag, data.license) == ("peft", "text-generation", "mit")
+    assert data.datasets == ["openai/gsm8k", "cot-compress/tiny-cot-eval"]
+    [result] = data.eval_results
+    assert result.metric_value == metrics["accuracy"] == 111 / 200
+    assert (result.dataset_type, result.dataset_config, result.dataset_split, result.dataset_revision) == (
+        "openai/gsm8k",
+        "main",
+        "test",
+        "main",
+    )
+    dataset = DatasetCard.load(run_dir.card("tiny-cot-eval")).data.to_dict()
+    assert [c["config_name"] for c in dataset["configs"]] == [
+        "base",
+        "level_1",
+        "level_2",
+        "level_3",
+        "level_4",
+        "level_5",
+        "summary",
+    ]
+    assert dataset["license"] == "mit"
+
+
+def test_adapter_card_content(study):
+    _, _, rendered = study
+    text = rendered["tiny-cot-l4"].text
+    # This level highlighted, every other row plain.
+    assert "| **L4 Ultra-compact (this adapter)** | **0.520** | **[0.451, 0.588]** | **104 / 200** |" in text
+    assert "| L2 Concise | 0.610 | [0.541, 0.675] | 122 / 200 | 49.80 | 47 | 60.80 |" in text
+    assert "| Base (stock model) | 0.620 |" in text
+    assert "![Accuracy against mean think tokens, with the Pareto frontier](pareto.png)" in text
+    assert "[cot-compress/tiny-cot-eval](https://huggingface.co/datasets/cot-compress/tiny-cot-eval)" in text
+    assert "Typical reasoning length: \\~45 chars" in text
+    # Caveats computed from the data: one seed, sweet spot L2 (margin 0.05 in tiny.yaml), truncations.
+    assert "1 evaluation seed(s) (0)" in text and "no across-seed spread" in text
+    assert "is **L2 Concise** (49.80 mean think tokens)" in text
+    assert "Base (stock model): 2 / 200 outputs hit the 96-token limit" in text
+    assert "| Training rows | 1988 kept of 2000 (dropped: no\\_annotations: 12) |" in text
+    assert "| Loss | completion only (prompt tokens masked) |" in text
+    assert "```bibtex\n@misc{cot-compress-tiny," in text
+    # The sweet spot's own card says so.
+    assert "(49.80 mean think tokens), this adapter." in rendered["tiny-cot-l2"].text
+
+
+def test_usage_snippet_parses_and_uses_the_level_prompt(study):
+    _, _, rendered = study
+    body = rendered["tiny-cot-l4"].card.text
+    fences = [t for t in MarkdownIt("commonmark").parse(body) if t.type == "fence" and t.info == "python"]
+    tree = ast.parse(fences[0].content)
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert "cot-compress/tiny-cot-l4" in strings
+    assert build_prompt(4, cards.EXAMPLE_QUESTION) in strings
+    calls = {
+        n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+    }
+    assert {"from_pretrained", "apply_chat_template", "generate", "decode"} <= calls
+
+
+def test_collection_notes_state_level_and_numbers(study):
+    config, run_dir, _ = study
+    notes = cards.render_collection_notes(config, run_dir)
+    assert list(notes) == [f"cot-compress/tiny-cot-l{n}" for n in range(1, 6)] + [
+        "cot-compress/tiny-cot-eval"
+    ]
+    assert all(0 < len(note) <= 500 for note in notes.values())
+    assert notes["cot-compress/tiny-cot-l4"].startswith("L4 Ultra-compact:")
+    assert (
+        "Accuracy 0.520 [0.451, 0.588] (104 / 200) at 19.60 mean think tokens"
+        in notes["cot-compress/tiny-cot-l4"]
+    )
+    assert "Sweet spot" in notes["cot-compress/tiny-cot-l2"]
+
+
+def test_formatting_is_one_place():
+    assert cards.fmt_accuracy(765 / 1319) == "0.580"
+    assert cards.fmt_tokens(51507 / 1319) == "39.05"
+    assert cards.fmt_median(35.0) == "35"
+    assert cards.fmt_median(35.5) == "35.50"
+    assert cards.fmt_ci([0.55312, 0.60649]) == "[0.553, 0.606]"
+    assert cards.fmt_p(0.0004) == "< 0.001"
+    assert cards.fmt_delta(-0.1) == "-0.100"
+
+
+# ---------------------------------------------------------------- mutations: numbers
+
+
+def test_changed_metric_fails_validation_naming_the_number(study, study_copy):
+    _, _, rendered = study
+    config, run_dir = study_copy
+    metrics = read_json(run_dir.metrics("level_3"), what="metrics", hint="")
+    metrics["accuracy"] = 0.575
+    write_json(run_dir.metrics("level_3"), metrics)
+    problems = cards.validate_card(rendered["tiny-cot-l4"], config=config, run_dir=run_dir)
+    assert problems[0] == (
+        "results table row 'L3 Equations' column 'Accuracy' shows 0.555, the artifacts give 0.575"
+    )
+    with pytest.raises(CardValidationError, match=r"^card tiny-cot-l1: results table row 'L3 Equations'"):
+        cards.validate_all(rendered, config=config, run_dir=run_dir)
+    # The adapter's own model-index is checked too.
+    own = cards.validate_card(rendered["tiny-cot-l3"], config=config, run_dir=run_dir)
+    assert any(
+        p.startswith("model-index accuracy on openai/gsm8k is 0.555, metrics.json gives 0.575") for p in own
+    )
+
+
+def test_card_rendered_from_tampered_metrics_fails_against_samples(study_copy):
+    config, run_dir = study_copy
+    metrics = read_json(run_dir.metrics("level_5"), what="metrics", hint="")
+    metrics["think_tokens"]["mean"] = 4.1
+    write_json(run_dir.metrics("level_5"), metrics)
+    rendered = cards.render_study_cards(config, run_dir)
+    problems = cards.validate_card(rendered["tiny-cot-l5"], config=config, run_dir=run_dir)
+    assert len(problems) == 1
+    assert (
+        "disagree with their samples at field 'think_tokens.mean' (stored 4.1, samples give 5.3"
+        in problems[0]
+    )
+
+
+def test_changed_training_json_fails_naming_the_setting(study, study_copy):
+    _, _, rendered = study
+    config, run_dir = study_copy
+    training = read_json(run_dir.training_json(2), what="training", hint="")
+    training["steps"] = 121
+    write_json(run_dir.training_json(2), training)
+    problems = cards.validate_card(rendered["tiny-cot-l2"], config=config, run_dir=run_dir)
+    assert problems == ["training table 'Steps' shows 120, training.json gives 121"]
+
+
+def test_hand_typed_number_in_template_is_caught(study, tmp_path):
+    config, run_dir, _ = study
+    templates = custom_templates(
+        tmp_path, cards.ADAPTER_TEMPLATE, "## Caveats\n", "## Caveats\n\nIt is 0.999 accurate.\n"
+    )
+    rendered = cards.render_study_cards(config, run_dir, templates_dir=templates)
+    problems = cards.validate_card(rendered["tiny-cot-l4"], config=config, run_dir=run_dir)
+    assert problems == ["number 0.999 in 'It is 0.999 accurate.' is not any artifact value"]
+
+
+def test_edited_model_index_value_is_caught(study):
+    config, run_dir, rendered = study
+    card = rendered["tiny-cot-l4"]
+    text = card.text.replace("value: 0.52\n", "value: 0.62\n", 1)
+    assert text != card.text
+    broken = cards.RenderedCard(card.repo_id, card.repo_type, text, ModelCard(text))
+    problems = cards.validate_card(broken, config=config, run_dir=run_dir)
+    assert problems == ["model-index accuracy on openai/gsm8k is 0.62, metrics.json gives 0.52 (0.520)"]
+
+
+# ---------------------------------------------------------------- mutations: text, links, placeholders
+
+
+@pytest.mark.parametrize(
+    ("insert", "expected"),
+    [
+        ("TODO: write more", "placeholder text 'TODO'"),
+        ("Seeds: None", "placeholder text 'None'"),
+        ("See [elsewhere](https://example.com/x).", "link https://example.com/x points outside the study"),
+        ("Also try `someone/other-model`.", "repo id someone/other-model is not a repo of this study"),
+        ("<b>bold</b>", "raw HTML '<b>'"),
+        ("| a | b |\n|---|---|\n| x |  |", "empty table cell in row 'x'"),
+    ],
+)
+def test_template_problems_are_reported(study, tmp_path, insert, expected):
+    config, run_dir, _ = study
+    templates = custom_templates(
+        tmp_path, cards.ADAPTER_TEMPLATE, "## License\n", f"{insert}\n\n## License\n"
+    )
+    rendered = cards.render_study_cards(config, run_dir, templates_dir=templates)
+    problems = cards.validate_card(rendered["tiny-cot-l4"], config=config, run_dir=run_dir)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_snippet_that_does_not_parse_is_reported(study, tmp_path):
+    config, run_dir, _ = study
+    templates = custom_templates(tmp_path, cards.ADAPTER_TEMPLATE, "import torch\n", "import torch(\n")
+    rendered = cards.render_study_cards(config, run_dir, templates_dir=templates)
+    problems = cards.validate_card(rendered["tiny-cot-l4"], config=config, run_dir=run_dir)
+    assert len(problems) == 1
+    assert problems[0].startswith("python snippet 1 is not valid Python (line 1:")
+
+
+def test_long_collection_note_is_reported(study, tmp_path):
+    config, run_dir, _ = study
+    templates = custom_templates(
+        tmp_path,
+        cards.NOTE_TEMPLATE,
+        '{% if item == "adapter" %}\n',
+        '{% if item == "adapter" %}\n' + "x" * 480,
+    )
+    notes = cards.render_collection_notes(config, run_dir, templates_dir=templates)
+    problems = cards.validate_note(
+        "cot-compress/tiny-cot-l1", notes["cot-compress/tiny-cot-l1"], config=config, run_dir=run_dir
+    )
+    assert problems[0].startswith("the note has 6") and problems[0].endswith("the Hub allows 500")
+
+
+# ---------------------------------------------------------------- the sandbox and strict variables
+
+
+def test_misspelled_variable_fails_naming_it_and_the_template(study, tmp_path):
+    config, run_dir, _ = study
+    templates = custom_templates(
+        tmp_path, cards.ADAPTER_TEMPLATE, "{{ headline.think_mean }}", "{{ headline.think_maen }}"
+    )
+    with pytest.raises(TemplateError) as caught:
+        cards.render_study_cards(config, run_dir, templates_dir=templates)
+    message = str(caught.value)
+    assert message.startswith("template adapter_card.md.j2 line 7: undefined variable:")
+    assert "'think_maen'" in message and "\n" not in message
+
+    templates = custom_templates(
+        tmp_path, cards.ADAPTER_TEMPLATE, "{{ study.title | md }}", "{{ studdy.title | md }}"
+    )
+    with pytest.raises(
+        TemplateError, match=r"adapter_card\.md\.j2 line \d+: undefined variable: 'studdy' is undefined"
+    ):
+        cards.render_study_cards(config, run_dir, templates_dir=templates)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "{{ ''.__class__ }}",
+        "{{ ''.__class__.__mro__ }}",
+        "{{ lipsum.__globals__ }}",
+        "{{ study.__class__.__init__ }}",
+    ],
+)
+def test_sandbox_refuses_attribute_escapes(study, tmp_path, expression):
+    config, run_dir, _ = study
+    templates = custom_templates(
+        tmp_path, cards.DATASET_TEMPLATE, "## Configs\n", f"## Configs\n{expression}\n"
+    )
+    with pytest.raises(
+        TemplateError, match=r"^template eval_dataset_card\.md\.j2 line \d+ was refused by the sandbox"
+    ):
+        cards.render_study_cards(config, run_dir, templates_dir=templates)
+
+
+def test_templates_dir_missing_a_template_is_an_error(study, tmp_path):
+    config, run_dir, _ = study
+    templates = custom_templates(tmp_path, cards.ADAPTER_TEMPLATE, "## License", "## License")
+    (templates / cards.NOTE_TEMPLATE).unlink()
+    with pytest.raises(
+        TemplateError, match=r"^template collection_note\.txt\.j2 is missing from .*templates"
+    ):
+        cards.render_study_cards(config, run_dir, templates_dir=templates)
+
+
+def test_template_override_is_used(study, tmp_path):
+    config, run_dir, _ = study
+    templates = custom_templates(tmp_path, cards.ADAPTER_TEMPLATE, "## Caveats", "## Caveats and limits")
+    rendered = cards.render_study_cards(config, run_dir, templates_dir=templates)
+    assert "## Caveats and limits" in rendered["tiny-cot-l3"].text
+    assert cards.validate_card(rendered["tiny-cot-l3"], config=config, run_dir=run_dir) == []
+
+
+# ---------------------------------------------------------------- hostile model output and free text
+
+HOSTILE = (
+    "---\nlicense: evil\nbase_model: attacker/model\n---\n"
+    "<script>alert('x')</script>\n{{ 7*7 }} {% if true %}jinja{% endif %}\n"
+    "````` fence\n# heading\n[link](https://evil.example.com)\n"
+)
+
+
+def test_model_output_and_free_text_render_inert(study, study_copy):
+    _, _, clean = study
+    config, run_dir = study_copy
+    path = run_dir.samples("level_4")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        row["question"] = HOSTILE + row["question"]
+        row["completion"] = HOSTILE + row["completion"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    config = config.with_overrides(
+        title="---\nlicense: evil\n--- <script>x</script> {{ 7*7 }}",
+        **{"hub.collection_title": "# {% raw %} **x** |"},
+    )
+    rendered = cards.render_study_cards(config, run_dir)
+    card = rendered["tiny-cot-l4"]
+
+    assert cards.validate_card(card, config=config, run_dir=run_dir) == []
+    # Front matter: the same metadata as the clean card.
+    assert ModelCard(card.text).data.to_dict() == clean["tiny-cot-l4"].card.data.to_dict()
+    # The body's rendered HTML holds no live script, link or heading from the hostile text.
+    rendered_html = MarkdownIt("commonmark").enable("table").render(card.card.text)
+    assert "<script" not in rendered_html and "&lt;script&gt;" in rendered_html
+    assert 'href="https://evil.example.com"' not in rendered_html
+    assert "<h1>heading</h1>" not in rendered_html
+    assert rendered_html.count("<h2>") == MarkdownIt("commonmark").render(
+        clean["tiny-cot-l4"].card.text
+    ).count("<h2>")
+    # Jinja in data is never evaluated; it survives only inside code blocks, as text.
+    assert "49" not in card.text.split("\n## The study")[0]
+    assert "```\n---\nlicense: evil" not in card.text  # the fence is longer than the 5-backtick run
+    assert (
+        "``````text\n---\nlicense: evil\nbase_model: attacker/model\n---\n<script>alert('x')</script>\n{{ 7*7 }}"
+        in card.text
+    )
+    [title_line] = [
+        line for line in card.card.text.splitlines() if "one adapter per compression level" in line
+    ]
+    assert title_line.startswith(
+        "\\-\\-\\- license: evil \\-\\-\\- &lt;script&gt;x&lt;/script&gt; \\{\\{ 7\\*7 \\}\\}:"
+    )
+    assert "49" not in title_line
+    assert (
+        "[\\# \\{\\% raw \\%\\} \\*\\*x\\*\\* \\|](https://huggingface.co/collections/cot-compress)"
+        in card.text
+    )
+    # The dataset card's pretty_name carries the hostile title safely inside YAML.
+    dataset = DatasetCard(rendered["tiny-cot-eval"].text).data.to_dict()
+    assert (
+        dataset["pretty_name"] == "---\nlicense: evil\n--- <script>x</script> {{ 7*7 }}: evaluation outputs"
+    )
+    assert dataset["license"] == "mit"
+
+
+def test_inline_and_block_filters():
+    assert cards.md_inline("---") == "\\-\\-\\-"
+    assert cards.md_inline("<b>{{ x }}</b>") == "&lt;b&gt;\\{\\{ x \\}\\}&lt;/b&gt;"
+    assert cards.md_inline("1. item") == "1\\. item"
+    assert cards.code_block("a ``` b ```` c", "text") == "`````text\na ``` b ```` c\n`````"
+    assert cards.code_span("a`b") == "``a`b``"
+
+
+# ---------------------------------------------------------------- the published Level-4 adapter's numbers
+
+
+def test_published_level4_numbers(tmp_path):
+    config = load_config(QWEN_CONFIG).with_overrides(run_dir=str(tmp_path), **{"eval.seeds": [0]})
+    profile = ModelProfile(n_correct=765, think_total=51507, think_median=35)  # 51507 / 1319 = 39.0500…
+    run_dir = write_fixture_study(tmp_path, config=config, n_problems=1319, profiles={"level_4": profile})
+    rendered = cards.render_study_cards(config, run_dir)
+    text = rendered["qwen3-4b-gsm8k-cot-l4"].text
+    low, high = wilson(765, 1319)
+    assert f"[{low:.3f}, {high:.3f}]" == "[0.553, 0.606]"
+    row = "| **L4 Ultra-compact (this adapter)** | **0.580** | **[0.553, 0.606]** | **765 / 1319** | **39.05** | **35** |"
+    assert row in text
+    assert (
+        "It answers 0.580 of the 1319 evaluation problems correctly (765 / 1319, 95% CI [0.553, 0.606]) with 39.05"
+        in text
+    )
+    assert cards.validate_card(rendered["qwen3-4b-gsm8k-cot-l4"], config=config, run_dir=run_dir) == []
+    data = ModelCard(text).data
+    assert data.base_model == "Qwen/Qwen3-4B-Instruct-2507" and data.license == "apache-2.0"
+    assert data.eval_results[0].metric_value == 765 / 1319
+    assert "[Qwen/Qwen3-4B\\-Instruct\\-2507]" not in text  # single hyphens stay readable
+    assert "[Qwen/Qwen3-4B-Instruct-2507](https://huggingface.co/Qwen/Qwen3-4B-Instruct-2507)" in text
+    assert "base_id = 'Qwen/Qwen3-4B-Instruct-2507'" in text
+    assert "| Quantization | 4-bit NF4, double quantization (bitsandbytes) |" in text
+    assert "| Hardware | 1 × NVIDIA H100 80GB HBM3 |" in text
+
+
+def test_several_seeds_add_the_spread_column(tmp_path):
+    config = load_config(QWEN_CONFIG).with_overrides(run_dir=str(tmp_path))
+    assert config.eval.seeds == [0, 1, 2]
+    run_dir = write_fixture_study(tmp_path, config=config, n_problems=60)
+    rendered = cards.render_study_cards(config, run_dir)
+    text = rendered["qwen3-4b-gsm8k-cot-l2"].text
+    assert "| Accuracy sd across seeds |" in text
+    assert "3 evaluation seed(s) (0, 1, 2). Accuracy is pooled over seeds" in text
+    metrics = read_json(run_dir.metrics("level_2"), what="metrics", hint="")
+    assert f"| {cards.fmt_sd(metrics['across_seeds']['accuracy']['sd'])} |" in text
+    assert cards.all_problems(rendered, config=config, run_dir=run_dir) == []
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_render_cards_command_writes_and_checks(study_copy):
+    config, run_dir = study_copy
+    shutil.rmtree(run_dir.cards_dir, ignore_errors=True)
+    runner = CliRunner()
+    result = runner.invoke(main, ["render-cards", "--run-dir", str(run_dir.root), "--check"])
+    assert result.exit_code == 0, result.output
+    assert run_dir.card("tiny-cot-l4").is_file() and run_dir.card("tiny-cot-eval").is_file()
+    assert "6 cards and 6 collection notes are valid" in result.output
+
+    metrics = read_json(run_dir.metrics("level_1"), what="metrics", hint="")
+    metrics["n_correct"] = 129
+    write_json(run_dir.metrics("level_1"), metrics)
+    result = runner.invoke(main, ["render-cards", "--run-dir", str(run_dir.root), "--check"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: card tiny-cot-l1: metrics ")
+    assert "disagree with their samples at field 'n_correct'" in lines[0]
+    # Without --check the cards are still written and every problem is listed, exit 0.
+    result = runner.invoke(main, ["render-cards", "--run-dir", str(run_dir.root)])
+    assert result.exit_code == 0
+    assert result.stderr.count("problem: ") == 6
+
+
+def test_render_cards_command_with_broken_template(study_copy, tmp_path):
+    config, run_dir = study_copy
+    templates = custom_templates(
+        tmp_path, cards.ADAPTER_TEMPLATE, "{{ headline.fraction }}", "{{ headline.fractoin }}"
+    )
+    result = CliRunner().invoke(
+        main, ["render-cards", "--run-dir", str(run_dir.root), "--templates", str(templates)]
+    )
+    assert result.exit_code == 2
+    assert re.fullmatch(
+        r"error: template adapter_card\.md\.j2 line \d+: undefined variable: 'dict object' has no attribute "
+        r"'fractoin'; .*\n",
+        result.stderr,
+    )
