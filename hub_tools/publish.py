@@ -16,7 +16,8 @@ import dataclasses
 import difflib
 import io
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +123,11 @@ def dataset_readme(card_text: str, config_names: list[str]) -> str:
 
 
 def eval_spec(config: StudyConfig, run_dir: RunDir, readme: str, plot: LocalFile) -> RepoSpec:
-    """Eval dataset repo: one parquet shard per model config plus ``summary``, built with ``datasets``."""
+    """Eval dataset repo: one parquet shard per model config plus ``summary``, built with ``datasets``.
+
+    The shards go into the same single commit as the card (``push_to_hub`` would make one per config),
+    where ``DatasetDict.push_to_hub(config_name=...)`` would put them, so either can update the other's.
+    """
     from eval_artifacts.hub_dataset import build_eval_dataset
 
     files = {}
@@ -130,8 +135,7 @@ def eval_spec(config: StudyConfig, run_dir: RunDir, readme: str, plot: LocalFile
         buffer = io.BytesIO()
         dataset_dict[SPLIT].to_parquet(buffer)
         files[shard_path(name)] = LocalFile.from_bytes(shard_path(name), buffer.getvalue())
-    text = dataset_readme(readme, [n for n in config.model_keys] + ["summary"])
-    files[README] = LocalFile.from_bytes(README, text.encode())
+    files[README] = LocalFile.from_bytes(README, readme.encode())
     files[PLOT] = plot
     return RepoSpec(
         config.eval_repo_id, "dataset", files, f"Publish {config.name} eval dataset, card and plot"
@@ -166,6 +170,12 @@ class PublishState:
     @property
     def collection_slug(self) -> str | None:
         return (self.hub.get("collection") or {}).get("slug")
+
+    def set_collection(self, slug: str, title: str) -> None:
+        self.hub["collection"] = {"slug": slug, "title": title}
+        # Top level: the last published collection, which `render-cards` links (cards.collection_url_from_state).
+        self.data["collection_slug"] = slug
+        self.save()
 
     def save(self) -> None:
         write_json(self.path, self.data)
@@ -527,6 +537,22 @@ def regenerate_cards(
     )  # fmt: skip
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Progress bars of huggingface_hub and datasets (one per file and config) would bury the plan."""
+    import datasets
+    from huggingface_hub import utils
+
+    libraries = [m for m in (utils, datasets.utils) if not m.are_progress_bars_disabled()]
+    for module in libraries:
+        module.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for module in libraries:
+            module.enable_progress_bars()
+
+
 def _run(
     config: StudyConfig,
     run_dir: RunDir | Path,
@@ -545,7 +571,7 @@ def _run(
     # Cards link the Hub they are published to, so an --endpoint override is an override of the config.
     config = config.with_overrides(**{"hub.namespace": namespace, "hub.endpoint": endpoint})
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    with open_hub(config, run_dir, endpoint=endpoint, token=token) as target:
+    with _no_progress_bars(), open_hub(config, run_dir, endpoint=endpoint, token=token) as target:
         # -- preflight (reads only): token, artifacts, cards and notes
         check_write_access(target, config.hub.namespace)
         if from_hub:
@@ -601,8 +627,7 @@ def _run(
             and not create_pr
         ):
             collection_plan.current = collections.create_collection(target, collection_plan)
-            state.hub["collection"] = {"slug": collection_plan.slug, "title": collection_plan.title}
-            state.save()
+            state.set_collection(collection_plan.slug, collection_plan.title)
             url = card_collection_url(config, collection_plan.slug)
             rendered, notes = render_cards(config, run_dir, templates_dir, url)
             for plan, spec in zip(plans, _specs(config, run_dir, rendered, scope), strict=True):
@@ -628,19 +653,24 @@ def _run(
 
 
 def _specs(config: StudyConfig, run_dir: RunDir, rendered: dict, scope: str) -> list[RepoSpec]:
-    by_id = {card.repo_id: card for card in rendered.values()}
+    text = {card.repo_id: card.text for card in rendered.values()}
+    eval_readme = dataset_readme(text[config.eval_repo_id], [*config.model_keys, "summary"])
+    if scope == "cards":  # READMEs only: weights, shards and plots are never read nor touched
+        message = f"Regenerate the {config.name} card"
+        ids = [(config.adapter_repo_id(n), "model", text[config.adapter_repo_id(n)]) for n in config.levels]
+        ids.append((config.eval_repo_id, "dataset", eval_readme))
+        return [
+            RepoSpec(repo_id, repo_type, {README: LocalFile.from_bytes(README, readme.encode())}, message)
+            for repo_id, repo_type, readme in ids
+        ]
     plot = LocalFile.from_path(PLOT, run_dir.pareto_png)
     specs = []
-    if scope != "eval":
+    if scope == "all":
         specs += [
-            adapter_spec(config, run_dir, level, by_id[config.adapter_repo_id(level)].text, plot)
+            adapter_spec(config, run_dir, level, text[config.adapter_repo_id(level)], plot)
             for level in config.levels
         ]
-    specs.append(eval_spec(config, run_dir, by_id[config.eval_repo_id].text, plot))
-    if scope == "cards":  # READMEs only: weights, shards and plots are never touched
-        for spec in specs:
-            spec.files = {README: spec.files[README]}
-            spec.message = f"Regenerate the {config.name} card"
+    specs.append(eval_spec(config, run_dir, eval_readme, plot))
     return specs
 
 
@@ -694,8 +724,7 @@ def _finish_collection(report, target, state, plan, create_pr, say) -> None:
         say("No collection on the Hub: run `cot-compress publish` to create it.")
     else:
         result = collections.apply_collection(target, plan) if plan.changed else plan.current
-        state.hub["collection"] = {"slug": result.slug, "title": result.title}
-        state.save()
+        state.set_collection(result.slug, result.title)
         say(f"collection {result.slug}: {'updated' if plan.changed else 'unchanged'}")
     report.collection_slug = plan.slug
     report.warnings += plan.warnings
@@ -745,21 +774,17 @@ def restore_run_dir_from_hub(
             f"the eval dataset {repo_id} has no config for {', '.join(missing)}: run push-eval"
         )
     plot_pareto(write_summary(run_dir, study=config.name, models=config.model_keys), run_dir.pareto_png)
-    for level in config.levels:
+    downloads = [
+        (config.adapter_repo_id(n), "training.json", run_dir.training_json(n)) for n in config.levels
+    ]
+    downloads.append((config.adapter_repo_id(config.levels[0]), DATA_STATS, run_dir.data_stats))
+    for adapter_repo, name, destination in downloads:
         try:
-            path = target.api.hf_hub_download(
-                config.adapter_repo_id(level), "training.json", cache_dir=cache, token=token
-            )
+            path = target.api.hf_hub_download(adapter_repo, name, cache_dir=cache, token=token)
         except HfHubHTTPError as error:
             raise HubError(
-                f"cannot download training.json of {config.adapter_repo_id(level)}: {describe(error, token)}"
+                f"cannot download {name} of {adapter_repo}: {describe(error, token)}; run `cot-compress publish`"
             ) from None
-        run_dir.training_json(level).parent.mkdir(parents=True, exist_ok=True)
-        run_dir.training_json(level).write_bytes(Path(path).read_bytes())
-        if level == config.levels[0]:
-            path = target.api.hf_hub_download(
-                config.adapter_repo_id(level), DATA_STATS, cache_dir=cache, token=token
-            )
-            run_dir.data_stats.parent.mkdir(parents=True, exist_ok=True)
-            run_dir.data_stats.write_bytes(Path(path).read_bytes())
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(Path(path).read_bytes())
     echo(f"Restored {len(models)} model(s), training.json and data stats from {target.endpoint}")

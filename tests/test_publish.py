@@ -1,0 +1,386 @@
+"""Publishing a fixture study to the local hub with the real huggingface_hub and datasets clients.
+
+Every count below is taken at the server (its request log and its commit history), not from the publisher's
+own report, so a publisher that lies about what it did fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fixtures_artifacts import write_fixture_study
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from eval_artifacts.errors import HubError
+from eval_artifacts.rundir import RunDir
+from hub_tools import publish as publish_module
+from hub_tools.cards import render_collection_notes
+from hub_tools.cli import main
+from hub_tools.local_hub import configure_clients, running_hub
+from hub_tools.publish import publish_study, push_eval, regenerate_cards
+from training.config import load_config
+
+ADAPTER_FILES = {
+    ".gitattributes",
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "training.json",
+    "data_stats.json",
+    "pareto.png",
+}
+EVAL_CONFIGS = ["base", "level_1", "level_2", "level_3", "level_4", "level_5", "summary"]
+# Requests that never change anything on the Hub (paths-info and validate-yaml are POSTs that only read).
+READ_ONLY = re.compile(r"^(GET|HEAD) |^POST /api/(validate-yaml|(models|datasets)/.+/paths-info/.+)$")
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    """The tiny config (public repos) with a complete fixture run dir, and no token in the environment."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    config = load_config().with_overrides(run_dir=str(tmp_path / "run"))
+    run_dir = write_fixture_study(tmp_path / "run", config=config, n_problems=40)
+    return config, run_dir
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with running_hub(tmp_path / "hub-data") as server:
+        configure_clients(server.endpoint)
+        yield server
+
+
+def api(hub) -> HfApi:
+    return HfApi(endpoint=hub.endpoint, token=hub.default_token)
+
+
+def publish(config, run_dir, hub, **options):
+    return publish_study(config, run_dir, endpoint=hub.endpoint, token=hub.default_token, **options)
+
+
+def repos(config) -> list[tuple[str, str]]:
+    return [("model", config.adapter_repo_id(n)) for n in config.levels] + [("dataset", config.eval_repo_id)]
+
+
+def commit_requests(hub, since: int = 0) -> dict[str, int]:
+    """POST .../commit/... requests per repo id, counted from the server's log."""
+    counts: dict[str, int] = {}
+    for entry in hub.request_log[since:]:
+        match = re.match(r"^/api/(?:models|datasets)/([^/]+/[^/]+)/commit/", entry["path"])
+        if entry["method"] == "POST" and match and entry["status"] == 200:
+            counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    return counts
+
+
+def writes(hub, since: int = 0) -> list[str]:
+    lines = [f"{e['method']} {e['path']}" for e in hub.request_log[since:]]
+    return [line for line in lines if not READ_ONLY.match(line)]
+
+
+def tree(hub, repo_type: str, repo_id: str, revision: str = "main") -> dict[str, str]:
+    """path -> oid of every file at ``revision``."""
+    files = api(hub).list_repo_tree(repo_id, repo_type=repo_type, recursive=True, revision=revision)
+    return {f.path: f.blob_id for f in files if hasattr(f, "blob_id")}
+
+
+def edited_templates(tmp_path: Path) -> Path:
+    """A copy of the shipped templates with one more (number-free) paragraph in both cards."""
+    folder = tmp_path / "templates"
+    shutil.copytree(Path(str(resources.files("cards_templates"))), folder)
+    for name in ("adapter_card.md.j2", "eval_dataset_card.md.j2"):
+        with (folder / name).open("a", encoding="utf-8") as handle:
+            handle.write("\nReviewed by the study authors.\n")
+    return folder
+
+
+def test_full_publish_then_unchanged_republish(study, hub, tmp_path):
+    config, run_dir = study
+    report = publish(config, run_dir, hub)
+
+    # one commit per repo, counted at the server; the repo history is the initial commit plus ours
+    assert commit_requests(hub) == {repo_id: 1 for _, repo_id in repos(config)}
+    for repo_type, repo_id in repos(config):
+        assert hub.commit_count(repo_type, repo_id) == 2
+        assert api(hub).repo_info(repo_id, repo_type=repo_type).private is False  # tiny.yaml says public
+    assert report.commits == 6
+
+    for level in config.levels:
+        repo_id = config.adapter_repo_id(level)
+        assert set(tree(hub, "model", repo_id)) == ADAPTER_FILES
+        metrics = json.loads(run_dir.metrics(f"level_{level}").read_text())
+        results = api(hub).model_info(repo_id).card_data.eval_results
+        assert [r.metric_value for r in results if r.metric_type == "accuracy"] == [metrics["accuracy"]]
+        weights = api(hub).hf_hub_download(repo_id, "adapter_model.safetensors", cache_dir=tmp_path / "dl")
+        assert (
+            Path(weights).read_bytes()
+            == (run_dir.adapter_dir(level) / "adapter_model.safetensors").read_bytes()
+        )
+        card = api(hub).hf_hub_download(repo_id, "README.md", cache_dir=tmp_path / "dl")
+        assert Path(card).read_text() == run_dir.card(repo_id.split("/")[1]).read_text()
+
+    import datasets
+
+    assert datasets.get_dataset_config_names(config.eval_repo_id) == EVAL_CONFIGS
+    loaded = datasets.load_dataset(config.eval_repo_id, "level_4", cache_dir=str(tmp_path / "ds"))
+    rows = [json.loads(line) for line in run_dir.samples("level_4").read_text().splitlines()]
+    assert list(loaded) == ["test"] and loaded["test"].to_list() == rows
+
+    slug = json.loads(run_dir.publish_state.read_text())["collection_slug"]
+    collection = api(hub).get_collection(slug)
+    assert collection.title == config.hub.collection_title
+    assert [(i.item_type, i.item_id) for i in collection.items] == [
+        (t if t == "dataset" else "model", r) for t, r in repos(config)
+    ]
+    notes = render_collection_notes(config, run_dir)
+    assert [i.note for i in collection.items] == [notes[r] for _, r in repos(config)]
+    assert report.collection_url == f"{hub.endpoint}/collections/{slug}"
+    # the cards link the collection itself from their first commit
+    assert f"collections/{slug}" in run_dir.card(config.adapter_repo_id(4).split("/")[1]).read_text()
+
+    state = json.loads(run_dir.publish_state.read_text())["hubs"][hub.endpoint]
+    for repo_type, repo_id in repos(config):
+        assert state["repos"][repo_id]["commit"] == api(hub).repo_info(repo_id, repo_type=repo_type).sha
+
+    # unchanged republish: no commit, no upload, no write of any kind
+    mark = len(hub.request_log)
+    again = publish(config, run_dir, hub)
+    assert again.commits == 0 and commit_requests(hub, mark) == {}
+    assert writes(hub, mark) == []
+    assert sum(e["bytes_in"] for e in hub.request_log[mark:] if e["method"] == "PUT") == 0
+    assert all(r.status == "unchanged" for r in again.repos)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(study, hub, tmp_path):
+    config, run_dir = study
+    lines: list[str] = []
+    report = publish(config, run_dir, hub, dry_run=True, echo=lines.append)
+    assert writes(hub) == []
+    assert not api(hub).repo_exists(config.adapter_repo_id(1))
+    size = (run_dir.adapter_dir(1) / "adapter_model.safetensors").stat().st_size
+    assert f"  + adapter_model.safetensors ({size / 1024:.1f} KB)" in lines
+    assert any(line.startswith(f'collection "{config.hub.collection_title}": create') for line in lines)
+    assert [r.status for r in report.repos] == ["would create"] * 6
+    assert lines[-1] == "6 of 6 repo(s) would get a commit."
+
+    publish(config, run_dir, hub, echo=lambda line: None)
+    mark = len(hub.request_log)
+    lines.clear()
+    publish(config, run_dir, hub, dry_run=True, echo=lines.append, templates_dir=edited_templates(tmp_path))
+    assert writes(hub, mark) == []
+    assert "  ~ README.md" in "\n".join(lines)
+    assert "    +Reviewed by the study authors." in lines
+    assert lines.count("    +Reviewed by the study authors.") == 6
+    assert not any(line.startswith("  + ") or line.startswith("  - ") for line in lines)
+
+
+def test_changed_template_regenerates_readmes_only(study, hub, tmp_path):
+    config, run_dir = study
+    publish(config, run_dir, hub)
+    before = {repo_id: tree(hub, t, repo_id) for t, repo_id in repos(config)}
+    slug = json.loads(run_dir.publish_state.read_text())["collection_slug"]
+    notes_before = [i.note for i in api(hub).get_collection(slug).items]
+
+    mark = len(hub.request_log)
+    report = regenerate_cards(
+        config,
+        run_dir,
+        endpoint=hub.endpoint,
+        token=hub.default_token,
+        templates_dir=edited_templates(tmp_path),
+    )
+    assert commit_requests(hub, mark) == {repo_id: 1 for _, repo_id in repos(config)}
+    assert report.commits == 6
+    assert not [e for e in hub.request_log[mark:] if e["method"] == "PUT"]  # no weight (LFS) bytes
+    for repo_type, repo_id in repos(config):
+        after = tree(hub, repo_type, repo_id)
+        changed = {p for p in after if after[p] != before[repo_id].get(p)} | (
+            set(before[repo_id]) - set(after)
+        )
+        assert changed == {"README.md"}
+        readme = api(hub).hf_hub_download(
+            repo_id, "README.md", repo_type=repo_type, cache_dir=tmp_path / "dl"
+        )
+        assert "Reviewed by the study authors." in Path(readme).read_text()
+    assert [i.note for i in api(hub).get_collection(slug).items] == notes_before
+
+    mark = len(hub.request_log)
+    regenerate_cards(
+        config,
+        run_dir,
+        endpoint=hub.endpoint,
+        token=hub.default_token,
+        templates_dir=edited_templates(tmp_path / "x"),
+    )
+    assert writes(hub, mark) == []
+
+
+def test_regenerate_cards_from_hub_rebuilds_the_same_cards(study, hub, tmp_path):
+    config, run_dir = study
+    publish(config, run_dir, hub)
+    fresh = RunDir(tmp_path / "fresh")
+    mark = len(hub.request_log)
+    report = regenerate_cards(config, fresh, from_hub=True, endpoint=hub.endpoint, token=hub.default_token)
+    for model in config.model_keys:
+        assert fresh.samples(model).read_text() == run_dir.samples(model).read_text()
+        assert json.loads(fresh.metrics(model).read_text()) == json.loads(run_dir.metrics(model).read_text())
+    for _, repo_id in repos(config):
+        name = repo_id.split("/")[1]
+        assert fresh.card(name).read_text() == run_dir.card(name).read_text()
+    assert report.commits == 0 and writes(hub, mark) == []
+
+    with pytest.raises(Exception, match="already holds eval results"):
+        regenerate_cards(config, run_dir, from_hub=True, endpoint=hub.endpoint, token=hub.default_token)
+
+
+def test_create_pr_twice_reuses_one_pr_per_repo(study, hub, tmp_path):
+    config, run_dir = study
+    first = publish(config, run_dir, hub, create_pr=True)
+    assert [r.status for r in first.repos] == ["pull request"] * 6
+    for repo_type, repo_id in repos(config):
+        refs = api(hub).list_repo_refs(repo_id, repo_type=repo_type, include_pull_requests=True)
+        assert [r.ref for r in refs.pull_requests] == ["refs/pr/1"]
+        assert set(tree(hub, repo_type, repo_id)) == {".gitattributes"}  # main untouched
+    assert not list(api(hub).list_collections(owner=config.hub.namespace))
+
+    mark = len(hub.request_log)
+    second = publish(config, run_dir, hub, create_pr=True, templates_dir=edited_templates(tmp_path))
+    assert commit_requests(hub, mark) == {repo_id: 1 for _, repo_id in repos(config)}
+    assert [r.pr_url for r in second.repos] == [r.pr_url for r in first.repos]
+    for repo_type, repo_id in repos(config):
+        refs = api(hub).list_repo_refs(repo_id, repo_type=repo_type, include_pull_requests=True)
+        assert [r.ref for r in refs.pull_requests] == ["refs/pr/1"]
+        assert hub.commit_count(repo_type, repo_id, "refs/pr/1") == 3
+        changed = tree(hub, repo_type, repo_id, "refs/pr/1")
+        assert (
+            "README.md" in changed
+            and "Reviewed"
+            in Path(
+                api(hub).hf_hub_download(
+                    repo_id, "README.md", repo_type=repo_type, revision="refs/pr/1", cache_dir=tmp_path / "dl"
+                )
+            ).read_text()
+        )
+
+    mark = len(hub.request_log)
+    publish(config, run_dir, hub, create_pr=True, templates_dir=edited_templates(tmp_path / "x"))
+    assert writes(hub, mark) == []
+
+
+@pytest.mark.parametrize("case", ["missing", "bad", "read-only", "other namespace"])
+def test_token_problems_stop_before_any_write(study, tmp_path, case):
+    config, run_dir = study
+    users = {"cot-compress": "hf_writer_token", "stranger": "hf_stranger_token", "reader": "hf_reader_token"}
+    token = {"missing": None, "bad": "hf_not_a_real_token", "read-only": "hf_reader_token"}.get(
+        case, "hf_stranger_token"
+    )
+    with running_hub(tmp_path / "hub-data", users=users, read_only_tokens={"hf_reader_token"}) as server:
+        configure_clients(server.endpoint)
+        with pytest.raises(HubError) as raised:
+            publish_study(config, run_dir, endpoint=server.endpoint, token=token)
+        assert writes(server) == []
+    message = str(raised.value)
+    assert "\n" not in message and (token or "hf_") not in message
+    expected = {
+        "missing": "no Hugging Face token",
+        "bad": "was rejected",
+        "read-only": "is read-only",
+        "other namespace": "cannot write to namespace 'cot-compress'",
+    }[case]
+    assert expected in message
+    assert not run_dir.publish_state.exists()
+
+
+def test_cli_bad_token_is_one_line_exit_2(study, tmp_path):
+    config, run_dir = study
+    with running_hub(tmp_path / "hub-data") as server:
+        result = CliRunner().invoke(
+            main,
+            ["publish", "--run-dir", str(run_dir.root), "--endpoint", server.endpoint],
+            env={"HF_TOKEN": "hf_secret_but_wrong"},
+        )
+        assert writes(server) == []
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        "error: the Hugging Face token was rejected"
+    )
+    assert "hf_secret_but_wrong" not in result.output + result.stderr
+
+
+def test_concurrent_change_fails_cleanly_and_a_rerun_converges(study, hub, monkeypatch):
+    config, run_dir = study
+    target_repo = config.adapter_repo_id(3)
+    plan_repo = publish_module.plan_repo
+
+    def plan_then_someone_commits(target, spec, **options):
+        plan = plan_repo(target, spec, **options)
+        if spec.repo_id == target_repo:  # a collaborator pushes between our planning and our commit
+            api(hub).create_commit(
+                target_repo,
+                [CommitOperationAdd(path_in_repo="NOTES.md", path_or_fileobj=b"mine\n")],
+                commit_message="A collaborator's note",
+            )
+        return plan
+
+    publish(config, run_dir, hub)
+    (run_dir.adapter_dir(3) / "adapter_config.json").write_text('{"changed": true}\n')
+    monkeypatch.setattr(publish_module, "plan_repo", plan_then_someone_commits)
+    with pytest.raises(HubError, match="changed on the Hub since planning"):
+        publish(config, run_dir, hub)
+    monkeypatch.setattr(publish_module, "plan_repo", plan_repo)
+    files = tree(hub, "model", target_repo)
+    assert "NOTES.md" in files  # nothing of ours landed, the collaborator's commit is intact
+    raw = api(hub).hf_hub_download(target_repo, "adapter_config.json", force_download=True)
+    assert Path(raw).read_text() != '{"changed": true}\n'
+
+    publish(config, run_dir, hub)
+    raw = api(hub).hf_hub_download(target_repo, "adapter_config.json", force_download=True)
+    assert Path(raw).read_text() == '{"changed": true}\n'
+    assert "NOTES.md" in tree(hub, "model", target_repo)  # never delete files we did not push
+
+
+def test_existing_visibility_is_kept_with_a_warning(study, hub):
+    config, run_dir = study
+    config = config.with_overrides(**{"hub.private": True})
+    api(hub).create_repo(config.adapter_repo_id(2), private=False)
+    report = publish(config, run_dir, hub)
+    assert api(hub).repo_info(config.adapter_repo_id(2)).private is False
+    assert api(hub).repo_info(config.adapter_repo_id(1)).private is True
+    assert api(hub).repo_info(config.eval_repo_id, repo_type="dataset").private is True
+    assert any(config.adapter_repo_id(2) in w and "left as it is" in w for w in report.warnings)
+
+
+def test_push_eval_pushes_only_the_dataset(study, hub, tmp_path):
+    config, run_dir = study
+    report = push_eval(config, run_dir, endpoint=hub.endpoint, token=hub.default_token)
+    assert commit_requests(hub) == {config.eval_repo_id: 1}
+    assert [r.repo_id for r in report.repos] == [config.eval_repo_id]
+    assert not api(hub).repo_exists(config.adapter_repo_id(1))
+    import datasets
+
+    summary = datasets.load_dataset(config.eval_repo_id, "summary", cache_dir=str(tmp_path / "ds"))["test"]
+    assert summary["model"] == config.model_keys
+    assert summary["n_correct"] == [
+        json.loads(run_dir.metrics(m).read_text())["n_correct"] for m in config.model_keys
+    ]
+
+
+def test_cli_publish_to_the_embedded_hub(study, tmp_path):
+    config, run_dir = study
+    runner = CliRunner()
+    first = runner.invoke(main, ["publish", "--run-dir", str(run_dir.root), "--endpoint", "local"])
+    assert first.exit_code == 0, first.output
+    assert "cot-compress/tiny-cot-l4: created" in first.output
+    assert f"cot-compress hub serve --data {run_dir.hub_data_dir}" in first.output
+    assert re.search(r"http://127\.0\.0\.1:\d+/collections/cot-compress/", first.output)
+    second = runner.invoke(main, ["publish", "--run-dir", str(run_dir.root), "--endpoint", "local"])
+    assert second.exit_code == 0, second.output
+    assert second.output.count(": unchanged") == 7  # six repos and the collection
+    dry = runner.invoke(main, ["publish", "--run-dir", str(run_dir.root), "--endpoint", "local", "--dry-run"])
+    assert dry.exit_code == 0 and "0 of 6 repo(s) would get a commit." in dry.output
