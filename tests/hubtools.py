@@ -29,6 +29,18 @@ def isolated_hf_caches(root: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def clients_for(hub) -> Iterator[None]:
+    """This process's huggingface_hub / datasets pointed at ``hub`` for the block, then put back."""
+    from hub_tools.local_hub import configure_clients
+
+    restore = configure_clients(hub.endpoint)
+    try:
+        yield
+    finally:
+        restore()
+
+
 def card_text() -> str:
     """A README built with huggingface_hub's card data classes, holding a model-index accuracy."""
     from huggingface_hub import EvalResult, ModelCardData

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hubtools import card_text, folder_files, front_matter, isolated_hf_caches, make_folder
+from hubtools import card_text, clients_for, folder_files, front_matter, isolated_hf_caches, make_folder
 
-from hub_tools.local_hub import LocalHub, configure_clients, running_hub
+from hub_tools.local_hub import LocalHub, running_hub
 
 USERS = {"alice": "hf_alice_token", "bob": "hf_bob_token"}
 MODEL, DATASET, PRIVATE = "alice/cot-l4", "alice/cot-eval", "alice/secret-adapter"
@@ -85,7 +85,7 @@ def published(tmp_path_factory):
     with isolated_hf_caches(tmp / "hf-cache"):
         with ExitStack() as stack:
             hub = stack.enter_context(running_hub(tmp / "hub", users=USERS))
-            configure_clients(hub.endpoint)
+            stack.enter_context(clients_for(hub))
             facts = publish_everything(hub, tmp)
             facts.hub, facts.stack = hub, stack.pop_all()  # the hub outlives this block
         yield facts
@@ -96,12 +96,10 @@ def published(tmp_path_factory):
 def hub(request, published):
     """The publishing server itself, then (once it has stopped) a new one on the same data directory."""
     if request.param == "live":
-        configure_clients(published.hub.endpoint)
         yield published.hub
         return
     published.stack.close()  # stop the first server: a real restart, not two servers side by side
-    with running_hub(published.data_dir, users=USERS) as restarted:
-        configure_clients(restarted.endpoint)
+    with running_hub(published.data_dir, users=USERS) as restarted, clients_for(restarted):
         yield restarted
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from hubtools import make_folder
+from hubtools import clients_for, make_folder
 
 from hub_tools.local_hub import FaultPlan, configure_clients, running_hub
 from hub_tools.local_hub.storage import Storage
@@ -161,10 +161,8 @@ def test_read_only_token_cannot_publish(tmp_path):
     from huggingface_hub.errors import HfHubHTTPError
 
     users = {"alice": "hf_alice", "reader": "hf_reader"}
-    with running_hub(
-        tmp_path / "hub", users=users, read_only_tokens={"hf_reader"}, orgs={"team": ["alice"]}
-    ) as hub:
-        configure_clients(hub.endpoint)
+    hub_options = {"users": users, "read_only_tokens": {"hf_reader"}, "orgs": {"team": ["alice"]}}
+    with running_hub(tmp_path / "hub", **hub_options) as hub, clients_for(hub):
         alice, reader = (
             HfApi(endpoint=hub.endpoint, token="hf_alice"),
             HfApi(endpoint=hub.endpoint, token="hf_reader"),
@@ -284,8 +282,7 @@ def test_crash_mid_commit_keeps_previous_head(local_hub, api, monkeypatch, tmp_p
     assert failed.value.response.status_code == 500
     monkeypatch.undo()
     assert api.model_info(repo).sha == head
-    with running_hub(local_hub.data_dir) as restarted:
-        configure_clients(restarted.endpoint)
+    with running_hub(local_hub.data_dir) as restarted, clients_for(restarted):
         from huggingface_hub import HfApi
 
         again = HfApi(endpoint=restarted.endpoint, token=restarted.default_token)
@@ -381,3 +378,26 @@ def test_copies_paths_info_and_expanded_tree(local_hub, api):
     fs = HfFileSystem(endpoint=local_hub.endpoint, token=local_hub.default_token)
     assert fs.glob(f"{repo}/d/*") == [f"{repo}/d/t.txt", f"{repo}/d/t2.txt"]
     assert fs.cat(f"{repo}/d/t2.txt") == b"t"
+
+
+def test_configure_clients_patches_and_restores(local_hub):
+    import datasets.config
+    import huggingface_hub.constants
+    from huggingface_hub import hf_api
+
+    before = (huggingface_hub.constants.ENDPOINT, hf_api.api.endpoint, datasets.config.HF_ENDPOINT)
+    restore = configure_clients("http://127.0.0.1:9")
+    try:
+        assert os.environ["HF_ENDPOINT"] == huggingface_hub.constants.ENDPOINT == "http://127.0.0.1:9"
+        assert hf_api.api.endpoint == datasets.config.HF_ENDPOINT == "http://127.0.0.1:9"
+        assert huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE.startswith(
+            "http://127.0.0.1:9/{repo_id}/"
+        )
+        assert (
+            datasets.config.USE_PARQUET_EXPORT is False
+            and huggingface_hub.constants.HF_HUB_DISABLE_XET is True
+        )
+    finally:
+        restore()
+    assert before == (huggingface_hub.constants.ENDPOINT, hf_api.api.endpoint, datasets.config.HF_ENDPOINT)
+    assert before[0] == local_hub.endpoint == os.environ["HF_ENDPOINT"]

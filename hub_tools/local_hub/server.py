@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,11 +294,11 @@ class LocalHub:
     def collection_url(self, slug: str) -> str:
         return f"{self.endpoint}/collections/{slug}"
 
-    def configure_clients(self) -> None:
-        """Point this process's huggingface_hub / datasets at this hub (see ``configure_clients``)."""
+    def configure_clients(self) -> Callable[[], None]:
+        """Point this process's huggingface_hub / datasets at this hub; returns the undo (see ``configure_clients``)."""
         from hub_tools.local_hub.clients import configure_clients
 
-        configure_clients(self.endpoint)
+        return configure_clients(self.endpoint)
 
 
 def make_state(
