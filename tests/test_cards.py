@@ -452,8 +452,8 @@ def test_published_level4_numbers(tmp_path):
     row = "| **L4 Ultra-compact (this adapter)** | **0.580** | **[0.553, 0.606]** | **765 / 1319** | **39.05** | **35** |"
     assert row in text
     assert (
-        "It answers 0.580 of the 1319 evaluation problems correctly (765 / 1319, 95% CI [0.553, 0.606]) with 39.05"
-        in text
+        "On 1319 evaluation problems it answers 765 / 1319 correctly: accuracy 0.580 (95% CI [0.553, 0.606]) "
+        "with 39.05 mean and 35 median think tokens" in text
     )
     assert cards.validate_card(rendered["qwen3-4b-gsm8k-cot-l4"], config=config, run_dir=run_dir) == []
     data = ModelCard(text).data
@@ -474,6 +474,7 @@ def test_several_seeds_add_the_spread_column(tmp_path):
     text = rendered["qwen3-4b-gsm8k-cot-l2"].text
     assert "| Accuracy sd across seeds |" in text
     assert "3 evaluation seed(s) (0, 1, 2). Accuracy is pooled over seeds" in text
+    assert "On 60 evaluation problems × 3 seeds it answers " in text
     metrics = read_json(run_dir.metrics("level_2"), what="metrics", hint="")
     assert f"| {cards.fmt_sd(metrics['across_seeds']['accuracy']['sd'])} |" in text
     assert cards.all_problems(rendered, config=config, run_dir=run_dir) == []
