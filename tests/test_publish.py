@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from fixtures_artifacts import write_fixture_study
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from eval_artifacts.errors import HubError
+from eval_artifacts.errors import ArtifactError, CardValidationError, HubError
 from eval_artifacts.rundir import RunDir
 from hub_tools import publish as publish_module
 from hub_tools.cards import render_collection_notes
@@ -147,6 +147,10 @@ def test_full_publish_then_unchanged_republish(study, hub, tmp_path):
     state = json.loads(run_dir.publish_state.read_text())["hubs"][hub.endpoint]
     for repo_type, repo_id in repos(config):
         assert state["repos"][repo_id]["commit"] == api(hub).repo_info(repo_id, repo_type=repo_type).sha
+    # the token is never written anywhere, nor printed
+    token = hub.default_token.encode()
+    assert not [p for p in run_dir.root.rglob("*") if p.is_file() and token in p.read_bytes()]
+    assert hub.default_token not in report.text()
 
     # unchanged republish: no commit, no upload, no write of any kind
     mark = len(hub.request_log)
@@ -384,3 +388,67 @@ def test_cli_publish_to_the_embedded_hub(study, tmp_path):
     assert second.output.count(": unchanged") == 7  # six repos and the collection
     dry = runner.invoke(main, ["publish", "--run-dir", str(run_dir.root), "--endpoint", "local", "--dry-run"])
     assert dry.exit_code == 0 and "0 of 6 repo(s) would get a commit." in dry.output
+
+
+@pytest.mark.parametrize("case", ["missing adapter", "stale metrics", "bad card"])
+def test_preflight_failures_write_nothing(study, hub, tmp_path, case):
+    config, run_dir = study
+    options = {}
+    if case == "missing adapter":
+        (run_dir.adapter_dir(3) / "adapter_model.safetensors").unlink()
+        expected = (ArtifactError, "level 3 has no adapter_model.safetensors")
+    elif case == "stale metrics":
+        metrics = json.loads(run_dir.metrics("level_2").read_text())
+        metrics["accuracy"] += 0.01
+        run_dir.metrics("level_2").write_text(json.dumps(metrics))
+        expected = (ArtifactError, "disagree with their samples at field 'accuracy'")
+    else:
+        options["templates_dir"] = edited_templates(tmp_path)
+        with (options["templates_dir"] / "adapter_card.md.j2").open("a") as handle:
+            handle.write("\nIt reaches 0.999 accuracy.\n")  # a number no artifact holds
+        expected = (CardValidationError, "number 0.999")
+    with pytest.raises(expected[0], match=re.escape(expected[1])) as raised:
+        publish(config, run_dir, hub, **options)
+    assert "\n" not in str(raised.value)
+    assert writes(hub) == []
+    assert not run_dir.publish_state.exists()
+
+
+def test_dropped_level_deletes_only_what_the_study_pushed(study, hub):
+    config, run_dir = study
+    publish(config, run_dir, hub)
+    slug = json.loads(run_dir.publish_state.read_text())["collection_slug"]
+    # a user's own file in the eval repo and a user's own item in the collection, put first
+    api(hub).create_commit(
+        config.eval_repo_id,
+        [CommitOperationAdd(path_in_repo="NOTES.md", path_or_fileobj=b"mine\n")],
+        commit_message="notes",
+        repo_type="dataset",
+    )
+    api(hub).create_repo("cot-compress/my-other-model")
+    api(hub).add_collection_item(slug, "cot-compress/my-other-model", "model", note="mine")
+    user_item = api(hub).get_collection(slug).items[-1]
+    api(hub).update_collection_item(slug, user_item.item_object_id, position=0)
+
+    fewer = config.with_overrides(levels=[1, 2, 4])
+    mark = len(hub.request_log)
+    publish(fewer, run_dir, hub)
+    files = tree(hub, "dataset", fewer.eval_repo_id)
+    assert (
+        "level_5/test-00000-of-00001.parquet" not in files
+        and "level_3/test-00000-of-00001.parquet" not in files
+    )
+    assert "level_4/test-00000-of-00001.parquet" in files and "NOTES.md" in files
+    assert set(commit_requests(hub, mark)) == {
+        *(fewer.adapter_repo_id(n) for n in (1, 2, 4)),
+        fewer.eval_repo_id,
+    }
+    items = [(i.item_type, i.item_id) for i in api(hub).get_collection(slug).items]
+    assert items == [
+        ("model", fewer.adapter_repo_id(1)),
+        ("model", fewer.adapter_repo_id(2)),
+        ("model", fewer.adapter_repo_id(4)),
+        ("dataset", fewer.eval_repo_id),
+        ("model", "cot-compress/my-other-model"),
+    ]
+    assert api(hub).repo_exists(config.adapter_repo_id(5))  # repos are never deleted
