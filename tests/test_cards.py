@@ -521,3 +521,99 @@ def test_render_cards_command_with_broken_template(study_copy, tmp_path):
         r"'fractoin'; .*\n",
         result.stderr,
     )
+
+
+# ---------------------------------------------------------------- the usage snippet runs
+
+
+def _tiny_hub_models(root: Path) -> tuple[Path, Path]:
+    """A 1-layer Qwen3 with a char-level tokenizer and Qwen's chat format, plus a LoRA adapter for it."""
+    import string
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: index for index, token in enumerate(specials + sorted(set(string.printable)))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: characters
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    base, adapter = root / "base", root / "adapter"
+    tokenizer.save_pretrained(base)
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    Qwen3ForCausalLM(config).save_pretrained(base)
+    model = Qwen3ForCausalLM.from_pretrained(base)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    return base, adapter
+
+
+def test_usage_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
+    """Execute the card's snippet verbatim; only the Hub downloads are redirected to local folders."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(QWEN_CONFIG).with_overrides(
+        run_dir=str(tmp_path / "run"), **{"eval.seeds": [0], "eval.max_new_tokens": 6}
+    )
+    run_dir = write_fixture_study(tmp_path / "run", config=config, n_problems=20)
+    body = cards.render_study_cards(config, run_dir)["qwen3-4b-gsm8k-cot-l3"].card.text
+    [snippet] = [
+        t.content for t in MarkdownIt("commonmark").parse(body) if t.type == "fence" and t.info == "python"
+    ]
+
+    base, adapter = _tiny_hub_models(tmp_path)
+    local = {"Qwen/Qwen3-4B-Instruct-2507": base, "your-username/qwen3-4b-gsm8k-cot-l3": adapter}
+    requested = []
+
+    def redirect(cls, method):
+        original = getattr(cls, method).__func__
+
+        def load(klass, repo_id, *args, **kwargs):
+            requested.append((cls.__name__, repo_id, kwargs.get("revision")))
+            return original(klass, str(local[repo_id]), *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, classmethod(load))
+
+    redirect(AutoTokenizer, "from_pretrained")
+    redirect(AutoModelForCausalLM, "from_pretrained")
+    original_peft = PeftModel.from_pretrained.__func__
+
+    def load_adapter(klass, model, repo_id, *args, **kwargs):
+        requested.append(("PeftModel", repo_id, None))
+        return original_peft(klass, model, str(local[repo_id]), *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", classmethod(load_adapter))
+    namespace: dict = {}
+    exec(compile(snippet, "usage-snippet", "exec"), namespace)  # noqa: S102 - the card's own snippet
+
+    assert requested == [
+        ("AutoTokenizer", "Qwen/Qwen3-4B-Instruct-2507", "main"),
+        ("AutoModelForCausalLM", "Qwen/Qwen3-4B-Instruct-2507", "main"),
+        ("PeftModel", "your-username/qwen3-4b-gsm8k-cot-l3", None),
+    ]
+    assert isinstance(namespace["model"], PeftModel)
+    prompt_ids = namespace["inputs"]["input_ids"][0].tolist()
+    assert "".join(namespace["tokenizer"].convert_ids_to_tokens(prompt_ids)) == (
+        f"<|im_start|>user\n{build_prompt(3, cards.EXAMPLE_QUESTION)}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert namespace["output"].shape[1] <= len(prompt_ids) + 6
+    assert capsys.readouterr().out.endswith("\n")
