@@ -198,3 +198,43 @@ def test_cuda_graph_path_matches_eager_fp32():
     graphs = FastGenerator(model, max_batch_size=16, context_bucket=8, use_cuda_graphs=True)
     got = graphs.generate(batch, max_new_tokens=30, stop_token_ids=[stop], pad_token_id=PAD)
     assert got == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A saved random tiny Qwen3 with the study's tokenizer and chat template, plus one saved LoRA adapter."""
+    from training.config import TinyModelConfig
+    from training.synthetic import generate_problems
+    from training.tiny import IM_END, make_model, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-fast")
+    problems = generate_problems(200, seed=0, max_number=20, split="train")
+    tokenizer = train_tokenizer([p.question + " " + p.answer for p in problems], vocab_size=300)
+    model = make_model(TinyModelConfig(), tokenizer)
+    with torch.no_grad():  # make <|im_end|> a likely pick, so some rows stop and others run out of length
+        model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(IM_END)] *= 8
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(root / "adapter")
+    return root, [p.question for p in problems[:10]]
+
+
+def test_engine_wrapper_returns_the_hf_engines_generations(tiny_model_dir):
+    from training.fast_generate import FastGenerationEngine
+    from training.generate import GenerationEngine
+
+    root, questions = tiny_model_dir
+    hf = GenerationEngine(root / "base", device="cpu")
+    hf.load_adapter("level_1", root / "adapter")
+    fast = FastGenerationEngine(GenerationEngine(root / "base", device="cpu"), max_batch_size=4)
+    fast.load_adapter("level_1", root / "adapter")
+    for adapter in (None, "level_1"):
+        expected = hf.generate_batch(questions, adapter=adapter, max_new_tokens=24)
+        got = fast.generate_batch(questions, adapter=adapter, max_new_tokens=24)
+        assert got == expected
+        assert [g.index for g in got] == list(range(len(questions)))
+        assert {g.finish_reason for g in got} == {"stop", "length"}
+    batches = list(fast.generate(questions, adapter="level_1", max_new_tokens=24, batch_size=64))
+    assert [len(b) for b in batches] == [4, 4, 2]  # 10 prompts, at most 4 a batch: 3 batches of 4 slots
+    assert sorted(g.index for b in batches for g in b) == list(range(len(questions)))

@@ -24,17 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 from torch import nn
-
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb, repeat_kv
 
 from eval_artifacts.errors import ConfigError
-
-try:  # peft is a dependency; the guard only keeps this module importable for plain models
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
-except ImportError:  # pragma: no cover
-    LoraLinear = LoraLayer = ()
 
 
 @dataclass(frozen=True)
@@ -158,17 +153,15 @@ class FastGenerator:
         self.prefill_tokens = prefill_tokens
         self.last_stats = CallStats()
 
-        self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         self._backup: dict[int, torch.Tensor] = {}
         self._capacity = (0, 0)  # (rows, slots) of the allocated cache
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
 
     # ---------------------------------------------------------------- adapters
-    @torch.no_grad()
-    def _backup_weights(self) -> None:
-        if not self._backup:
-            self._backup = {id(m): _plain(m).weight.detach().clone() for m in self._lora_layers}
+    def _lora_layers(self) -> list[nn.Module]:
+        # Looked up per call: adapters may be loaded (and layers wrapped) after the engine was made.
+        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
 
     @contextmanager
     def merged(self, adapter: str | None) -> Iterator[None]:
@@ -176,7 +169,7 @@ class FastGenerator:
         if adapter is None:
             yield
             return
-        layers = [m for m in self._lora_layers if adapter in getattr(m, "lora_A", {})]
+        layers = [m for m in self._lora_layers() if adapter in getattr(m, "lora_A", {})]
         if not layers:
             raise ConfigError(
                 f"adapter {adapter!r} is not loaded in the model: load it with PeftModel.load_adapter"
@@ -188,10 +181,11 @@ class FastGenerator:
                     f"adapter {adapter!r}: the fast backend merges plain LoRA on unmerged linear layers only; "
                     "set eval.backend to 'hf'"
                 )
-        self._backup_weights()
         try:
             with torch.no_grad():
                 for m in layers:
+                    if id(m) not in self._backup:  # taken while unmerged: every merge is undone below
+                        self._backup[id(m)] = _plain(m).weight.detach().clone()
                     weight = _plain(m).weight
                     delta = m.get_delta_weight(adapter)
                     # Add in fp32 and round once: closest to the unmerged W x + B A x.
@@ -200,7 +194,8 @@ class FastGenerator:
         finally:
             with torch.no_grad():
                 for m in layers:
-                    _plain(m).weight.copy_(self._backup[id(m)])
+                    if id(m) in self._backup:
+                        _plain(m).weight.copy_(self._backup[id(m)])
 
     # ---------------------------------------------------------------- memory
     def _kv_bytes_per_slot(self) -> int:
@@ -211,18 +206,11 @@ class FastGenerator:
             return self.max_batch_size
         free, _ = torch.cuda.mem_get_info(self.device)
         free += sum(t.numel() * t.element_size() for t in getattr(self, "_k", []) + getattr(self, "_v", []))
-        backup = (
-            0
-            if self._backup
-            else sum(_plain(m).weight.numel() * self.dtype.itemsize for m in self._lora_layers)
-        )
+        pending = [m for m in self._lora_layers() if id(m) not in self._backup]
+        backup = sum(_plain(m).weight.numel() * self.dtype.itemsize for m in pending)
         # Room for the prefill activations and the decode graph's logits, then the share for the cache.
-        workspace = (
-            4
-            * self.prefill_tokens
-            * max(self.layers[0].gate.weight.shape[0], 4 * self.n_heads * self.head_dim)
-            * 4
-        )
+        widest = max(self.layers[0].gate.weight.shape[0], 4 * self.n_heads * self.head_dim)
+        workspace = 4 * self.prefill_tokens * widest * 4
         workspace += 3 * self.max_batch_size * self.vocab * 4
         budget = (free - backup - workspace) * self.kv_memory_fraction
         rows = int(budget // (slots * self._kv_bytes_per_slot()))
@@ -376,7 +364,6 @@ class FastGenerator:
         torch.cuda.synchronize(self.device)
 
     # ---------------------------------------------------------------- public
-    @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -393,50 +380,76 @@ class FastGenerator:
         eos_token_id=stop_token_ids, pad_token_id=...)`` on left-padded batches. ``last_stats`` holds the
         per-batch timings afterwards.
         """
+        results: list[FastCompletion | None] = [None] * len(prompts)
+        for indices, completions in self.iter_batches(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
+            pad_token_id=pad_token_id,
+            min_new_tokens=min_new_tokens,
+            adapter=adapter,
+        ):
+            for i, completion in zip(indices, completions, strict=True):
+                results[i] = completion
+        return results  # type: ignore[return-value]
+
+    def iter_batches(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int],
+        pad_token_id: int,
+        min_new_tokens: int = 0,
+        adapter: str | None = None,
+    ) -> Iterator[tuple[list[int], list[FastCompletion]]]:
+        """As ``generate``, batch by batch (shortest prompts first): yields (prompt indices, completions).
+
+        The adapter stays merged until the iterator is exhausted or closed; exhaust it (or close it)
+        before using the model any other way.
+        """
         if not prompts:
-            return []
+            return
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         start = time.perf_counter()
         stats = CallStats()
+        self.last_stats = stats
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         longest = len(prompts[order[-1]])
         slots = math.ceil((longest + max_new_tokens) / self.bucket) * self.bucket
         rows_cap, slots_cap = self._capacity
         if slots > slots_cap or rows_cap == 0:
             self._allocate(self._rows_that_fit(slots), slots)
-        capacity = self._capacity[0]
-        n_batches = math.ceil(len(prompts) / capacity)
+        n_batches = math.ceil(len(prompts) / self._capacity[0])
         graph_rows = math.ceil(len(prompts) / n_batches)
 
-        self._is_stop.zero_()
-        # Ids past the vocabulary can never be generated; they only have to stay out of the index.
-        stop_in_vocab = sorted(t for t in set(stop_token_ids) if 0 <= t < self.vocab)
-        self._is_stop[torch.tensor(stop_in_vocab, dtype=torch.long, device=self.device)] = True
-        self._pad_id.fill_(pad_token_id)
+        with torch.no_grad():
+            self._is_stop.zero_()
+            # Ids past the vocabulary can never be generated; they only have to stay out of the index.
+            stop_in_vocab = sorted(t for t in set(stop_token_ids) if 0 <= t < self.vocab)
+            self._is_stop[torch.tensor(stop_in_vocab, dtype=torch.long, device=self.device)] = True
+            self._pad_id.fill_(pad_token_id)
 
-        results: list[FastCompletion | None] = [None] * len(prompts)
         t0 = time.perf_counter()
         with self.merged(adapter):
             stats.merge_s = time.perf_counter() - t0
             for first in range(0, len(order), graph_rows):
-                idx = order[first : first + graph_rows]
-                done = self._run_batch(
-                    [prompts[i] for i in idx],
-                    graph_rows=graph_rows,
-                    max_new_tokens=max_new_tokens,
-                    min_new_tokens=min_new_tokens,
-                    stop_ids=set(stop_token_ids),
-                    pad_token_id=pad_token_id,
-                    stats=stats,
-                )
-                for i, completion in zip(idx, done, strict=True):
-                    results[i] = completion
-        stats.wall_s = time.perf_counter() - start
-        self.last_stats = stats
-        return results  # type: ignore[return-value]
+                indices = order[first : first + graph_rows]
+                with torch.no_grad():
+                    done = self._run_batch(
+                        [prompts[i] for i in indices],
+                        graph_rows=graph_rows,
+                        max_new_tokens=max_new_tokens,
+                        min_new_tokens=min_new_tokens,
+                        stop_ids=set(stop_token_ids),
+                        pad_token_id=pad_token_id,
+                        stats=stats,
+                    )
+                stats.wall_s = time.perf_counter() - start
+                yield indices, done
 
     def _run_batch(
         self,
@@ -515,3 +528,86 @@ def _completion(tokens: list[int], stop_ids: set[int]) -> FastCompletion:
         if token in stop_ids:
             return FastCompletion(token_ids=tokens[: n + 1], finish_reason="stop")
     return FastCompletion(token_ids=tokens, finish_reason="length")
+
+
+class FastGenerationEngine:
+    """The fast backend behind ``training.generate.GenerationEngine``'s interface.
+
+    It wraps a loaded ``GenerationEngine`` (tokenizer, chat template, model, PEFT adapters) and runs its
+    generation on a ``FastGenerator``: same prompts in, same ``Generation`` records out. Batches are sized
+    from GPU memory (up to ``max_batch_size``), not by ``batch_size``, which only the HF backend uses.
+    """
+
+    def __init__(self, engine, *, max_batch_size: int = 512) -> None:
+        self.hf = engine
+        self.max_batch_size = max_batch_size
+        self._fast: FastGenerator | None = None
+
+    @property
+    def tokenizer(self):
+        return self.hf.tokenizer
+
+    @property
+    def model(self):
+        return self.hf.model
+
+    @property
+    def adapters(self):
+        return self.hf.adapters
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.hf.stop_ids
+
+    def load_adapter(self, name: str, path) -> None:
+        self.hf.load_adapter(name, path)
+        self._fast = None  # the model object may have been wrapped by PEFT: rebuild on next use
+
+    def render(self, prompt: str) -> str:
+        return self.hf.render(prompt)
+
+    def plan(self, prompts: list[str], *, batch_size: int) -> list[list[int]]:
+        return self.hf.plan(prompts, batch_size=batch_size)
+
+    def _generator(self) -> FastGenerator:
+        if self._fast is None or self._fast.model is not self.hf.model:
+            self._fast = FastGenerator(self.hf.model, max_batch_size=self.max_batch_size)
+        return self._fast
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        from eval_artifacts.errors import ArtifactError
+
+        if adapter is not None and adapter not in self.hf.adapters:
+            loaded = sorted(self.hf.adapters) or "none"
+            raise ArtifactError(f"adapter {adapter!r} is not loaded; loaded: {loaded}")
+
+    def generate(self, prompts: list[str], *, adapter: str | None, max_new_tokens: int, batch_size: int = 0):
+        """Yield ``Generation`` lists batch by batch; each ``index`` points into ``prompts``."""
+        from training.generate import Generation
+
+        self._check_adapter(adapter)
+        encoded = self.tokenizer([self.render(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        for indices, completions in self._generator().iter_batches(
+            encoded,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            adapter=adapter,
+        ):
+            yield [
+                Generation(
+                    index=i,
+                    text=self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                    token_ids=tuple(c.token_ids),
+                    finish_reason=c.finish_reason,
+                )
+                for i, c in zip(indices, completions, strict=True)
+            ]
+
+    def generate_batch(self, prompts: list[str], *, adapter: str | None, max_new_tokens: int):
+        """Greedy completions of ``prompts`` in order (one or more internal batches)."""
+        results = [None] * len(prompts)
+        for batch in self.generate(prompts, adapter=adapter, max_new_tokens=max_new_tokens):
+            for generation in batch:
+                results[generation.index] = generation
+        return results
