@@ -100,17 +100,14 @@ class CollectionPlan:
         if self.current is None:
             return not self.notes_only  # regenerate-cards never creates a collection
         return bool(
-            self.current is None
-            or self.title_change
-            or self.additions()
-            or self.removals()
-            or self.note_changes()
-            or self.moves()
+            self.title_change or self.additions() or self.removals() or self.note_changes() or self.moves()
         )
 
     def describe(self) -> list[str]:
         """Human-readable lines for --dry-run and the report."""
         head = f'collection "{self.title}"'
+        if self.current is None and self.notes_only:
+            return [f"{head}: not on the Hub; `cot-compress publish` creates it"]
         if self.current is None:
             lines = [f"{head}: create ({'private' if self.private else 'public'}) in {self.namespace}"]
         else:

@@ -705,6 +705,8 @@ def _describe_dry_run(report, target, plans, collection_plan, create_pr, say) ->
             say(line)
         if create_pr and collection_plan.changed:
             say("  (with --create-pr the collection is left as it is until a publish without it)")
+        elif collection_plan.current is None and not collection_plan.notes_only:
+            say("  (created first: every card will then link it, so every README changes)")
         report.collection_slug = collection_plan.slug
     changed = sum(p.changed for p in plans)
     say(f"{changed} of {len(plans)} repo(s) would get a {'PR' if create_pr else 'commit'}.")
