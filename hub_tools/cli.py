@@ -116,3 +116,71 @@ def render_cards_command(config_path, run_dir, templates_dir, check):
         return
     for problem in cards.all_problems(rendered, config=config, run_dir=study, notes=notes):
         click.echo(f"problem: {problem}", err=True)
+
+
+# ---- publishing: publish, push-eval, regenerate-cards (hub_tools/publish.py)
+def publishing_options(command):
+    """The options every publishing command takes."""
+    for option in reversed(
+        [
+            CONFIG_OPTION,
+            RUN_DIR_OPTION,
+            click.option(
+                "--endpoint", default=None, metavar="URL|local", help="Hub to publish to (default: the config's)."
+            ),
+            click.option("--namespace", default=None, metavar="NS", help="User or org to publish under."),
+            click.option("--dry-run", is_flag=True, help="Print the plan and README diffs; push nothing."),
+            click.option("--create-pr", is_flag=True, help="Open (or update) one PR per changed repo."),
+            click.option(
+                "--templates",
+                "templates_dir",
+                type=click.Path(path_type=Path, file_okay=False),
+                default=None,
+                help="Folder with your own card and note templates (as for render-cards).",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@main.command("publish")
+@publishing_options
+def publish_command(config_path, run_dir, endpoint, namespace, dry_run, create_pr, templates_dir):
+    """Publish the adapters, the eval dataset and the collection: one commit per changed repo."""
+    from hub_tools.publish import publish_study
+
+    config = load_study(config_path, run_dir)
+    publish_study(
+        config, config.run_dir, endpoint=endpoint, namespace=namespace, dry_run=dry_run,
+        create_pr=create_pr, templates_dir=templates_dir,
+    )  # fmt: skip
+
+
+@main.command("push-eval")
+@publishing_options
+def push_eval_command(config_path, run_dir, endpoint, namespace, dry_run, create_pr, templates_dir):
+    """Push the eval dataset (one config per model plus summary), its card and the plot."""
+    from hub_tools.publish import push_eval
+
+    config = load_study(config_path, run_dir)
+    push_eval(
+        config, config.run_dir, endpoint=endpoint, namespace=namespace, dry_run=dry_run,
+        create_pr=create_pr, templates_dir=templates_dir,
+    )  # fmt: skip
+
+
+@main.command("regenerate-cards")
+@publishing_options
+@click.option(
+    "--from-hub", is_flag=True, help="Rebuild an empty run dir's eval results from the published eval dataset."
+)
+def regenerate_cards_command(config_path, run_dir, endpoint, namespace, dry_run, create_pr, templates_dir, from_hub):
+    """Re-render every card and note; push only the READMEs and notes that changed (never weights)."""
+    from hub_tools.publish import regenerate_cards
+
+    config = load_study(config_path, run_dir)
+    regenerate_cards(
+        config, config.run_dir, from_hub=from_hub, endpoint=endpoint, namespace=namespace,
+        dry_run=dry_run, create_pr=create_pr, templates_dir=templates_dir,
+    )  # fmt: skip
