@@ -219,13 +219,10 @@ def study_links(config: StudyConfig, *, collection_url: str | None = None) -> di
     }
 
 
-def _rows(
-    config: StudyConfig,
-    art: StudyArtifacts,
-    columns: dict[str, Any],
-    models: list[str],
-    highlight: str | None,
-):
+def _table(
+    art: StudyArtifacts, columns: dict[str, Any], models: list[str], highlight: str | None
+) -> dict[str, Any]:
+    """A model table for the templates: header labels, and per model its label and formatted cells."""
     return {
         "columns": [MODEL_COLUMN, *columns],
         "rows": [
@@ -245,7 +242,7 @@ def results_columns(art: StudyArtifacts) -> dict[str, Any]:
     return {**RESULT_COLUMNS, **(SEED_COLUMNS if seeds >= 2 else {})}
 
 
-def training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
+def training_rows(art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
     """The training-details table of one adapter: (setting, value), all from training.json and stats.json."""
     t = art.training[level]
     stats = art.stats["levels"][str(level)]
@@ -388,9 +385,9 @@ def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int, **link
         **study_context(config, art, **links),
         "level": _level_info(level) | {"repo_id": config.adapter_repo_id(level)},
         "headline": _headline(config, art, level),
-        "results": _rows(config, art, results_columns(art), config.model_keys, model),
-        "vs_base": _rows(config, art, VS_BASE_COLUMNS, levels, model),
-        "training": [{"setting": s, "value": v} for s, v in training_rows(config, art, level)],
+        "results": _table(art, results_columns(art), config.model_keys, model),
+        "vs_base": _table(art, VS_BASE_COLUMNS, levels, model),
+        "training": [{"setting": s, "value": v} for s, v in training_rows(art, level)],
         "example": {
             "question": example["question"],
             "completion": example["completion"],
@@ -433,7 +430,7 @@ assert tuple(SAMPLE_COLUMN_DOCS) == SAMPLE_FIELDS
 def dataset_context(config: StudyConfig, art: StudyArtifacts, **links: Any) -> dict[str, Any]:
     return {
         **study_context(config, art, **links),
-        "results": _rows(config, art, results_columns(art), config.model_keys, None),
+        "results": _table(art, results_columns(art), config.model_keys, None),
         "configs": [
             {"name": model, "label": model_label(model), "rows": fmt_count(art.metrics[model]["n_total"])}
             for model in config.model_keys
@@ -992,7 +989,7 @@ def validate_card(rendered: RenderedCard, *, config: StudyConfig, run_dir: RunDi
             return problems + [f"{rendered.repo_id} is not an adapter repo of this study"]
         problems += _check_model_metadata(card, config, level, art.metrics)
         context = adapter_context(config, art, level)
-        training = dict(training_rows(config, art, level))
+        training = dict(training_rows(art, level))
     else:
         problems += _check_dataset_metadata(card, config)
         context = dataset_context(config, art)
