@@ -337,6 +337,7 @@ def test_misspelled_variable_fails_naming_it_and_the_template(study, tmp_path):
         "{{ ''.__class__.__mro__ }}",
         "{{ lipsum.__globals__ }}",
         "{{ study.__class__.__init__ }}",
+        "{{ study.levels.append(1) }}",
     ],
 )
 def test_sandbox_refuses_attribute_escapes(study, tmp_path, expression):
