@@ -1,0 +1,243 @@
+"""QLoRA training benchmark: random weights of the real Qwen3-4B shape, 50 steps through training.sft.
+
+The real base cannot be downloaded here, so the script builds Qwen3-4B's architecture with random weights,
+saves it in bf16, and reloads it the way the study does (4-bit NF4, double quant, bitsandbytes). Training
+runs through the same functions as ``cot-compress train`` (load_base → chat_dataset → build_trainer →
+train) with the real study's recipe (configs/qwen3-4b-gsm8k.yaml), on GSM8K-length rows (~250 tokens)
+of synthetic text. Tokens/s counts real (non-padding) tokens; peak memory is torch's max allocated.
+
+    python bench/train_qlora.py            # on one CUDA GPU; writes $OUT/train_qlora.json or bench/results/
+    python bench/train_qlora.py --smoke    # CPU check of the script: 2 layers, hidden 64, 2 steps, no NF4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from transformers import Qwen3Config, Qwen3ForCausalLM, TrainerCallback  # noqa: E402
+
+from training import sft  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.levels import build_prompt, build_response  # noqa: E402
+from training.synthetic import generate_problems  # noqa: E402
+from training.tiny import stock_response, train_tokenizer  # noqa: E402
+
+# Qwen3-4B (Qwen/Qwen3-4B-Instruct-2507 config.json).
+QWEN3_4B = {
+    "vocab_size": 151936,
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 262144,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0},
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+SMOKE = {
+    **QWEN3_4B,
+    "vocab_size": 512,  # at 151936 the CPU spends minutes on the logits alone
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 1024,
+}
+STUDY_CONFIG = ROOT / "configs" / "qwen3-4b-gsm8k.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 layers, hidden 64, 2 steps, no NF4 (runs on a CPU)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 50; smoke 2)")
+    parser.add_argument("--row-tokens", type=int, default=250, help="tokens per row, chat template included")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output JSON (default $OUT/ or bench/results/)"
+    )
+    options = parser.parse_args()
+
+    steps = options.steps or (2 if options.smoke else 50)
+    if not options.smoke and not torch.cuda.is_available():
+        sys.exit("the QLoRA benchmark needs a CUDA GPU; use --smoke for the CPU check")
+    result = run_benchmark(smoke=options.smoke, steps=steps, row_tokens=options.row_tokens)
+
+    out = options.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results")
+    out = out / "train_qlora.json" if out.suffix != ".json" else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    summary = {k: result[k] for k in ("mode", "device", "steps", "tokens_per_s", "steady_tokens_per_s")}
+    print(json.dumps(summary | {"peak_memory_gib": result["peak_memory_gib"], "written": str(out)}))
+
+
+def run_benchmark(*, smoke: bool, steps: int, row_tokens: int) -> dict:
+    study = load_config(STUDY_CONFIG)
+    update = {"max_steps": steps, "logging_steps": 1 if smoke else 10, "save_steps": 10**9}
+    if smoke:
+        update["batch_size"] = 2
+    training = study.training.model_copy(update=update)
+    quantization = "none" if smoke else study.base_model.quantization
+    rows_per_step = training.batch_size * training.gradient_accumulation_steps
+    shape = SMOKE if smoke else QWEN3_4B
+
+    tokenizer = bench_tokenizer()
+    rows, lengths = gsm8k_length_rows(tokenizer, count=rows_per_step * steps, row_tokens=row_tokens)
+    with tempfile.TemporaryDirectory(prefix="qwen3-4b-random-") as model_dir:
+        started = time.perf_counter()
+        parameters = save_random_model(shape, tokenizer, Path(model_dir), on_gpu=not smoke)
+        build_s = time.perf_counter() - started
+
+        precision = sft.choose_precision()
+        model, tokenizer = sft.load_base(
+            model_path=model_dir,
+            revision="main",
+            quantization=quantization,
+            precision=precision,
+            gradient_checkpointing=training.gradient_checkpointing,
+        )
+        trainer = sft.build_trainer(
+            model=model,
+            tokenizer=tokenizer,
+            dataset=sft.chat_dataset(rows),
+            training=training,
+            precision=precision,
+            output_dir=Path(model_dir) / "checkpoints",
+        )
+        clock = StepClock()
+        trainer.add_callback(clock)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        outcome = sft.train(trainer)
+
+    cuda = torch.cuda.is_available()
+    return {
+        "benchmark": "train_qlora",
+        "mode": "smoke" if smoke else "qwen3-4b-shape",
+        "device": "cuda" if cuda else "cpu",
+        "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "model": {**shape, "parameters": parameters, "weights": "random, saved in bf16 and reloaded"},
+        "quantization": quantization,
+        "precision": precision,
+        "recipe": str(STUDY_CONFIG.relative_to(ROOT)),
+        "lora": training.lora.model_dump(mode="json"),
+        "completion_only_loss": training.completion_only_loss,
+        "gradient_checkpointing": training.gradient_checkpointing,
+        "steps": trainer.state.global_step,
+        "rows_per_step": rows_per_step,
+        "tokens_per_row": round(sum(lengths) / len(lengths), 1),
+        "dataset_tokens": sum(lengths),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "wall_time_s": round(outcome.wall_time_s, 3),
+        "tokens_per_s": round(outcome.session_tokens / outcome.wall_time_s, 1),
+        "steady_tokens_per_s": clock.steady_tokens_per_s(),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+        "model_build_s": round(build_s, 1),
+        "loss_curve": sft.loss_curve(trainer),
+        "library_versions": sft.library_versions(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def bench_tokenizer():
+    """A fast BPE tokenizer with Qwen's role tokens and chat template (the tiny study's, trained here)."""
+    problems = generate_problems(500, seed=0, split="train")
+    texts = [p.question for p in problems] + [stock_response(p) for p in problems]
+    texts += [build_prompt(1, p.question) for p in problems[:50]]
+    return train_tokenizer(texts, vocab_size=384)
+
+
+def gsm8k_length_rows(tokenizer, *, count: int, row_tokens: int) -> tuple[list[dict], list[int]]:
+    """``count`` SFT rows of about ``row_tokens`` tokens each (a GSM8K problem and its full solution)."""
+    problems = generate_problems(count * 8, seed=1, split="train")
+    rows, lengths = [], []
+    for index in range(count):
+        group = problems[index * 8 : (index + 1) * 8]
+        # Questions go in the prompt and worked solutions in the completion, one problem at a time,
+        # until the rendered exchange reaches the target length (prompt ~40%, completion ~60%).
+        question, reasoning, best = [], [], None
+        for problem in group:
+            question.append(problem.question)
+            reasoning.append(stock_response(problem).split("\n####")[0])
+            row = {
+                "prompt": build_prompt(1, " ".join(question)),
+                "completion": build_response(" ".join(reasoning), group[0].gold),
+            }
+            length = exchange_tokens(tokenizer, row)
+            if best is None or abs(length - row_tokens) < abs(best[1] - row_tokens):
+                best = (row, length)
+            if length >= row_tokens:
+                break
+        rows.append(best[0])
+        lengths.append(best[1])
+    return rows, lengths
+
+
+def exchange_tokens(tokenizer, row: dict) -> int:
+    messages = [
+        {"role": "user", "content": row["prompt"]},
+        {"role": "assistant", "content": row["completion"]},
+    ]
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def save_random_model(shape: dict, tokenizer, path: Path, *, on_gpu: bool) -> int:
+    """Random weights of ``shape`` saved in bf16 with the tokenizer; returns the parameter count."""
+    config = Qwen3Config(
+        **shape,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    # Initialising 4B parameters is quick on the GPU and slow on the CPU.
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    del model
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return parameters
+
+
+class StepClock(TrainerCallback):
+    """Per-step wall times and token counts, for tokens/s after warm-up (first 20% of steps left out)."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, int]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.marks:
+            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    def steady_tokens_per_s(self) -> float:
+        start = self.marks[len(self.marks) // 5]
+        end = self.marks[-1]
+        return round((end[1] - start[1]) / (end[0] - start[0]), 1) if end[0] > start[0] else 0.0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""Stage 2, train: one LoRA adapter per level with TRL's SFTTrainer, resumable, with full provenance.
+
+Per level, top to bottom: read ``data/level_<n>/train.jsonl`` → a prompt/completion dataset in chat form →
+the base model (4-bit NF4 on CUDA when the config asks) → ``SFTTrainer`` with a PEFT LoRA config →
+``adapters/level_<n>/`` (adapter_config.json, adapter_model.safetensors, training.json).
+
+A level whose adapter is already there, trained on the same data with the same recipe, is skipped, so
+rerunning the pipeline is cheap. Checkpoints go to ``adapters/level_<n>/checkpoints/`` and are removed after
+a successful finish unless ``training.keep_checkpoints`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, set_seed
+from trl import SFTConfig, SFTTrainer
+
+from eval_artifacts.errors import ArtifactError, DataError, TrainingError
+from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, iter_jsonl, write_json
+from training.config import StudyConfig, TrainingConfig
+from training.levels import get_level
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Hyperparameters that depend on the machine rather than the recipe; a rerun elsewhere still matches.
+_RUNTIME_HYPERPARAMETERS = ("effective_batch_size", "optimizer")
+
+
+def run(
+    config: StudyConfig,
+    run_dir: RunDir | str | Path,
+    *,
+    levels: list[int] | None = None,
+    resume: bool = False,
+    force: bool = False,
+) -> dict[int, dict]:
+    """Train the adapters of ``levels`` (default: the config's) and return their training.json payloads.
+
+    Args:
+        resume: continue each level from its last checkpoint; levels without one start from the beginning.
+        force: retrain levels whose adapter is already up to date.
+
+    Raises:
+        ArtifactError: a level has no ``train.jsonl`` (run ``cot-compress prepare-data``).
+        TrainingError: NF4 was asked for without a CUDA GPU, or bitsandbytes is missing.
+    """
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    levels = levels or config.levels
+    for level in levels:
+        get_level(level)
+    model_path: str | None = (
+        None  # resolved on first need: an all-up-to-date rerun never builds the tiny base
+    )
+    results: dict[int, dict] = {}
+    for level in levels:
+        train_file = run_dir.train_file(level)
+        if not train_file.is_file():
+            raise ArtifactError(
+                f"no SFT data for level {level} at {train_file}: run `cot-compress prepare-data --config C` first"
+            )
+        data_sha256 = file_sha256(train_file)
+        checkpoints = checkpoints_dir(run_dir, level)
+        resume_from = resume and last_checkpoint(checkpoints) is not None
+        done = up_to_date(config, run_dir, level, data_sha256)
+        if done is not None and not force and not resume_from:
+            print(f"level {level}: adapter up to date in {run_dir.adapter_dir(level)}, skipped", flush=True)
+            results[level] = done
+            continue
+        if resume and not resume_from:
+            print(f"level {level}: no checkpoint under {checkpoints}, training from the start", flush=True)
+
+        rows = load_rows(train_file)
+        if model_path is None:
+            from training.models import resolve_base_model
+
+            model_path = resolve_base_model(config)
+        precision = choose_precision()
+        model, tokenizer = load_base(
+            model_path=model_path,
+            revision=config.base_model.revision,
+            quantization=config.base_model.quantization,
+            precision=precision,
+            gradient_checkpointing=config.training.gradient_checkpointing,
+        )
+        trainer = build_trainer(
+            model=model,
+            tokenizer=tokenizer,
+            dataset=chat_dataset(rows),
+            training=config.training,
+            precision=precision,
+            output_dir=checkpoints,
+        )
+        if not resume_from and trainer.is_world_process_zero():
+            shutil.rmtree(
+                checkpoints, ignore_errors=True
+            )  # stale checkpoints of an older run must not be "last"
+        outcome = train(trainer, resume=resume_from)
+
+        payload = training_record(
+            config=config,
+            level=level,
+            trainer=trainer,
+            outcome=outcome,
+            precision=precision,
+            train_rows=len(rows),
+            data_file=train_file.relative_to(run_dir.root).as_posix(),
+            data_sha256=data_sha256,
+        )
+        save_adapter(trainer, run_dir.adapter_dir(level))
+        if trainer.is_world_process_zero():  # under DDP every rank trains; one writes
+            write_json(run_dir.training_json(level), payload)
+            if not config.training.keep_checkpoints:
+                shutil.rmtree(checkpoints, ignore_errors=True)
+            print(summary_line(payload, run_dir.adapter_dir(level)), flush=True)
+        trainer.accelerator.wait_for_everyone()
+        results[level] = payload
+        del trainer, model
+    return results
+
+
+# ---- data ----
+def load_rows(path: Path) -> list[dict]:
+    """The SFT rows of one level; each needs a ``prompt`` and a ``completion``."""
+    rows = list(iter_jsonl(path, what="SFT data"))
+    if not rows:
+        raise DataError(f"{path} holds no rows: rerun `cot-compress prepare-data --config C`")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+            raise DataError(
+                f"{path} row {number} lacks a string 'prompt' or 'completion': rerun `cot-compress prepare-data`"
+            )
+    return rows
+
+
+def chat_dataset(rows: list[dict]) -> Dataset:
+    """Prompt/completion pairs in chat form: TRL renders them with the base model's chat template."""
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "completion": [{"role": "assistant", "content": row["completion"]}],
+            }
+            for row in rows
+        ]
+    )
+
+
+# ---- model ----
+def choose_precision() -> str:
+    """bf16 where the GPU supports it, else fp16; fp32 on the CPU."""
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def load_base(
+    *, model_path: str, revision: str, quantization: str, precision: str, gradient_checkpointing: bool
+):
+    """The base model (NF4 with double quant when asked) and its tokenizer, ready for LoRA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"revision": revision, "dtype": _DTYPES[precision]}
+    if quantization == "nf4":
+        if not torch.cuda.is_available():
+            raise TrainingError(
+                "base_model.quantization is 'nf4' but no CUDA GPU is visible: train on a GPU machine, "
+                "or set base_model.quantization: none in the config"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainingError("NF4 quantization needs bitsandbytes: pip install 'cot-compress[gpu]'")
+        from accelerate import PartialState
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_DTYPES[precision],
+        )
+        # 4-bit weights cannot be moved after loading: each DDP rank loads straight onto its own GPU.
+        kwargs["device_map"] = {"": PartialState().local_process_index}
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+    if tokenizer.chat_template is None:
+        raise TrainingError(
+            f"the tokenizer of {model_path} has no chat template: use an instruct/chat base model"
+        )
+    return model, tokenizer
+
+
+class _StudySFTTrainer(SFTTrainer):
+    """SFTTrainer without its side effects: the project owns README.md, and nothing phones home."""
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        return None
+
+    def _send_telemetry(self) -> None:
+        return None
+
+
+def build_trainer(
+    *,
+    model,
+    tokenizer,
+    dataset: Dataset,
+    training: TrainingConfig,
+    precision: str,
+    output_dir: Path,
+) -> SFTTrainer:
+    """The SFTTrainer of one level: LoRA from the config, loss on the completion or the whole sequence."""
+    from peft import LoraConfig
+
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        learning_rate=training.learning_rate,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_length=training.max_seq_length,
+        warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=training.lr_scheduler,
+        completion_only_loss=training.completion_only_loss,
+        activation_checkpointing=training.gradient_checkpointing,
+        packing=training.packing,
+        seed=training.seed,
+        data_seed=training.seed,
+        logging_steps=training.logging_steps,
+        logging_first_step=True,  # the loss curve starts at the untrained loss
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        include_num_input_tokens_seen="non_padding",  # real tokens, summed over DDP ranks
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=[],
+        push_to_hub=False,
+    )
+    lora = LoraConfig(
+        r=training.lora.r,
+        lora_alpha=training.lora.alpha,
+        lora_dropout=training.lora.dropout,
+        target_modules=training.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    set_seed(training.seed)  # the LoRA weights are initialised inside the trainer's constructor
+    return _StudySFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
+    )
+
+
+# ---- training ----
+@dataclass(frozen=True)
+class TrainOutcome:
+    wall_time_s: float
+    session_tokens: int
+    """Real tokens processed by this call (a resumed run counts only what it trained itself)."""
+
+
+class _TokensAtStart(TrainerCallback):
+    """Remembers the token count restored from a checkpoint, so tokens/s covers this session only."""
+
+    tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens = state.num_input_tokens_seen
+
+
+def train(trainer: SFTTrainer, *, resume: bool = False) -> TrainOutcome:
+    """Run the trainer (from its last checkpoint when ``resume``) and time it."""
+    start = _TokensAtStart()
+    trainer.add_callback(start)
+    began = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    wall = time.perf_counter() - began
+    trainer.remove_callback(start)
+    return TrainOutcome(
+        wall_time_s=wall, session_tokens=int(trainer.state.num_input_tokens_seen - start.tokens)
+    )
+
+
+def save_adapter(trainer: SFTTrainer, adapter_dir: Path) -> None:
+    """Write adapter_config.json + adapter_model.safetensors, and nothing else, into ``adapter_dir``.
+
+    PEFT's ``save_pretrained`` always writes a README.md model card; it is written to a scratch dir and
+    dropped, because the project renders the card from the eval artifacts.
+    """
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=adapter_dir, prefix=".save-") as scratch:
+        trainer.save_model(scratch)  # every rank must call it (DDP/FSDP gather); only rank 0 writes
+        if trainer.is_world_process_zero():
+            for name in ADAPTER_FILES:
+                shutil.move(str(Path(scratch) / name), adapter_dir / name)
+        trainer.accelerator.wait_for_everyone()
+
+
+# ---- provenance ----
+def checkpoints_dir(run_dir: RunDir, level: int) -> Path:
+    return run_dir.adapter_dir(level) / "checkpoints"
+
+
+def last_checkpoint(directory: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return Path(found) if directory.is_dir() and (found := get_last_checkpoint(str(directory))) else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recipe(config: StudyConfig) -> dict:
+    """Everything in training.json that the config decides; a matching adapter need not be retrained."""
+    training = config.training
+    lora = training.lora
+    return {
+        "base_model": {"id": config.base_model.id, "revision": config.base_model.revision},
+        "adapter": {
+            "method": "LoRA",
+            "r": lora.r,
+            "alpha": lora.alpha,
+            "dropout": lora.dropout,
+            "target_modules": lora.target_modules,
+        },
+        "hyperparameters": {
+            "epochs": training.epochs,
+            "max_steps": training.max_steps,
+            "learning_rate": training.learning_rate,
+            "batch_size": training.batch_size,
+            "gradient_accumulation_steps": training.gradient_accumulation_steps,
+            "max_seq_length": training.max_seq_length,
+            "warmup_ratio": training.warmup_ratio,
+            "lr_scheduler": training.lr_scheduler,
+        },
+        "quantization": config.base_model.quantization,
+        "loss": "completion_only" if training.completion_only_loss else "full_sequence",
+        "seed": training.seed,
+    }
+
+
+def up_to_date(config: StudyConfig, run_dir: RunDir, level: int, data_sha256: str) -> dict | None:
+    """The existing training.json when the adapter was trained on this data with this recipe, else None."""
+    import json
+
+    path = run_dir.training_json(level)
+    if not path.is_file() or not all((run_dir.adapter_dir(level) / name).is_file() for name in ADAPTER_FILES):
+        return None
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    if payload.get("data_sha256") != data_sha256:
+        return None
+    recorded = dict(payload)
+    recorded["hyperparameters"] = {
+        key: value
+        for key, value in payload.get("hyperparameters", {}).items()
+        if key not in _RUNTIME_HYPERPARAMETERS
+    }
+    expected = recipe(config)
+    return payload if all(recorded.get(key) == value for key, value in expected.items()) else None
+
+
+def library_versions() -> dict[str, str]:
+    names = ["torch", "transformers", "peft", "trl", "accelerate", "datasets"]
+    if "bitsandbytes" in sys.modules:
+        names.append("bitsandbytes")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def hardware(trainer: SFTTrainer) -> dict:
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "gpu_name": None, "gpu_count": 0}
+    # DDP runs one process per GPU; a single process may still drive several through DataParallel.
+    count = trainer.accelerator.num_processes * max(1, trainer.args.n_gpu)
+    return {"device": "cuda", "gpu_name": torch.cuda.get_device_name(0), "gpu_count": count}
+
+
+def loss_curve(trainer: SFTTrainer) -> list[dict]:
+    return [
+        {"step": entry["step"], "loss": round(float(entry["loss"]), 6)}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+
+
+def training_record(
+    *,
+    config: StudyConfig,
+    level: int,
+    trainer: SFTTrainer,
+    outcome: TrainOutcome,
+    precision: str,
+    train_rows: int,
+    data_file: str,
+    data_sha256: str,
+) -> dict:
+    """The training.json payload of one level (fields fixed by the run-dir contract)."""
+    base = recipe(config)
+    args = trainer.args
+    hyperparameters = {
+        **base["hyperparameters"],
+        "effective_batch_size": args.per_device_train_batch_size
+        * args.gradient_accumulation_steps
+        * args.world_size,
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
+    }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "level": level,
+        "base_model": base["base_model"],
+        "adapter": base["adapter"],
+        "hyperparameters": hyperparameters,
+        "precision": precision,
+        "quantization": base["quantization"],
+        "loss": base["loss"],
+        "hardware": hardware(trainer),
+        "seed": base["seed"],
+        "train_rows": train_rows,
+        "data_file": data_file,
+        "data_sha256": data_sha256,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "steps": trainer.state.global_step,
+        "loss_curve": loss_curve(trainer),
+        "wall_time_s": round(outcome.wall_time_s, 3),
+        "tokens_per_s": round(outcome.session_tokens / outcome.wall_time_s, 1)
+        if outcome.wall_time_s
+        else 0.0,
+        "library_versions": library_versions(),
+    }
+
+
+def summary_line(payload: dict, adapter_dir: Path) -> str:
+    curve = payload["loss_curve"]
+    losses = f"loss {curve[0]['loss']:.3f} → {curve[-1]['loss']:.3f}" if curve else "no loss logged"
+    return (
+        f"level {payload['level']}: {payload['steps']} steps, {losses}, {payload['tokens_per_s']:,.0f} tokens/s, "
+        f"{payload['wall_time_s']:.1f} s → {adapter_dir}"
+    )
