@@ -118,6 +118,20 @@ def render_cards_command(config_path, run_dir, templates_dir, check):
         click.echo(f"problem: {problem}", err=True)
 
 
+@main.command("train")
+@CONFIG_OPTION
+@RUN_DIR_OPTION
+@click.option("--levels", default=None, help="Comma-separated levels (default: the config's).")
+@click.option("--resume", is_flag=True, help="Continue each level from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Retrain levels whose adapter is already up to date.")
+def train_command(config_path, run_dir, levels, resume, force):
+    """Train one LoRA adapter per level into adapters/level_<n>/ (with training.json)."""
+    from training import sft
+
+    config = load_study(config_path, run_dir)
+    sft.run(config, config.run_dir, levels=parse_int_list(levels, "--levels"), resume=resume, force=force)
+
+
 # ---- publishing: publish, push-eval, regenerate-cards (hub_tools/publish.py)
 def publishing_options(command):
     """The options every publishing command takes."""

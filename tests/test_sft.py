@@ -324,3 +324,28 @@ def test_qlora_benchmark_smoke_mode_writes_its_json(tmp_path):
     assert 200 <= result["tokens_per_row"] <= 300
     assert result["tokens_per_s"] > 0 and result["quantization"] == "none"
     assert result["model"]["num_hidden_layers"] == 2 and result["model"]["hidden_size"] == 64
+
+
+@pytest.mark.slow
+def test_tiny_study_trains_every_level_and_think_tokens_fall_from_l1_to_l5(tmp_path):
+    """The issue's done-when on the real tiny study: every level's loss falls ≥ 30%, and the adapters'
+    mean think tokens on the test problems fall strictly from L1 to L5."""
+    from training import evaluate
+
+    config = load_config().with_overrides(run_dir=str(tmp_path / "tiny"))
+    run_dir = RunDir(config.run_dir)
+    prepare_data.run(config, run_dir)
+
+    trained = sft.run(config, run_dir)
+
+    assert sorted(trained) == [1, 2, 3, 4, 5]
+    for level, payload in trained.items():
+        curve = payload["loss_curve"]
+        assert curve[-1]["loss"] <= 0.7 * curve[0]["loss"], (level, curve[0], curve[-1])
+    evaluate.run(config, run_dir, models=config.model_keys)  # the stock model too: the summary needs it
+    means = []
+    for level in config.levels:
+        samples = [json.loads(line) for line in run_dir.samples(f"level_{level}").read_text().splitlines()]
+        assert len(samples) == config.data.synthetic.n_test
+        means.append(sum(sample["think_tokens"] for sample in samples) / len(samples))
+    assert all(earlier > later for earlier, later in zip(means, means[1:], strict=False)), means

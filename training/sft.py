@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
@@ -59,9 +60,9 @@ def run(
     levels = levels or config.levels
     for level in levels:
         get_level(level)
-    model_path: str | None = (
-        None  # resolved on first need: an all-up-to-date rerun never builds the tiny base
-    )
+    check_quantization(config.base_model.quantization)  # before any data is read or a base is built
+    # Resolved on first need: an all-up-to-date rerun never builds the tiny base.
+    model_path: str | None = None
     results: dict[int, dict] = {}
     for level in levels:
         train_file = run_dir.train_file(level)
@@ -74,11 +75,11 @@ def run(
         resume_from = resume and last_checkpoint(checkpoints) is not None
         done = up_to_date(config, run_dir, level, data_sha256)
         if done is not None and not force and not resume_from:
-            print(f"level {level}: adapter up to date in {run_dir.adapter_dir(level)}, skipped", flush=True)
+            _say(f"level {level}: adapter up to date in {run_dir.adapter_dir(level)}, skipped")
             results[level] = done
             continue
         if resume and not resume_from:
-            print(f"level {level}: no checkpoint under {checkpoints}, training from the start", flush=True)
+            _say(f"level {level}: no checkpoint under {checkpoints}, training from the start")
 
         rows = load_rows(train_file)
         if model_path is None:
@@ -122,7 +123,7 @@ def run(
             write_json(run_dir.training_json(level), payload)
             if not config.training.keep_checkpoints:
                 shutil.rmtree(checkpoints, ignore_errors=True)
-            print(summary_line(payload, run_dir.adapter_dir(level)), flush=True)
+            _say(summary_line(payload, run_dir.adapter_dir(level)))
         trainer.accelerator.wait_for_everyone()
         results[level] = payload
         del trainer, model
@@ -164,21 +165,28 @@ def choose_precision() -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def check_quantization(quantization: str) -> None:
+    """NF4 needs a CUDA GPU and bitsandbytes; say so before anything is loaded."""
+    if quantization != "nf4":
+        return
+    if not torch.cuda.is_available():
+        raise TrainingError(
+            "base_model.quantization is 'nf4' but no CUDA GPU is visible: train on a GPU machine, "
+            "or set base_model.quantization: none in the config"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainingError("NF4 quantization needs bitsandbytes: pip install 'cot-compress[gpu]'")
+
+
 def load_base(
     *, model_path: str, revision: str, quantization: str, precision: str, gradient_checkpointing: bool
 ):
     """The base model (NF4 with double quant when asked) and its tokenizer, ready for LoRA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_quantization(quantization)
     kwargs: dict = {"revision": revision, "dtype": _DTYPES[precision]}
     if quantization == "nf4":
-        if not torch.cuda.is_available():
-            raise TrainingError(
-                "base_model.quantization is 'nf4' but no CUDA GPU is visible: train on a GPU machine, "
-                "or set base_model.quantization: none in the config"
-            )
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise TrainingError("NF4 quantization needs bitsandbytes: pip install 'cot-compress[gpu]'")
         from accelerate import PartialState
         from transformers import BitsAndBytesConfig
 
@@ -454,6 +462,12 @@ def training_record(
         else 0.0,
         "library_versions": library_versions(),
     }
+
+
+def _say(line: str) -> None:
+    """Print once, not once per DDP rank."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, flush=True)
 
 
 def summary_line(payload: dict, adapter_dir: Path) -> str:
