@@ -39,12 +39,14 @@ class TinyModelConfig(_Strict):
 
     vocab_size: int = 384
     """Target size of the byte-level BPE vocabulary (256 byte symbols + merges + special tokens)."""
-    hidden_size: int = 128
-    intermediate_size: int = 384
+    hidden_size: int = 96
+    intermediate_size: int = 288
     num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    pretrain_steps: int = 600
+    num_heads: int = 3
+    num_kv_heads: int = 1
+    pretrain_problems: int = 8000
+    """Distinct synthetic problems in the pre-training pool (never a test question)."""
+    pretrain_steps: int = 400
     pretrain_batch_size: int = 64
     pretrain_learning_rate: float = 3e-3
     seed: int = 0

@@ -1,0 +1,170 @@
+"""Batched greedy generation: one loaded base serves the stock model and every LoRA adapter.
+
+Prompts are user messages rendered with the tokenizer's chat template, sorted by length and cut into
+left-padded batches (so little compute goes to padding), and decoded greedily until ``<|im_end|>`` / EOS
+or ``max_new_tokens``. Adapters are loaded once into a ``PeftModel`` and switched per batch; the stock
+model runs with adapters disabled, so no second copy of the base is held.
+
+``GenerationEngine`` is the plain-transformers backend. A faster backend (vLLM with LoRA, or a static
+KV cache with CUDA graphs) plugs in behind the same three methods: ``load_adapter``, ``plan`` and
+``generate_batch``; ``select_backend`` is where it would be chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval_artifacts.errors import ArtifactError, ConfigError
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion."""
+
+    index: int
+    """Position of its prompt in the list given to ``generate`` / ``generate_batch``."""
+    text: str
+    """The completion, special tokens stripped (``<think>`` tags are not special and stay)."""
+    token_ids: tuple[int, ...]
+    """Generated tokens up to and including the stop token; padding excluded."""
+    finish_reason: str
+    """``stop`` when a stop token was generated, ``length`` when ``max_new_tokens`` ran out first."""
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def select_backend(requested: str) -> str:
+    """The backend to use for ``eval.backend``: ``hf`` is the only one this version ships.
+
+    Raises:
+        ConfigError: ``vllm`` was asked for explicitly; it is not importable, or this version has no
+            vLLM backend yet.
+    """
+    if requested == "vllm":
+        if not vllm_available():
+            raise ConfigError(
+                "eval.backend is 'vllm' but vLLM is not installed: pip install 'cot-compress[vllm]'"
+            )
+        raise ConfigError(
+            "eval.backend 'vllm' is not supported by this version yet: set eval.backend to 'hf'"
+        )
+    return "hf"
+
+
+class GenerationEngine:
+    """Greedy batched generation with Hugging Face transformers (+ PEFT for adapters)."""
+
+    def __init__(self, model_path: str | Path, *, device: str | None = None, dtype: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # bf16 where the hardware has it; fp32 on CPU, where bf16 is slow and greedy decoding drifts.
+        torch_dtype = (
+            getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device == "cuda" else torch.float32)
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype).to(self.device)
+        self.model.eval()
+        vocab = self.tokenizer.get_vocab()
+        stops = {vocab[token] for token in STOP_TOKENS if token in vocab}
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(self.tokenizer.eos_token_id)
+        self.stop_ids = sorted(stops)
+        self.adapters: dict[str, Path] = {}
+
+    # ---- adapters ----
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a PEFT LoRA adapter under ``name``; the base weights are shared by all adapters."""
+        from peft import PeftModel
+
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise ArtifactError(f"no PEFT adapter at {path} (adapter_config.json missing): train it first")
+        if self.adapters:
+            self.model.load_adapter(str(path), adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        self.model.eval()
+        self.adapters[name] = path
+
+    # ---- prompts and batches ----
+    def render(self, prompt: str) -> str:
+        """The chat-formatted text of one user message, ending where the assistant's answer begins."""
+        messages = [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def plan(self, prompts: list[str], *, batch_size: int) -> list[list[int]]:
+        """Indices of ``prompts`` grouped into batches of similar length (longest first, ties by index).
+
+        The plan depends only on the prompts, so a resumed run batches exactly as an uninterrupted one.
+        """
+        lengths = [
+            len(self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"]) for p in prompts
+        ]
+        order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+    # ---- generation ----
+    def generate_batch(
+        self, prompts: list[str], *, adapter: str | None, max_new_tokens: int
+    ) -> list[Generation]:
+        """Greedy completions of one batch, with ``adapter`` active (``None``: the stock model)."""
+        import torch
+        from transformers import GenerationConfig
+
+        if adapter is None:
+            context = self.model.disable_adapter() if self.adapters else nullcontext()
+        elif adapter in self.adapters:
+            self.model.set_adapter(adapter)
+            context = nullcontext()
+        else:
+            raise ArtifactError(
+                f"adapter {adapter!r} is not loaded; loaded: {sorted(self.adapters) or 'none'}"
+            )
+        encoded = self.tokenizer(
+            [self.render(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(self.device)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        with context, torch.inference_mode():
+            output = self.model.generate(**encoded, generation_config=config)
+        new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
+        return [self._finish(index, row) for index, row in enumerate(new_tokens)]
+
+    def generate(
+        self, prompts: list[str], *, adapter: str | None, max_new_tokens: int, batch_size: int
+    ) -> Iterator[list[Generation]]:
+        """Yield the completions batch by batch (in plan order); each ``Generation.index`` points into ``prompts``."""
+        for batch in self.plan(prompts, batch_size=batch_size):
+            results = self.generate_batch(
+                [prompts[i] for i in batch], adapter=adapter, max_new_tokens=max_new_tokens
+            )
+            yield [Generation(batch[r.index], r.text, r.token_ids, r.finish_reason) for r in results]
+
+    def _finish(self, index: int, row: list[int]) -> Generation:
+        stops = set(self.stop_ids)
+        end = next((position for position, token in enumerate(row) if token in stops), None)
+        # After its stop token a finished row holds only padding; an unfinished row is all real tokens.
+        kept = row if end is None else row[: end + 1]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Generation(index, text, tuple(kept), "length" if end is None else "stop")
