@@ -452,3 +452,23 @@ def test_dropped_level_deletes_only_what_the_study_pushed(study, hub):
         ("model", "cot-compress/my-other-model"),
     ]
     assert api(hub).repo_exists(config.adapter_repo_id(5))  # repos are never deleted
+
+
+def test_a_failed_push_stops_and_a_rerun_converges(study, hub):
+    config, run_dir = study
+    hub.faults.add("POST", r"/tiny-cot-l3/commit/", status=500)
+    with pytest.raises(HubError, match=r"pushing cot-compress/tiny-cot-l3 failed: HTTP 500") as raised:
+        publish(config, run_dir, hub)
+    assert "\n" not in str(raised.value)
+    assert set(commit_requests(hub)) == {config.adapter_repo_id(1), config.adapter_repo_id(2)}
+
+    mark = len(hub.request_log)
+    report = publish(config, run_dir, hub)
+    assert set(commit_requests(hub, mark)) == {
+        *(config.adapter_repo_id(n) for n in (3, 4, 5)),
+        config.eval_repo_id,
+    }
+    assert [r.status for r in report.repos] == ["unchanged", "unchanged"] + ["committed"] + ["created"] * 3
+    slug = json.loads(run_dir.publish_state.read_text())["collection_slug"]
+    assert [i.item_id for i in api(hub).get_collection(slug).items] == [r for _, r in repos(config)]
+    assert publish(config, run_dir, hub).commits == 0
