@@ -238,3 +238,52 @@ def test_engine_wrapper_returns_the_hf_engines_generations(tiny_model_dir):
     batches = list(fast.generate(questions, adapter="level_1", max_new_tokens=24, batch_size=64))
     assert [len(b) for b in batches] == [4, 4, 2]  # 10 prompts, at most 4 a batch: 3 batches of 4 slots
     assert sorted(g.index for b in batches for g in b) == list(range(len(questions)))
+
+
+@pytest.mark.slow
+def test_bench_eval_smoke_runs_every_stage(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "bench_eval.json"
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "bench.bench_eval", "--smoke", "--out", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # The GPU machine has no trl or datasets: the benchmark must not import them, even indirectly.
+    imported = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in run.stderr.splitlines()
+        if "import time:" in line
+    }
+    assert not imported & {"trl", "datasets", "pydantic"}
+    result = json.loads(out.read_text())
+    assert "errors" not in result
+    assert result["self_check"]["ok"] and result["self_check"]["batches"] == [14, 14, 12]
+    # 12 problems x the smoke token profiles (the real ones / 10, rounded up): 30+20+10+6+4+2 per problem.
+    assert result["fast"]["totals"]["generated_tokens"] == 12 * (30 + 20 + 10 + 6 + 4 + 2)
+    assert {m: p["generated_tokens"] for m, p in result["fast"]["per_model"].items()} == {
+        "base": 360,
+        "level_1": 240,
+        "level_2": 120,
+        "level_3": 72,
+        "level_4": 48,
+        "level_5": 24,
+    }
+    hf = result["baseline_hf_batch"]
+    assert all(p["batches_in_eval"] == 3 for p in hf["per_model"].values())  # 12 problems in batches of 4
+    assert hf["extrapolated_wall_s"] == pytest.approx(
+        sum(3 * p["s_per_batch"] for p in hf["per_model"].values())
+    )
+    # fp32 on CPU: the same greedy tokens as HF generate, for the base and every merged adapter.
+    assert all(result["match"][m]["identical_rows"] == 4 for m in hf["per_model"])
+    assert result["goals"]["match_all_rows"] and result["goals"]["fp32_match_all_rows"]
+    speedup = result["speedup"]["vs_hf_batch"]
+    assert speedup == pytest.approx(hf["extrapolated_wall_s"] / result["fast"]["totals"]["wall_s"])

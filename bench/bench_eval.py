@@ -1,0 +1,682 @@
+"""Eval benchmark: the fast engine on the 6-model study against HF ``generate``, in one run on one GPU.
+
+Random weights of the real Qwen3-4B shape (bf16, SDPA) and synthetic GSM8K-length prompts (120-200 token
+ids); no tokenizer and no downloads. Output lengths are forced per model (min = max new tokens) to each
+model's token profile: base 300, L1 200, L2 100, L3 60, L4 40, L5 15. Measured, in this order:
+
+0. self-check: a tiny fp32 model with natural stops, min_new_tokens and a short last batch, fast engine
+   (CUDA graphs on a GPU) vs HF ``generate``, token for token;
+1. the fast engine on the whole eval (base + 5 merged LoRA r16 adapters, 1,319 problems each);
+2. baseline (a): HF ``generate`` at batch 64 with the unmerged PEFT adapter, timed on ``--hf-batches``
+   batches per model and extrapolated to the whole eval; its outputs are also (4) the token-for-token
+   comparison with the fast engine on the same 64 problems and the same weights;
+3. baseline (b): one problem at a time (unmerged adapter), on a 64-problem sample at the L5 profile
+   (15 new tokens) plus 8 problems at 1 new token, extrapolated by time = a + b * new_tokens;
+4. fp32 exactness on a 4-layer model of the real width: fast vs HF generate, base and merged adapter;
+5. the decode roofline of the fast run's own schedule: every step reads the bf16 weights once plus the KV
+   cache of every real row at its context, at the GPU's bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s).
+
+Run on the GPU machine from the repository root:  python -m bench.bench_eval
+Quick CPU check of the whole script:               python -m bench.bench_eval --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from bench import common
+from training.fast_generate import FastGenerator
+
+PROFILES = {"base": 300, "level_1": 200, "level_2": 100, "level_3": 60, "level_4": 40, "level_5": 15}
+GSM8K_TEST_PROBLEMS = 1319
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- HF reference
+def hf_generate(model, prompts, *, max_new: int, min_new: int, stop_ids, pad_id: int) -> list[list[int]]:
+    """One left-padded HF ``generate`` call (greedy); each row cut after its first stop token."""
+    device = next(model.parameters()).device
+    plen = max(map(len, prompts))
+    ids = torch.full((len(prompts), plen), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), plen), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, plen - len(p) :] = torch.tensor(p)
+        mask[r, plen - len(p) :] = 1
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            max_new_tokens=max_new,
+            min_new_tokens=min_new,
+            eos_token_id=list(stop_ids),
+            pad_token_id=pad_id,
+        )
+    rows = []
+    for row in out[:, plen:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        rows.append(row if cut is None else row[: cut + 1])
+    return rows
+
+
+def adapter_context(peft_model, name: str):
+    """HF's usual way: the stock model with adapters disabled, an adapter unmerged and active."""
+    if name == "base":
+        return peft_model.disable_adapter()
+    peft_model.set_adapter(name)
+    return _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def match_stats(fast: list[list[int]], reference: list[list[int]]) -> dict:
+    """Token-for-token agreement: identical rows, first-token agreement, mean agreeing prefix."""
+    prefixes = []
+    for a, b in zip(fast, reference, strict=True):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefixes.append(n / max(len(a), len(b)))
+    return {
+        "rows": len(fast),
+        "identical_rows": sum(a == b for a, b in zip(fast, reference, strict=True)),
+        "first_token_agree": sum(a[:1] == b[:1] for a, b in zip(fast, reference, strict=True)),
+        "mean_agreeing_prefix": sum(prefixes) / len(prefixes),
+        "tokens_compared": sum(len(b) for b in reference),
+    }
+
+
+# ---------------------------------------------------------------- stages
+def self_check(device: torch.device, *, smoke: bool) -> dict:
+    """Tiny fp32 model, natural stops: the fast engine (graphs on CUDA) equals HF generate exactly."""
+    config = common.smoke_config()
+    model = common.build_random_model(config, device=str(device), dtype=torch.float32, seed=11)
+    prompts = common.synthetic_prompts(40, vocab_size=config.vocab_size, min_len=3, max_len=30, seed=4)
+    pad = config.pad_token_id
+    # A stop token that some rows produce and others do not, so both finish reasons occur.
+    free = hf_generate(model, prompts, max_new=30, min_new=0, stop_ids={config.vocab_size + 7}, pad_id=pad)
+    counts = {}
+    for row in free:
+        for token in set(row[1:]):
+            counts[token] = counts.get(token, 0) + 1
+    stop = min(counts, key=lambda t: abs(counts[t] - len(prompts) / 2))
+    engine = FastGenerator(model, max_batch_size=16, context_bucket=8)
+    results = {}
+    for min_new in (0, 5):
+        expected = hf_generate(model, prompts, max_new=30, min_new=min_new, stop_ids={stop}, pad_id=pad)
+        got = engine.generate(
+            prompts, max_new_tokens=30, min_new_tokens=min_new, stop_token_ids=[stop], pad_token_id=pad
+        )
+        results[f"min_new_{min_new}"] = {
+            **match_stats([c.token_ids for c in got], expected),
+            "stopped_rows": sum(c.finish_reason == "stop" for c in got),
+        }
+    engine.close()
+    ok = all(r["identical_rows"] == r["rows"] for r in results.values())
+    return {
+        "ok": ok,
+        "cuda_graphs": engine.use_graphs,
+        "batches": [b.rows for b in engine.last_stats.batches],
+        **results,
+    }
+
+
+def fast_eval(engine: FastGenerator, prompts, models, profiles, *, stop_ids, pad_id, device) -> dict:
+    per_model, outputs = {}, {}
+    sync(device)
+    start = time.perf_counter()
+    for name in models:
+        t0 = time.perf_counter()
+        completions = engine.generate(
+            prompts,
+            adapter=None if name == "base" else name,
+            max_new_tokens=profiles[name],
+            min_new_tokens=profiles[name],
+            stop_token_ids=stop_ids,
+            pad_token_id=pad_id,
+        )
+        sync(device)
+        wall = time.perf_counter() - t0
+        stats = engine.last_stats
+        tokens = sum(len(c.token_ids) for c in completions)
+        decode_tokens = sum(b.rows * (b.steps - 1) for b in stats.batches)
+        decode_s = sum(b.decode_s for b in stats.batches)
+        per_model[name] = {
+            "new_tokens": profiles[name],
+            "wall_s": wall,
+            "generated_tokens": tokens,
+            "tokens_per_s": tokens / wall,
+            "merge_s": stats.merge_s,
+            "capture_s": stats.capture_s,
+            "prefill_s": sum(b.prefill_s for b in stats.batches),
+            "decode_s": decode_s,
+            "decode_tokens_per_s": decode_tokens / decode_s if decode_s else None,
+            "decode_ms_per_step": 1000 * decode_s / max(1, sum(b.steps - 1 for b in stats.batches)),
+            "batches": [
+                {
+                    "rows": b.rows,
+                    "graph_rows": b.graph_rows,
+                    "padded_prompt_len": b.padded_prompt_len,
+                    "steps": b.steps,
+                }
+                for b in stats.batches
+            ],
+            "_schedule": [{"prompt_lens": b.prompt_lens, "steps": b.steps} for b in stats.batches],
+        }
+        outputs[name] = [c.token_ids for c in completions]
+        log(
+            f"fast {name:8s}: {tokens:>8,} tokens in {wall:6.1f}s = {tokens / wall:>9,.0f} tok/s "
+            f"(prefill {per_model[name]['prefill_s']:.1f}s, decode {decode_s:.1f}s, capture {stats.capture_s:.1f}s, "
+            f"{per_model[name]['decode_ms_per_step']:.2f} ms/step at {stats.batches[0].graph_rows} rows)"
+        )
+    wall = time.perf_counter() - start
+    tokens = sum(m["generated_tokens"] for m in per_model.values())
+    totals = {
+        "wall_s": wall,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "capture_s": sum(m["capture_s"] for m in per_model.values()),
+        "prefill_s": sum(m["prefill_s"] for m in per_model.values()),
+        "decode_s": sum(m["decode_s"] for m in per_model.values()),
+        "merge_s": sum(m["merge_s"] for m in per_model.values()),
+        "max_batch_rows": engine._capacity[0],
+        "cache_slots": engine._capacity[1],
+        "cuda_graphs": engine.use_graphs,
+        "context_bucket": engine.bucket,
+    }
+    return {"totals": totals, "per_model": per_model, "outputs": outputs}
+
+
+def hf_batch_baseline(
+    peft_model, prompts, models, profiles, *, batch: int, n_batches: int, stop_ids, pad_id, device
+):
+    """HF ``generate`` at ``batch`` rows, unmerged adapters: time the first ``n_batches`` per model."""
+    per_model, outputs = {}, {}
+    with adapter_context(peft_model, models[-1]):  # warm-up: kernels, cuBLAS handles, LoRA path
+        hf_generate(peft_model, prompts[:batch], max_new=2, min_new=2, stop_ids=stop_ids, pad_id=pad_id)
+    with peft_model.disable_adapter():
+        hf_generate(peft_model, prompts[:batch], max_new=2, min_new=2, stop_ids=stop_ids, pad_id=pad_id)
+    for name in models:
+        new = profiles[name]
+        times, rows = [], []
+        for k in range(n_batches):
+            part = prompts[k * batch : (k + 1) * batch]
+            if not part:
+                break
+            sync(device)
+            t0 = time.perf_counter()
+            with adapter_context(peft_model, name):
+                rows += hf_generate(
+                    peft_model, part, max_new=new, min_new=new, stop_ids=stop_ids, pad_id=pad_id
+                )
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        total_batches = math.ceil(len(prompts) / batch)
+        per_batch = sum(times) / len(times)
+        per_model[name] = {
+            "measured_batches": len(times),
+            "measured_s": sum(times),
+            "measured_tokens": sum(map(len, rows)),
+            "s_per_batch": per_batch,
+            "ms_per_step": 1000 * per_batch / new,
+            "batches_in_eval": total_batches,
+            "extrapolated_wall_s": per_batch * total_batches,
+        }
+        outputs[name] = rows
+        log(
+            f"hf b{batch} {name:8s}: {per_batch:6.2f}s per batch of {new} new tokens -> {per_batch * total_batches:7.1f}s"
+        )
+    return per_model, outputs
+
+
+def one_at_a_time(peft_model, prompts, *, adapter: str, new: int, stop_ids, pad_id, device) -> dict:
+    """One problem per ``generate`` call, as a usage snippet does; time = a + b * new_tokens per problem."""
+    with adapter_context(peft_model, adapter):
+        hf_generate(peft_model, prompts[:1], max_new=2, min_new=2, stop_ids=stop_ids, pad_id=pad_id)
+
+        def timed(sample, max_new):
+            sync(device)
+            t0 = time.perf_counter()
+            for p in sample:
+                hf_generate(
+                    peft_model, [p], max_new=max_new, min_new=max_new, stop_ids=stop_ids, pad_id=pad_id
+                )
+            sync(device)
+            return (time.perf_counter() - t0) / len(sample)
+
+        short = timed(prompts, new)
+        one = timed(prompts[: max(1, min(8, len(prompts)))], 1)
+    per_token = (short - one) / (new - 1)
+    fixed = one - per_token
+    if per_token <= 0 or fixed < 0:  # timing noise on tiny runs: fall back to time proportional to tokens
+        per_token, fixed = short / new, 0.0
+    return {
+        "adapter": adapter,
+        "problems": len(prompts),
+        "new_tokens": new,
+        "s_per_problem": short,
+        "tokens_per_s": new / short,
+        "s_per_problem_1_token": one,
+        "fit": {"fixed_s": fixed, "per_token_s": per_token},
+    }
+
+
+def fp32_exactness(device: torch.device, *, smoke: bool, problems: int, new: int, stop_ids, pad_id) -> dict:
+    """fp32 (no TF32) on a few layers of the real width: the algorithm is exact, not just close."""
+    config = common.smoke_config() if smoke else common.qwen3_4b_config(num_layers=4)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = common.build_random_model(config, device=str(device), dtype=torch.float32, seed=5)
+        peft_model = common.add_random_adapters(model, ["level_1"], seed=6)
+        lo, hi = (12, 20) if smoke else (120, 200)
+        prompts = common.synthetic_prompts(
+            problems, vocab_size=config.vocab_size, min_len=lo, max_len=hi, seed=7
+        )
+        engine = FastGenerator(peft_model)
+        out = {"layers": config.num_hidden_layers, "problems": problems, "new_tokens": new}
+        for name in ("base", "level_1"):
+            with adapter_context(peft_model, name):
+                expected = hf_generate(
+                    peft_model, prompts, max_new=new, min_new=new, stop_ids=stop_ids, pad_id=pad_id
+                )
+            got = engine.generate(
+                prompts,
+                adapter=None if name == "base" else name,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                stop_token_ids=stop_ids,
+                pad_token_id=pad_id,
+            )
+            out[name] = match_stats([c.token_ids for c in got], expected)
+        engine.close()
+        del engine, peft_model, model
+        return out
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def floors(fast: dict, *, config, weight_bytes: int, dtype, peaks: dict, measured_bw: float | None) -> dict:
+    """Decode roofline of the fast run's schedule, and a whole-eval floor (prefill compute + decode bytes)."""
+    schedule = [b for m in fast["per_model"].values() for b in m["_schedule"]]
+    kv = common.kv_bytes_per_token(config, dtype)
+    params = common.matmul_params(config)
+    out = {
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_token": kv,
+        "bandwidth_source": peaks["source"],
+        "datasheet_bandwidth": peaks["bandwidth"],
+        "measured_copy_bandwidth": measured_bw,
+        "bf16_peak_flops": peaks["bf16_flops"],
+    }
+    achieved_decode = sum(m["decode_s"] for m in fast["per_model"].values())
+    for label, bandwidth in (("datasheet", peaks["bandwidth"]), ("measured", measured_bw)):
+        if not bandwidth:
+            continue
+        floor = common.decode_floor(
+            schedule,
+            weight_bytes=weight_bytes,
+            kv_per_token=kv,
+            matmul_params=params,
+            bandwidth=bandwidth,
+            flops=peaks["bf16_flops"],
+        )
+        decode_tokens = floor["decode_tokens"]
+        # Prefill: every real prompt token through every layer's linears, plus causal attention.
+        layer_params = params - config.hidden_size * config.vocab_size
+        attn = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+        prefill_flops = sum(
+            2 * n * layer_params + attn * n * n + 2 * config.hidden_size * config.vocab_size
+            for b in schedule
+            for n in b["prompt_lens"]
+        )
+        prefill_floor = prefill_flops / peaks["bf16_flops"] if peaks["bf16_flops"] else None
+        decode_floor_s = max(floor["memory_floor_s"], floor.get("compute_floor_s", 0.0))
+        out[label] = {
+            **floor,
+            "achieved_decode_tokens_per_s": decode_tokens / achieved_decode,
+            "decode_share_of_roofline": (decode_tokens / achieved_decode) / floor["roofline_tokens_per_s"],
+            "end_to_end_share_of_roofline": fast["totals"]["tokens_per_s"] / floor["roofline_tokens_per_s"],
+            "prefill_flops": prefill_flops,
+            "prefill_compute_floor_s": prefill_floor,
+            "whole_eval_floor_s": (prefill_floor or 0.0) + decode_floor_s,
+            "whole_eval_share_of_floor": ((prefill_floor or 0.0) + decode_floor_s) / fast["totals"]["wall_s"],
+        }
+    return out
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, few problems: checks the script on a CPU"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default $OUT/bench_eval.json or bench/results/)"
+    )
+    parser.add_argument(
+        "--models", type=int, default=6, help="how many of base, L1..L5 to evaluate (default 6)"
+    )
+    parser.add_argument(
+        "--problems", type=int, default=None, help="problems per model (default 1319; smoke 12)"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=512, help="fast engine's row cap (memory caps it too)"
+    )
+    parser.add_argument(
+        "--hf-batches", type=int, default=1, help="HF batches timed per model for baseline (a)"
+    )
+    parser.add_argument("--single-problems", type=int, default=None, help="baseline (b) sample (default 64)")
+    parser.add_argument(
+        "--self-check-only", action="store_true", help="run only the tiny exactness self-check"
+    )
+    return parser.parse_args(argv)
+
+
+def run_stage(result: dict, name: str, fn):
+    """Run one stage; a failure is logged and recorded, and the later stages that do not need it still run."""
+    try:
+        return fn()
+    except Exception as error:  # one scarce GPU run should report every stage it can
+        log(f"stage {name} FAILED: {error!r}\n{traceback.format_exc()}")
+        result.setdefault("errors", {})[name] = f"{error!r}"
+        return None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = args.smoke
+    out_path = args.out or common.default_out("bench_eval.json")
+    result: dict = {
+        "schema_version": 1,
+        "benchmark": "eval",
+        "smoke": smoke,
+        "date": common.utc_now(),
+        "device": common.device_info(device),
+        "libraries": common.library_versions(),
+    }
+    log(f"device {result['device']['name']} ({device.type}); {result['libraries']}")
+
+    log("self-check: tiny fp32 model, fast engine vs HF generate")
+    result["self_check"] = run_stage(result, "self_check", lambda: self_check(device, smoke=smoke))
+    log(f"self-check: {json.dumps(result['self_check'])}")
+    if args.self_check_only:
+        return _write(result, out_path)
+
+    config = common.smoke_config() if smoke else common.qwen3_4b_config()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    stop_ids = [config.eos_token_id, config.pad_token_id]
+    pad_id = config.pad_token_id
+    models = list(PROFILES)[: args.models]
+    profiles = {k: math.ceil(v / 10) for k, v in PROFILES.items()} if smoke else dict(PROFILES)
+    n_problems = args.problems or (12 if smoke else GSM8K_TEST_PROBLEMS)
+    lo, hi = (12, 20) if smoke else (120, 200)
+    prompts = common.synthetic_prompts(
+        n_problems, vocab_size=config.vocab_size, min_len=lo, max_len=hi, seed=0
+    )
+    hf_batch = 4 if smoke else 64
+    gen = {"stop_ids": stop_ids, "pad_id": pad_id}
+
+    peaks = common.device_peaks(result["device"]["name"] if device.type == "cuda" else "cpu")
+    measured_bw = (
+        run_stage(result, "bandwidth", lambda: common.measure_copy_bandwidth(device))
+        if device.type == "cuda"
+        else None
+    )
+    if measured_bw:
+        log(f"device-to-device copy bandwidth {measured_bw / 1e12:.2f} TB/s (datasheet {peaks['bandwidth']})")
+
+    log(
+        f"building random {config.num_hidden_layers}-layer model (hidden {config.hidden_size}) on {device} in {dtype}"
+    )
+    t0 = time.perf_counter()
+    model = common.build_random_model(config, device=str(device), dtype=dtype, seed=0)
+    adapters = [m for m in models if m != "base"] or ["level_1"]
+    peft_model = common.add_random_adapters(model, adapters, seed=1)
+    sync(device)
+    weights = common.weight_bytes(peft_model)
+    result["setup"] = {
+        "model": {
+            "shape": "smoke" if smoke else "Qwen3-4B",
+            "layers": config.num_hidden_layers,
+            "hidden": config.hidden_size,
+            "intermediate": config.intermediate_size,
+            "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "vocab": config.vocab_size,
+            "dtype": str(dtype),
+            "attention": "sdpa",
+            "weight_bytes": weights,
+        },
+        "adapters": {
+            "names": adapters,
+            "r": 16,
+            "alpha": 32,
+            "target_modules": "all-linear",
+            "B": "N(0, 0.02)",
+        },
+        "problems_per_model": n_problems,
+        "prompt_tokens": {
+            "min": min(map(len, prompts)),
+            "max": max(map(len, prompts)),
+            "mean": sum(map(len, prompts)) / len(prompts),
+        },
+        "models": models,
+        "new_tokens": {m: profiles[m] for m in models},
+        "build_s": time.perf_counter() - t0,
+    }
+    log(f"built in {result['setup']['build_s']:.1f}s: {weights / 1e9:.2f} GB of weights, adapters {adapters}")
+
+    # (1) the fast engine on the whole eval
+    def run_fast():
+        engine = FastGenerator(peft_model, max_batch_size=args.max_batch_size)
+        try:
+            return fast_eval(engine, prompts, models, profiles, device=device, **gen)
+        finally:
+            engine.close()
+
+    fast = run_stage(result, "fast", run_fast)
+    if fast:
+        result["fast"] = {
+            "totals": fast["totals"],
+            "per_model": {
+                name: {k: v for k, v in m.items() if not k.startswith("_")}
+                for name, m in fast["per_model"].items()
+            },
+        }
+        t = fast["totals"]
+        log(
+            f"fast whole eval: {t['generated_tokens']:,} tokens in {t['wall_s']:.1f}s = {t['tokens_per_s']:,.0f} tok/s"
+        )
+        result["roofline"] = run_stage(
+            result,
+            "roofline",
+            lambda: floors(
+                fast, config=config, weight_bytes=weights, dtype=dtype, peaks=peaks, measured_bw=measured_bw
+            ),
+        )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # (2) + (4): HF generate at batch 64, unmerged adapters; its outputs are the reference for the match
+    log(
+        f"baseline (a): HF generate batch {hf_batch}, unmerged adapters, {args.hf_batches} batch(es) per model"
+    )
+    hf = run_stage(
+        result,
+        "baseline_hf_batch",
+        lambda: hf_batch_baseline(
+            peft_model,
+            prompts,
+            models,
+            profiles,
+            batch=hf_batch,
+            n_batches=args.hf_batches,
+            device=device,
+            **gen,
+        ),
+    )
+    if hf:
+        hf_models, hf_outputs = hf
+        hf_wall = sum(m["extrapolated_wall_s"] for m in hf_models.values())
+        eval_tokens = n_problems * sum(profiles[m] for m in models)
+        result["baseline_hf_batch"] = {
+            "batch_size": hf_batch,
+            "per_model": hf_models,
+            "extrapolated_wall_s": hf_wall,
+            "tokens_per_s": eval_tokens / hf_wall,
+            "method": f"{args.hf_batches} batch(es) of {hf_batch} per model timed after a warm-up; mean batch time "
+            "x batches in the eval (the last, partial batch counted as a full one: HF's step cost is host-bound)",
+        }
+        if fast:
+            result["match"] = {
+                "dtype": str(dtype),
+                "note": "fast engine's outputs in the whole-eval run vs HF generate on the same first problems",
+                **{n: match_stats(fast["outputs"][n][: len(hf_outputs[n])], hf_outputs[n]) for n in models},
+            }
+            for name in models:
+                m = result["match"][name]
+                log(
+                    f"match {name:8s}: {m['identical_rows']}/{m['rows']} rows identical, first token "
+                    f"{m['first_token_agree']}/{m['rows']}, mean agreeing prefix {m['mean_agreeing_prefix']:.1%}"
+                )
+
+    # (3) one problem at a time
+    single_n = args.single_problems or (4 if smoke else 64)
+    short_model = models[-1] if models[-1] != "base" else adapters[-1]
+    short_new = max(2, profiles[short_model] if short_model in profiles else profiles["level_5"])
+    log(f"baseline (b): one problem at a time, {single_n} problems at {short_new} new tokens ({short_model})")
+    single = run_stage(
+        result,
+        "baseline_one_at_a_time",
+        lambda: one_at_a_time(
+            peft_model, prompts[:single_n], adapter=short_model, new=short_new, device=device, **gen
+        ),
+    )
+    if single:
+        fit = single["fit"]
+        single_wall = sum(n_problems * (fit["fixed_s"] + fit["per_token_s"] * profiles[m]) for m in models)
+        single.update(
+            extrapolated_wall_s=single_wall,
+            tokens_per_s_extrapolated=n_problems * sum(profiles[m] for m in models) / single_wall,
+            method="per-problem time = fixed + per_token x new_tokens, fitted from the sample at "
+            f"{short_new} new tokens and at 1, summed over every model's problems and token profile",
+        )
+        result["baseline_one_at_a_time"] = single
+        log(
+            f"one at a time: {single['s_per_problem']:.2f}s per problem ({single['tokens_per_s']:.1f} tok/s) -> "
+            f"{single_wall:,.0f}s for the eval"
+        )
+
+    peft_model = model = None  # free the 4B model before the fp32 check
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # (4b) fp32 exactness on a few layers
+    log("fp32 exactness check (TF32 off)")
+    result["match_fp32"] = run_stage(
+        result,
+        "match_fp32",
+        lambda: fp32_exactness(
+            device, smoke=smoke, problems=8 if smoke else 64, new=16 if smoke else 64, **gen
+        ),
+    )
+    log(f"fp32: {json.dumps(result['match_fp32'])}")
+
+    result["speedup"] = {}
+    if fast and hf:
+        result["speedup"]["vs_hf_batch"] = (
+            result["baseline_hf_batch"]["extrapolated_wall_s"] / fast["totals"]["wall_s"]
+        )
+    if fast and single:
+        result["speedup"]["vs_one_at_a_time"] = single["extrapolated_wall_s"] / fast["totals"]["wall_s"]
+    roof = (
+        (result.get("roofline") or {}).get("datasheet")
+        or (result.get("roofline") or {}).get("measured")
+        or {}
+    )
+    match, fp32 = result.get("match") or {}, result.get("match_fp32") or {}
+    result["goals"] = {
+        "whole_eval_10x_vs_hf_batch64": result["speedup"].get("vs_hf_batch", 0) >= 10,
+        "end_to_end_40pct_of_decode_roofline": roof.get("end_to_end_share_of_roofline", 0) >= 0.4,
+        "decode_40pct_of_decode_roofline": roof.get("decode_share_of_roofline", 0) >= 0.4,
+        "match_all_rows": bool(match) and all(match[n]["identical_rows"] == match[n]["rows"] for n in models),
+        "fp32_match_all_rows": bool(fp32)
+        and all(fp32[k]["identical_rows"] == fp32[k]["rows"] for k in ("base", "level_1")),
+        "self_check": bool(result["self_check"] and result["self_check"]["ok"]),
+    }
+    _table(result)
+    return _write(result, out_path)
+
+
+def _table(result: dict) -> None:
+    """The short summary printed last (the device reply carries the end of the output)."""
+    fast = (result.get("fast") or {}).get("totals")
+    hf = result.get("baseline_hf_batch")
+    single = result.get("baseline_one_at_a_time")
+    speed = result.get("speedup", {})
+    lines = ["", f"{'method':44s} {'whole eval s':>12s} {'tokens/s':>10s} {'fast is':>8s}"]
+    if fast:
+        lines.append(f"{'fast engine (measured)':44s} {fast['wall_s']:12.1f} {fast['tokens_per_s']:10,.0f}")
+    if hf:
+        label = f"HF generate b{hf['batch_size']} unmerged (extrapolated)"
+        lines.append(
+            f"{label:44s} {hf['extrapolated_wall_s']:12.1f} {hf['tokens_per_s']:10,.0f} "
+            f"{speed.get('vs_hf_batch', float('nan')):7.1f}x"
+        )
+    if single:
+        lines.append(
+            f"{'one at a time (extrapolated)':44s} {single['extrapolated_wall_s']:12.1f} "
+            f"{single['tokens_per_s_extrapolated']:10,.1f} {speed.get('vs_one_at_a_time', float('nan')):7.1f}x"
+        )
+    roofline = result.get("roofline") or {}
+    for label in ("datasheet", "measured"):
+        roof = roofline.get(label)
+        if roof:
+            lines.append(
+                f"decode roofline ({label} bandwidth) {roof['roofline_tokens_per_s']:,.0f} tok/s at "
+                f"{roof['mean_rows_per_step']:.0f} rows, context {roof['mean_context']:.0f}: decode reached "
+                f"{roof['decode_share_of_roofline']:.0%}, end to end {roof['end_to_end_share_of_roofline']:.0%}; "
+                f"whole-eval floor {roof['whole_eval_floor_s']:.1f}s = {roof['whole_eval_share_of_floor']:.0%} of wall"
+            )
+    lines.append(f"goals: {json.dumps(result['goals'])}")
+    if result.get("errors"):
+        lines.append(f"errors: {json.dumps(result['errors'])}")
+    print("\n".join(lines), flush=True)
+
+
+def _write(result: dict, path: Path) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
