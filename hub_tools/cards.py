@@ -425,6 +425,25 @@ SAMPLE_COLUMN_DOCS = {
     "schema_version": "record schema version",
 }
 assert tuple(SAMPLE_COLUMN_DOCS) == SAMPLE_FIELDS
+SUMMARY_COLUMN_DOCS = {
+    "model": "base or level_<n>",
+    "level": "compression level (empty for base)",
+    "n_total": "graded answers (problems × seeds)",
+    "n_correct": "correct answers",
+    "accuracy": "n_correct / n_total",
+    "ci95_low": "lower end of the Wilson 95% interval of accuracy",
+    "ci95_high": "upper end of the Wilson 95% interval of accuracy",
+    "think_tokens_mean": "mean think tokens",
+    "think_tokens_median": "median think tokens",
+    "think_tokens_p90": "90th percentile of think tokens",
+    "completion_tokens_mean": "mean completion tokens",
+    "completion_tokens_median": "median completion tokens",
+    "tokens_per_correct": "all completion tokens / n_correct",
+    "truncated": "answers that hit the token limit",
+    "delta_vs_base": "accuracy minus base accuracy on the same problems (empty for base)",
+    "mcnemar_p": "exact McNemar p against base (empty for base)",
+    "on_frontier": "on the Pareto frontier of accuracy against mean think tokens",
+}
 
 
 def dataset_context(config: StudyConfig, art: StudyArtifacts, **links: Any) -> dict[str, Any]:
@@ -443,6 +462,7 @@ def dataset_context(config: StudyConfig, art: StudyArtifacts, **links: Any) -> d
             }
         ],
         "columns": [{"name": name, "doc": doc} for name, doc in SAMPLE_COLUMN_DOCS.items()],
+        "summary_columns": [{"name": name, "doc": doc} for name, doc in SUMMARY_COLUMN_DOCS.items()],
         "split": EVAL_SPLIT,
     }
 

@@ -183,6 +183,13 @@ def test_collection_notes_state_level_and_numbers(study):
     assert "Sweet spot" in notes["cot-compress/tiny-cot-l2"]
 
 
+def test_dataset_card_documents_every_column():
+    from eval_artifacts.hub_dataset import SAMPLE_FEATURES, SUMMARY_FEATURES
+
+    assert list(cards.SAMPLE_COLUMN_DOCS) == list(SAMPLE_FEATURES)
+    assert list(cards.SUMMARY_COLUMN_DOCS) == list(SUMMARY_FEATURES)
+
+
 def test_formatting_is_one_place():
     assert cards.fmt_accuracy(765 / 1319) == "0.580"
     assert cards.fmt_tokens(51507 / 1319) == "39.05"
