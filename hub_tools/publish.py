@@ -275,8 +275,12 @@ def plan_repo(
     pr: dict | None,
     create_pr: bool,
     may_create: bool = True,
+    fetch_readme: bool = True,
 ) -> RepoPlan:
-    """Compare ``spec`` with the repo on the Hub; reads only (repo_info, refs, paths-info, README)."""
+    """Compare ``spec`` with the repo on the Hub; reads only (repo_info, refs, paths-info, README).
+
+    ``fetch_readme`` downloads the Hub's README when it differs, for the dry run's diff.
+    """
     api, token = target.api, target.token
     try:
         try:
@@ -304,7 +308,7 @@ def plan_repo(
         )
         plan.remote = {e.path: e for e in entries if isinstance(e, RepoFile)}
         plan.diff(owned)
-        if README in plan.change:
+        if README in plan.change and fetch_readme:
             plan.remote_readme = _download_text(target, spec, plan.head)
         return plan
     except HfHubHTTPError as error:
@@ -599,6 +603,7 @@ def _run(
                 pr=state.repos.get(spec.repo_id, {}).get("pr"),
                 create_pr=create_pr,
                 may_create=scope != "cards",
+                fetch_readme=dry_run,
             )
             for spec in specs
         ]
