@@ -198,3 +198,77 @@ def regenerate_cards_command(config_path, run_dir, endpoint, namespace, dry_run,
         config, config.run_dir, from_hub=from_hub, endpoint=endpoint, namespace=namespace,
         dry_run=dry_run, create_pr=create_pr, templates_dir=templates_dir,
     )  # fmt: skip
+
+
+@main.command("evaluate")
+@CONFIG_OPTION
+@RUN_DIR_OPTION
+@DATA_DIR_OPTION
+@click.option("--models", default=None, help="Comma-separated models, e.g. base,level_1 (default: base and every level).")
+@click.option("--seeds", default=None, help="Comma-separated seeds (default: the config's eval.seeds).")
+def evaluate_command(config_path, run_dir, data_dir, models, seeds):
+    """Generate on the test set for base and each adapter, then write metrics, summary.json and pareto.png."""
+    from training import evaluate
+
+    config = load_study(config_path, run_dir, data_dir)
+    names = [name.strip() for name in models.split(",") if name.strip()] if models else None
+    summary = evaluate.run(config, config.run_dir, models=names, seeds=parse_int_list(seeds, "--seeds"))
+    for row in summary["models"]:
+        lo, hi = row["ci95"]
+        click.echo(
+            f"{row['model']:<8} accuracy {row['accuracy']:.1%} [{lo:.1%}, {hi:.1%}]  "
+            f"think tokens {row['think_tokens']['mean']:.1f}  completion tokens {row['completion_tokens']['mean']:.1f}"
+        )
+
+
+LOCAL_PAGES_PORT = 8000
+
+
+@main.command("train-and-publish")
+@publishing_options
+@DATA_DIR_OPTION
+@click.option(
+    "--force-stage",
+    "force_stages",
+    multiple=True,
+    type=click.Choice(["prepare-data", "train", "evaluate", "render-cards"]),
+    help="Rerun this stage even if its outputs are current (repeatable).",
+)
+def train_and_publish_command(
+    config_path, run_dir, endpoint, namespace, dry_run, create_pr, templates_dir, data_dir, force_stages
+):
+    """Prepare data, train, evaluate, render cards and publish; stages that are current are skipped."""
+    from eval_artifacts.rundir import RunDir
+    from eval_artifacts.summary import read_summary
+    from hub_tools.pipeline import run_stages
+    from hub_tools.publish import publish_study
+
+    config = load_study(config_path, run_dir, data_dir)
+    study = RunDir(config.run_dir)
+    run_stages(config, study, force_stages=tuple(force_stages), templates_dir=templates_dir)
+    report = publish_study(
+        config, study, endpoint=endpoint, namespace=namespace, dry_run=dry_run,
+        create_pr=create_pr, templates_dir=templates_dir,
+    )  # fmt: skip
+    local = (endpoint or config.hub.endpoint) == "local"
+    urls = {result.repo_id: result.url for result in report.repos}
+    if local:
+        # The embedded hub stopped with the run; these are the URLs once `hub serve` below is running.
+        base = f"http://127.0.0.1:{LOCAL_PAGES_PORT}"
+        urls = {repo_id: f"{base}/{'datasets/' if repo_id.endswith('-eval') else ''}{repo_id}" for repo_id in urls}
+    click.echo("")
+    click.echo(f"{'model':<10} {'accuracy [95% CI]':<26} {'think tokens':>12}  repo")
+    for row in read_summary(study)["models"]:
+        lo, hi = row["ci95"]
+        repo_id = config.adapter_repo_id(row["level"]) if row["level"] else config.base_model.id
+        url = urls.get(repo_id, repo_id)
+        accuracy = f"{row['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+        click.echo(f"{row['model']:<10} {accuracy:<26} {row['think_tokens']['mean']:>12.2f}  {url}")
+    eval_url = urls.get(config.eval_repo_id, config.eval_repo_id)
+    click.echo(f"eval dataset: {eval_url}")
+    if local and report.collection_slug:
+        click.echo(f"collection:   http://127.0.0.1:{LOCAL_PAGES_PORT}/collections/{report.collection_slug}")
+    if local:
+        click.echo(
+            f"Open the pages: cot-compress hub serve --data {study.hub_data_dir} --port {LOCAL_PAGES_PORT}"
+        )
