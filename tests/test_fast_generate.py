@@ -210,7 +210,10 @@ def tiny_model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-fast")
     problems = generate_problems(200, seed=0, max_number=20, split="train")
     tokenizer = train_tokenizer([p.question + " " + p.answer for p in problems], vocab_size=300)
-    model = make_model(TinyModelConfig(), tokenizer)
+    settings = TinyModelConfig(
+        hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2
+    )
+    model = make_model(settings, tokenizer)
     with torch.no_grad():  # make <|im_end|> a likely pick, so some rows stop and others run out of length
         model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(IM_END)] *= 8
     model.save_pretrained(root / "base")
@@ -229,12 +232,14 @@ def test_engine_wrapper_returns_the_hf_engines_generations(tiny_model_dir):
     hf.load_adapter("level_1", root / "adapter")
     fast = FastGenerationEngine(GenerationEngine(root / "base", device="cpu"), max_batch_size=4)
     fast.load_adapter("level_1", root / "adapter")
+    reasons = set()
     for adapter in (None, "level_1"):
         expected = hf.generate_batch(questions, adapter=adapter, max_new_tokens=24)
         got = fast.generate_batch(questions, adapter=adapter, max_new_tokens=24)
         assert got == expected
         assert [g.index for g in got] == list(range(len(questions)))
-        assert {g.finish_reason for g in got} == {"stop", "length"}
+        reasons |= {g.finish_reason for g in got}
+    assert reasons == {"stop", "length"}
     batches = list(fast.generate(questions, adapter="level_1", max_new_tokens=24, batch_size=64))
     assert [len(b) for b in batches] == [4, 4, 2]  # 10 prompts, at most 4 a batch: 3 batches of 4 slots
     assert sorted(g.index for b in batches for g in b) == list(range(len(questions)))

@@ -113,7 +113,7 @@ class FastGenerator:
         model: nn.Module,
         *,
         max_batch_size: int = 512,
-        context_bucket: int = 64,
+        context_bucket: int = 32,
         stop_check_every: int | None = None,
         use_cuda_graphs: bool | None = None,
         kv_memory_fraction: float = 0.85,
@@ -279,7 +279,10 @@ class FastGenerator:
         h = self.embed(self._cur[:b])[:, None, :]
         cos, sin = self.rotary(h, (pos - self._pad[:b])[:, None])
         slots = self._slots[:width]
-        mask = ((slots[None, :] >= self._pad[:b, None]) & (slots[None, :] <= pos))[:, None, None, :]
+        allowed = (slots[None, :] >= self._pad[:b, None]) & (slots[None, :] <= pos)
+        # Additive, built once per step: SDPA would otherwise turn a boolean mask into this in every layer.
+        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
+        mask = mask[:, None, None, :]
         groups = self.n_heads // self.n_kv
 
         def attend_layer(i):
