@@ -125,7 +125,7 @@ class EvalConfig(_Strict):
     batch_size: int = Field(64, gt=0)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     max_problems: int | None = Field(None, gt=0)
-    backend: Literal["auto", "hf", "vllm"] = "auto"
+    backend: Literal["auto", "hf", "fast", "vllm"] = "auto"
     sweet_spot_margin: float = Field(0.0, ge=0, le=1)
     """A level is accuracy-preserving when it is not significantly below base, or within this margin of it."""
 
