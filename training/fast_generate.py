@@ -281,7 +281,9 @@ class FastGenerator:
         slots = self._slots[:width]
         allowed = (slots[None, :] >= self._pad[:b, None]) & (slots[None, :] <= pos)
         # Additive, built once per step: SDPA would otherwise turn a boolean mask into this in every layer.
-        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
+        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(
+            ~allowed, float("-inf")
+        )
         mask = mask[:, None, None, :]
         groups = self.n_heads // self.n_kv
 
@@ -570,7 +572,12 @@ class FastGenerationEngine:
         return self.hf.render(prompt)
 
     def plan(self, prompts: list[str], *, batch_size: int) -> list[list[int]]:
-        return self.hf.plan(prompts, batch_size=batch_size)
+        """The HF engine's plan with batches of ``max_batch_size`` (at least ``batch_size``).
+
+        It depends only on the prompts, so resumed runs batch alike; a batch larger than the GPU's cache
+        is split inside ``generate_batch``.
+        """
+        return self.hf.plan(prompts, batch_size=max(batch_size, self.max_batch_size))
 
     def _generator(self) -> FastGenerator:
         if self._fast is None or self._fast.model is not self.hf.model:
