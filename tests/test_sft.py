@@ -260,6 +260,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(small_base, tmp
         [p["loss"] for p in expected["loss_curve"]]
     )
     assert not (killed.adapter_dir(3) / "checkpoints").exists()
+    assert sft.run(killed_config, killed, levels=[3], resume=True)[3] == resumed  # finished levels are skipped
 
 
 def run_dir_has_adapter(run_dir: RunDir, level: int) -> bool:

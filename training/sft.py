@@ -11,6 +11,7 @@ a successful finish unless ``training.keep_checkpoints`` is set.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import os
@@ -72,12 +73,14 @@ def run(
             )
         data_sha256 = file_sha256(train_file)
         checkpoints = checkpoints_dir(run_dir, level)
-        resume_from = resume and last_checkpoint(checkpoints) is not None
         done = up_to_date(config, run_dir, level, data_sha256)
-        if done is not None and not force and not resume_from:
+        # A level killed mid-training has no training.json (removed when training starts), so it is never
+        # "done": --resume reaches it, and skips the levels that finished.
+        if done is not None and not force:
             _say(f"level {level}: adapter up to date in {run_dir.adapter_dir(level)}, skipped")
             results[level] = done
             continue
+        resume_from = resume and last_checkpoint(checkpoints) is not None
         if resume and not resume_from:
             _say(f"level {level}: no checkpoint under {checkpoints}, training from the start")
 
@@ -102,10 +105,12 @@ def run(
             precision=precision,
             output_dir=checkpoints,
         )
-        if not resume_from and trainer.is_world_process_zero():
-            shutil.rmtree(
-                checkpoints, ignore_errors=True
-            )  # stale checkpoints of an older run must not be "last"
+        if trainer.is_world_process_zero():
+            # An adapter without training.json is never "up to date", so a run killed while retraining
+            # cannot leave new weights beside an old record.
+            run_dir.training_json(level).unlink(missing_ok=True)
+            if not resume_from:  # stale checkpoints of an older run must not become "last"
+                shutil.rmtree(checkpoints, ignore_errors=True)
         outcome = train(trainer, resume=resume_from)
 
         payload = training_record(
@@ -127,6 +132,9 @@ def run(
         trainer.accelerator.wait_for_everyone()
         results[level] = payload
         del trainer, model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next level loads its own copy of the base
     return results
 
 
