@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from eval_artifacts.errors import ArtifactError
+from eval_artifacts.faultpoints import maybe_crash
 
 SCHEMA_VERSION = 1
 
@@ -96,7 +97,9 @@ def write_json(path: Path, payload: Any) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    maybe_crash("write_json", path.name)  # temp file complete, not yet in place
     os.replace(handle.name, path)
+    maybe_crash("wrote_json", path.name)
 
 
 def read_json(path: Path, *, what: str, hint: str) -> Any:
@@ -114,7 +117,14 @@ def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
         for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            line = json.dumps(row, ensure_ascii=False) + "\n"
+
+            def torn(line: str = line) -> None:  # what a kill halfway through a line leaves on disk
+                handle.write(line[: len(line) // 2])
+                handle.flush()
+
+            maybe_crash("append_jsonl_torn", path.parent.name, before=torn)
+            handle.write(line)
         handle.flush()
         os.fsync(handle.fileno())
 

@@ -12,6 +12,7 @@ from huggingface_hub import Collection
 from huggingface_hub.errors import HfHubHTTPError
 
 from eval_artifacts.errors import CardValidationError, HubError
+from eval_artifacts.faultpoints import maybe_crash
 from hub_tools.hub_client import HubTarget, describe, status_of
 from training.config import StudyConfig
 from training.levels import LEVELS
@@ -218,8 +219,10 @@ def apply_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
             api.delete_collection_item(slug, item.item_object_id, missing_ok=True, token=token)
         for w in plan.additions():
             api.add_collection_item(slug, w.item_id, w.item_type, note=w.note, token=token)
+            maybe_crash("collection.item_added")
         for object_id, w, _ in plan.note_changes():
             api.update_collection_item(slug, object_id, note=w.note, token=token)
+            maybe_crash("collection.note_updated")
         if plan.moves():
             ids = {
                 (i.item_type, i.item_id): i.item_object_id
@@ -227,6 +230,7 @@ def apply_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
             }
             for key, position in plan.moves():
                 api.update_collection_item(slug, ids[key], position=position, token=token)
+                maybe_crash("collection.item_moved")
         return api.get_collection(slug, token=token)
     except HfHubHTTPError as error:
         raise HubError(

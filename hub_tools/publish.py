@@ -28,6 +28,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
 from eval_artifacts.errors import ArtifactError, HubError
+from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.metrics import check_metrics_match_samples
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
 from hub_tools import collection as collections
@@ -359,11 +360,13 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
                         f"{spec.repo_id} was created on the Hub since planning: rerun publish"
                     ) from None
                 raise
+            maybe_crash("publish.repo_created", spec.repo_id.split("/")[1])
             plan.head = api.repo_info(spec.repo_id, repo_type=spec.repo_type, token=token).sha
         operations = [
             CommitOperationAdd(path_in_repo=p, path_or_fileobj=spec.files[p].content())
             for p in plan.add + plan.change
         ] + [CommitOperationDelete(path_in_repo=p) for p in plan.delete]
+        maybe_crash("publish.before_commit", spec.repo_id.split("/")[1])
         info = api.create_commit(
             spec.repo_id,
             operations,
@@ -632,6 +635,7 @@ def _run(
             and not create_pr
         ):
             collection_plan.current = collections.create_collection(target, collection_plan)
+            maybe_crash("publish.collection_created")  # on the Hub, not yet in state.json
             state.set_collection(collection_plan.slug, collection_plan.title)
             url = card_collection_url(config, collection_plan.slug)
             rendered, notes = render_cards(config, run_dir, templates_dir, url)
@@ -641,6 +645,7 @@ def _run(
         _write_cards(run_dir, rendered, specs)
         for plan in plans:  # one commit (or PR) per changed repo
             result = apply_repo(target, plan, create_pr=create_pr)
+            maybe_crash("publish.after_commit", plan.spec.repo_id.split("/")[1])  # state.json not updated yet
             record(state, plan, result, readme_only=scope == "cards")
             state.save()
             report.repos.append(result)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from eval_artifacts.errors import ArtifactError, ConfigError
+from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.records import SampleRecord
 from eval_artifacts.rundir import RunDir, append_jsonl, iter_jsonl, repair_jsonl_tail
 from training.config import StudyConfig
@@ -57,6 +58,7 @@ def run(
     for model in models:
         for seed in seeds:
             evaluate_model(engine, run_dir, problems, model=model, seed=seed, config=config)
+    maybe_crash("evaluate.generated")
     return write_eval_artifacts(config, run_dir)
 
 
@@ -108,6 +110,7 @@ def evaluate_model(
                 if problems[i].id not in done
             ]
             append_jsonl(path, records)
+            maybe_crash("evaluate.batch_appended", model)
             correct += sum(record["correct"] for record in records)
             tokens += sum(generation.completion_tokens for generation in generations)
             bar.update(len(records))

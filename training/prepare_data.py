@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from eval_artifacts.errors import ConfigError
+from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, iter_jsonl, read_json, write_json
 from training.config import StudyConfig
 from training.data import load_problems
@@ -48,6 +49,7 @@ def run(
             from training.teachers import ModelTeacher
 
             rows, dropped = ModelTeacher(config).write_level(level, problems, run_dir.train_file(level))
+        maybe_crash("prepare_data.level_written", str(level))
         stats["levels"][str(level)] = {
             "teacher": teacher if teacher == "rule" else f"model:{config.teacher.model_id}",
             "total": len(problems),
@@ -88,6 +90,7 @@ def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+    maybe_crash("prepare_data.before_replace", path.parent.name)
     os.replace(handle.name, path)
 
 
