@@ -394,6 +394,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--self-check-only", action="store_true", help="run only the tiny exactness self-check"
     )
+    parser.add_argument("--markdown", type=Path, default=None, help="print the README table of a result JSON")
     return parser.parse_args(argv)
 
 
@@ -409,6 +410,10 @@ def run_stage(result: dict, name: str, fn):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.markdown:
+        result = json.loads(args.markdown.read_text(encoding="utf-8"))
+        print(markdown_table(result))
+        return result
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke
     out_path = args.out or common.default_out("bench_eval.json")
@@ -669,6 +674,61 @@ def _table(result: dict) -> None:
     if result.get("errors"):
         lines.append(f"errors: {json.dumps(result['errors'])}")
     print("\n".join(lines), flush=True)
+
+
+def markdown_table(result: dict) -> str:
+    """The README table for one result file: device, libraries, date, then one row per method."""
+    lib = result["libraries"]
+    fast = result["fast"]["totals"]
+    hf = result["baseline_hf_batch"]
+    single = result["baseline_one_at_a_time"]
+    roofline = result.get("roofline") or {}
+    roof = roofline.get("datasheet") or roofline.get("measured") or {}
+    setup = result["setup"]
+    tokens = fast["generated_tokens"]
+    lines = [
+        f"{result['device']['name']}, torch {lib['torch']}, transformers {lib['transformers']}, "
+        f"peft {lib['peft']}, CUDA {lib['cuda']}, {result['date']}; {setup['problems_per_model']} problems x "
+        f"{len(setup['models'])} models, {tokens:,} generated tokens.",
+        "",
+        "| method | whole eval (s) | tokens/s | fast engine is |",
+        "|---|---|---|---|",
+        f"| fast engine (measured) | {fast['wall_s']:,.1f} | {fast['tokens_per_s']:,.0f} | - |",
+        f"| HF `generate`, batch {hf['batch_size']}, unmerged LoRA (extrapolated) | {hf['extrapolated_wall_s']:,.0f} "
+        f"| {hf['tokens_per_s']:,.0f} | {result['speedup']['vs_hf_batch']:.1f}x faster |",
+        f"| one problem at a time (extrapolated) | {single['extrapolated_wall_s']:,.0f} "
+        f"| {single['tokens_per_s_extrapolated']:,.1f} | {result['speedup']['vs_one_at_a_time']:.0f}x faster |",
+    ]
+    if roof:
+        lines += [
+            "",
+            f"Decode roofline of the fast run's schedule ({roofline['bandwidth_source']}, "
+            f"{roof['mean_rows_per_step']:.0f} rows a step, mean context {roof['mean_context']:.0f}): "
+            f"{roof['roofline_tokens_per_s']:,.0f} tokens/s. Decode steps reached "
+            f"{roof['decode_share_of_roofline']:.0%} of it; the whole eval, prefill included, "
+            f"{roof['end_to_end_share_of_roofline']:.0%}. Whole-eval floor (prefill FLOPs at peak + decode bytes "
+            f"or FLOPs, whichever is larger): {roof['whole_eval_floor_s']:.1f} s, "
+            f"{roof['whole_eval_share_of_floor']:.0%} of the measured wall time.",
+        ]
+    match = result.get("match") or {}
+    models = [m for m in setup["models"] if m in match]
+    if models:
+        cells = ", ".join(
+            f"{m} {match[m]['identical_rows']}/{match[m]['rows']} ({match[m]['mean_agreeing_prefix']:.0%})"
+            for m in models
+        )
+        lines += [
+            "",
+            f"Token match vs HF `generate` ({match['dtype']}, identical rows, mean agreeing prefix): {cells}.",
+        ]
+    fp32 = result.get("match_fp32") or {}
+    if fp32:
+        lines.append(
+            f"fp32, {fp32['layers']} layers, {fp32['problems']} problems x {fp32['new_tokens']} tokens: base "
+            f"{fp32['base']['identical_rows']}/{fp32['base']['rows']}, merged adapter "
+            f"{fp32['level_1']['identical_rows']}/{fp32['level_1']['rows']} rows identical."
+        )
+    return "\n".join(lines)
 
 
 def _write(result: dict, path: Path) -> dict:

@@ -295,3 +295,12 @@ def test_bench_eval_smoke_runs_every_stage(tmp_path):
     assert result["goals"]["match_all_rows"] and result["goals"]["fp32_match_all_rows"]
     speedup = result["speedup"]["vs_hf_batch"]
     assert speedup == pytest.approx(hf["extrapolated_wall_s"] / result["fast"]["totals"]["wall_s"])
+    table = subprocess.run(
+        [sys.executable, "-m", "bench.bench_eval", "--markdown", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    fast_row = f"| fast engine (measured) | {result['fast']['totals']['wall_s']:,.1f} |"
+    assert fast_row in table and f"{speedup:.1f}x faster" in table
