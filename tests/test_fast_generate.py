@@ -178,6 +178,32 @@ def test_merged_lora_matches_unmerged_peft_and_restores_weights():
         assert torch.equal(after[peft_key], value), key
 
 
+def test_graph_bookkeeping_with_an_eager_stand_in(base, monkeypatch):
+    """The CUDA-graph path's protocol on CPU: captures (whose warm-up really runs and leaves junk in the
+    decode state) happen before a batch's prefill, each (rows, width) once, then one replay per step."""
+    captured = []
+
+    def fake_capture(self, b, width):
+        for _ in range(2):
+            self._pos.fill_(width - 2)
+            self._decode_step(b, width)
+        captured.append((b, width))
+        return lambda: self._decode_step(b, width)
+
+    monkeypatch.setattr(FastGenerator, "_capture", fake_capture)
+    batch = prompts(9, seed=3)
+    stop = pick_stop_token(base, batch, 20)
+    engine = FastGenerator(base, max_batch_size=4, context_bucket=8, use_cuda_graphs=True)
+    for min_new in (0, 3):
+        got = engine.generate(
+            batch, max_new_tokens=20, min_new_tokens=min_new, stop_token_ids=[stop], pad_token_id=PAD
+        )
+        assert got == hf_greedy(base, batch, max_new=20, min_new=min_new, stop_ids={stop})
+    assert len(captured) == len(set(captured)) and {b for b, _ in captured} == {3}
+    # Widths are multiples of the bucket, up to the allocated slots (longest prompt + 20, rounded up).
+    assert {w for _, w in captured} <= set(range(8, engine._capacity[1] + 1, 8))
+
+
 def test_unknown_adapter_is_a_config_error(base):
     from eval_artifacts.errors import ConfigError
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -155,7 +155,7 @@ class FastGenerator:
 
         self._backup: dict[int, torch.Tensor] = {}
         self._capacity = (0, 0)  # (rows, slots) of the allocated cache
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int], Callable[[], None]] = {}
         self._pool = None
 
     # ---------------------------------------------------------------- adapters
@@ -348,25 +348,31 @@ class FastGenerator:
 
     def _ensure_graphs(self, b: int, widths: set[int]) -> None:
         """Capture any missing decode graphs. Runs before a batch's prefill, which resets the state."""
-        missing = sorted(w for w in widths if (b, w) not in self._graphs)
-        if not missing:
-            return
+        for width in sorted(w for w in widths if (b, w) not in self._graphs):
+            self._graphs[(b, width)] = self._capture(b, width)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _capture(self, b: int, width: int) -> Callable[[], None]:
+        """Warm up, then capture one decode step of ``b`` rows over ``width`` slots; returns its replay.
+
+        The warm-up really runs (it writes slot width-2 of the cache and moves the decode state), which
+        is why captures happen before a batch's prefill: the prefill rewrites all the state a step reads.
+        """
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        for width in missing:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up off the capture, as torch.cuda.graph requires
-                for _ in range(2):
-                    self._pos.fill_(width - 2)
-                    self._decode_step(b, width)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            self._pos.fill_(width - 2)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up off the capture stream, as torch.cuda.graph requires
+            for _ in range(2):
+                self._pos.fill_(width - 2)
                 self._decode_step(b, width)
-            self._graphs[(b, width)] = graph
-        torch.cuda.synchronize(self.device)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._pos.fill_(width - 2)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode_step(b, width)
+        return graph.replay
 
     # ---------------------------------------------------------------- public
     def generate(
@@ -495,7 +501,7 @@ class FastGenerator:
         pos = plen
         while pos <= last_pos:
             if self.use_graphs:
-                self._graphs[(graph_rows, self._width(pos))].replay()
+                self._graphs[(graph_rows, self._width(pos))]()
             else:
                 self._decode_step(graph_rows, self._width(pos))
             pos += 1
