@@ -1,0 +1,214 @@
+"""The evaluate stage: think-token counting, sample records, kill -9 resume, errors and the CLI.
+
+Models are the small random Qwen3 of test_generate.py and random LoRA adapters, so every test is about
+the stage's bookkeeping, not about accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from test_generate import build_small_base, make_adapter
+
+from eval_artifacts.errors import ArtifactError, ConfigError
+from eval_artifacts.records import read_samples
+from eval_artifacts.rundir import RunDir, read_json
+from hub_tools.cli import main
+from training import evaluate
+from training.config import load_config
+from training.generate import Generation
+from training.gsm8k import Problem
+from training.tiny import train_tokenizer
+from training.tokens import reasoning_text, think_tokens
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """Byte-level BPE with no merges: every ASCII character is one token, so counts are string lengths."""
+    return train_tokenizer(["x"], vocab_size=300)
+
+
+@pytest.mark.parametrize(
+    ("completion", "reasoning"),
+    [
+        ("<think>\n12+7=19; 19-5=14\n</think>\n#### 14", "12+7=19; 19-5=14"),
+        ("<think>\n\n</think>\n#### 14", ""),
+        ("Tom has 12+7 = 19 pens.\nThen 19-5 = 14.\n#### 14", "Tom has 12+7 = 19 pens.\nThen 19-5 = 14."),
+        ("x = 3 + 4\nThe answer is 7.", "x = 3 + 4"),
+        ("So #### 5 first\nthen #### 7", "So #### 5 first"),
+        ("no answer line at all", "no answer line at all"),
+        ("<think>\ntruncated reasoning wit", "truncated reasoning wit"),
+    ],
+)
+def test_think_tokens_count_only_the_reasoning(byte_tokenizer, completion, reasoning):
+    assert reasoning_text(completion) == reasoning
+    assert think_tokens(byte_tokenizer, completion) == len(reasoning)
+
+
+def test_record_grades_and_counts_one_completion(byte_tokenizer):
+    problem = Problem(
+        id="test-00001", question="Tom has 12 pens, gets 7. How many pens now?", answer="", gold="19"
+    )
+    text = "<think>\n12+7=19\n</think>\n#### 19"
+    generation = Generation(index=0, text=text, token_ids=tuple(range(11)), finish_reason="stop")
+    engine = SimpleNamespace(tokenizer=byte_tokenizer)
+
+    record = evaluate.make_record(engine, problem, "P", generation, model="level_3", level=3, seed=1)
+
+    assert record == {
+        "id": "test-00001", "question": problem.question, "gold": "19", "prompt": "P", "completion": text,
+        "reasoning": "12+7=19", "predicted": "19", "extractor": "hash", "correct": True, "think_tokens": 7,
+        "completion_tokens": 11, "finish_reason": "stop", "model": "level_3", "level": 3, "seed": 1,
+        "schema_version": 1,
+    }  # fmt: skip
+    wrong = evaluate.make_record(
+        engine,
+        problem,
+        "P",
+        Generation(0, "Tom has 20.\n#### 20", (1, 2), "length"),
+        model="base",
+        level=None,
+        seed=0,
+    )
+    assert (wrong["correct"], wrong["predicted"], wrong["reasoning"], wrong["think_tokens"]) == (
+        False, "20", None, len("Tom has 20."),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- whole-stage tests
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A config for the small base with one level, 30 test problems, and a trained-looking adapter dir."""
+    root = tmp_path_factory.mktemp("eval_study")
+    base = build_small_base(root / "base")
+    adapter = make_adapter(base, root / "adapter", seed=5)
+    config = load_config().with_overrides(
+        **{
+            "base_model.id": str(base),
+            "levels": [1],
+            "data.synthetic.n_test": 30,
+            "eval.batch_size": 2,
+            "eval.max_new_tokens": 8,
+        }
+    )
+    return SimpleNamespace(config=config, adapter=adapter, root=root)
+
+
+def new_run_dir(study, name: str) -> RunDir:
+    run_dir = RunDir(study.root / name)
+    target = run_dir.adapter_dir(1)
+    target.mkdir(parents=True)
+    for file in study.adapter.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    return run_dir
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(study):
+    reference = new_run_dir(study, "uninterrupted")
+    evaluate.run(study.config.with_overrides(run_dir=str(reference.root)), reference)
+
+    resumed = new_run_dir(study, "killed")
+    config = study.config.with_overrides(run_dir=str(resumed.root))
+    config_path = study.root / "killed.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from hub_tools.cli import main; main()",
+            "evaluate",
+            "--config",
+            str(config_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    written = 0
+    deadline = time.monotonic() + 300
+    while written < 6 and process.poll() is None and time.monotonic() < deadline:
+        written = sum(len(p.read_bytes().splitlines()) for p in resumed.eval_dir.glob("*/samples.jsonl"))
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "evaluate finished before it could be killed"
+    interrupted = {
+        m: len(resumed.samples(m).read_bytes().splitlines())
+        for m in ("base", "level_1")
+        if resumed.samples(m).is_file()
+    }
+    assert 0 < sum(interrupted.values()) < 60
+    # A kill in the middle of a write leaves a torn last line; the rerun must drop it.
+    in_flight = resumed.samples("level_1" if "level_1" in interrupted else "base")
+    with in_flight.open("a") as handle:
+        handle.write('{"id": "test-000')
+
+    evaluate.run(config, resumed)
+
+    for model in ("base", "level_1"):
+        got = read_samples(resumed.samples(model), model=model)  # raises on a duplicate (id, seed)
+        want = read_samples(reference.samples(model), model=model)
+        assert len(got) == 30
+        assert sorted(got, key=lambda r: r["id"]) == sorted(want, key=lambda r: r["id"])
+        assert read_json(resumed.metrics(model), what="m", hint="") == read_json(
+            reference.metrics(model), what="m", hint=""
+        )
+    assert resumed.summary.is_file() and resumed.pareto_png.stat().st_size > 0
+
+
+def test_rerun_of_a_complete_eval_generates_nothing(study, monkeypatch):
+    run_dir = new_run_dir(study, "complete")
+    config = study.config.with_overrides(run_dir=str(run_dir.root))
+    evaluate.run(config, run_dir, models=["base"], seeds=[0, 1])
+    before = run_dir.samples("base").read_bytes()
+    assert {r["seed"] for r in read_samples(run_dir.samples("base"))} == {0, 1}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("nothing should be generated")
+
+    monkeypatch.setattr("training.generate.GenerationEngine.generate_batch", fail)
+    evaluate.run(config, run_dir, models=["base"], seeds=[0, 1])
+    assert run_dir.samples("base").read_bytes() == before
+
+
+def test_missing_adapter_names_the_train_command(study, tmp_path):
+    config = study.config.with_overrides(run_dir=str(tmp_path))
+    with pytest.raises(ArtifactError, match=r"cot-compress train --levels 1"):
+        evaluate.run(config, RunDir(tmp_path), models=["level_1"])
+
+
+def test_unknown_model_is_a_config_error(study, tmp_path):
+    with pytest.raises(ConfigError, match="level_7"):
+        evaluate.run(study.config, RunDir(tmp_path), models=["level_7"])
+
+
+def test_levels_without_base_samples_say_to_evaluate_base(study):
+    run_dir = new_run_dir(study, "no_base")
+    with pytest.raises(ArtifactError, match="--models base"):
+        evaluate.run(study.config.with_overrides(run_dir=str(run_dir.root)), run_dir, models=["level_1"])
+    assert len(read_samples(run_dir.samples("level_1"))) == 30  # the samples are kept for the next run
+
+
+def test_evaluate_command_prints_one_line_per_model(study):
+    run_dir = new_run_dir(study, "cli")
+    config_path = Path(run_dir.root) / "study.yaml"
+    config_path.write_text(yaml.safe_dump(study.config.model_dump(mode="json")))
+
+    result = CliRunner().invoke(
+        main, ["evaluate", "--config", str(config_path), "--run-dir", str(run_dir.root)]
+    )
+
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "accuracy" in line]
+    assert [line.split()[0] for line in lines] == ["base", "level_1"]
+    assert len(read_samples(run_dir.samples("level_1"))) == 30
