@@ -18,3 +18,20 @@ def local_hub(tmp_path):
         isolated_hf_caches(tmp_path / "hf-cache"),
     ):
         yield hub
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cot_compress_cache(tmp_path_factory):
+    """One cache for the whole session (the tiny base is built at most once), never the user's home cache.
+
+    A ``COT_COMPRESS_CACHE`` already set (CI reusing a cache between runs) is kept.
+    """
+    import os
+
+    if os.environ.get("COT_COMPRESS_CACHE"):
+        yield os.environ["COT_COMPRESS_CACHE"]
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("cot-compress-cache")
+        patch.setenv("COT_COMPRESS_CACHE", str(path))
+        yield path
