@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -50,8 +52,8 @@ def hf_greedy(model, batch, *, max_new, min_new=0, stop_ids) -> list[FastComplet
         mask[r, plen - len(p) :] = 1
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             do_sample=False,
             max_new_tokens=max_new,
             min_new_tokens=min_new,
@@ -211,6 +213,27 @@ def test_unknown_adapter_is_a_config_error(base):
         FastGenerator(base).generate(
             [[1, 2]], adapter="l9", max_new_tokens=2, stop_token_ids=[3], pad_token_id=PAD
         )
+
+
+_TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+)
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+def test_fused_decode_kernels_match_hf_generate():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_qwen3(seed=13).to(device)
+    batch = prompts(9, seed=8)
+    stop = pick_stop_token(model, batch, 20)
+    engine = FastGenerator(model, max_batch_size=4, context_bucket=8, fused_kernels=True)
+    assert engine.fused, engine.fused_status
+    for min_new in (0, 4):
+        expected = hf_greedy(model, batch, max_new=20, min_new=min_new, stop_ids={stop})
+        got = engine.generate(
+            batch, max_new_tokens=20, min_new_tokens=min_new, stop_token_ids=[stop], pad_token_id=PAD
+        )
+        assert got == expected
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ stop), which tests/test_fast_generate.py checks token for token on CPU.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,125 @@ from torch import nn
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb, repeat_kv
 
 from eval_artifacts.errors import ConfigError
+
+try:  # Triton ships with CUDA builds of torch; without it the decode step stays on eager kernels
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+
+
+if triton is not None:
+    # Each kernel computes in fp32 and rounds to the model dtype exactly where transformers' eager Qwen3
+    # code rounds (after the normalisation, after each bf16 product and sum), so outputs match it to the
+    # last ulp of rsqrt/exp and the reduction order.
+    @triton.jit
+    def _add_rms_norm_kernel(R, DELTA, H, Y, W, n_cols, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        offs = row * n_cols + cols
+        x = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:  # the residual add, rounded like the eager bf16 add, and stored as the new stream
+            delta = tl.load(DELTA + offs, mask=mask, other=0.0).to(tl.float32)
+            x = (x + delta).to(H.dtype.element_ty, fp_downcast_rounding="rtne")
+            tl.store(H + offs, x, mask=mask)
+            x = x.to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        y = (x * r).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + offs, (w * y).to(Y.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    @triton.jit
+    def _head_norm_rope_kernel(X, W, COS, SIN, Y, n_heads, eps, D: tl.constexpr):
+        # One (row, head): RMSNorm over the head dim, then q*cos + rotate_half(q)*sin.
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        d = tl.arange(0, D)
+        rot = (d + D // 2) % D  # rotate_half reads the other half; its sign is applied below
+        base = row * n_heads * D + head * D
+        x = tl.load(X + base + d).to(tl.float32)
+        xr = tl.load(X + base + rot).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        w = tl.load(W + d).to(tl.float32)
+        wr = tl.load(W + rot).to(tl.float32)
+        n = (x * r).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        n = (w * n).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        nr = (xr * r).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        nr = (wr * nr).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        nr = tl.where(d < D // 2, -nr, nr)
+        c = tl.load(COS + row * D + d).to(tl.float32)
+        s = tl.load(SIN + row * D + d).to(tl.float32)
+        a = (n * c).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        b = (nr * s).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        tl.store(Y + base + d, (a + b).to(Y.dtype.element_ty, fp_downcast_rounding="rtne"))
+
+    @triton.jit
+    def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + i, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        tl.store(Y + i, (act * u).to(Y.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+def _warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+def _fused_rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``norm(x)`` for a contiguous [rows, dim] tensor (a transformers Qwen3RMSNorm)."""
+    y = torch.empty_like(x)
+    block = triton.next_power_of_2(x.shape[-1])
+    _add_rms_norm_kernel[(x.shape[0],)](
+        x,
+        x,
+        x,
+        y,
+        norm.weight,
+        x.shape[-1],
+        norm.variance_epsilon,
+        HAS_DELTA=False,
+        BLOCK=block,
+        num_warps=_warps(block),
+    )
+    return y
+
+
+def _fused_add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, norm: nn.Module):
+    """``h = residual + delta`` and ``norm(h)``, in one pass."""
+    h, y = torch.empty_like(residual), torch.empty_like(residual)
+    block = triton.next_power_of_2(residual.shape[-1])
+    _add_rms_norm_kernel[(residual.shape[0],)](
+        residual,
+        delta,
+        h,
+        y,
+        norm.weight,
+        residual.shape[-1],
+        norm.variance_epsilon,
+        HAS_DELTA=True,
+        BLOCK=block,
+        num_warps=_warps(block),
+    )
+    return h, y
+
+
+def _fused_head_norm_rope(x: torch.Tensor, norm: nn.Module, cos, sin, n_heads: int) -> torch.Tensor:
+    """Per-head ``norm`` then the rotary embedding, for x = [rows, heads*dim] and cos/sin = [rows, dim]."""
+    y = torch.empty_like(x)
+    dim = x.shape[-1] // n_heads
+    _head_norm_rope_kernel[(x.shape[0], n_heads)](
+        x, norm.weight, cos, sin, y, n_heads, norm.variance_epsilon, D=dim
+    )
+    return y
+
+
+def _fused_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(gate)
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, up, y, gate.numel(), BLOCK=1024)
+    return y
 
 
 @dataclass(frozen=True)
@@ -106,6 +226,9 @@ class FastGenerator:
         use_cuda_graphs: capture decode steps in CUDA graphs; default: on CUDA devices.
         kv_memory_fraction: share of the free GPU memory (after weights and backups) the KV cache may use.
         prefill_tokens: rows are prefilled in chunks of about this many tokens, to bound activation memory.
+        fused_kernels: decode with the Triton kernels (norms, rotary, SiLU-gate) instead of eager ops;
+            default: on CUDA when Triton is there. They are checked against the eager ops on this device
+            first and stay off if they differ; ``fused_status`` says which path runs and why.
     """
 
     def __init__(
@@ -118,6 +241,7 @@ class FastGenerator:
         use_cuda_graphs: bool | None = None,
         kv_memory_fraction: float = 0.85,
         prefill_tokens: int = 16384,
+        fused_kernels: bool | None = None,
     ) -> None:
         self.model = model
         lm = _unwrap_causal_lm(model)
@@ -152,6 +276,14 @@ class FastGenerator:
         self.kv_memory_fraction = kv_memory_fraction
         self.prefill_tokens = prefill_tokens
         self.last_stats = CallStats()
+        self.fused = False
+        self.fused_status = "off: not requested"
+        if fused_kernels or (fused_kernels is None and self.device.type == "cuda"):
+            problem = self._check_fused()
+            self.fused = problem is None
+            self.fused_status = (
+                "on: Triton kernels match the eager ops" if problem is None else f"off: {problem}"
+            )
 
         self._backup: dict[int, torch.Tensor] = {}
         self._capacity = (0, 0)  # (rows, slots) of the allocated cache
@@ -196,6 +328,49 @@ class FastGenerator:
                 for m in layers:
                     if id(m) in self._backup:
                         _plain(m).weight.copy_(self._backup[id(m)])
+
+    # ---------------------------------------------------------------- fused kernels
+    @torch.no_grad()
+    def _check_fused(self) -> str | None:
+        """None when the Triton kernels reproduce transformers' eager ops on this device, else the reason."""
+        if triton is None:
+            return "Triton is not installed"
+        if self.head_dim & (self.head_dim - 1):
+            return f"head_dim {self.head_dim} is not a power of two"
+        try:
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            lay, rows, heads, d = self.layers[0], 8, self.n_heads, self.head_dim
+
+            def rand(*shape):
+                return torch.randn(shape, generator=gen, device=self.device).to(self.dtype)
+
+            hidden = rand(rows, lay.input_norm.weight.shape[0])
+            delta = rand(*hidden.shape)
+            summed, normed = _fused_add_rms_norm(hidden, delta, lay.post_norm)
+            q = rand(rows, heads * d)
+            positions = torch.randint(0, 4096, (rows, 1), generator=gen, device=self.device)
+            cos, sin = self.rotary(q[:, None, :], positions)
+            ref_q = lay.q_norm(q.view(rows, 1, heads, d)).transpose(1, 2)
+            ref_rope = apply_rotary_pos_emb(ref_q, ref_q, cos, sin)[0].transpose(1, 2).reshape(rows, -1)
+            gate, up = rand(rows, lay.gate.weight.shape[0]), rand(rows, lay.gate.weight.shape[0])
+            checks = {
+                "rms_norm": (_fused_rms_norm(hidden, lay.input_norm), lay.input_norm(hidden)),
+                "residual add": (summed, hidden + delta),
+                "add + rms_norm": (normed, lay.post_norm(hidden + delta)),
+                "head norm + rotary": (
+                    _fused_head_norm_rope(q, lay.q_norm, cos.reshape(rows, d), sin.reshape(rows, d), heads),
+                    ref_rope,
+                ),
+                "silu gate": (_fused_silu_mul(gate, up), lay.act(gate) * up),
+            }
+        except Exception as error:  # a Triton or driver problem: decode on the eager ops instead
+            return f"Triton kernels failed: {error!r}"[:300]
+        for name, (got, ref) in checks.items():
+            got, ref = got.float(), ref.float()
+            # Within two bf16 ulps: rsqrt/exp and the reduction order may differ in the last bit.
+            if not bool(((got - ref).abs() <= 2**-6 * ref.abs() + 1e-6).all()):
+                return f"{name} differs from eager by up to {(got - ref).abs().max().item():.3g}"
+        return None
 
     # ---------------------------------------------------------------- memory
     def _kv_bytes_per_slot(self) -> int:
@@ -258,9 +433,9 @@ class FastGenerator:
         x = lay.post_norm(h)
         return h + lay.down(lay.act(lay.gate(x)) * lay.up(x))
 
-    def _next_token(self, h_last: torch.Tensor, b: int) -> None:
-        """Greedy pick from the last hidden state; writes the token at slot pos+1 and advances pos."""
-        logits = self.lm_head(self.final_norm(h_last))
+    def _next_token(self, x: torch.Tensor, b: int) -> None:
+        """Greedy pick from the final-normed hidden state; writes the token at slot pos+1, advances pos."""
+        logits = self.lm_head(x)
         # min_new_tokens: stop tokens are banned while the token being generated is before min_slot+1.
         ban = self._is_stop & (self._pos < self._min_slot)
         logits = logits.masked_fill(ban, float("-inf"))
@@ -273,41 +448,69 @@ class FastGenerator:
         self._cur[:b].copy_(nxt)
         self._pos += 1
 
+    def _decode_mask(self, b: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[b, 1, 1, width] additive mask: a row's real prompt slots and everything up to pos."""
+        slots = self._slots[:width]
+        allowed = (slots[None, :] >= self._pad[:b, None]) & (slots[None, :] <= self._pos)
+        # Additive, built once per step: SDPA would otherwise turn a boolean mask into this in every layer.
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+
+    def _attend_decode(self, i: int, b: int, width: int, q, k, v, mask) -> torch.Tensor:
+        """Write this step's K/V ([b, n_kv, 1, d]) at slot pos, attend over [:width]; returns [b, heads*d]."""
+        kc, vc = self._k[i][:b], self._v[i][:b]
+        kc.index_copy_(2, self._pos, k)
+        vc.index_copy_(2, self._pos, v)
+        # One query token: fold the query heads that share a KV head into the query axis, so the cache
+        # is read once instead of expanded per query head (repeat_kv).
+        out = F.scaled_dot_product_attention(
+            q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim),
+            kc[:, :, :width],
+            vc[:, :, :width],
+            attn_mask=mask,
+            scale=self.scale,
+        )
+        return out.reshape(b, -1)
+
     def _decode_step(self, b: int, width: int) -> None:
         """One token for rows [:b], attending to cache slots [:width]; pure tensor ops (graph-capturable)."""
-        pos = self._pos
+        if self.fused:
+            return self._decode_step_fused(b, width)
         h = self.embed(self._cur[:b])[:, None, :]
-        cos, sin = self.rotary(h, (pos - self._pad[:b])[:, None])
-        slots = self._slots[:width]
-        allowed = (slots[None, :] >= self._pad[:b, None]) & (slots[None, :] <= pos)
-        # Additive, built once per step: SDPA would otherwise turn a boolean mask into this in every layer.
-        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(
-            ~allowed, float("-inf")
-        )
-        mask = mask[:, None, None, :]
-        groups = self.n_heads // self.n_kv
-
-        def attend_layer(i):
-            def attend(q, k, v):
-                kc, vc = self._k[i][:b], self._v[i][:b]
-                kc.index_copy_(2, pos, k)
-                vc.index_copy_(2, pos, v)
-                # One query token: fold the query heads that share a KV head into the query axis, so the
-                # cache is read once instead of expanded per query head (repeat_kv).
-                out = F.scaled_dot_product_attention(
-                    q.reshape(b, self.n_kv, groups, self.head_dim),
-                    kc[:, :, :width],
-                    vc[:, :, :width],
-                    attn_mask=mask,
-                    scale=self.scale,
-                )
-                return out.reshape(b, 1, -1)
-
-            return attend
-
+        cos, sin = self.rotary(h, (self._pos - self._pad[:b])[:, None])
+        mask = self._decode_mask(b, width, h.dtype)
         for i, lay in enumerate(self.layers):
-            h = self._layer(lay, h, cos, sin, attend_layer(i))
-        self._next_token(h[:, -1], b)
+            attend = functools.partial(self._attend_decode_3d, i, b, width, mask=mask)
+            h = self._layer(lay, h, cos, sin, attend)
+        self._next_token(self.final_norm(h[:, -1]), b)
+
+    def _attend_decode_3d(self, i: int, b: int, width: int, q, k, v, *, mask) -> torch.Tensor:
+        return self._attend_decode(i, b, width, q, k, v, mask)[:, None, :]
+
+    def _decode_step_fused(self, b: int, width: int) -> None:
+        """The decode step with Triton kernels for the norms, rotary embedding and SiLU-gate.
+
+        Same arithmetic as the eager step (fp32 inside each op, rounding to the model dtype where eager
+        rounds), in about 15 kernels a layer instead of about 60.
+        """
+        d = self.head_dim
+        h = self.embed(self._cur[:b])
+        cos, sin = self.rotary(h[:, None, :], (self._pos - self._pad[:b])[:, None])
+        cos, sin = cos.reshape(b, d), sin.reshape(b, d)
+        mask = self._decode_mask(b, width, h.dtype)
+        x = _fused_rms_norm(h, self.layers[0].input_norm)
+        for i, lay in enumerate(self.layers):
+            q = _fused_head_norm_rope(lay.q(x), lay.q_norm, cos, sin, self.n_heads)
+            k = _fused_head_norm_rope(lay.k(x), lay.k_norm, cos, sin, self.n_kv)
+            v = lay.v(x)
+            a = self._attend_decode(
+                i, b, width, q, k.view(b, self.n_kv, 1, d), v.view(b, self.n_kv, 1, d), mask
+            )
+            h, x = _fused_add_rms_norm(h, lay.o(a), lay.post_norm)
+            m = lay.down(_fused_silu_mul(lay.gate(x), lay.up(x)))
+            after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+            h, x = _fused_add_rms_norm(h, m, after)
+        self._next_token(x, b)
 
     def _prefill(self, b: int, plen: int) -> None:
         """Fill cache slots [:plen] for rows [:b] and pick each row's first token."""
@@ -340,7 +543,7 @@ class FastGenerator:
                 h = self._layer(lay, h, cos, sin, attend_layer(i))
             last_hidden.append(h[:, -1])
         self._pos.fill_(plen - 1)
-        self._next_token(torch.cat(last_hidden), b)
+        self._next_token(self.final_norm(torch.cat(last_hidden)), b)
 
     # ---------------------------------------------------------------- graphs
     def _width(self, pos: int) -> int:
