@@ -499,22 +499,29 @@ def main(argv=None) -> dict:
     log(f"built in {result['setup']['build_s']:.1f}s: {weights / 1e9:.2f} GB of weights, adapters {adapters}")
 
     # (1) the fast engine on the whole eval
-    def run_fast():
-        engine = FastGenerator(peft_model, max_batch_size=args.max_batch_size)
+    def run_fast(models, *, fused_kernels=None):
+        sync(device)
+        t0 = time.perf_counter()
+        engine = FastGenerator(peft_model, max_batch_size=args.max_batch_size, fused_kernels=fused_kernels)
+        init_s = time.perf_counter() - t0  # includes compiling and checking the Triton kernels
+        log(f"fast engine ready in {init_s:.1f}s; fused decode kernels {engine.fused_status}")
         try:
-            return fast_eval(engine, prompts, models, profiles, device=device, **gen)
+            out = fast_eval(engine, prompts, models, profiles, device=device, **gen)
         finally:
             engine.close()
+        totals = out["totals"]
+        totals.update(
+            engine_init_s=init_s, fused_kernels=engine.fused_status, wall_s=totals["wall_s"] + init_s
+        )
+        totals["tokens_per_s"] = totals["generated_tokens"] / totals["wall_s"]
+        return out
 
-    fast = run_stage(result, "fast", run_fast)
+    def public(per_model):
+        return {name: {k: v for k, v in m.items() if not k.startswith("_")} for name, m in per_model.items()}
+
+    fast = run_stage(result, "fast", lambda: run_fast(models))
     if fast:
-        result["fast"] = {
-            "totals": fast["totals"],
-            "per_model": {
-                name: {k: v for k, v in m.items() if not k.startswith("_")}
-                for name, m in fast["per_model"].items()
-            },
-        }
+        result["fast"] = {"totals": fast["totals"], "per_model": public(fast["per_model"])}
         t = fast["totals"]
         log(
             f"fast whole eval: {t['generated_tokens']:,} tokens in {t['wall_s']:.1f}s = {t['tokens_per_s']:,.0f} tok/s"
@@ -526,6 +533,16 @@ def main(argv=None) -> dict:
                 fast, config=config, weight_bytes=weights, dtype=dtype, peaks=peaks, measured_bw=measured_bw
             ),
         )
+    # Ablation: the base model's 300-token decode again with eager ops instead of the Triton kernels.
+    eager = None
+    if fast and fast["totals"]["fused_kernels"].startswith("on"):
+        log("ablation: base model with eager decode ops (no Triton kernels)")
+        eager = run_stage(result, "ablation_eager_base", lambda: run_fast(["base"], fused_kernels=False))
+        if eager:
+            result["ablation_eager_base"] = {
+                "totals": eager["totals"],
+                "per_model": public(eager["per_model"]),
+            }
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -565,6 +582,10 @@ def main(argv=None) -> dict:
                 "note": "fast engine's outputs in the whole-eval run vs HF generate on the same first problems",
                 **{n: match_stats(fast["outputs"][n][: len(hf_outputs[n])], hf_outputs[n]) for n in models},
             }
+            if eager and "base" in hf_outputs:
+                result["match"]["base_eager_ops"] = match_stats(
+                    eager["outputs"]["base"][: len(hf_outputs["base"])], hf_outputs["base"]
+                )
             for name in models:
                 m = result["match"][name]
                 log(
@@ -670,6 +691,12 @@ def _table(result: dict) -> None:
                 f"{roof['decode_share_of_roofline']:.0%}, end to end {roof['end_to_end_share_of_roofline']:.0%}; "
                 f"whole-eval floor {roof['whole_eval_floor_s']:.1f}s = {roof['whole_eval_share_of_floor']:.0%} of wall"
             )
+    eager = (result.get("ablation_eager_base") or {}).get("per_model", {}).get("base")
+    if eager and fast:
+        fused = result["fast"]["per_model"]["base"]
+        lines.append(
+            f"base decode step: {fused['decode_ms_per_step']:.2f} ms fused kernels vs {eager['decode_ms_per_step']:.2f} ms eager"
+        )
     lines.append(f"goals: {json.dumps(result['goals'])}")
     if result.get("errors"):
         lines.append(f"errors: {json.dumps(result['errors'])}")
@@ -710,6 +737,17 @@ def markdown_table(result: dict) -> str:
             f"or FLOPs, whichever is larger): {roof['whole_eval_floor_s']:.1f} s, "
             f"{roof['whole_eval_share_of_floor']:.0%} of the measured wall time.",
         ]
+    lines += [
+        "",
+        f"Decode kernels: {fast.get('fused_kernels', 'eager')}; engine start {fast.get('engine_init_s', 0):.1f} s.",
+    ]
+    eager = (result.get("ablation_eager_base") or {}).get("per_model", {}).get("base")
+    if eager:
+        fused = result["fast"]["per_model"]["base"]
+        lines.append(
+            f"Base model decode step: {fused['decode_ms_per_step']:.2f} ms with the Triton kernels, "
+            f"{eager['decode_ms_per_step']:.2f} ms with eager ops ({eager['batches'][0]['graph_rows']} rows)."
+        )
     match = result.get("match") or {}
     models = [m for m in setup["models"] if m in match]
     if models:
