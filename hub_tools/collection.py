@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import httpx2
 from huggingface_hub import Collection
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -167,7 +168,7 @@ def find_collection(target: HubTarget, *, namespace: str, title: str, slug: str 
         for found in api.list_collections(owner=namespace, token=token):
             if found.title == title:
                 return api.get_collection(found.slug, token=token)  # lists cut items to 4
-    except HfHubHTTPError as error:
+    except (HfHubHTTPError, httpx2.TransportError) as error:
         raise HubError(f"cannot read the collections of {namespace!r}: {describe(error, token)}") from None
     return None
 
@@ -200,7 +201,7 @@ def create_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
         return target.api.create_collection(
             plan.title, namespace=plan.namespace, private=plan.private, exists_ok=True, token=target.token
         )
-    except HfHubHTTPError as error:
+    except (HfHubHTTPError, httpx2.TransportError) as error:
         raise HubError(
             f"creating collection {plan.title!r} failed: {describe(error, target.token)}; rerun publish"
         ) from None
@@ -232,7 +233,7 @@ def apply_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
                 api.update_collection_item(slug, ids[key], position=position, token=token)
                 maybe_crash("collection.item_moved")
         return api.get_collection(slug, token=token)
-    except HfHubHTTPError as error:
+    except (HfHubHTTPError, httpx2.TransportError) as error:
         raise HubError(
             f"updating collection {plan.title!r} failed: {describe(error, token)}; rerun publish to finish it"
         ) from None

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
@@ -312,7 +313,7 @@ def plan_repo(
         if README in plan.change and fetch_readme:
             plan.remote_readme = _download_text(target, spec, plan.head)
         return plan
-    except HfHubHTTPError as error:
+    except (HfHubHTTPError, httpx2.TransportError) as error:  # a dropped connection too: one line
         raise HubError(f"cannot read {spec.repo_id} on {target.endpoint}: {describe(error, token)}") from None
 
 
@@ -377,8 +378,12 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
             parent_commit=plan.head,
             token=token,
         )
-    except HfHubHTTPError as error:
-        if status_of(error) == 412:
+    except (HfHubHTTPError, httpx2.TransportError, RuntimeError) as error:
+        if isinstance(error, HubError):
+            raise
+        if type(error) is RuntimeError:  # huggingface_hub wraps LFS upload errors: "Error while uploading ..."
+            error = error.__cause__ or error
+        if _commit_conflict(error):
             raise HubError(
                 f"{spec.repo_id} changed on the Hub since planning (its head is no longer {plan.head[:10]}): "
                 "nothing was committed to it; rerun publish"
@@ -389,6 +394,12 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
         return RepoResult(spec.repo_id, spec.repo_type, url, "pull request", touched, info.oid, pr_url)
     status = "committed" if plan.exists else "created"
     return RepoResult(spec.repo_id, spec.repo_type, url, status, touched, info.oid)
+
+
+def _commit_conflict(error: BaseException) -> bool:
+    """A 412 on the commit itself: the branch moved since planning (``parent_commit`` no longer its head)."""
+    response = getattr(error, "response", None)
+    return status_of(error) == 412 and response is not None and "/commit/" in str(response.request.url)
 
 
 def record(state: PublishState, plan: RepoPlan, result: RepoResult, *, readme_only: bool) -> None:

@@ -1,0 +1,340 @@
+"""Network faults injected at the local hub, on every route a publish uses, with the real huggingface_hub client.
+
+For each (route, fault) the publish either completes or stops with one HubError line naming what failed; at the
+moment every fault fires, and after the run, each repo's main head is either the head it had before or a
+complete new commit (every planned file present with the right sha256); a rerun without faults reaches exactly
+the state a clean publish reaches (trees, file hashes, collection), and a third run changes nothing.
+
+Two scenarios: ``fresh`` publishes into an empty hub (repo and collection creation); ``update`` publishes a
+changed study (new weights for level 1, edited card and note templates) over an earlier publish (paths-info,
+changed-file uploads, note updates). Client back-off sleeps are recorded instead of slept, so the suite is fast
+while the retry logic itself runs unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from fixtures_artifacts import write_fixture_study
+from hubtools import clients_for, isolated_hf_caches
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from eval_artifacts.errors import HubError
+from eval_artifacts.rundir import RunDir
+from hub_tools.local_hub import running_hub
+from hub_tools.publish import publish_study
+from training.config import load_config
+
+# route name -> (method, path regex, scenario that uses it)
+ROUTES = {
+    "whoami": ("GET", r"^/api/whoami-v2$", "update"),
+    "repo-create": ("POST", r"^/api/repos/create$", "fresh"),
+    "repo-info": ("GET", r"^/api/(models|datasets)/[^/]+/[^/]+$", "update"),
+    "paths-info": ("POST", r"/paths-info/", "update"),
+    "preupload": ("POST", r"/preupload/", "update"),
+    "lfs-batch": ("POST", r"\.git/info/lfs/objects/batch$", "update"),
+    "lfs-put": ("PUT", r"^/lfs-upload/", "update"),
+    "lfs-verify": ("POST", r"^/lfs-verify/", "update"),
+    "commit": ("POST", r"/commit/", "update"),
+    "collection-create": ("POST", r"^/api/collections$", "fresh"),
+    "collection-items": ("*", r"^/api/collections/.+/items", "update"),
+}
+# fault name -> FaultPlan.add options
+FAULTS = {
+    "500x2": {"status": 500, "times": 2},
+    "503x2": {"status": 503, "times": 2},
+    "429-retry-after": {"status": 429, "retry_after": 3, "times": 1},
+    "drop": {"drop": True, "times": 1},
+    "412": {"status": 412, "times": 1},
+    "slow": {"delay": 0.4, "times": 3},
+}
+# Routes huggingface_hub sends through http_backoff (hub_protocol.md §2.5): 5xx/429 bursts are retried there.
+RETRIED = {"preupload", "lfs-batch", "lfs-put", "lfs-verify"}
+README = "README.md"
+SLUG = re.compile(r"collections/[\w.-]+/[\w.-]+-[0-9a-f]{24}")
+ENDPOINT = re.compile(r"http://127\.0\.0\.1:\d+")  # cards link the hub they are published to
+
+
+# ---------------------------------------------------------------- the study and its two versions
+
+
+def edited_templates(folder: Path) -> Path:
+    shutil.copytree(Path(str(resources.files("cards_templates"))), folder)
+    for name in ("adapter_card.md.j2", "eval_dataset_card.md.j2", "collection_note.txt.j2"):
+        text = (folder / name).read_text(encoding="utf-8")
+        (folder / name).write_text(text.rstrip("\n") + " Reviewed.\n", encoding="utf-8")
+    return folder
+
+
+def new_weights(run_dir: RunDir) -> None:
+    """Level 1 retrained: other adapter bytes (same shapes), so the update uploads one new LFS file."""
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir.adapter_dir(1) / "adapter_model.safetensors"
+    tensors = {name: tensor + 0.25 for name, tensor in load_file(path).items()}
+    save_file(tensors, str(path))
+
+
+def relabel(run_dir: RunDir, endpoint: str) -> None:
+    """publish/state.json keys a Hub by its URL; a copied hub listens on another port."""
+    if not run_dir.publish_state.is_file():
+        return
+    state = json.loads(run_dir.publish_state.read_text())
+    (hub,) = state["hubs"].values()
+    state["hubs"] = {endpoint: hub}
+    run_dir.publish_state.write_text(json.dumps(state))
+
+
+def publish(config, run_dir, hub, **options):
+    return publish_study(
+        config, run_dir, endpoint=hub.endpoint, token=hub.default_token, echo=lambda line: None, **options
+    )
+
+
+# ---------------------------------------------------------------- what the hub holds, read from its storage
+
+
+def repos(config) -> list[tuple[str, str]]:
+    return [("model", config.adapter_repo_id(n)) for n in config.levels] + [("dataset", config.eval_repo_id)]
+
+
+def head_files(hub, repo_type: str, repo_id: str) -> dict[str, str] | None:
+    """path -> sha256 at main (README as its text with the collection slug masked); None: no repo.
+
+    Every blob the head names must be stored with the sha256 the tree claims, or the head is broken.
+    """
+    storage = hub.storage
+    sha, _ = storage.resolve(repo_type, repo_id, "main")
+    if sha is None:
+        return None
+    files = {}
+    for path, entry in storage.get_commit(repo_type, repo_id, sha)["tree"].items():
+        data = storage.read_blob(entry["sha256"])
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"], path
+        files[path] = mask(data.decode()) if path == README else entry["sha256"]
+    return files
+
+
+def mask(text: str) -> str:
+    """A card with the parts that differ between two hubs (port, collection id) masked."""
+    return ENDPOINT.sub("HUB", SLUG.sub("collections/SLUG", text))
+
+
+def hub_state(hub, config) -> dict:
+    """Every repo's head files and the study's collection (title, items in order, notes)."""
+    collections = [c for c in hub.storage.list_collections() if c["title"] == config.hub.collection_title]
+    api = HfApi(endpoint=hub.endpoint, token=hub.default_token)
+    items = []
+    for found in collections:
+        slug = next(
+            c.slug for c in api.list_collections(owner=config.hub.namespace) if c.title == found["title"]
+        )
+        items.append([(i.item_type, i.item_id, i.note) for i in api.get_collection(slug).items])
+    return {
+        "repos": {repo_id: head_files(hub, repo_type, repo_id) for repo_type, repo_id in repos(config)},
+        "collections": items,
+    }
+
+
+# ---------------------------------------------------------------- module setup: references, earlier publish
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The v1 study published once (the ``update`` starting point) and the clean v2 end states."""
+    root = tmp_path_factory.mktemp("faults")
+    config = load_config().with_overrides(run_dir=str(root / "run"), levels=[1, 2])
+    v1 = write_fixture_study(root / "v1", config=config, n_problems=20)
+    templates = edited_templates(root / "templates")
+    with running_hub(root / "hub-v1") as hub, clients_for(hub), isolated_hf_caches(root / "cache"):
+        publish(config, v1, hub)
+        v1_state = hub_state(hub, config)
+    world = {"root": root, "config": config, "templates": templates, "v1_state": v1_state}
+    # clean v2 publishes, each from its scenario's starting point: the references a faulty run must reach
+    for scenario in ("fresh", "update"):
+        run_dir, hub_dir = start(world, scenario, root / f"ref-{scenario}")
+        with running_hub(hub_dir) as hub, clients_for(hub), isolated_hf_caches(root / "cache"):
+            relabel(run_dir, hub.endpoint)
+            publish(config, run_dir, hub, templates_dir=templates)
+            world[f"{scenario}_final"] = hub_state(hub, config)
+    for repo_id, files in world["fresh_final"]["repos"].items():  # both roads lead to the same study
+        other = world["update_final"]["repos"][repo_id]
+        assert files == other
+    assert world["fresh_final"] == world["update_final"]
+    assert world["update_final"] != v1_state
+    return world
+
+
+def start(world: dict, scenario: str, dest: Path) -> tuple[RunDir, Path]:
+    """A fresh copy of the scenario's starting run dir and hub storage under ``dest``."""
+    root = world["root"]
+    run_dir = RunDir(dest / "run")
+    shutil.copytree(root / "v1", run_dir.root)
+    hub_dir = dest / "hub"
+    if scenario == "update":
+        shutil.copytree(root / "hub-v1", hub_dir)
+    else:
+        run_dir.publish_state.unlink(missing_ok=True)
+        shutil.rmtree(run_dir.cards_dir, ignore_errors=True)
+    new_weights(run_dir)
+    return run_dir, hub_dir
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """huggingface_hub's retry sleeps (1, 2, 4, 8 s; Retry-After + 1 s) are recorded, not slept."""
+    from huggingface_hub.utils import _http
+
+    slept: list[float] = []
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            slept.append(seconds)
+
+    monkeypatch.setattr(_http, "time", Clock())
+    return slept
+
+
+def watch_heads(hub, config, allowed: dict[str, list]) -> list[str]:
+    """Check every repo head each time a fault fires; returns the list of violations it saw."""
+    violations: list[str] = []
+    take = hub.faults.take
+
+    def take_and_check(method: str, path: str):
+        fault = take(method, path)
+        if fault is not None:
+            for repo_type, repo_id in repos(config):
+                files = head_files(hub, repo_type, repo_id)
+                if files is not None and files not in allowed[repo_id]:
+                    violations.append(f"{method} {path}: {repo_id} head is partial: {sorted(files)}")
+        return fault
+
+    hub.faults.take = take_and_check
+    return violations
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+CASES = [(route, fault) for route in ROUTES for fault in FAULTS]
+
+
+@pytest.mark.parametrize(("route", "fault"), CASES, ids=[f"{r}-{f}" for r, f in CASES])
+def test_fault_then_rerun_converges(world, tmp_path, no_backoff, route, fault):
+    method, path, scenario = ROUTES[route]
+    config, final = world["config"], world[f"{scenario}_final"]
+    run_dir, hub_dir = start(world, scenario, tmp_path)
+    with running_hub(hub_dir) as hub, clients_for(hub), isolated_hf_caches(tmp_path / "cache"):
+        relabel(run_dir, hub.endpoint)
+        before = hub_state(hub, config)
+        # a head may only ever be: no repo, the bare repo just created, what it held before, or the full new one
+        allowed = {
+            repo_id: [before["repos"][repo_id], {".gitattributes": ANY_SHA}, final["repos"][repo_id]]
+            for _, repo_id in repos(config)
+        }
+        violations = watch_heads(hub, config, allowed)
+        rule = hub.faults.add(method, path, **FAULTS[fault])
+
+        started = time.perf_counter()
+        try:
+            publish(config, run_dir, hub, templates_dir=world["templates"])
+            outcome = "completed"
+        except HubError as error:
+            outcome = str(error)
+        elapsed = time.perf_counter() - started
+        assert rule.hits >= 1, f"the {route} fault never fired: the route regex is stale"
+        assert violations == []
+        hub.faults.clear()
+        after = hub_state(hub, config)
+        for repo_id, files in after["repos"].items():
+            assert files in allowed[repo_id], f"{repo_id} head is partial after the run"
+
+        if outcome == "completed":
+            assert after == final
+        else:
+            # one line naming what failed (a repo, the collection, the token check, the unreachable hub)
+            assert "\n" not in outcome and hub.default_token not in outcome
+            names = [repo_id for _, repo_id in repos(config)] + ["collection", "token", hub.endpoint]
+            assert any(name in outcome for name in names), outcome
+            assert not (fault == "slow"), f"a slow response must not fail the publish: {outcome}"
+            if route in RETRIED and fault in ("500x2", "503x2", "429-retry-after"):
+                pytest.fail(f"huggingface_hub retries {route}, so {fault} must be survived: {outcome}")
+        if fault == "429-retry-after" and route in RETRIED:
+            assert 4 in no_backoff  # the client honoured Retry-After: 3 (it sleeps N + 1 s)
+        if fault == "slow":
+            assert elapsed >= 0.4 * rule.hits
+
+        publish(config, run_dir, hub, templates_dir=world["templates"])
+        assert hub_state(hub, config) == final
+        mark = len(hub.request_log)
+        again = publish(config, run_dir, hub, templates_dir=world["templates"])
+        assert again.commits == 0
+        assert [e for e in hub.request_log[mark:] if e["method"] in ("PUT", "PATCH", "DELETE")] == []
+
+
+class _AnySha(str):
+    def __eq__(self, other) -> bool:
+        return isinstance(other, str) and len(other) == 64
+
+    def __hash__(self) -> int:
+        return 0
+
+
+ANY_SHA = _AnySha("any")
+
+
+def test_a_real_concurrent_commit_on_every_repo_fails_cleanly_then_converges(world, tmp_path, monkeypatch):
+    """Someone commits to each repo between our planning and our commit: 412, nothing of ours lands there."""
+    from hub_tools import publish as publish_module
+
+    config = world["config"]
+    run_dir, hub_dir = start(world, "update", tmp_path)
+    plan_repo = publish_module.plan_repo
+    with running_hub(hub_dir) as hub, clients_for(hub), isolated_hf_caches(tmp_path / "cache"):
+        relabel(run_dir, hub.endpoint)
+        api = HfApi(endpoint=hub.endpoint, token=hub.default_token)
+        for repo_type, repo_id in repos(config):
+
+            def plan_then_collaborator(target, spec, _repo=repo_id, _type=repo_type, **options):
+                plan = plan_repo(target, spec, **options)
+                if spec.repo_id == _repo:
+                    api.create_commit(
+                        _repo,
+                        [
+                            CommitOperationAdd(
+                                path_in_repo=f"notes-{_repo.split('/')[1]}.md", path_or_fileobj=b"x\n"
+                            )
+                        ],
+                        commit_message="A collaborator's note",
+                        repo_type=_type,
+                    )
+                return plan
+
+            monkeypatch.setattr(publish_module, "plan_repo", plan_then_collaborator)
+            with pytest.raises(HubError, match=f"{re.escape(repo_id)} changed on the Hub since planning"):
+                publish(config, run_dir, hub, templates_dir=world["templates"])
+            files = head_files(hub, repo_type, repo_id)
+            assert f"notes-{repo_id.split('/')[1]}.md" in files
+            assert {k: v for k, v in files.items() if not k.startswith("notes-")} in (
+                world["v1_state"]["repos"][repo_id],
+                world["update_final"]["repos"][repo_id],
+            )
+        monkeypatch.setattr(publish_module, "plan_repo", plan_repo)
+        publish(config, run_dir, hub, templates_dir=world["templates"])
+        state = hub_state(hub, config)
+        for repo_id, files in state["repos"].items():
+            mine = {k: v for k, v in files.items() if not k.startswith("notes-")}
+            assert mine == world["update_final"]["repos"][repo_id]
+            assert f"notes-{repo_id.split('/')[1]}.md" in files  # the collaborators' files are kept
+        assert state["collections"] == world["update_final"]["collections"]
