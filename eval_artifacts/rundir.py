@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -93,12 +92,14 @@ def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically: readers see the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
+    # A fixed temporary name: a killed writer's leftover is overwritten and moved by the rerun, never piled up.
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     maybe_crash("write_json", path.name)  # temp file complete, not yet in place
-    os.replace(handle.name, path)
+    os.replace(temporary, path)
     maybe_crash("wrote_json", path.name)
 
 

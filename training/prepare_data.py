@@ -8,7 +8,6 @@ as they are generated, so a rerun resumes where a killed one stopped.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -83,15 +82,14 @@ def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
-    ) as handle:
+    temporary = path.with_name(f".{path.name}.tmp")  # fixed: a rerun replaces a killed run's leftover
+    with temporary.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
     maybe_crash("prepare_data.before_replace", path.parent.name)
-    os.replace(handle.name, path)
+    os.replace(temporary, path)
 
 
 def _existing_stats(run_dir: RunDir) -> dict | None:

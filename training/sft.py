@@ -78,10 +78,12 @@ def run(
         # "done": --resume reaches it, and skips the levels that finished.
         if done is not None and not force:
             _say(f"level {level}: adapter up to date in {run_dir.adapter_dir(level)}, skipped")
+            if not config.training.keep_checkpoints:  # left by a run killed just after writing training.json
+                shutil.rmtree(checkpoints, ignore_errors=True)
             results[level] = done
             continue
-        resume_from = resume and last_checkpoint(checkpoints) is not None
-        if resume and not resume_from:
+        resume_from = last_checkpoint(checkpoints, before_step=config.training.max_steps) if resume else None
+        if resume and resume_from is None:
             _say(f"level {level}: no checkpoint under {checkpoints}, training from the start")
 
         rows = load_rows(train_file)
@@ -109,7 +111,7 @@ def run(
             # An adapter without training.json is never "up to date", so a run killed while retraining
             # cannot leave new weights beside an old record.
             run_dir.training_json(level).unlink(missing_ok=True)
-            if not resume_from:  # stale checkpoints of an older run must not become "last"
+            if resume_from is None:  # stale checkpoints of an older run must not become "last"
                 shutil.rmtree(checkpoints, ignore_errors=True)
         outcome = train(trainer, resume=resume_from)
 
@@ -298,12 +300,14 @@ class _TokensAtStart(TrainerCallback):
         self.tokens = state.num_input_tokens_seen
 
 
-def train(trainer: SFTTrainer, *, resume: bool = False) -> TrainOutcome:
-    """Run the trainer (from its last checkpoint when ``resume``) and time it."""
+def train(trainer: SFTTrainer, *, resume: bool | Path | None = None) -> TrainOutcome:
+    """Run the trainer (from ``resume``, a checkpoint, or its last one when True) and time it."""
     start = _TokensAtStart()
     trainer.add_callback(start)
     began = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(
+        resume_from_checkpoint=str(resume) if isinstance(resume, Path) else (True if resume else None)
+    )
     wall = time.perf_counter() - began
     trainer.remove_callback(start)
     return TrainOutcome(
@@ -331,10 +335,22 @@ def checkpoints_dir(run_dir: RunDir, level: int) -> Path:
     return run_dir.adapter_dir(level) / "checkpoints"
 
 
-def last_checkpoint(directory: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def last_checkpoint(directory: Path, *, before_step: int = -1) -> Path | None:
+    """The newest ``checkpoint-N`` (with ``before_step`` > 0: the newest with N below it).
 
-    return Path(found) if directory.is_dir() and (found := get_last_checkpoint(str(directory))) else None
+    Resumed from a checkpoint at ``max_steps``, transformers trains one step too many (it checks the limit
+    only after a step), so ``--resume`` after a kill between the last checkpoint and training.json resumes from
+    the checkpoint before it, or starts over: either way it ends with the uninterrupted run's weights.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = sorted(
+        int(path.name.rsplit("-", 1)[1])
+        for path in (directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if directory.is_dir() else [])
+        if path.name.rsplit("-", 1)[1].isdigit() and (path / "trainer_state.json").is_file()
+    )
+    usable = [step for step in steps if before_step <= 0 or step < before_step]
+    return directory / f"{PREFIX_CHECKPOINT_DIR}-{usable[-1]}" if usable else None
 
 
 def file_sha256(path: Path) -> str:
