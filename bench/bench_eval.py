@@ -718,13 +718,13 @@ def markdown_table(result: dict) -> str:
         f"peft {lib['peft']}, CUDA {lib['cuda']}, {result['date']}; {setup['problems_per_model']} problems x "
         f"{len(setup['models'])} models, {tokens:,} generated tokens.",
         "",
-        "| method | whole eval (s) | tokens/s | fast engine is |",
+        "| method | whole eval (s) | tokens/s | fast engine speed-up |",
         "|---|---|---|---|",
         f"| fast engine (measured) | {fast['wall_s']:,.1f} | {fast['tokens_per_s']:,.0f} | - |",
         f"| HF `generate`, batch {hf['batch_size']}, unmerged LoRA (extrapolated) | {hf['extrapolated_wall_s']:,.0f} "
-        f"| {hf['tokens_per_s']:,.0f} | {result['speedup']['vs_hf_batch']:.1f}x faster |",
+        f"| {hf['tokens_per_s']:,.0f} | {result['speedup']['vs_hf_batch']:.1f}x |",
         f"| one problem at a time (extrapolated) | {single['extrapolated_wall_s']:,.0f} "
-        f"| {single['tokens_per_s_extrapolated']:,.1f} | {result['speedup']['vs_one_at_a_time']:.0f}x faster |",
+        f"| {single['tokens_per_s_extrapolated']:,.1f} | {result['speedup']['vs_one_at_a_time']:.0f}x |",
     ]
     if roof:
         lines += [

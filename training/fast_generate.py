@@ -99,7 +99,8 @@ def _warps(block: int) -> int:
 
 
 def _fused_rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """``norm(x)`` for a contiguous [rows, dim] tensor (a transformers Qwen3RMSNorm)."""
+    """``norm(x)`` for a [rows, dim] tensor (a transformers Qwen3RMSNorm)."""
+    x = x.contiguous()  # the kernels index rows by pointer arithmetic; a no-op on the decode path
     y = torch.empty_like(x)
     block = triton.next_power_of_2(x.shape[-1])
     _add_rms_norm_kernel[(x.shape[0],)](
@@ -119,6 +120,7 @@ def _fused_rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 
 def _fused_add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, norm: nn.Module):
     """``h = residual + delta`` and ``norm(h)``, in one pass."""
+    residual, delta = residual.contiguous(), delta.contiguous()
     h, y = torch.empty_like(residual), torch.empty_like(residual)
     block = triton.next_power_of_2(residual.shape[-1])
     _add_rms_norm_kernel[(residual.shape[0],)](
@@ -138,6 +140,7 @@ def _fused_add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, norm: nn.Mo
 
 def _fused_head_norm_rope(x: torch.Tensor, norm: nn.Module, cos, sin, n_heads: int) -> torch.Tensor:
     """Per-head ``norm`` then the rotary embedding, for x = [rows, heads*dim] and cos/sin = [rows, dim]."""
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     y = torch.empty_like(x)
     dim = x.shape[-1] // n_heads
     _head_norm_rope_kernel[(x.shape[0], n_heads)](
@@ -147,6 +150,8 @@ def _fused_head_norm_rope(x: torch.Tensor, norm: nn.Module, cos, sin, n_heads: i
 
 
 def _fused_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``."""
+    gate, up = gate.contiguous(), up.contiguous()
     y = torch.empty_like(gate)
     _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, up, y, gate.numel(), BLOCK=1024)
     return y
