@@ -181,6 +181,26 @@ def test_rerun_of_a_complete_eval_generates_nothing(study, monkeypatch):
     assert run_dir.samples("base").read_bytes() == before
 
 
+def test_a_half_done_model_is_left_out_of_the_summary(study):
+    run_dir = new_run_dir(study, "half_done")
+    config = study.config.with_overrides(run_dir=str(run_dir.root))
+    evaluate.run(config, run_dir, models=["base"])
+    level_1 = run_dir.samples("level_1")
+    level_1.parent.mkdir(parents=True)
+    rows = run_dir.samples("base").read_text().splitlines()[:10]
+    level_1.write_text(
+        "".join(
+            row.replace('"model": "base", "level": null', '"model": "level_1", "level": 1') + "\n"
+            for row in rows
+        )
+    )
+
+    summary = evaluate.run(config, run_dir, models=["base"])
+
+    assert [row["model"] for row in summary["models"]] == ["base"]
+    assert not run_dir.metrics("level_1").exists()
+
+
 def test_missing_adapter_names_the_train_command(study, tmp_path):
     config = study.config.with_overrides(run_dir=str(tmp_path))
     with pytest.raises(ArtifactError, match=r"cot-compress train --levels 1"):

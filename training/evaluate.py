@@ -59,7 +59,7 @@ def run(
         for seed in seeds:
             evaluate_model(engine, run_dir, problems, model=model, seed=seed, config=config)
     maybe_crash("evaluate.generated")
-    return write_eval_artifacts(config, run_dir)
+    return write_eval_artifacts(config, run_dir, problem_ids={p.id for p in problems})
 
 
 def evaluate_model(
@@ -92,9 +92,8 @@ def evaluate_model(
     pending = sum(1 for batch in plan for i in batch if problems[i].id not in done)
     if not pending:
         return
-    torch.manual_seed(
-        seed
-    )  # greedy decoding draws nothing; seeded anyway so a sampling backend stays reproducible
+    # Greedy decoding draws nothing; seeded anyway so that a sampling backend stays reproducible.
+    torch.manual_seed(seed)
     correct = tokens = 0
     started = time.perf_counter()
     with tqdm(total=pending, desc=f"{model} seed {seed}", unit="sample", dynamic_ncols=True) as bar:
@@ -150,13 +149,32 @@ def make_record(
     ).to_row()
 
 
-def write_eval_artifacts(config: StudyConfig, run_dir: RunDir) -> dict:
-    """Metrics for every model with samples, then the summary and the Pareto plot, all from the samples."""
+def write_eval_artifacts(config: StudyConfig, run_dir: RunDir, *, problem_ids: set[str]) -> dict:
+    """Metrics for every model whose samples cover ``problem_ids`` for each of their seeds, then the summary
+    and the Pareto plot, all from the samples. A model left half-done by an interrupted run is left out
+    (and named on stderr) rather than summarised on part of the test set."""
+    import sys
+
     from eval_artifacts.metrics import model_level, write_metrics
     from eval_artifacts.plots import plot_pareto
     from eval_artifacts.summary import write_summary
 
-    evaluated = [model for model in config.model_keys if run_dir.samples(model).is_file()]
+    evaluated = []
+    for model in config.model_keys:
+        path = run_dir.samples(model)
+        if not path.is_file():
+            continue
+        repair_jsonl_tail(path)
+        by_seed: dict[int, set[str]] = {}
+        for row in iter_jsonl(path, what="samples"):
+            by_seed.setdefault(row["seed"], set()).add(row["id"])
+        if by_seed and all(problem_ids <= ids for ids in by_seed.values()):
+            evaluated.append(model)
+        else:
+            print(
+                f"{model}: samples incomplete, left out: run `cot-compress evaluate --models {model}`",
+                file=sys.stderr,
+            )
     if "base" not in evaluated:
         raise ArtifactError(
             "every level is compared with the stock model, which has no samples yet: "
