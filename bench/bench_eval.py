@@ -138,6 +138,7 @@ def self_check(device: torch.device, *, smoke: bool) -> dict:
     return {
         "ok": ok,
         "cuda_graphs": engine.use_graphs,
+        "fused_kernels": engine.fused_status,
         "batches": [b.rows for b in engine.last_stats.batches],
         **results,
     }

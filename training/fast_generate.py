@@ -8,7 +8,9 @@ unmerged LoRA adds ~1.8x on top (bench/README.md). This engine runs the same gre
 - its own decode loop over the HF modules (norms, projections, rotary embedding), a preallocated KV
   cache and, on CUDA, one captured graph per (batch size, context bucket): a decode step is one graph
   replay, so the host never waits for the GPU except once every ``stop_check_every`` steps;
-- prompts sorted by length, left padded and split into equal batches as large as memory allows.
+- prompts sorted by length, left padded and split into equal batches as large as memory allows;
+- on CUDA, Triton kernels for the decode step's norms, rotary embedding and SiLU gate (checked against
+  the eager ops at start; eager ops otherwise).
 
 Outputs are HF ``generate``'s greedy outputs (same stop tokens, ``min_new_tokens`` handling, pad after a
 stop), which tests/test_fast_generate.py checks token for token on CPU.
