@@ -2,7 +2,7 @@
 
 The offline study cannot download a base model, so it makes one: a byte-level BPE tokenizer trained on the
 synthetic corpus (digits split one per token, so arithmetic is learnable), Qwen's role tokens and chat
-format, and a ~1M-parameter Qwen3 model pre-trained for a couple of minutes on the stock answer format
+format, and a ~0.5M-parameter Qwen3 model pre-trained for a minute or two on the stock answer format
 (the bare question in, the reference solution without calculator annotations out). That is enough for it
 to solve a good share of the test problems before any adapter, so the adapters have something to compress.
 
