@@ -557,10 +557,16 @@ def render_template(env: jinja2.Environment, name: str, context: dict[str, Any])
         raise TemplateError(f"template {name} line {error.lineno}: syntax error: {error.message}") from None
     try:
         return template.render(context)
-    except SecurityError as error:
+    except (SecurityError, OverflowError) as error:  # OverflowError: the sandbox's range() limit
         where = name + _template_line(error, template.filename)
         raise TemplateError(
             f"template {where} was refused by the sandbox ({error}): templates may only read the card variables"
+        ) from None
+    except TemplateNotFound as error:  # {% include %} / {% extends %} of a path outside the templates folder
+        where = name + _template_line(error, template.filename)
+        raise TemplateError(
+            f"template {where} includes {error.name!r}, which is not a template of its folder: "
+            "templates may only include templates beside them"
         ) from None
     except UndefinedError as error:
         where = name + _template_line(error, template.filename)
