@@ -68,8 +68,8 @@ class Ctx:
 
     def publish(self, *extra: str, config: Path | None = None) -> list[str]:
         config = config or self.config()
-        args = ["publish", "--config", str(config), "--run-dir", str(self.run.root), "--endpoint", self.endpoint]
-        return args + list(extra)
+        args = ["publish", "--config", str(config), "--run-dir", str(self.run.root)]
+        return [*args, "--endpoint", self.endpoint, *extra]
 
     def templates(self, name: str, text: str, *, append: bool = True) -> Path:
         folder = self.tmp / "templates"
