@@ -51,7 +51,10 @@ def run(
     problems = load_problems(config, "test")[: config.eval.max_problems]
 
     select_backend(config.eval.backend)
-    engine = GenerationEngine(resolve_base_model(config))
+    tiny = config.base_model.id == "tiny"
+    engine = GenerationEngine(
+        resolve_base_model(config), revision=None if tiny else config.base_model.revision
+    )
     for model in models:
         if model != "base":
             engine.load_adapter(model, _adapter_dir(run_dir, model))

@@ -64,9 +64,22 @@ def select_backend(requested: str) -> str:
 
 
 class GenerationEngine:
-    """Greedy batched generation with Hugging Face transformers (+ PEFT for adapters)."""
+    """Greedy batched generation with Hugging Face transformers (+ PEFT for adapters).
 
-    def __init__(self, model_path: str | Path, *, device: str | None = None, dtype: str | None = None):
+    Args:
+        model_path: a local model dir or a Hub id (with ``revision``), tokenizer and chat template included.
+        device: ``cuda`` when available, else ``cpu``.
+        dtype: a torch dtype name; default bf16 on CUDA, fp32 on CPU.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        revision: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,11 +88,13 @@ class GenerationEngine:
         torch_dtype = (
             getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device == "cuda" else torch.float32)
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path), revision=revision)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_path), revision=revision, dtype=torch_dtype
+        ).to(self.device)
         self.model.eval()
         vocab = self.tokenizer.get_vocab()
         stops = {vocab[token] for token in STOP_TOKENS if token in vocab}
