@@ -251,10 +251,9 @@ def build_trainer(
         per_device_train_batch_size=training.batch_size,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         max_length=training.max_seq_length,
-        warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        **_warmup_and_checkpointing(training),
         lr_scheduler_type=training.lr_scheduler,
         completion_only_loss=training.completion_only_loss,
-        activation_checkpointing=training.gradient_checkpointing,
         packing=training.packing,
         seed=training.seed,
         data_seed=training.seed,
@@ -281,6 +280,15 @@ def build_trainer(
     return _StudySFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
     )
+
+
+def _warmup_and_checkpointing(training: TrainingConfig) -> dict:
+    """The arguments whose names changed across transformers 5.x (GPU images lag behind PyPI)."""
+    fields = SFTConfig.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    # Newer versions take a warmup ratio as a float ``warmup_steps`` below 1 and dropped ``warmup_ratio``.
+    warmup = "warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"
+    return {checkpointing: training.gradient_checkpointing, warmup: training.warmup_ratio}
 
 
 # ---- training ----
