@@ -183,8 +183,17 @@ def test_unknown_or_missing_adapter_is_an_artifact_error(small_base, tmp_path):
         next(engine.generate(PROMPTS, adapter="level_3", max_new_tokens=4, batch_size=4))
 
 
-def test_backend_selection():
+def test_backend_selection(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert select_backend("hf") == "hf"
     assert select_backend("auto") == "hf"
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        select_backend("fast")
     with pytest.raises(ConfigError, match="vllm|vLLM"):
         select_backend("vllm")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_backend("auto") == "fast"
+    assert select_backend("fast") == "fast"
+    assert select_backend("hf") == "hf"

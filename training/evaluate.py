@@ -50,11 +50,15 @@ def run(
             _adapter_dir(run_dir, model)  # fail before loading anything
     problems = load_problems(config, "test")[: config.eval.max_problems]
 
-    select_backend(config.eval.backend)
+    backend = select_backend(config.eval.backend)
     tiny = config.base_model.id == "tiny"
     engine = GenerationEngine(
         resolve_base_model(config), revision=None if tiny else config.base_model.revision
     )
+    if backend == "fast":
+        from training.fast_generate import FastGenerationEngine
+
+        engine = FastGenerationEngine(engine)
     for model in models:
         if model != "base":
             engine.load_adapter(model, _adapter_dir(run_dir, model))

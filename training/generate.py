@@ -46,20 +46,27 @@ def vllm_available() -> bool:
 
 
 def select_backend(requested: str) -> str:
-    """The backend to use for ``eval.backend``: ``hf`` is the only one this version ships.
+    """The backend for ``eval.backend``: ``fast`` (static KV cache + CUDA graphs, ``training.fast_generate``)
+    on a CUDA GPU when asked for or when ``auto``; ``hf`` otherwise.
 
     Raises:
-        ConfigError: ``vllm`` was asked for explicitly; it is not importable, or this version has no
-            vLLM backend yet.
+        ConfigError: ``vllm`` was asked for explicitly (this version has no vLLM backend), or ``fast`` was
+            asked for without a CUDA GPU.
     """
+    import torch
+
     if requested == "vllm":
         if not vllm_available():
             raise ConfigError(
                 "eval.backend is 'vllm' but vLLM is not installed: pip install 'cot-compress[vllm]'"
             )
         raise ConfigError(
-            "eval.backend 'vllm' is not supported by this version yet: set eval.backend to 'hf'"
+            "eval.backend 'vllm' is not supported by this version yet: set eval.backend to 'fast' or 'hf'"
         )
+    if requested == "fast" and not torch.cuda.is_available():
+        raise ConfigError("eval.backend 'fast' needs a CUDA GPU: set eval.backend to 'auto' or 'hf'")
+    if requested == "fast" or (requested == "auto" and torch.cuda.is_available()):
+        return "fast"
     return "hf"
 
 
