@@ -14,7 +14,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from eval_artifacts.errors import CardValidationError, HubError
 from eval_artifacts.faultpoints import maybe_crash
-from hub_tools.hub_client import HubTarget, describe, status_of
+from hub_tools.hub_client import HubTarget, describe, reading, status_of
 from training.config import StudyConfig
 from training.levels import LEVELS
 
@@ -161,13 +161,13 @@ def find_collection(target: HubTarget, *, namespace: str, title: str, slug: str 
     try:
         if slug:
             try:
-                return api.get_collection(slug, token=token)
+                return reading(lambda: api.get_collection(slug, token=token))
             except HfHubHTTPError as error:
                 if status_of(error) != 404:
                     raise
-        for found in api.list_collections(owner=namespace, token=token):
-            if found.title == title:
-                return api.get_collection(found.slug, token=token)  # lists cut items to 4
+        for found in reading(lambda: list(api.list_collections(owner=namespace, token=token))):
+            if found.title == title:  # a list holds at most 4 items of each collection: get the whole one
+                return reading(lambda slug=found.slug: api.get_collection(slug, token=token))
     except (HfHubHTTPError, httpx2.TransportError) as error:
         raise HubError(f"cannot read the collections of {namespace!r}: {describe(error, token)}") from None
     return None

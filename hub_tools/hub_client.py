@@ -8,9 +8,11 @@ message built from a client error goes through ``scrub``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx2
 import huggingface_hub
@@ -69,6 +71,33 @@ def status_of(error: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
+T = TypeVar("T")
+TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
+READ_ATTEMPTS = 3
+
+
+def reading(call: Callable[[], T]) -> T:
+    """Run a read-only Hub call, retried on a transient failure: 429, 5xx, a dropped or timed-out connection.
+
+    huggingface_hub retries uploads but not whoami, repo info, paths-info or collection reads, so one flaky
+    answer would stop a publish. Reads are safe to repeat; writes are never retried here (a commit whose answer
+    was lost may have landed: the next publish reads the Hub and sees it). Waits ``Retry-After`` (at most 30 s)
+    or 1 s, then 2 s.
+    """
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return call()
+        except (HfHubHTTPError, httpx2.TransportError) as error:
+            refused = isinstance(error, httpx2.ConnectError)  # nobody listens: retrying will not help
+            status = status_of(error) if isinstance(error, HfHubHTTPError) else None
+            transient = not refused and (status is None or status in TRANSIENT_STATUSES)
+            if attempt == READ_ATTEMPTS or not transient:
+                raise
+            retry_after = getattr(getattr(error, "response", None), "headers", {}).get("Retry-After", "")
+            time.sleep(min(int(retry_after), 30) if retry_after.isdigit() else attempt)
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def open_hub(
     config: StudyConfig, run_dir: RunDir, *, endpoint: str | None = None, token: str | None = None
@@ -111,7 +140,7 @@ def check_write_access(target: HubTarget, namespace: str) -> str:
         HubError: the token is missing, rejected, read-only, or its user cannot write to the namespace.
     """
     try:
-        info = target.api.whoami(token=target.token)
+        info = reading(lambda: target.api.whoami(token=target.token))
     except LocalTokenNotFoundError:
         raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then rerun") from None
     except HfHubHTTPError as error:

@@ -33,7 +33,7 @@ from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.metrics import check_metrics_match_samples
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
 from hub_tools import collection as collections
-from hub_tools.hub_client import HubTarget, check_write_access, describe, open_hub, status_of
+from hub_tools.hub_client import HubTarget, check_write_access, describe, open_hub, reading, status_of
 from training.config import StudyConfig
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training.json")
@@ -286,7 +286,7 @@ def plan_repo(
     api, token = target.api, target.token
     try:
         try:
-            info = api.repo_info(spec.repo_id, repo_type=spec.repo_type, token=token)
+            info = reading(lambda: api.repo_info(spec.repo_id, repo_type=spec.repo_type, token=token))
         except RepositoryNotFoundError:
             if not may_create:
                 raise HubError(
@@ -305,8 +305,10 @@ def plan_repo(
             plan.pr_num, plan.head = found
             plan.revision = f"refs/pr/{plan.pr_num}"
         paths = sorted(set(spec.files) | owned)
-        entries = api.get_paths_info(
-            spec.repo_id, paths, revision=plan.head, repo_type=spec.repo_type, token=token
+        entries = reading(
+            lambda: api.get_paths_info(
+                spec.repo_id, paths, revision=plan.head, repo_type=spec.repo_type, token=token
+            )
         )
         plan.remote = {e.path: e for e in entries if isinstance(e, RepoFile)}
         plan.diff(owned)
@@ -381,7 +383,8 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
     except (HfHubHTTPError, httpx2.TransportError, RuntimeError) as error:
         if isinstance(error, HubError):
             raise
-        if type(error) is RuntimeError:  # huggingface_hub wraps LFS upload errors: "Error while uploading ..."
+        # huggingface_hub wraps LFS upload errors in RuntimeError("Error while uploading ...")
+        if type(error) is RuntimeError:
             error = error.__cause__ or error
         if _commit_conflict(error):
             raise HubError(

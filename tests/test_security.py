@@ -14,6 +14,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx2
 import pytest
@@ -116,17 +117,26 @@ FAILURES = {
     "403 on commit": ({"fault": ("POST", r"/commit/", {"status": 403})}, "HTTP 403"),
     "412 on commit": ({"fault": ("POST", r"/commit/", {"status": 412})}, "changed on the Hub since planning"),
     "401 for the token": ({"token": SECRET + "x"}, "was rejected"),
-    "500 on whoami": ({"fault": ("GET", r"whoami", {"status": 500})}, "cannot check the token"),
+    "500 on whoami, 3 times": (
+        {"fault": ("GET", r"whoami", {"status": 500, "times": 3})},
+        "cannot check the token",
+    ),
     "connection dropped on commit": (
         {"fault": ("POST", r"/commit/", {"drop": True})},
         "pushing cot-compress/",
     ),
-    "500 on repo info": ({"fault": ("GET", r"^/api/models/", {"status": 500})}, "HTTP 500"),
+    "500 on repo info, 3 times": (
+        {"fault": ("GET", r"^/api/models/", {"status": 500, "times": 3})},
+        "HTTP 500",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", FAILURES, ids=list(FAILURES))
-def test_error_text_never_holds_the_token(study, tmp_path, caplog, case):
+def test_error_text_never_holds_the_token(study, tmp_path, caplog, monkeypatch, case):
+    from hub_tools import hub_client
+
+    monkeypatch.setattr(hub_client, "time", SimpleNamespace(sleep=lambda seconds: None))  # read retries
     config_path, run = study
     setup, expected = FAILURES[case]
     caplog.set_level("DEBUG")
