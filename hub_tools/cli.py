@@ -208,11 +208,13 @@ def regenerate_cards_command(config_path, run_dir, endpoint, namespace, dry_run,
 @click.option("--seeds", default=None, help="Comma-separated seeds (default: the config's eval.seeds).")
 def evaluate_command(config_path, run_dir, data_dir, models, seeds):
     """Generate on the test set for base and each adapter, then write metrics, summary.json and pareto.png."""
-    from training import evaluate
+    from training import distributed, evaluate
 
     config = load_study(config_path, run_dir, data_dir)
     names = [name.strip() for name in models.split(",") if name.strip()] if models else None
     summary = evaluate.run(config, config.run_dir, models=names, seeds=parse_int_list(seeds, "--seeds"))
+    if not distributed.current().is_main:  # under accelerate launch / torchrun, rank 0 reports
+        return
     for row in summary["models"]:
         lo, hi = row["ci95"]
         click.echo(
@@ -272,3 +274,7 @@ def train_and_publish_command(
         click.echo(
             f"Open the pages: cot-compress hub serve --data {study.hub_data_dir} --port {LOCAL_PAGES_PORT}"
         )
+
+
+if __name__ == "__main__":  # `accelerate launch -m hub_tools.cli …` / `python -m hub_tools.cli …`
+    main()

@@ -137,7 +137,7 @@ def test_train_writes_adapter_and_a_complete_training_json(small_base, tmp_path)
         6,
     ]
     assert payload["tokens_per_s"] == pytest.approx(payload["tokens_seen"] / payload["wall_time_s"], rel=1e-3)
-    assert payload["hardware"] == {"device": "cpu", "gpu_name": None, "gpu_count": 0}
+    assert payload["hardware"] == {"device": "cpu", "gpu_name": None, "gpu_count": 0, "world_size": 1}
     assert (payload["precision"], payload["quantization"], payload["loss"]) == (
         "fp32",
         "none",

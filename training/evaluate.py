@@ -6,17 +6,27 @@ records are appended to ``eval/<model>/samples.jsonl`` as soon as it is generate
 torn last line, skips batches whose records are all there and writes only the missing records of the
 others, so ``kill -9`` loses at most the batch in flight. Metrics, the summary and the Pareto plot are
 then recomputed from the samples alone.
+
+Under ``accelerate launch`` / ``torchrun`` with N processes, rank r takes problems r, r+N, r+2N, … (batched
+by length within its shard, on its own GPU) and appends to ``samples.rank<r>-of-<N>.jsonl`` beside
+``samples.jsonl``. When every rank is done, rank 0 merges the shards into ``samples.jsonl`` in the order
+one process would have written it and removes them. Shards left by a killed run (of any N) are merged
+before generating, so their records count as done.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from eval_artifacts.errors import ArtifactError, ConfigError
 from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.records import SampleRecord
-from eval_artifacts.rundir import RunDir, append_jsonl, iter_jsonl, repair_jsonl_tail
+from eval_artifacts.rundir import RunDir, append_jsonl, iter_jsonl, read_json, repair_jsonl_tail
+from training import distributed
 from training.config import StudyConfig
 from training.data import load_problems
 from training.generate import Generation, GenerationEngine, select_backend
@@ -34,7 +44,7 @@ def run(
 ) -> dict:
     """Evaluate ``models`` (default: base and every level) for ``seeds`` (default: ``eval.seeds``).
 
-    Returns the summary written to ``eval/summary.json``.
+    Returns the summary written to ``eval/summary.json`` (on every rank when launched with several).
 
     Raises:
         ConfigError: a model name is not ``base`` or a level of the study.
@@ -43,6 +53,7 @@ def run(
     from training.models import resolve_base_model
 
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    process = distributed.setup()  # a world of one unless a launcher started several processes
     models = _check_models(config, models)
     seeds = list(seeds) if seeds is not None else list(config.eval.seeds)
     for model in models:
@@ -62,11 +73,31 @@ def run(
     for model in models:
         if model != "base":
             engine.load_adapter(model, _adapter_dir(run_dir, model))
+    if process.is_main:  # shards of a killed run: their records count as done
+        merge_all_shards(engine, run_dir, problems, config=config, seeds=seeds)
+    distributed.barrier()
     for model in models:
         for seed in seeds:
-            evaluate_model(engine, run_dir, problems, model=model, seed=seed, config=config)
+            evaluate_model(
+                engine,
+                run_dir,
+                problems[process.rank :: process.world_size],
+                model=model,
+                seed=seed,
+                config=config,
+                output=shard_path(run_dir, model, process) if process.distributed else None,
+            )
     maybe_crash("evaluate.generated")
-    return write_eval_artifacts(config, run_dir, problem_ids={p.id for p in problems})
+    distributed.barrier()
+    if process.is_main:
+        merge_all_shards(engine, run_dir, problems, config=config, seeds=seeds)
+        summary = write_eval_artifacts(config, run_dir, problem_ids={p.id for p in problems})
+    distributed.barrier()
+    if not process.is_main:
+        summary = read_json(
+            run_dir.summary, what="eval summary", hint="rank 0 failed to write it; see its error"
+        )
+    return summary
 
 
 def evaluate_model(
@@ -77,20 +108,20 @@ def evaluate_model(
     model: str,
     seed: int,
     config: StudyConfig,
+    output: Path | None = None,
 ) -> None:
-    """Generate the missing records of one (model, seed) and append them batch by batch."""
+    """Generate the missing records of one (model, seed) and append them batch by batch.
+
+    Records go to ``samples.jsonl``, or to ``output`` (a rank's shard); both count as done.
+    """
     import torch
     from tqdm import tqdm
 
-    path = run_dir.samples(model)
+    path = output or run_dir.samples(model)
     repair_jsonl_tail(path)
-    done = (
-        {row["id"] for row in iter_jsonl(path, what="samples") if row.get("seed") == seed}
-        if path.is_file()
-        else set()
-    )
-    level = None if model == "base" else int(model.removeprefix("level_"))
-    prompts = [p.question if level is None else build_prompt(level, p.question) for p in problems]
+    done = _done_ids(run_dir.samples(model), seed) | _done_ids(path, seed)
+    level = _level(model)
+    prompts = model_prompts(problems, model)
     plan = [
         batch
         for batch in engine.plan(prompts, batch_size=config.eval.batch_size)
@@ -123,6 +154,105 @@ def evaluate_model(
             bar.set_postfix(
                 acc=f"{correct / bar.n:.1%}", tok_s=f"{tokens / (time.perf_counter() - started):.0f}"
             )
+
+
+def _done_ids(path: Path, seed: int) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {row["id"] for row in iter_jsonl(path, what="samples") if row.get("seed") == seed}
+
+
+def _level(model: str) -> int | None:
+    return None if model == "base" else int(model.removeprefix("level_"))
+
+
+def model_prompts(problems: list[Problem], model: str) -> list[str]:
+    """The user messages of ``model``: the bare question for the stock model, the level prompt for adapters."""
+    level = _level(model)
+    return [p.question if level is None else build_prompt(level, p.question) for p in problems]
+
+
+# ---- shards of a multi-process run ----
+def shard_path(run_dir: RunDir, model: str, process: distributed.Process) -> Path:
+    """Where rank r of N appends: ``eval/<model>/samples.rank<r>-of-<N>.jsonl``."""
+    return run_dir.samples(model).with_name(f"samples.rank{process.rank}-of-{process.world_size}.jsonl")
+
+
+def merge_all_shards(
+    engine: GenerationEngine,
+    run_dir: RunDir,
+    problems: list[Problem],
+    *,
+    config: StudyConfig,
+    seeds: list[int],
+) -> None:
+    """Merge the shard files of every model of the study that has some (rank 0 only)."""
+    for model in config.model_keys:
+        if _shards(run_dir, model):
+            merge_shards(
+                run_dir, model, order=write_order(engine, problems, model, config=config, seeds=seeds)
+            )
+
+
+def write_order(
+    engine: GenerationEngine, problems: list[Problem], model: str, *, config: StudyConfig, seeds: list[int]
+) -> Callable[[dict], tuple]:
+    """Sort key putting records in the order one process writes them: by seed, then by its batch plan."""
+    plan = engine.plan(model_prompts(problems, model), batch_size=config.eval.batch_size)
+    position = {problems[i].id: n for n, i in enumerate(i for batch in plan for i in batch)}
+
+    def key(row: dict) -> tuple:
+        seed = row.get("seed")
+        listed = seed in seeds
+        return (
+            not listed,
+            seeds.index(seed) if listed else seed,
+            position.get(row["id"], len(position)),
+            row["id"],
+        )
+
+    return key
+
+
+def merge_shards(run_dir: RunDir, model: str, *, order: Callable[[dict], tuple]) -> int:
+    """Fold ``model``'s shard files into ``samples.jsonl`` and remove them; returns the records added.
+
+    Records already in ``samples.jsonl`` keep their place; the shards' new (id, seed) pairs follow, sorted by
+    ``order``; duplicates are dropped. The merged file replaces the old one atomically and the shards go only
+    after that, so a kill at any point leaves every record somewhere and the rerun merges again.
+    """
+    path = run_dir.samples(model)
+    shards = _shards(run_dir, model)
+    if not shards:
+        return 0
+    rows = _read_repaired(path)
+    seen = {(row["id"], row["seed"]) for row in rows}
+    added = []
+    for shard in shards:
+        for row in _read_repaired(shard):
+            if (row["id"], row["seed"]) not in seen:
+                seen.add((row["id"], row["seed"]))
+                added.append(row)
+    temporary = path.with_name(f".{path.name}.tmp")  # fixed name: a killed merge's leftover is overwritten
+    with temporary.open("w", encoding="utf-8") as handle:
+        for row in rows + sorted(added, key=order):
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    maybe_crash("evaluate.shards_merged", model)
+    for shard in shards:
+        shard.unlink()
+    return len(added)
+
+
+def _shards(run_dir: RunDir, model: str) -> list[Path]:
+    return sorted(run_dir.samples(model).parent.glob("samples.rank*-of-*.jsonl"))
+
+
+def _read_repaired(path: Path) -> list[dict]:
+    repair_jsonl_tail(path)
+    return list(iter_jsonl(path, what="samples")) if path.is_file() else []
 
 
 def make_record(

@@ -266,6 +266,8 @@ def build_trainer(
         fp16=precision == "fp16",
         include_num_input_tokens_seen="non_padding",  # real tokens, summed over DDP ranks
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without it, accelerate ignores torchrun's ranks on a CPU-only machine: each rank trains alone.
+        use_cpu=not torch.cuda.is_available(),
         report_to=[],
         push_to_hub=False,
     )
@@ -435,11 +437,18 @@ def library_versions() -> dict[str, str]:
 
 
 def hardware(trainer: SFTTrainer) -> dict:
+    """Device, GPU name and count, and ``world_size``: the training processes (DDP ranks, 1 without a launcher)."""
+    world_size = trainer.accelerator.num_processes
     if not torch.cuda.is_available():
-        return {"device": "cpu", "gpu_name": None, "gpu_count": 0}
+        return {"device": "cpu", "gpu_name": None, "gpu_count": 0, "world_size": world_size}
     # DDP runs one process per GPU; a single process may still drive several through DataParallel.
-    count = trainer.accelerator.num_processes * max(1, trainer.args.n_gpu)
-    return {"device": "cuda", "gpu_name": torch.cuda.get_device_name(0), "gpu_count": count}
+    count = world_size * max(1, trainer.args.n_gpu)
+    return {
+        "device": "cuda",
+        "gpu_name": torch.cuda.get_device_name(0),
+        "gpu_count": count,
+        "world_size": world_size,
+    }
 
 
 def loss_curve(trainer: SFTTrainer) -> list[dict]:

@@ -1,0 +1,250 @@
+"""Several processes (torchrun, gloo on CPU): sharded evaluation merged into one samples.jsonl, its kill -9
+resume across process counts, and DDP training writing one adapter.
+
+The processes are real (``python -m torch.distributed.run --nproc_per_node 2``, the launcher under
+``accelerate launch``) on the small random Qwen3 of test_generate.py, so every test is about the
+bookkeeping between ranks, not about accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from test_generate import build_small_base, make_adapter
+from test_sft import prepared, small_base  # noqa: F401  (small_base: the fixture of the training test)
+from test_sft import study as sft_study
+
+from eval_artifacts.records import read_samples
+from eval_artifacts.rundir import RunDir, read_json
+from training import evaluate
+from training.config import load_config
+
+MODELS = ("base", "level_1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(command: list[str], *, processes: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
+    """``cot-compress <command>`` under torchrun with ``processes`` CPU ranks, in its own process group."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "hub_tools.cli",
+            *command,
+        ],  # fmt: skip
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        start_new_session=True,
+        **popen,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One level, 30 test problems, batches of 2, and a single-process reference run."""
+    root = tmp_path_factory.mktemp("dist_study")
+    base = build_small_base(root / "base")
+    adapter = make_adapter(base, root / "adapter", seed=5)
+    config = load_config().with_overrides(
+        **{
+            "base_model.id": str(base),
+            "levels": [1],
+            "data.synthetic.n_test": 30,
+            "eval.batch_size": 2,
+            "eval.max_new_tokens": 8,
+        }
+    )
+    study = SimpleNamespace(config=config, adapter=adapter, root=root)
+    study.reference = new_run_dir(study, "reference")
+    evaluate.run(config.with_overrides(run_dir=str(study.reference.root)), study.reference)
+    return study
+
+
+def new_run_dir(study, name: str) -> RunDir:
+    run_dir = RunDir(study.root / name)
+    target = run_dir.adapter_dir(1)
+    target.mkdir(parents=True)
+    for file in study.adapter.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    (run_dir.root / "study.yaml").write_text(
+        yaml.safe_dump(study.config.with_overrides(run_dir=str(run_dir.root)).model_dump(mode="json"))
+    )
+    return run_dir
+
+
+def eval_command(run_dir: RunDir) -> list[str]:
+    return ["evaluate", "--config", str(run_dir.root / "study.yaml")]
+
+
+def assert_same_as_reference(study, run_dir: RunDir) -> None:
+    for model in MODELS:
+        got = read_samples(run_dir.samples(model), model=model)  # raises on a duplicate (id, seed)
+        want = read_samples(study.reference.samples(model), model=model)
+        assert got == want  # the same records, in the order one process writes them
+        assert read_json(run_dir.metrics(model), what="m", hint="") == read_json(
+            study.reference.metrics(model), what="m", hint=""
+        )
+    assert not list(run_dir.eval_dir.glob("*/samples.rank*")), "shard files left behind"
+    assert run_dir.summary.is_file() and run_dir.pareto_png.stat().st_size > 0
+
+
+def test_two_processes_write_the_samples_of_one(study):
+    run_dir = new_run_dir(study, "two")
+
+    out = finish(launch(eval_command(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+    assert_same_as_reference(study, run_dir)
+    lines = [line for line in out.splitlines() if "accuracy" in line]
+    assert [line.split()[0] for line in lines] == list(MODELS)  # printed once, by rank 0
+    identical = sum(
+        a["completion"] == b["completion"]
+        for model in MODELS
+        for a, b in zip(
+            read_samples(run_dir.samples(model)), read_samples(study.reference.samples(model)), strict=True
+        )
+    )
+    assert identical / (2 * 30) >= 0.99
+
+
+def test_killed_two_process_run_resumes_with_one_process_and_with_two(study):
+    for name, rerun_processes in (("killed_then_one", 1), ("killed_then_two", 2)):
+        run_dir = new_run_dir(study, name)
+        process = launch(eval_command(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        written, deadline = 0, time.monotonic() + 300
+        while written < 8 and process.poll() is None and time.monotonic() < deadline:
+            written = sum(len(p.read_bytes().splitlines()) for p in run_dir.eval_dir.glob("*/samples.rank*"))
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks at once
+        process.wait()
+        shards = list(run_dir.eval_dir.glob("*/samples.rank*-of-2.jsonl"))
+        assert shards and not list(run_dir.eval_dir.glob("*/samples.jsonl")), "killed after the merge"
+        # A kill in the middle of a write leaves a torn last line; the rerun must drop it.
+        with shards[0].open("a") as handle:
+            handle.write('{"id": "test-000')
+
+        if rerun_processes == 1:
+            evaluate.run(study.config.with_overrides(run_dir=str(run_dir.root)), run_dir)
+        else:
+            finish(launch(eval_command(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+        assert_same_as_reference(study, run_dir)
+
+
+def test_kill_during_the_merge_then_rerun_generates_nothing_and_converges(study):
+    run_dir = new_run_dir(study, "killed_in_merge")
+    # Rank 0 dies right after replacing level_1's samples.jsonl, before removing its shards.
+    killed = launch(
+        eval_command(run_dir),
+        env={"COT_COMPRESS_KILL_AT": "evaluate.shards_merged:level_1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    killed.wait(timeout=300)
+    assert killed.returncode != 0
+    assert list(run_dir.eval_dir.glob("level_1/samples.rank*"))  # merged, shards not yet removed
+    before = {model: len(run_dir.samples(model).read_bytes().splitlines()) for model in MODELS}
+    assert before == {"base": 30, "level_1": 30}
+
+    finish(launch(eval_command(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+    assert_same_as_reference(study, run_dir)
+
+
+def test_merge_is_idempotent_and_keeps_existing_records_first(study, tmp_path):
+    run_dir = RunDir(tmp_path)
+    path = run_dir.samples("base")
+    path.parent.mkdir(parents=True)
+    row = {"id": "a", "seed": 0, "x": 1}
+    path.write_text(json.dumps(row) + "\n")
+    shard = path.with_name("samples.rank1-of-2.jsonl")
+    shard.write_text(
+        "".join(json.dumps(r) + "\n" for r in ({"id": "c", "seed": 0}, {"id": "a", "seed": 0, "x": 2}))
+        + '{"id": "d", "se'  # torn tail
+    )
+    path.with_name("samples.rank0-of-2.jsonl").write_text(json.dumps({"id": "b", "seed": 0}) + "\n")
+    order = {"b": 0, "c": 1}
+
+    added = evaluate.merge_shards(run_dir, "base", order=lambda r: order[r["id"]])
+
+    assert added == 2
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        row, {"id": "b", "seed": 0}, {"id": "c", "seed": 0},
+    ]  # fmt: skip
+    assert sorted(p.name for p in path.parent.iterdir()) == ["samples.jsonl"]
+    merged = path.read_bytes()
+    assert evaluate.merge_shards(run_dir, "base", order=lambda r: 0) == 0
+    assert path.read_bytes() == merged
+
+
+# ---------------------------------------------------------------- training under DDP
+
+
+@pytest.mark.slow
+def test_train_with_two_processes_writes_one_adapter_and_counts_every_rank(small_base, tmp_path):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    base = small_base
+    config = sft_study(base, tmp_path / "run", max_steps=-1, epochs=1, batch_size=4)
+    config = config.with_overrides(**{"data.max_train_rows": 24})
+    run_dir = prepared(config)
+    config_path = tmp_path / "study.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+
+    out = finish(
+        launch(
+            ["train", "--config", str(config_path), "--levels", "3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    )
+
+    adapter_dir = run_dir.adapter_dir(3)
+    assert sorted(p.name for p in adapter_dir.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training.json",
+    ]
+    assert out.count("level 3: ") == 1  # one summary line, from rank 0
+    payload = json.loads(run_dir.training_json(3).read_text())
+    assert payload["hardware"] == {"device": "cpu", "gpu_name": None, "gpu_count": 0, "world_size": 2}
+    assert payload["hyperparameters"]["effective_batch_size"] == 8  # 4 per rank × 2 ranks
+    assert payload["steps"] == 3  # 24 rows / 8 per step
+    # One epoch: each rank saw half the rows; the total is every token of every row once.
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = [json.loads(line) for line in run_dir.train_file(3).read_text().splitlines()]
+    lengths = [
+        len(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
+        for r in rows
+    ]
+    assert payload["tokens_seen"] == sum(lengths)
