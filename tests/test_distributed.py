@@ -286,3 +286,36 @@ def test_train_with_two_processes_writes_one_adapter_and_counts_every_rank(small
         for r in rows
     ]
     assert payload["tokens_seen"] == sum(lengths)
+
+
+# ---------------------------------------------------------------- the multi-GPU benchmark's CPU mode
+
+
+@pytest.mark.slow
+def test_multigpu_benchmark_smoke_mode_writes_its_json(tmp_path):
+    out = tmp_path / "bench_multigpu.json"
+    subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "bench_multigpu.py"), "--smoke",
+         "--out", str(out)],
+        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+
+    train = result["train"]["runs"]
+    assert {key: run["world_size"] for key, run in train.items()} == {"1": 1, "2": 2}
+    for run in train.values():  # 2 steps of 2 rows per rank: every row of the run's data seen once
+        assert (run["steps"], run["rows_per_step"]) == (2, 2 * run["world_size"])
+        assert run["tokens_seen"] == run["dataset_tokens"]
+    assert result["train"]["speedup"] == pytest.approx(
+        train["2"]["tokens_per_s"] / train["1"]["tokens_per_s"], abs=1e-3
+    )
+    evaluation = result["eval"]
+    assert evaluation["runs"]["2"]["rank_problems"] == [6, 6]  # 12 problems, interleaved over 2 ranks
+    assert evaluation["samples"] == 24  # 12 problems × (base, level_1)
+    # fp32 on the CPU: the sharded run reproduces the single-process samples exactly.
+    assert evaluation["identical_samples"] == 24 and evaluation["same_weights_on_1_and_n"]
+    assert evaluation["speedup"] == pytest.approx(
+        evaluation["runs"]["1"]["wall_s"] / evaluation["runs"]["2"]["wall_s"], abs=1e-3
+    )
+    assert result["goals_met"]["eval_identical"] is True
+    assert {"torch", "transformers"} <= set(result["library_versions"])
