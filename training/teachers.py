@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 
 from training.gsm8k import Problem, Step, extract_answer, numbers_equal, solution_steps, strip_annotations
@@ -121,7 +122,7 @@ def teacher_instruction(level: int, examples: list[tuple[str, str, str]]) -> str
     return "\n".join(lines)
 
 
-def parse_teacher_output(text: str, gold: str) -> TeacherRow | tuple[str | None, str | None, str | None]:
+def parse_teacher_output(text: str, gold: str) -> tuple[str | None, str | None, str | None]:
     """(reasoning, answer, drop reason) from a model teacher's output."""
     from training.levels import parse_response
 
@@ -150,3 +151,71 @@ def reasoning_char_stats(rows: list[dict]) -> dict:
     if not lengths:
         return {"mean": 0.0, "median": 0.0}
     return {"mean": round(statistics.fmean(lengths), 2), "median": float(statistics.median(lengths))}
+
+
+class ModelTeacher:
+    """A causal LM writes each level's reasoning, prompted with the level's spec and worked examples.
+
+    The examples are the rule teacher's rewrites of the first problems it can verify, so the model sees
+    the exact target format. Rows are appended to ``train.jsonl`` (kept) or ``dropped.jsonl`` (id and
+    reason) batch by batch; a rerun skips every id already in either file, so a killed run resumes.
+    """
+
+    def __init__(self, config, *, engine=None):
+        self.config = config
+        if engine is None:
+            from training.generate import GenerationEngine
+
+            engine = GenerationEngine(config.teacher.model_id, revision=config.teacher.revision)
+        self.engine = engine
+
+    def examples(self, level: int, problems: list[Problem]) -> list[tuple[str, str, str]]:
+        shots = []
+        for problem in problems:
+            if len(shots) == self.config.teacher.few_shot:
+                break
+            row = rule_teacher(level, problem)
+            if row.dropped is None:
+                shots.append((problem.question, row.reasoning, row.answer))
+        return shots
+
+    def write_level(self, level: int, problems: list[Problem], path) -> tuple[list[dict], Counter]:
+        from pathlib import Path
+
+        from eval_artifacts.rundir import append_jsonl, iter_jsonl, repair_jsonl_tail
+
+        path = Path(path)
+        dropped_path = path.with_name("dropped.jsonl")
+        for file in (path, dropped_path):
+            repair_jsonl_tail(file)
+        kept = list(iter_jsonl(path, what="SFT data")) if path.is_file() else []
+        dropped = list(iter_jsonl(dropped_path, what="dropped rows")) if dropped_path.is_file() else []
+        done = {row["id"] for row in kept} | {row["id"] for row in dropped}
+        # Few-shot examples are left out of the rows the model writes: it would copy them.
+        shots = self.examples(level, problems)
+        shot_questions = {question for question, _, _ in shots}
+        examples_used = [p for p in problems if p.id not in done and p.question in shot_questions]
+        append_jsonl(dropped_path, [{"id": p.id, "reason": "used_as_example"} for p in examples_used])
+        dropped += [{"id": p.id, "reason": "used_as_example"} for p in examples_used]
+        todo = [p for p in problems if p.id not in done and p.question not in shot_questions]
+        instruction = teacher_instruction(level, shots)
+        prompts = [f"{instruction}\n\nProblem: {problem.question}" for problem in todo]
+        teacher_name = f"model:{self.config.teacher.model_id}"
+        batches = self.engine.generate(
+            prompts, adapter=None, max_new_tokens=self.config.teacher.max_new_tokens,
+            batch_size=self.config.teacher.batch_size,
+        )  # fmt: skip
+        for batch in batches:
+            new_kept, new_dropped = [], []
+            for generation in batch:
+                problem = todo[generation.index]
+                reasoning, answer, reason = parse_teacher_output(generation.text, problem.gold)
+                if reason is None:
+                    new_kept.append(sft_row(level, problem, reasoning, answer, teacher_name))
+                else:
+                    new_dropped.append({"id": problem.id, "reason": reason})
+            append_jsonl(path, new_kept)
+            append_jsonl(dropped_path, new_dropped)
+            kept += new_kept
+            dropped += new_dropped
+        return kept, Counter(row["reason"] for row in dropped)
