@@ -6,6 +6,7 @@ JSONL files are appended one complete line at a time, so a kill loses at most th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -86,6 +87,15 @@ class RunDir:
     @property
     def cache_dir(self) -> Path:
         return self.root / "cache"
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (adapters and data files can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
+from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, file_sha256, read_json, write_json
 from training.config import StudyConfig
 
 STAGES = ("prepare-data", "train", "evaluate", "render-cards")
@@ -32,13 +32,6 @@ class Stage:
     outputs: Callable[[StudyConfig, RunDir], list[Path]]
     run: Callable[[StudyConfig, RunDir], object]
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _hash(payload: object) -> str:

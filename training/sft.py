@@ -12,7 +12,6 @@ a successful finish unless ``training.keep_checkpoints`` is set.
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -29,7 +28,7 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from eval_artifacts.errors import ArtifactError, DataError, TrainingError
-from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, iter_jsonl, write_json
+from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, file_sha256, iter_jsonl, write_json
 from training.config import StudyConfig, TrainingConfig
 from training.levels import get_level
 
@@ -362,13 +361,6 @@ def last_checkpoint(directory: Path, *, before_step: int = -1) -> Path | None:
     usable = [step for step in steps if before_step <= 0 or step < before_step]
     return directory / f"{PREFIX_CHECKPOINT_DIR}-{usable[-1]}" if usable else None
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def recipe(config: StudyConfig) -> dict:
