@@ -7,8 +7,9 @@ torn last line, skips batches whose records are all there and writes only the mi
 others, so ``kill -9`` loses at most the batch in flight. Metrics, the summary and the Pareto plot are
 then recomputed from the samples alone.
 
-Under ``accelerate launch`` / ``torchrun`` with N processes, rank r takes problems r, r+N, r+2N, … (batched
-by length within its shard, on its own GPU) and appends to ``samples.rank<r>-of-<N>.jsonl`` beside
+Under ``accelerate launch`` / ``torchrun`` with N processes, rank r takes batches r, r+N, r+2N, … of that
+same plan (on its own GPU), so every problem is generated in the batch it would share on one GPU and the
+samples do not depend on the number of GPUs. Each rank appends to ``samples.rank<r>-of-<N>.jsonl`` beside
 ``samples.jsonl``. When every rank is done, rank 0 merges the shards into ``samples.jsonl`` in the order
 one process would have written it and removes them. Shards left by a killed run (of any N) are merged
 before generating, so their records count as done.
@@ -81,11 +82,11 @@ def run(
             evaluate_model(
                 engine,
                 run_dir,
-                problems[process.rank :: process.world_size],
+                problems,
                 model=model,
                 seed=seed,
                 config=config,
-                output=shard_path(run_dir, model, process) if process.distributed else None,
+                process=process,
             )
     maybe_crash("evaluate.generated")
     distributed.barrier()
@@ -108,23 +109,25 @@ def evaluate_model(
     model: str,
     seed: int,
     config: StudyConfig,
-    output: Path | None = None,
+    process: distributed.Process | None = None,
 ) -> None:
     """Generate the missing records of one (model, seed) and append them batch by batch.
 
-    Records go to ``samples.jsonl``, or to ``output`` (a rank's shard); both count as done.
+    With several processes, this one takes its share of the plan's batches and appends to its shard file;
+    records in ``samples.jsonl`` and in the shard both count as done.
     """
     import torch
     from tqdm import tqdm
 
-    path = output or run_dir.samples(model)
+    process = process or distributed.current()
+    path = shard_path(run_dir, model, process) if process.distributed else run_dir.samples(model)
     repair_jsonl_tail(path)
     done = _done_ids(run_dir.samples(model), seed) | _done_ids(path, seed)
     level = _level(model)
     prompts = model_prompts(problems, model)
     plan = [
         batch
-        for batch in engine.plan(prompts, batch_size=config.eval.batch_size)
+        for batch in distributed.rank_share(engine.plan(prompts, batch_size=config.eval.batch_size), process)
         if not all(problems[i].id in done for i in batch)
     ]
     pending = sum(1 for batch in plan for i in batch if problems[i].id not in done)

@@ -755,8 +755,8 @@ class FastGenerationEngine:
     """The fast backend behind ``training.generate.GenerationEngine``'s interface.
 
     It wraps a loaded ``GenerationEngine`` (tokenizer, chat template, model, PEFT adapters) and runs its
-    generation on a ``FastGenerator``: same prompts in, same ``Generation`` records out. Batches are sized
-    from GPU memory (up to ``max_batch_size``), not by ``batch_size``, which only the HF backend uses.
+    generation on a ``FastGenerator``: same prompts in, same ``Generation`` records out, batched by the same
+    plan. A planned batch larger than GPU memory (or ``max_batch_size``) allows is split in equal parts.
     """
 
     def __init__(self, engine, *, max_batch_size: int = 512) -> None:
@@ -788,12 +788,8 @@ class FastGenerationEngine:
         return self.hf.render(prompt)
 
     def plan(self, prompts: list[str], *, batch_size: int) -> list[list[int]]:
-        """The HF engine's plan with batches of ``max_batch_size`` (at least ``batch_size``).
-
-        It depends only on the prompts, so resumed runs batch alike; a batch larger than the GPU's cache
-        is split inside ``generate_batch``.
-        """
-        return self.hf.plan(prompts, batch_size=max(batch_size, self.max_batch_size))
+        """The HF engine's plan; a batch larger than the GPU's cache is split inside ``generate_batch``."""
+        return self.hf.plan(prompts, batch_size=batch_size)
 
     def _generator(self) -> FastGenerator:
         if self._fast is None or self._fast.model is not self.hf.model:

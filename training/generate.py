@@ -13,7 +13,8 @@ KV cache with CUDA graphs) plugs in behind the same three methods: ``load_adapte
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,28 @@ from pathlib import Path
 from eval_artifacts.errors import ArtifactError, ConfigError
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length: longest first (ties by index), as few batches as
+    ``batch_size`` allows, their sizes differing by at most one (larger first).
+
+    The plan depends only on the lengths and ``batch_size``: a resumed run batches exactly as an
+    uninterrupted one, and several GPUs share out these same batches rather than batching their own
+    problems, so greedy outputs do not depend on the number of GPUs (bf16 kernels round differently with
+    a batch's size and neighbours).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    count = math.ceil(len(order) / batch_size)
+    if not count:
+        return []
+    size, larger = divmod(len(order), count)
+    batches, start = [], 0
+    for k in range(count):
+        end = start + size + (k < larger)
+        batches.append(order[start:end])
+        start = end
+    return batches
 
 
 @dataclass(frozen=True)
@@ -132,15 +155,11 @@ class GenerationEngine:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def plan(self, prompts: list[str], *, batch_size: int) -> list[list[int]]:
-        """Indices of ``prompts`` grouped into batches of similar length (longest first, ties by index).
-
-        The plan depends only on the prompts, so a resumed run batches exactly as an uninterrupted one.
-        """
+        """``plan_batches`` over the prompts' token counts."""
         lengths = [
             len(self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"]) for p in prompts
         ]
-        order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
-        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        return plan_batches(lengths, batch_size)
 
     # ---- generation ----
     def generate_batch(
