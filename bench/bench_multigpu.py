@@ -1,20 +1,23 @@
 """Multi-GPU benchmark: training tokens/s and evaluation wall time on 1 GPU against N GPUs (default 2).
 
 Random weights of the real Qwen3-4B shape, nothing downloaded. Every measured run is a fresh
-``python -m torch.distributed.run --nproc_per_node K`` (what ``accelerate launch`` starts), NCCL with
-NVLink multicast off (``NCCL_NVLS_ENABLE=0``):
+``accelerate launch --num_processes K`` (``--multi_gpu`` when K > 1), NCCL with NVLink multicast off
+(``NCCL_NVLS_ENABLE=0``):
 
-1. training: the study recipe (configs/qwen3-4b-gsm8k.yaml: LoRA r16 on every linear layer, completion-only
+1. evaluation: the base model and five random LoRA adapters (``level_1`` … ``level_5``) on the same 1,319
+   synthetic prompts (120-200 token ids), output lengths forced as in bench_eval (300, 200, 100, 60, 40 and
+   15 new tokens). The problems are planned as ``cot-compress evaluate`` plans them (length-sorted batches of
+   the study's ``eval.batch_size``, the same for any number of GPUs) and rank r takes batches r, r+N, …, on
+   its own GPU, with the fast engine (``--engine hf`` for HF ``generate``). Wall time runs from the first barrier
+   after the model is built to the last rank's finish (engine start included). The N-GPU samples are
+   compared with the 1-GPU samples, problem by problem.
+2. training: the study recipe (configs/qwen3-4b-gsm8k.yaml: LoRA r16 on every linear layer, completion-only
    loss, per-GPU batch and accumulation as configured) through ``training.sft`` (load_base → build_trainer →
-   train) under DDP, in bf16 LoRA by default (``--quantization nf4`` for QLoRA, needs bitsandbytes), on
+   train) under DDP, once per ``--quantization`` (default: nf4, the study's QLoRA, then bf16 LoRA), on
    GSM8K-length rows (~250 tokens). Same per-GPU batch and the same number of optimizer steps on 1 and on N
    GPUs, so N GPUs see N times the rows; tokens/s counts real tokens summed over ranks.
-2. evaluation: the base model and one random LoRA adapter (``level_1``) on the same synthetic prompts
-   (120-200 token ids), output lengths forced as in bench_eval (base 300, level_1 200 new tokens). Each rank
-   takes problems r, r+N, … as ``cot-compress evaluate`` shards them, on its own GPU, with the fast engine
-   (``--engine hf`` for HF ``generate``). Wall time runs from the first barrier after the model is built to
-   the last rank's finish (engine start included). The N-GPU samples are compared with the 1-GPU samples,
-   problem by problem.
+
+The JSON is rewritten after each part, so a run cut short keeps what it measured.
 
     python bench/bench_multigpu.py                 # on a machine with >= 2 CUDA GPUs; $OUT/bench_multigpu.json
     python bench/bench_multigpu.py --smoke         # CPU check: 2 processes, gloo, tiny shapes
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +43,9 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench import train_qlora as tq  # noqa: E402
+from training.config import load_config  # noqa: E402
 
-EVAL_PROFILES = {"base": 300, "level_1": 200}
+EVAL_PROFILES = {"base": 300, "level_1": 200, "level_2": 100, "level_3": 60, "level_4": 40, "level_5": 15}
 SMOKE_PROFILES = {"base": 6, "level_1": 4}
 GOAL_SPEEDUP = 1.8
 GOAL_IDENTICAL = 0.99
@@ -55,9 +60,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--steps", type=int, default=None, help="optimizer steps per training run (default 30)"
     )
     parser.add_argument("--problems", type=int, default=None, help="eval problems (default 1319, GSM8K test)")
-    parser.add_argument("--quantization", choices=["none", "nf4"], default="none", help="training base")
+    parser.add_argument(
+        "--quantization",
+        choices=["nf4", "none"],
+        nargs="+",
+        default=None,
+        help="training bases, each measured on 1 and N GPUs (default: nf4 none; smoke: none)",
+    )
     parser.add_argument("--engine", choices=["fast", "hf"], default="fast", help="eval generation backend")
-    parser.add_argument("--batch-size", type=int, default=64, help="eval rows per batch (HF engine)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="eval rows per batch (default: the study's eval.batch_size)",
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="output JSON (default $OUT/ or bench/results/)"
     )
@@ -84,6 +100,10 @@ def main(argv=None) -> dict:
         )
     options.steps = options.steps or (2 if options.smoke else 30)
     options.problems = options.problems or (12 if options.smoke else 1319)
+    options.batch_size = options.batch_size or (
+        3 if options.smoke else load_config(tq.STUDY_CONFIG).eval.batch_size
+    )
+    options.quantization = options.quantization or (["none"] if options.smoke else ["nf4", "none"])
 
     device = torch.device("cuda" if torch.cuda.is_available() and not options.smoke else "cpu")
     result: dict = {
@@ -95,7 +115,7 @@ def main(argv=None) -> dict:
         if device.type == "cuda"
         else [],
         "gpus": options.gpus,
-        "launcher": "python -m torch.distributed.run (the launcher under accelerate launch)",
+        "launcher": "accelerate launch --num_processes K (--multi_gpu when K > 1)",
         "nccl_nvls_enable": "0",
         "library_versions": common.library_versions(),
         "goals": {
@@ -104,61 +124,82 @@ def main(argv=None) -> dict:
             "eval_identical": GOAL_IDENTICAL,
         },
     }
-    with tempfile.TemporaryDirectory(prefix="bench-multigpu-") as scratch:
-        workdir = Path(scratch)
-        if "train" not in options.skip:
-            result["train"] = measure_training(options, workdir)
-        if "eval" not in options.skip:
-            result["eval"] = measure_eval(options, workdir)
-    result["goals_met"] = {
-        "train_speedup": result.get("train", {}).get("speedup", 0) >= GOAL_SPEEDUP,
-        "eval_speedup": result.get("eval", {}).get("speedup", 0) >= GOAL_SPEEDUP,
-        "eval_identical": result.get("eval", {}).get("identical_share", 0) >= GOAL_IDENTICAL,
-    }
-    result["finished"] = common.utc_now()
     out = options.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else common.RESULTS_DIR)
     out = out / "bench_multigpu.json" if out.suffix != ".json" else out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="bench-multigpu-") as scratch:
+        workdir = Path(scratch)
+        if "eval" not in options.skip:
+            result["eval"] = measure_eval(options, workdir / "eval")
+            write_result(result, out)
+        if "train" not in options.skip:
+            shape = tq.SMOKE if options.smoke else tq.QWEN3_4B
+            # Saved once in bf16 and loaded by every run, so 1 and N GPUs train the same weights.
+            model_dir = workdir / "train" / "model"
+            parameters = tq.save_random_model(
+                shape, tq.bench_tokenizer(), model_dir, on_gpu=not options.smoke
+            )
+            model = {**shape, "parameters": parameters, "weights": "random, saved in bf16 and reloaded"}
+            result["train"] = {}
+            for quantization in options.quantization:
+                runs = measure_training(options, workdir / "train", quantization)
+                result["train"][quantization] = {"model": model, **runs}
+                write_result(result, out)
+    result["finished"] = common.utc_now()
+    write_result(result, out)
     print(json.dumps({"written": str(out), **result["goals_met"]}), flush=True)
     return result
 
 
-def launch(options: argparse.Namespace, worker: str, processes: int, workdir: Path) -> None:
-    """One measured run: ``processes`` ranks of this script in ``--worker`` mode."""
+def write_result(result: dict, out: Path) -> None:
+    """Judge the goals on what has been measured so far and (re)write the JSON."""
+    trained = result.get("train", {})
+    result["goals_met"] = {
+        **{f"train_speedup_{q}": run["speedup"] >= GOAL_SPEEDUP for q, run in trained.items()},
+        "eval_speedup": result.get("eval", {}).get("speedup", 0) >= GOAL_SPEEDUP,
+        "eval_identical": result.get("eval", {}).get("identical_share", 0) >= GOAL_IDENTICAL,
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def launch(
+    options: argparse.Namespace, worker: str, processes: int, workdir: Path, quantization: str = "none"
+) -> None:
+    """One measured run: ``accelerate launch`` of ``processes`` ranks of this script in ``--worker`` mode."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-        "--master_addr=127.0.0.1", f"--master_port={port}", str(Path(__file__).resolve()),
+        sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={processes}",
+        *(["--multi_gpu"] if processes > 1 else []), "--num_machines=1", "--mixed_precision=no",
+        "--dynamo_backend=no", f"--main_process_port={port}", str(Path(__file__).resolve()),
         "--worker", worker, "--workdir", str(workdir), "--steps", str(options.steps),
-        "--problems", str(options.problems), "--quantization", options.quantization,
+        "--problems", str(options.problems), "--quantization", quantization,
         "--engine", options.engine, "--batch-size", str(options.batch_size),
         *(["--smoke"] if options.smoke else []),
     ]  # fmt: skip
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "PYTHONPATH": str(ROOT)}
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "PYTHONPATH": python_path}
+    if not options.smoke:
+        # Exactly the GPUs of this run: a single process that sees two would get DataParallel from the Trainer.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in range(processes))
     if options.smoke:
         env["OMP_NUM_THREADS"] = "1"
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True)
-    print(f"[{worker} x{processes}] {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"[{worker} x{processes} {quantization}] {time.perf_counter() - started:.1f} s", flush=True)
 
 
-def measure_training(options: argparse.Namespace, workdir: Path) -> dict:
-    shape = tq.SMOKE if options.smoke else tq.QWEN3_4B
-    model_dir = workdir / "model"
-    # Saved once in bf16 and loaded by every run, so 1 and N GPUs train the same weights.
-    parameters = tq.save_random_model(shape, tq.bench_tokenizer(), model_dir, on_gpu=not options.smoke)
+def measure_training(options: argparse.Namespace, workdir: Path, quantization: str) -> dict:
+    """The recipe on 1 and on N GPUs from the model saved in ``workdir/model``."""
     runs = {}
     for processes in (1, options.gpus):
-        run_dir = workdir / f"train-{processes}"
-        run_dir.mkdir()
-        launch(options, "train", processes, run_dir)
+        run_dir = workdir / f"{quantization}-{processes}"
+        run_dir.mkdir(parents=True)
+        launch(options, "train", processes, run_dir, quantization)
         runs[processes] = json.loads((run_dir / "result.json").read_text())
     one, many = runs[1], runs[options.gpus]
     return {
-        "model": {**shape, "parameters": parameters, "weights": "random, saved in bf16 and reloaded"},
         "recipe": one["recipe"],
         "runs": {str(k): v for k, v in runs.items()},
         "speedup": round(many["tokens_per_s"] / one["tokens_per_s"], 3),
@@ -172,7 +213,7 @@ def measure_eval(options: argparse.Namespace, workdir: Path) -> dict:
     runs, outputs = {}, {}
     for processes in (1, options.gpus):
         run_dir = workdir / f"eval-{processes}"
-        run_dir.mkdir()
+        run_dir.mkdir(parents=True)
         launch(options, "eval", processes, run_dir)
         ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(processes)]
         if len({rank["weights_fingerprint"] for rank in ranks}) != 1:
@@ -182,6 +223,7 @@ def measure_eval(options: argparse.Namespace, workdir: Path) -> dict:
             "wall_s": max(rank["wall_s"] for rank in ranks),
             "rank_generate_s": [rank["generate_s"] for rank in ranks],
             "rank_problems": [rank["problems"] for rank in ranks],
+            "rank_batch_rows": [rank["batch_rows"] for rank in ranks],
             "generated_tokens": sum(rank["generated_tokens"] for rank in ranks),
             "engine": ranks[0]["engine"],
             "weights_fingerprint": ranks[0]["weights_fingerprint"],
@@ -207,8 +249,8 @@ def measure_eval(options: argparse.Namespace, workdir: Path) -> dict:
 def train_worker(options: argparse.Namespace) -> dict:
     """One DDP rank training the study recipe for ``--steps`` steps; rank 0 writes result.json."""
     from training import sft
-    from training.config import load_config
 
+    (quantization,) = options.quantization  # launch() passes the one this run measures
     world = int(os.environ.get("WORLD_SIZE", "1"))
     study = load_config(tq.STUDY_CONFIG)
     update = {"max_steps": options.steps, "logging_steps": 1 if options.smoke else 5, "save_steps": 10**9}
@@ -216,14 +258,14 @@ def train_worker(options: argparse.Namespace) -> dict:
         update["batch_size"] = 2
     training = study.training.model_copy(update=update)
     rows_per_step = training.batch_size * training.gradient_accumulation_steps * world
-    model_dir = options.workdir.parent / "model"
+    model_dir = options.workdir.parent / "model"  # saved by main()
     tokenizer = tq.bench_tokenizer()
     rows, lengths = tq.gsm8k_length_rows(tokenizer, count=rows_per_step * options.steps, row_tokens=250)
     precision = sft.choose_precision()
     model, tokenizer = sft.load_base(
         model_path=str(model_dir),
         revision="main",
-        quantization="none" if options.smoke else options.quantization,
+        quantization=quantization,
         precision=precision,
         gradient_checkpointing=training.gradient_checkpointing,
     )
@@ -244,7 +286,8 @@ def train_worker(options: argparse.Namespace) -> dict:
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
         "rows_per_step": rows_per_step,
         "precision": precision,
-        "quantization": "none" if options.smoke else options.quantization,
+        "quantization": quantization,
+        "base_loaded_in_4bit": bool(getattr(model, "is_loaded_in_4bit", False)),  # what was really trained
         "recipe": str(tq.STUDY_CONFIG.relative_to(ROOT)),
         "steps": trainer.state.global_step,
         "dataset_tokens": sum(lengths),
@@ -264,8 +307,10 @@ def train_worker(options: argparse.Namespace) -> dict:
 
 
 def eval_worker(options: argparse.Namespace) -> dict:
-    """One rank generating its shard (problems r, r+N, …) for every model; writes rank<r>.json."""
+    """One rank generating its share of the plan's batches for every model; writes rank<r>.json."""
+    from bench.bench_eval import adapter_context, hf_generate
     from training import distributed
+    from training.generate import plan_batches
 
     process = distributed.setup()  # pins cuda:{local_rank}
     cuda = torch.cuda.is_available() and not options.smoke
@@ -283,36 +328,42 @@ def eval_worker(options: argparse.Namespace) -> dict:
     prompts = common.synthetic_prompts(
         options.problems, vocab_size=config.vocab_size, min_len=lengths[0], max_len=lengths[1]
     )
-    mine = list(range(process.rank, len(prompts), process.world_size))
+    # The plan of `cot-compress evaluate`: the same length-sorted batches for any number of GPUs, shared out.
+    plan = plan_batches([len(p) for p in prompts], options.batch_size)
+    mine = distributed.rank_share(plan, process)
 
     distributed.barrier()
     started = time.perf_counter()
-    outputs, tokens = {}, 0
+    outputs, tokens, batch_rows = {}, 0, {}
     if options.engine == "fast":
         from training.fast_generate import FastGenerator
 
         engine = FastGenerator(model)
     for name, new in profiles.items():
-        shard = [prompts[i] for i in mine]
-        if options.engine == "fast":
-            rows = [
-                list(c.token_ids)
-                for c in engine.generate(
-                    shard,
-                    adapter=None if name == "base" else name,
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    stop_token_ids=stop_ids,
-                    pad_token_id=pad_id,
-                )
-            ]
-        else:
-            rows = hf_shard(
-                model, shard, name=name, new=new, stop_ids=stop_ids, pad_id=pad_id, batch=options.batch_size
-            )
-        for i, row in zip(mine, rows, strict=True):
-            outputs[f"{name}/{i}"] = row
-            tokens += len(row)
+        batch_rows[name] = []
+        adapter = None if name == "base" else name
+        with nullcontext() if options.engine == "fast" else adapter_context(model, name):
+            for batch in mine:
+                batch_prompts = [prompts[i] for i in batch]
+                if options.engine == "fast":
+                    completions = engine.generate(
+                        batch_prompts,
+                        adapter=adapter,
+                        max_new_tokens=new,
+                        min_new_tokens=new,
+                        stop_token_ids=stop_ids,
+                        pad_token_id=pad_id,
+                    )
+                    rows = [list(c.token_ids) for c in completions]
+                    batch_rows[name] += [b.rows for b in engine.last_stats.batches]
+                else:
+                    rows = hf_generate(
+                        model, batch_prompts, max_new=new, min_new=new, stop_ids=stop_ids, pad_id=pad_id
+                    )
+                    batch_rows[name].append(len(batch))
+                for i, row in zip(batch, rows, strict=True):
+                    outputs[f"{name}/{i}"] = row
+                    tokens += len(row)
     if cuda:
         torch.cuda.synchronize(device)
     generate_s = time.perf_counter() - started
@@ -320,33 +371,17 @@ def eval_worker(options: argparse.Namespace) -> dict:
     wall = time.perf_counter() - started
     result = {
         "rank": process.rank,
-        "problems": len(mine),
+        "problems": sum(len(batch) for batch in mine),
         "generate_s": round(generate_s, 3),
         "wall_s": round(wall, 3),
         "generated_tokens": tokens,
+        "batch_rows": batch_rows,
         "engine": options.engine,
         "weights_fingerprint": fingerprint,
         "outputs": outputs,
     }
     (options.workdir / f"rank{process.rank}.json").write_text(json.dumps(result))
     return result
-
-
-def hf_shard(model, prompts, *, name: str, new: int, stop_ids, pad_id: int, batch: int) -> list[list[int]]:
-    """HF ``generate`` over one shard in length-sorted batches; rows back in shard order."""
-    from bench.bench_eval import adapter_context, hf_generate
-
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    rows: list[list[int] | None] = [None] * len(prompts)
-    with adapter_context(model, name):
-        for start in range(0, len(order), batch):
-            chunk = order[start : start + batch]
-            out = hf_generate(
-                model, [prompts[i] for i in chunk], max_new=new, min_new=new, stop_ids=stop_ids, pad_id=pad_id
-            )
-            for i, row in zip(chunk, out, strict=True):
-                rows[i] = row
-    return rows  # type: ignore[return-value]
 
 
 if __name__ == "__main__":

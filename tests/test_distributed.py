@@ -166,6 +166,41 @@ def test_two_processes_write_the_samples_of_one(study):
     assert identical / (2 * 30) >= 0.99
 
 
+def test_every_gpu_count_decodes_the_same_batches(study, monkeypatch):
+    """bf16 kernels round differently with a batch's size and neighbours, so greedy samples stay the same on
+    N GPUs only if N changes which process decodes a batch and never what the batch holds."""
+    from training.data import load_problems
+    from training.distributed import Process
+    from training.generate import GenerationEngine
+
+    engine = GenerationEngine(study.config.base_model.id)
+    problems = load_problems(study.config, "test")
+    decoded: list[tuple[str, ...]] = []
+    generate_batch = GenerationEngine.generate_batch
+
+    def recording(self, prompts, **kwargs):
+        decoded.append(tuple(prompts))
+        return generate_batch(self, prompts, **kwargs)
+
+    monkeypatch.setattr(GenerationEngine, "generate_batch", recording)
+
+    def batches_of(rank: int, world: int) -> list[tuple[str, ...]]:
+        decoded.clear()
+        run_dir = RunDir(study.root / f"batches-{rank}-of-{world}")
+        process = Process(rank=rank, world_size=world, local_rank=rank)
+        evaluate.evaluate_model(
+            engine, run_dir, problems, model="base", seed=0, config=study.config, process=process
+        )
+        return list(decoded)
+
+    one = batches_of(0, 1)
+    assert len(one) == 15 and {len(batch) for batch in one} == {2}  # 30 problems, eval.batch_size 2
+    for world in (2, 3, 4):
+        assert [batches_of(rank, world) for rank in range(world)] == [
+            one[rank::world] for rank in range(world)
+        ]
+
+
 @pytest.mark.slow
 def test_killed_two_process_run_resumes_with_one_process_and_with_two(study):
     for name, rerun_processes in (("killed_then_one", 1), ("killed_then_two", 2)):
@@ -301,16 +336,21 @@ def test_multigpu_benchmark_smoke_mode_writes_its_json(tmp_path):
     )  # fmt: skip
     result = json.loads(out.read_text())
 
-    train = result["train"]["runs"]
+    assert list(result["train"]) == ["none"]  # smoke: bf16/fp32 LoRA only, no bitsandbytes on the CPU
+    train = result["train"]["none"]["runs"]
     assert {key: run["world_size"] for key, run in train.items()} == {"1": 1, "2": 2}
     for run in train.values():  # 2 steps of 2 rows per rank: every row of the run's data seen once
         assert (run["steps"], run["rows_per_step"]) == (2, 2 * run["world_size"])
         assert run["tokens_seen"] == run["dataset_tokens"]
-    assert result["train"]["speedup"] == pytest.approx(
+        assert (run["quantization"], run["precision"], run["base_loaded_in_4bit"]) == ("none", "fp32", False)
+    assert result["train"]["none"]["speedup"] == pytest.approx(
         train["2"]["tokens_per_s"] / train["1"]["tokens_per_s"], abs=1e-3
     )
     evaluation = result["eval"]
-    assert evaluation["runs"]["2"]["rank_problems"] == [6, 6]  # 12 problems, interleaved over 2 ranks
+    # 12 problems in 4 batches of 3; each rank of 2 takes every other batch, one process takes all four.
+    assert evaluation["runs"]["2"]["rank_problems"] == [6, 6]
+    assert evaluation["runs"]["2"]["rank_batch_rows"] == [{"base": [3, 3], "level_1": [3, 3]}] * 2
+    assert evaluation["runs"]["1"]["rank_batch_rows"] == [{"base": [3] * 4, "level_1": [3] * 4}]
     assert evaluation["samples"] == 24  # 12 problems × (base, level_1)
     # fp32 on the CPU: the sharded run reproduces the single-process samples exactly.
     assert evaluation["identical_samples"] == 24 and evaluation["same_weights_on_1_and_n"]
@@ -318,4 +358,5 @@ def test_multigpu_benchmark_smoke_mode_writes_its_json(tmp_path):
         evaluation["runs"]["1"]["wall_s"] / evaluation["runs"]["2"]["wall_s"], abs=1e-3
     )
     assert result["goals_met"]["eval_identical"] is True
+    assert set(result["goals_met"]) == {"train_speedup_none", "eval_speedup", "eval_identical"}
     assert {"torch", "transformers"} <= set(result["library_versions"])

@@ -265,6 +265,9 @@ def build_trainer(
         fp16=precision == "fp16",
         include_num_input_tokens_seen="non_padding",  # real tokens, summed over DDP ranks
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Every LoRA weight sits on a linear layer of every forward pass, so DDP need not search the graph for
+        # unused parameters each step (transformers' default without gradient checkpointing).
+        ddp_find_unused_parameters=False,
         # Without it, accelerate ignores torchrun's ranks on a CPU-only machine: each rank trains alone.
         use_cpu=not torch.cuda.is_available(),
         report_to=[],
@@ -286,7 +289,9 @@ def build_trainer(
 def _warmup_and_checkpointing(training: TrainingConfig) -> dict:
     """The arguments whose names changed across transformers 5.x (GPU images lag behind PyPI)."""
     fields = SFTConfig.__dataclass_fields__
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    )
     # Newer versions take a warmup ratio as a float ``warmup_steps`` below 1 and dropped ``warmup_ratio``.
     warmup = "warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"
     return {checkpointing: training.gradient_checkpointing, warmup: training.warmup_ratio}
@@ -360,7 +365,6 @@ def last_checkpoint(directory: Path, *, before_step: int = -1) -> Path | None:
     )
     usable = [step for step in steps if before_step <= 0 or step < before_step]
     return directory / f"{PREFIX_CHECKPOINT_DIR}-{usable[-1]}" if usable else None
-
 
 
 def recipe(config: StudyConfig) -> dict:
