@@ -27,6 +27,7 @@ import json
 import math
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,7 +35,6 @@ import torch
 from bench import common
 from training.fast_generate import FastGenerator
 
-PROFILES = {"base": 300, "level_1": 200, "level_2": 100, "level_3": 60, "level_4": 40, "level_5": 15}
 GSM8K_TEST_PROBLEMS = 1319
 _START = time.perf_counter()
 
@@ -80,15 +80,7 @@ def adapter_context(peft_model, name: str):
     if name == "base":
         return peft_model.disable_adapter()
     peft_model.set_adapter(name)
-    return _Null()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return nullcontext()
 
 
 def match_stats(fast: list[list[int]], reference: list[list[int]]) -> dict:
@@ -109,7 +101,7 @@ def match_stats(fast: list[list[int]], reference: list[list[int]]) -> dict:
 
 
 # ---------------------------------------------------------------- stages
-def self_check(device: torch.device, *, smoke: bool) -> dict:
+def self_check(device: torch.device) -> dict:
     """Tiny fp32 model, natural stops: the fast engine (graphs on CUDA) equals HF generate exactly."""
     config = common.smoke_config()
     model = common.build_random_model(config, device=str(device), dtype=torch.float32, seed=11)
@@ -333,6 +325,15 @@ def floors(fast: dict, *, config, weight_bytes: int, dtype, peaks: dict, measure
         "bf16_peak_flops": peaks["bf16_flops"],
     }
     achieved_decode = sum(m["decode_s"] for m in fast["per_model"].values())
+    # Prefill: every real prompt token through every layer's linears, plus causal attention.
+    layer_params = params - config.hidden_size * config.vocab_size
+    attn = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+    prefill_flops = sum(
+        2 * n * layer_params + attn * n * n + 2 * config.hidden_size * config.vocab_size
+        for b in schedule
+        for n in b["prompt_lens"]
+    )
+    prefill_floor = prefill_flops / peaks["bf16_flops"] if peaks["bf16_flops"] else None
     for label, bandwidth in (("datasheet", peaks["bandwidth"]), ("measured", measured_bw)):
         if not bandwidth:
             continue
@@ -345,15 +346,6 @@ def floors(fast: dict, *, config, weight_bytes: int, dtype, peaks: dict, measure
             flops=peaks["bf16_flops"],
         )
         decode_tokens = floor["decode_tokens"]
-        # Prefill: every real prompt token through every layer's linears, plus causal attention.
-        layer_params = params - config.hidden_size * config.vocab_size
-        attn = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
-        prefill_flops = sum(
-            2 * n * layer_params + attn * n * n + 2 * config.hidden_size * config.vocab_size
-            for b in schedule
-            for n in b["prompt_lens"]
-        )
-        prefill_floor = prefill_flops / peaks["bf16_flops"] if peaks["bf16_flops"] else None
         decode_floor_s = max(floor["memory_floor_s"], floor.get("compute_floor_s", 0.0))
         out[label] = {
             **floor,
@@ -417,7 +409,7 @@ def main(argv=None) -> dict:
         return result
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke
-    out_path = args.out or common.default_out("bench_eval.json")
+    out_path = common.default_out("bench_eval.json", args.out)
     result: dict = {
         "schema_version": 1,
         "benchmark": "eval",
@@ -429,7 +421,7 @@ def main(argv=None) -> dict:
     log(f"device {result['device']['name']} ({device.type}); {result['libraries']}")
 
     log("self-check: tiny fp32 model, fast engine vs HF generate")
-    result["self_check"] = run_stage(result, "self_check", lambda: self_check(device, smoke=smoke))
+    result["self_check"] = run_stage(result, "self_check", lambda: self_check(device))
     log(f"self-check: {json.dumps(result['self_check'])}")
     if args.self_check_only:
         return _write(result, out_path)
@@ -438,8 +430,12 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     stop_ids = [config.eos_token_id, config.pad_token_id]
     pad_id = config.pad_token_id
-    models = list(PROFILES)[: args.models]
-    profiles = {k: math.ceil(v / 10) for k, v in PROFILES.items()} if smoke else dict(PROFILES)
+    models = list(common.EVAL_PROFILES)[: args.models]
+    profiles = (
+        {k: math.ceil(v / 10) for k, v in common.EVAL_PROFILES.items()}
+        if smoke
+        else dict(common.EVAL_PROFILES)
+    )
     n_problems = args.problems or (12 if smoke else GSM8K_TEST_PROBLEMS)
     lo, hi = (12, 20) if smoke else (120, 200)
     prompts = common.synthetic_prompts(
@@ -597,7 +593,7 @@ def main(argv=None) -> dict:
     # (3) one problem at a time
     single_n = args.single_problems or (4 if smoke else 64)
     short_model = models[-1] if models[-1] != "base" else adapters[-1]
-    short_new = max(2, profiles[short_model] if short_model in profiles else profiles["level_5"])
+    short_new = max(2, profiles[short_model])
     log(f"baseline (b): one problem at a time, {single_n} problems at {short_new} new tokens ({short_model})")
     single = run_stage(
         result,

@@ -45,7 +45,6 @@ from bench import common  # noqa: E402
 from bench import train_qlora as tq  # noqa: E402
 from training.config import load_config  # noqa: E402
 
-EVAL_PROFILES = {"base": 300, "level_1": 200, "level_2": 100, "level_3": 60, "level_4": 40, "level_5": 15}
 SMOKE_PROFILES = {"base": 6, "level_1": 4}
 GOAL_SPEEDUP = 1.8
 GOAL_IDENTICAL = 0.99
@@ -124,8 +123,7 @@ def main(argv=None) -> dict:
             "eval_identical": GOAL_IDENTICAL,
         },
     }
-    out = options.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else common.RESULTS_DIR)
-    out = out / "bench_multigpu.json" if out.suffix != ".json" else out
+    out = common.default_out("bench_multigpu.json", options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-multigpu-") as scratch:
         workdir = Path(scratch)
@@ -133,7 +131,7 @@ def main(argv=None) -> dict:
             result["eval"] = measure_eval(options, workdir / "eval")
             write_result(result, out)
         if "train" not in options.skip:
-            shape = tq.SMOKE if options.smoke else tq.QWEN3_4B
+            shape = common.SMOKE if options.smoke else common.QWEN3_4B
             # Saved once in bf16 and loaded by every run, so 1 and N GPUs train the same weights.
             model_dir = workdir / "train" / "model"
             parameters = tq.save_random_model(
@@ -180,11 +178,11 @@ def launch(
     ]  # fmt: skip
     python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "PYTHONPATH": python_path}
-    if not options.smoke:
-        # Exactly the GPUs of this run: a single process that sees two would get DataParallel from the Trainer.
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in range(processes))
     if options.smoke:
         env["OMP_NUM_THREADS"] = "1"
+    else:
+        # Exactly the GPUs of this run: a single process that sees two would get DataParallel from the Trainer.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in range(processes))
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True)
     print(f"[{worker} x{processes} {quantization}] {time.perf_counter() - started:.1f} s", flush=True)
@@ -235,7 +233,7 @@ def measure_eval(options: argparse.Namespace, workdir: Path) -> dict:
     weights_same = runs["1"]["weights_fingerprint"] == runs[str(options.gpus)]["weights_fingerprint"]
     return {
         "problems": options.problems,
-        "models": SMOKE_PROFILES if options.smoke else EVAL_PROFILES,
+        "models": SMOKE_PROFILES if options.smoke else common.EVAL_PROFILES,
         "runs": runs,
         "speedup": round(runs["1"]["wall_s"] / runs[str(options.gpus)]["wall_s"], 3),
         "samples": len(one),
@@ -253,56 +251,38 @@ def train_worker(options: argparse.Namespace) -> dict:
     (quantization,) = options.quantization  # launch() passes the one this run measures
     world = int(os.environ.get("WORLD_SIZE", "1"))
     study = load_config(tq.STUDY_CONFIG)
-    update = {"max_steps": options.steps, "logging_steps": 1 if options.smoke else 5, "save_steps": 10**9}
-    if options.smoke:
-        update["batch_size"] = 2
-    training = study.training.model_copy(update=update)
-    rows_per_step = training.batch_size * training.gradient_accumulation_steps * world
-    model_dir = options.workdir.parent / "model"  # saved by main()
-    tokenizer = tq.bench_tokenizer()
-    rows, lengths = tq.gsm8k_length_rows(tokenizer, count=rows_per_step * options.steps, row_tokens=250)
-    precision = sft.choose_precision()
-    model, tokenizer = sft.load_base(
-        model_path=str(model_dir),
-        revision="main",
-        quantization=quantization,
-        precision=precision,
-        gradient_checkpointing=training.gradient_checkpointing,
+    training = tq.recipe_training(
+        study, steps=options.steps, smoke=options.smoke, logging_steps=1 if options.smoke else 5
     )
-    trainer = sft.build_trainer(
-        model=model,
-        tokenizer=tokenizer,
-        dataset=sft.chat_dataset(rows),
+    rows_per_step = training.batch_size * training.gradient_accumulation_steps * world
+    rows, lengths = tq.gsm8k_length_rows(
+        tq.bench_tokenizer(), count=rows_per_step * options.steps, row_tokens=250
+    )
+    run = tq.train_recipe(
+        model_dir=options.workdir.parent / "model",  # saved by main()
+        rows=rows,
         training=training,
-        precision=precision,
+        quantization=quantization,
         output_dir=options.workdir / "checkpoints",
     )
-    clock = tq.StepClock()
-    trainer.add_callback(clock)
-    outcome = sft.train(trainer)
+    curve = sft.loss_curve(run.trainer)
     result = {
-        "world_size": trainer.accelerator.num_processes,
+        "world_size": sft.hardware(run.trainer)["world_size"],
         "per_gpu_batch_size": training.batch_size,
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
         "rows_per_step": rows_per_step,
-        "precision": precision,
+        "precision": run.precision,
         "quantization": quantization,
-        "base_loaded_in_4bit": bool(getattr(model, "is_loaded_in_4bit", False)),  # what was really trained
+        "base_loaded_in_4bit": bool(
+            getattr(run.model, "is_loaded_in_4bit", False)
+        ),  # what was really trained
         "recipe": str(tq.STUDY_CONFIG.relative_to(ROOT)),
-        "steps": trainer.state.global_step,
-        "dataset_tokens": sum(lengths),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "wall_time_s": round(outcome.wall_time_s, 3),
-        "tokens_per_s": round(outcome.session_tokens / outcome.wall_time_s, 1),
-        "steady_tokens_per_s": clock.steady_tokens_per_s(),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        if torch.cuda.is_available()
-        else None,
-        "final_loss": sft.loss_curve(trainer)[-1]["loss"] if sft.loss_curve(trainer) else None,
+        **tq.timing_fields(run, lengths),
+        "final_loss": curve[-1]["loss"] if curve else None,
     }
-    if trainer.is_world_process_zero():
+    if run.trainer.is_world_process_zero():
         (options.workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    trainer.accelerator.wait_for_everyone()
+    run.trainer.accelerator.wait_for_everyone()
     return result
 
 
@@ -319,7 +299,7 @@ def eval_worker(options: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     stop_ids = (config.eos_token_id,) if options.smoke else common.QWEN3_STOP_IDS
     pad_id = config.pad_token_id
-    profiles = SMOKE_PROFILES if options.smoke else EVAL_PROFILES
+    profiles = SMOKE_PROFILES if options.smoke else common.EVAL_PROFILES
     model = common.build_random_model(config, device=str(device), dtype=dtype, seed=0)
     model = common.add_random_adapters(model, [name for name in profiles if name != "base"], seed=0)
     with torch.no_grad():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import tempfile
 import time
@@ -26,9 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench import common  # noqa: E402
 from bench.train_qlora import (  # noqa: E402
-    QWEN3_4B,
-    SMOKE,
     STUDY_CONFIG,
     StepClock,
     bench_tokenizer,
@@ -38,7 +36,6 @@ from bench.train_qlora import (  # noqa: E402
 from training import sft  # noqa: E402
 from training.config import load_config  # noqa: E402
 
-DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # FLOP/s, dense (no sparsity), SXM datasheets
 ROWS = 2000
 
 
@@ -68,7 +65,7 @@ def trl_defaults_trainer(
 
 
 def run_setup(
-    *, name: str, recipe: str, quantization: str, model_dir: str, rows, lengths, training, rows_to_train: int
+    *, name: str, recipe: str, quantization: str, model_dir: str, rows, training, rows_to_train: int
 ):
     precision = sft.choose_precision()
     ours = recipe == "ours"
@@ -95,9 +92,7 @@ def run_setup(
         trainer.add_callback(clock)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - started
+        wall = sft.train(trainer).wall_time_s
     result = {
         "setup": name,
         "recipe": "study config (configs/qwen3-4b-gsm8k.yaml)" if ours else "TRL SFTConfig defaults",
@@ -140,7 +135,7 @@ def main() -> None:
     rows_to_train = options.rows_per_setup or (16 if options.smoke else 480)
     tokenizer = bench_tokenizer()
     rows, lengths = gsm8k_length_rows(tokenizer, count=40 if options.smoke else ROWS, row_tokens=250)
-    shape = SMOKE if options.smoke else QWEN3_4B
+    shape = common.SMOKE if options.smoke else common.QWEN3_4B
     quantizations = ["none"] if options.smoke else ["nf4", "none"]
     results = []
     with tempfile.TemporaryDirectory(prefix="qwen3-4b-random-") as model_dir:
@@ -151,13 +146,13 @@ def main() -> None:
                 print(f"[bench_train] {name} ...", flush=True)
                 result = run_setup(
                     name=name, recipe=recipe, quantization=quantization, model_dir=model_dir, rows=rows,
-                    lengths=lengths, training=training, rows_to_train=rows_to_train,
+                    training=training, rows_to_train=rows_to_train,
                 )  # fmt: skip
                 print(f"[bench_train] {json.dumps(result)}", flush=True)
                 results.append(result)
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    peak = next((value for key, value in DENSE_BF16_PEAK.items() if gpu and key in gpu), None)
+    peak = common.device_peaks(gpu or "")["bf16_flops"]
     for result in results:
         result["mfu_4n"] = round(result["steady_tokens_per_s"] * 4 * parameters / peak, 4) if peak else None
     by_name = {r["setup"]: r for r in results}
@@ -184,8 +179,7 @@ def main() -> None:
         "library_versions": sft.library_versions(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    out = options.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results")
-    out = out / "bench_train.json" if out.suffix != ".json" else out
+    out = common.default_out("bench_train.json", options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({"speedup": speedups, "written": str(out)}), flush=True)

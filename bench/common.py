@@ -21,6 +21,35 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QWEN3_STOP_IDS = (151643, 151645)
 QWEN3_PAD_ID = 151643
 
+# Qwen/Qwen3-4B-Instruct-2507's architecture (its config.json).
+QWEN3_4B = {
+    "vocab_size": 151936,
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 262144,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0},
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+# The same architecture, small enough for the --smoke runs on a CPU.
+SMOKE = {
+    **QWEN3_4B,
+    "vocab_size": 512,  # at 151936 the CPU spends minutes on the logits alone
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 1024,
+}
+# New tokens forced per model in the eval benchmarks: the study's think lengths, rounded up.
+EVAL_PROFILES = {"base": 300, "level_1": 200, "level_2": 100, "level_3": 60, "level_4": 40, "level_5": 15}
+
 # Bandwidth and dense bf16 tensor-core peak from the datasheets (SXM parts).
 _DATASHEET = {
     "H200": {"bandwidth": 4.8e12, "bf16_flops": 989e12},
@@ -29,19 +58,9 @@ _DATASHEET = {
 
 
 def qwen3_4b_config(*, num_layers: int = 36) -> Qwen3Config:
-    """The real Qwen3-4B shape (hidden 2560, 32/8 heads of 128, vocab 151936, tied embeddings)."""
+    """``QWEN3_4B`` with Qwen's pad and stop ids (``num_layers`` for quick partial-depth runs)."""
     return Qwen3Config(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=num_layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0},
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
+        **{**QWEN3_4B, "num_hidden_layers": num_layers},
         pad_token_id=QWEN3_PAD_ID,
         eos_token_id=QWEN3_STOP_IDS[1],
         attn_implementation="sdpa",
@@ -49,21 +68,9 @@ def qwen3_4b_config(*, num_layers: int = 36) -> Qwen3Config:
 
 
 def smoke_config() -> Qwen3Config:
-    """A tiny model of the same architecture for ``--smoke`` runs on the CPU."""
+    """``SMOKE`` with wide initial logits (few near-ties) and stop ids inside its small vocabulary."""
     return Qwen3Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        pad_token_id=510,
-        eos_token_id=511,
-        attn_implementation="sdpa",
+        **SMOKE, initializer_range=0.2, pad_token_id=510, eos_token_id=511, attn_implementation="sdpa"
     )
 
 
@@ -240,10 +247,13 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def default_out(name: str) -> Path:
-    """``$OUT/<name>`` on the device machine, else ``bench/results/<name>``."""
-    out = os.environ.get("OUT")
-    return Path(out) / name if out else RESULTS_DIR / name
+def default_out(name: str, out: Path | None = None) -> Path:
+    """Where a benchmark writes ``name``: ``out`` (a .json file, or a folder for ``name``), else ``$OUT/<name>``
+    on the device machine, else ``bench/results/<name>``."""
+    if out is not None:
+        return out if out.suffix == ".json" else out / name
+    device_out = os.environ.get("OUT")
+    return Path(device_out) / name if device_out else RESULTS_DIR / name
 
 
 def utc_now() -> str:

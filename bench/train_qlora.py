@@ -14,49 +14,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from transformers import Qwen3Config, Qwen3ForCausalLM, TrainerCallback  # noqa: E402
+from transformers import Qwen3Config, TrainerCallback  # noqa: E402
 
+from bench import common  # noqa: E402
 from training import sft  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.levels import build_prompt, build_response  # noqa: E402
 from training.synthetic import generate_problems  # noqa: E402
 from training.tiny import stock_response, train_tokenizer  # noqa: E402
 
-# Qwen3-4B (Qwen/Qwen3-4B-Instruct-2507 config.json).
-QWEN3_4B = {
-    "vocab_size": 151936,
-    "hidden_size": 2560,
-    "intermediate_size": 9728,
-    "num_hidden_layers": 36,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "max_position_embeddings": 262144,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0},
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-}
-SMOKE = {
-    **QWEN3_4B,
-    "vocab_size": 512,  # at 151936 the CPU spends minutes on the logits alone
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 1024,
-}
 STUDY_CONFIG = ROOT / "configs" / "qwen3-4b-gsm8k.yaml"
 
 
@@ -77,8 +53,7 @@ def main() -> None:
         sys.exit("the QLoRA benchmark needs a CUDA GPU; use --smoke for the CPU check")
     result = run_benchmark(smoke=options.smoke, steps=steps, row_tokens=options.row_tokens)
 
-    out = options.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results")
-    out = out / "train_qlora.json" if out.suffix != ".json" else out
+    out = common.default_out("train_qlora.json", options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     summary = {k: result[k] for k in ("mode", "device", "steps", "tokens_per_s", "steady_tokens_per_s")}
@@ -87,13 +62,10 @@ def main() -> None:
 
 def run_benchmark(*, smoke: bool, steps: int, row_tokens: int) -> dict:
     study = load_config(STUDY_CONFIG)
-    update = {"max_steps": steps, "logging_steps": 1 if smoke else 10, "save_steps": 10**9}
-    if smoke:
-        update["batch_size"] = 2
-    training = study.training.model_copy(update=update)
+    training = recipe_training(study, steps=steps, smoke=smoke, logging_steps=1 if smoke else 10)
     quantization = "none" if smoke else study.base_model.quantization
     rows_per_step = training.batch_size * training.gradient_accumulation_steps
-    shape = SMOKE if smoke else QWEN3_4B
+    shape = common.SMOKE if smoke else common.QWEN3_4B
 
     tokenizer = bench_tokenizer()
     rows, lengths = gsm8k_length_rows(tokenizer, count=rows_per_step * steps, row_tokens=row_tokens)
@@ -101,57 +73,92 @@ def run_benchmark(*, smoke: bool, steps: int, row_tokens: int) -> dict:
         started = time.perf_counter()
         parameters = save_random_model(shape, tokenizer, Path(model_dir), on_gpu=not smoke)
         build_s = time.perf_counter() - started
-
-        precision = sft.choose_precision()
-        model, tokenizer = sft.load_base(
-            model_path=model_dir,
-            revision="main",
-            quantization=quantization,
-            precision=precision,
-            gradient_checkpointing=training.gradient_checkpointing,
-        )
-        trainer = sft.build_trainer(
-            model=model,
-            tokenizer=tokenizer,
-            dataset=sft.chat_dataset(rows),
-            training=training,
-            precision=precision,
+        run = train_recipe(
+            model_dir=Path(model_dir), rows=rows, training=training, quantization=quantization,
             output_dir=Path(model_dir) / "checkpoints",
-        )
-        clock = StepClock()
-        trainer.add_callback(clock)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        outcome = sft.train(trainer)
+        )  # fmt: skip
 
     cuda = torch.cuda.is_available()
     return {
         "benchmark": "train_qlora",
         "mode": "smoke" if smoke else "qwen3-4b-shape",
-        "device": "cuda" if cuda else "cpu",
-        "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
-        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        **sft.hardware(run.trainer),
         "model": {**shape, "parameters": parameters, "weights": "random, saved in bf16 and reloaded"},
         "quantization": quantization,
-        "precision": precision,
+        "precision": run.precision,
         "recipe": str(STUDY_CONFIG.relative_to(ROOT)),
         "lora": training.lora.model_dump(mode="json"),
         "completion_only_loss": training.completion_only_loss,
         "gradient_checkpointing": training.gradient_checkpointing,
-        "steps": trainer.state.global_step,
         "rows_per_step": rows_per_step,
         "tokens_per_row": round(sum(lengths) / len(lengths), 1),
-        "dataset_tokens": sum(lengths),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "wall_time_s": round(outcome.wall_time_s, 3),
-        "tokens_per_s": round(outcome.session_tokens / outcome.wall_time_s, 1),
-        "steady_tokens_per_s": clock.steady_tokens_per_s(),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        **timing_fields(run, lengths),
         "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "model_build_s": round(build_s, 1),
-        "loss_curve": sft.loss_curve(trainer),
+        "loss_curve": sft.loss_curve(run.trainer),
         "library_versions": sft.library_versions(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def recipe_training(study, *, steps: int, smoke: bool, logging_steps: int):
+    """The study's training section for a timed run: ``steps`` steps, no checkpoints (2-row batches in smoke)."""
+    update = {"max_steps": steps, "logging_steps": logging_steps, "save_steps": 10**9}
+    if smoke:
+        update["batch_size"] = 2
+    return study.training.model_copy(update=update)
+
+
+@dataclass
+class RecipeRun:
+    model: object
+    trainer: object
+    outcome: sft.TrainOutcome
+    clock: StepClock
+    precision: str
+
+
+def train_recipe(
+    *, model_dir: Path, rows: list[dict], training, quantization: str, output_dir: Path
+) -> RecipeRun:
+    """What ``cot-compress train`` does for a level (load_base → build_trainer → train) on ``rows``, clocked;
+    peak memory counts from the first step."""
+    precision = sft.choose_precision()
+    model, tokenizer = sft.load_base(
+        model_path=str(model_dir),
+        revision="main",
+        quantization=quantization,
+        precision=precision,
+        gradient_checkpointing=training.gradient_checkpointing,
+    )
+    trainer = sft.build_trainer(
+        model=model,
+        tokenizer=tokenizer,
+        dataset=sft.chat_dataset(rows),
+        training=training,
+        precision=precision,
+        output_dir=output_dir,
+    )
+    clock = StepClock()
+    trainer.add_callback(clock)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    outcome = sft.train(trainer)
+    return RecipeRun(model=model, trainer=trainer, outcome=outcome, clock=clock, precision=precision)
+
+
+def timing_fields(run: RecipeRun, lengths: list[int]) -> dict:
+    """Steps, tokens, wall time, tokens/s (whole run and after warm-up) and peak memory of a run."""
+    return {
+        "steps": run.trainer.state.global_step,
+        "dataset_tokens": sum(lengths),
+        "tokens_seen": int(run.trainer.state.num_input_tokens_seen),
+        "wall_time_s": round(run.outcome.wall_time_s, 3),
+        "tokens_per_s": round(run.outcome.session_tokens / run.outcome.wall_time_s, 1),
+        "steady_tokens_per_s": run.clock.steady_tokens_per_s(),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if torch.cuda.is_available()
+        else None,
     }
 
 
@@ -205,10 +212,8 @@ def save_random_model(shape: dict, tokenizer, path: Path, *, on_gpu: bool) -> in
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(0)
     # Initialising 4B parameters is quick on the GPU and slow on the CPU.
-    with torch.device("cuda" if on_gpu else "cpu"):
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model = common.build_random_model(config, device="cuda" if on_gpu else "cpu", dtype=torch.bfloat16)
     parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
