@@ -24,7 +24,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from eval_artifacts.errors import ArtifactError
-from eval_artifacts.records import read_samples
+from eval_artifacts.records import model_level, read_samples
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
 
 Z95 = 1.959963984540054
@@ -248,11 +248,6 @@ METRICS_FIELDS = (
     "across_seeds",
     "per_seed",
 )
-
-
-def model_level(model: str) -> int | None:
-    """``base`` -> None, ``level_3`` -> 3."""
-    return None if model == "base" else int(model.removeprefix("level_"))
 
 
 def _recompute(run_dir: RunDir, model: str, level: int | None) -> dict[str, Any]:

@@ -21,6 +21,11 @@ MODEL_RE = re.compile(r"^(base|level_([1-9][0-9]*))$")
 """Model names: ``base`` or ``level_<n>``."""
 
 
+def model_level(model: str) -> int | None:
+    """``base`` -> None, ``level_3`` -> 3."""
+    return None if model == "base" else int(model.removeprefix("level_"))
+
+
 @dataclass(frozen=True)
 class SampleRecord:
     """One generated answer to one problem, with its grading and its token counts."""

@@ -98,19 +98,39 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never a torn one."""
+def write_atomically(
+    path: Path, chunks: Iterable[str], *, crash_point: str | None = None, crash_detail: str | None = None
+) -> None:
+    """Write ``chunks`` to ``path`` so that readers see the old file or the new one, never a torn one.
+
+    ``crash_point`` is a fault point hit with the temporary file complete but not yet in place.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
     # A fixed temporary name: a killed writer's leftover is overwritten and moved by the rerun, never piled up.
     temporary = path.with_name(f".{path.name}.tmp")
     with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
+        for chunk in chunks:
+            handle.write(chunk)
         handle.flush()
         os.fsync(handle.fileno())
-    maybe_crash("write_json", path.name)  # temp file complete, not yet in place
+    if crash_point:
+        maybe_crash(crash_point, crash_detail)
     os.replace(temporary, path)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (``write_atomically``)."""
+    text = json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    write_atomically(path, [text], crash_point="write_json", crash_detail=path.name)
     maybe_crash("wrote_json", path.name)
+
+
+def write_jsonl(
+    path: Path, rows: Iterable[dict], *, crash_point: str | None = None, crash_detail: str | None = None
+) -> None:
+    """Write JSON lines atomically (``write_atomically``), one row a line."""
+    lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_atomically(path, lines, crash_point=crash_point, crash_detail=crash_detail)
 
 
 def read_json(path: Path, *, what: str, hint: str) -> Any:

@@ -160,28 +160,22 @@ def publishing_options(command):
 
 @main.command("publish")
 @publishing_options
-def publish_command(config_path, run_dir, endpoint, namespace, dry_run, create_pr, templates_dir):
+def publish_command(config_path, run_dir, **options):
     """Publish the adapters, the eval dataset and the collection: one commit per changed repo."""
     from hub_tools.publish import publish_study
 
     config = load_study(config_path, run_dir)
-    publish_study(
-        config, config.run_dir, endpoint=endpoint, namespace=namespace, dry_run=dry_run,
-        create_pr=create_pr, templates_dir=templates_dir,
-    )  # fmt: skip
+    publish_study(config, config.run_dir, **options)
 
 
 @main.command("push-eval")
 @publishing_options
-def push_eval_command(config_path, run_dir, endpoint, namespace, dry_run, create_pr, templates_dir):
+def push_eval_command(config_path, run_dir, **options):
     """Push the eval dataset (one config per model plus summary), its card and the plot."""
     from hub_tools.publish import push_eval
 
     config = load_study(config_path, run_dir)
-    push_eval(
-        config, config.run_dir, endpoint=endpoint, namespace=namespace, dry_run=dry_run,
-        create_pr=create_pr, templates_dir=templates_dir,
-    )  # fmt: skip
+    push_eval(config, config.run_dir, **options)
 
 
 @main.command("regenerate-cards")
@@ -189,15 +183,12 @@ def push_eval_command(config_path, run_dir, endpoint, namespace, dry_run, create
 @click.option(
     "--from-hub", is_flag=True, help="Rebuild an empty run dir's eval results from the published eval dataset."
 )
-def regenerate_cards_command(config_path, run_dir, endpoint, namespace, dry_run, create_pr, templates_dir, from_hub):
+def regenerate_cards_command(config_path, run_dir, **options):
     """Re-render every card and note; push only the READMEs and notes that changed (never weights)."""
     from hub_tools.publish import regenerate_cards
 
     config = load_study(config_path, run_dir)
-    regenerate_cards(
-        config, config.run_dir, from_hub=from_hub, endpoint=endpoint, namespace=namespace,
-        dry_run=dry_run, create_pr=create_pr, templates_dir=templates_dir,
-    )  # fmt: skip
+    regenerate_cards(config, config.run_dir, **options)
 
 
 @main.command("evaluate")
@@ -253,11 +244,12 @@ def train_and_publish_command(
         create_pr=create_pr, templates_dir=templates_dir,
     )  # fmt: skip
     local = (endpoint or config.hub.endpoint) == "local"
-    urls = {result.repo_id: result.url for result in report.repos}
-    if local:
-        # The embedded hub stopped with the run; these are the URLs once `hub serve` below is running.
-        base = f"http://127.0.0.1:{LOCAL_PAGES_PORT}"
-        urls = {repo_id: f"{base}/{'datasets/' if repo_id.endswith('-eval') else ''}{repo_id}" for repo_id in urls}
+
+    def shown(url: str) -> str:
+        # The embedded hub stopped with the run; local URLs are those of `hub serve` below once it runs.
+        return f"http://127.0.0.1:{LOCAL_PAGES_PORT}{url.removeprefix(report.endpoint)}" if local else url
+
+    urls = {result.repo_id: shown(result.url) for result in report.repos}
     click.echo("")
     click.echo(f"{'model':<10} {'accuracy [95% CI]':<26} {'think tokens':>12}  repo")
     for row in read_summary(study)["models"]:
@@ -268,8 +260,8 @@ def train_and_publish_command(
         click.echo(f"{row['model']:<10} {accuracy:<26} {row['think_tokens']['mean']:>12.2f}  {url}")
     eval_url = urls.get(config.eval_repo_id, config.eval_repo_id)
     click.echo(f"eval dataset: {eval_url}")
-    if local and report.collection_slug:
-        click.echo(f"collection:   http://127.0.0.1:{LOCAL_PAGES_PORT}/collections/{report.collection_slug}")
+    if local and report.collection_url:
+        click.echo(f"collection:   {shown(report.collection_url)}")
     if local:
         click.echo(
             f"Open the pages: cot-compress hub serve --data {study.hub_data_dir} --port {LOCAL_PAGES_PORT}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import httpx2
@@ -36,7 +36,7 @@ class HubTarget:
     endpoint: str
     label: str  # "local" or the endpoint URL: the key of this Hub in publish/state.json
     api: HfApi
-    token: str
+    token: str = field(repr=False)  # kept out of reprs, so out of tracebacks and logs
     user: str | None = None
     local_hub: object | None = None  # the running LocalHub for ``local``
 

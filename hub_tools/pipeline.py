@@ -33,7 +33,6 @@ class Stage:
     run: Callable[[StudyConfig, RunDir], object]
 
 
-
 def _hash(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -95,13 +94,12 @@ def _run_evaluate(config: StudyConfig, run_dir: RunDir) -> None:
 
 def _run_render(config: StudyConfig, run_dir: RunDir, templates_dir: Path | None = None) -> None:
     from hub_tools import cards
+    from hub_tools.publish import render_cards
 
     # The collection link comes from publish/state.json once a publish created the collection; rendering
     # without it would make every rerun differ from what publish wrote, so the stage would never be current.
     url = cards.collection_url_from_state(config, run_dir)
-    rendered = cards.render_study_cards(config, run_dir, templates_dir=templates_dir, collection_url=url)
-    notes = cards.render_collection_notes(config, run_dir, templates_dir=templates_dir)
-    cards.validate_all(rendered, config=config, run_dir=run_dir, notes=notes)
+    rendered, _ = render_cards(config, run_dir, templates_dir, url)
     cards.write_cards(run_dir, rendered)
 
 

@@ -277,7 +277,7 @@ def plan_repo(
     pr: dict | None,
     create_pr: bool,
     may_create: bool = True,
-    fetch_readme: bool = True,
+    fetch_readme: bool,
 ) -> RepoPlan:
     """Compare ``spec`` with the repo on the Hub; reads only (repo_info, refs, paths-info, README).
 
@@ -380,9 +380,9 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
             parent_commit=plan.head,
             token=token,
         )
+    except HubError:
+        raise
     except (HfHubHTTPError, httpx2.TransportError, RuntimeError) as error:
-        if isinstance(error, HubError):
-            raise
         # huggingface_hub wraps LFS upload errors in RuntimeError("Error while uploading ...")
         if type(error) is RuntimeError:
             error = error.__cause__ or error

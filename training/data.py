@@ -20,17 +20,24 @@ def load_problems(config: StudyConfig, split: str) -> list[Problem]:
     return problems[:cap] if cap else problems
 
 
-def _synthetic_split(config: StudyConfig, split: str) -> list[Problem]:
+def synthetic_without_test(config: StudyConfig, n: int, *, split: str) -> list[Problem]:
+    """``n`` synthetic problems of ``split`` (seeded like the study's), none of them a test question.
+
+    Extra problems are drawn and the overlap with the test set dropped, so no training text holds a test
+    question.
+    """
     spec = config.data.synthetic
     test = generate_problems(spec.n_test, seed=spec.seed, max_number=spec.max_number, split="test")
-    if split == "test":
-        return test
-    # Train never holds a test question: draw extra problems and drop the overlap.
     held_out = {problem.question for problem in test}
-    train = generate_problems(
-        spec.n_train + spec.n_test, seed=spec.seed, max_number=spec.max_number, split="train"
-    )
-    kept = [problem for problem in train if problem.question not in held_out][: spec.n_train]
+    pool = generate_problems(n + spec.n_test, seed=spec.seed, max_number=spec.max_number, split=split)
+    return [problem for problem in pool if problem.question not in held_out][:n]
+
+
+def _synthetic_split(config: StudyConfig, split: str) -> list[Problem]:
+    spec = config.data.synthetic
+    if split == "test":
+        return generate_problems(spec.n_test, seed=spec.seed, max_number=spec.max_number, split="test")
+    kept = synthetic_without_test(config, spec.n_train, split="train")
     return [
         Problem(id=f"train-{index:05d}", question=p.question, answer=p.answer, gold=p.gold)
         for index, p in enumerate(kept)

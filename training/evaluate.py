@@ -17,16 +17,14 @@ before generating, so their records count as done.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from eval_artifacts.errors import ArtifactError, ConfigError
 from eval_artifacts.faultpoints import maybe_crash
-from eval_artifacts.records import SampleRecord
-from eval_artifacts.rundir import RunDir, append_jsonl, iter_jsonl, read_json, repair_jsonl_tail
+from eval_artifacts.records import SampleRecord, model_level
+from eval_artifacts.rundir import RunDir, append_jsonl, iter_jsonl, read_json, repair_jsonl_tail, write_jsonl
 from training import distributed
 from training.config import StudyConfig
 from training.data import load_problems
@@ -78,6 +76,7 @@ def run(
         merge_all_shards(engine, run_dir, problems, config=config, seeds=seeds)
     distributed.barrier()
     for model in models:
+        plan = engine.plan(model_prompts(problems, model), batch_size=config.eval.batch_size)
         for seed in seeds:
             evaluate_model(
                 engine,
@@ -87,6 +86,7 @@ def run(
                 seed=seed,
                 config=config,
                 process=process,
+                plan=plan,
             )
     maybe_crash("evaluate.generated")
     distributed.barrier()
@@ -110,11 +110,13 @@ def evaluate_model(
     seed: int,
     config: StudyConfig,
     process: distributed.Process | None = None,
+    plan: list[list[int]] | None = None,
 ) -> None:
     """Generate the missing records of one (model, seed) and append them batch by batch.
 
     With several processes, this one takes its share of the plan's batches and appends to its shard file;
-    records in ``samples.jsonl`` and in the shard both count as done.
+    records in ``samples.jsonl`` and in the shard both count as done. ``plan`` is the engine's plan of the
+    model's prompts, when the caller has it already (it is the same for every seed).
     """
     import torch
     from tqdm import tqdm
@@ -123,11 +125,13 @@ def evaluate_model(
     path = shard_path(run_dir, model, process) if process.distributed else run_dir.samples(model)
     repair_jsonl_tail(path)
     done = _done_ids(run_dir.samples(model), seed) | _done_ids(path, seed)
-    level = _level(model)
+    level = model_level(model)
     prompts = model_prompts(problems, model)
+    if plan is None:
+        plan = engine.plan(prompts, batch_size=config.eval.batch_size)
     plan = [
         batch
-        for batch in distributed.rank_share(engine.plan(prompts, batch_size=config.eval.batch_size), process)
+        for batch in distributed.rank_share(plan, process)
         if not all(problems[i].id in done for i in batch)
     ]
     pending = sum(1 for batch in plan for i in batch if problems[i].id not in done)
@@ -165,13 +169,9 @@ def _done_ids(path: Path, seed: int) -> set[str]:
     return {row["id"] for row in iter_jsonl(path, what="samples") if row.get("seed") == seed}
 
 
-def _level(model: str) -> int | None:
-    return None if model == "base" else int(model.removeprefix("level_"))
-
-
 def model_prompts(problems: list[Problem], model: str) -> list[str]:
     """The user messages of ``model``: the bare question for the stock model, the level prompt for adapters."""
-    level = _level(model)
+    level = model_level(model)
     return [p.question if level is None else build_prompt(level, p.question) for p in problems]
 
 
@@ -236,13 +236,7 @@ def merge_shards(run_dir: RunDir, model: str, *, order: Callable[[dict], tuple])
             if (row["id"], row["seed"]) not in seen:
                 seen.add((row["id"], row["seed"]))
                 added.append(row)
-    temporary = path.with_name(f".{path.name}.tmp")  # fixed name: a killed merge's leftover is overwritten
-    with temporary.open("w", encoding="utf-8") as handle:
-        for row in rows + sorted(added, key=order):
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_jsonl(path, rows + sorted(added, key=order))
     maybe_crash("evaluate.shards_merged", model)
     for shard in shards:
         shard.unlink()
@@ -295,7 +289,7 @@ def write_eval_artifacts(config: StudyConfig, run_dir: RunDir, *, problem_ids: s
     (and named on stderr) rather than summarised on part of the test set."""
     import sys
 
-    from eval_artifacts.metrics import model_level, write_metrics
+    from eval_artifacts.metrics import write_metrics
     from eval_artifacts.plots import plot_pareto
     from eval_artifacts.summary import write_summary
 
@@ -339,7 +333,7 @@ def _check_models(config: StudyConfig, models: list[str] | None) -> list[str]:
 
 
 def _adapter_dir(run_dir: RunDir, model: str) -> Path:
-    level = int(model.removeprefix("level_"))
+    level = model_level(model)
     path = run_dir.adapter_dir(level)
     if not (path / "adapter_config.json").is_file():
         raise ArtifactError(

@@ -796,18 +796,9 @@ class FastGenerationEngine:
             self._fast = FastGenerator(self.hf.model, max_batch_size=self.max_batch_size)
         return self._fast
 
-    def _check_adapter(self, adapter: str | None) -> None:
-        from eval_artifacts.errors import ArtifactError
-
-        if adapter is not None and adapter not in self.hf.adapters:
-            loaded = sorted(self.hf.adapters) or "none"
-            raise ArtifactError(f"adapter {adapter!r} is not loaded; loaded: {loaded}")
-
     def generate(self, prompts: list[str], *, adapter: str | None, max_new_tokens: int, batch_size: int = 0):
         """Yield ``Generation`` lists batch by batch; each ``index`` points into ``prompts``."""
-        from training.generate import Generation
-
-        self._check_adapter(adapter)
+        self.hf.check_adapter(adapter)
         encoded = self.tokenizer([self.render(p) for p in prompts], add_special_tokens=False)["input_ids"]
         for indices, completions in self._generator().iter_batches(
             encoded,
@@ -817,13 +808,7 @@ class FastGenerationEngine:
             adapter=adapter,
         ):
             yield [
-                Generation(
-                    index=i,
-                    text=self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
-                    token_ids=tuple(c.token_ids),
-                    finish_reason=c.finish_reason,
-                )
-                for i, c in zip(indices, completions, strict=True)
+                self.hf.to_generation(i, list(c.token_ids)) for i, c in zip(indices, completions, strict=True)
             ]
 
     def generate_batch(self, prompts: list[str], *, adapter: str | None, max_new_tokens: int):

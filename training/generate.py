@@ -169,15 +169,12 @@ class GenerationEngine:
         import torch
         from transformers import GenerationConfig
 
+        self.check_adapter(adapter)
         if adapter is None:
             context = self.model.disable_adapter() if self.adapters else nullcontext()
-        elif adapter in self.adapters:
+        else:
             self.model.set_adapter(adapter)
             context = nullcontext()
-        else:
-            raise ArtifactError(
-                f"adapter {adapter!r} is not loaded; loaded: {sorted(self.adapters) or 'none'}"
-            )
         encoded = self.tokenizer(
             [self.render(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
         ).to(self.device)
@@ -190,7 +187,7 @@ class GenerationEngine:
         with context, torch.inference_mode():
             output = self.model.generate(**encoded, generation_config=config)
         new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
-        return [self._finish(index, row) for index, row in enumerate(new_tokens)]
+        return [self.to_generation(index, row) for index, row in enumerate(new_tokens)]
 
     def generate(
         self, prompts: list[str], *, adapter: str | None, max_new_tokens: int, batch_size: int
@@ -202,7 +199,15 @@ class GenerationEngine:
             )
             yield [Generation(batch[r.index], r.text, r.token_ids, r.finish_reason) for r in results]
 
-    def _finish(self, index: int, row: list[int]) -> Generation:
+    def check_adapter(self, adapter: str | None) -> None:
+        """Raise ``ArtifactError`` unless ``adapter`` is None (the stock model) or a loaded adapter."""
+        if adapter is not None and adapter not in self.adapters:
+            raise ArtifactError(
+                f"adapter {adapter!r} is not loaded; loaded: {sorted(self.adapters) or 'none'}"
+            )
+
+    def to_generation(self, index: int, row: list[int]) -> Generation:
+        """The ``Generation`` of one row of new token ids: cut after its first stop token, decoded."""
         stops = set(self.stop_ids)
         end = next((position for position, token in enumerate(row) if token in stops), None)
         # After its stop token a finished row holds only padding; an unfinished row is all real tokens.

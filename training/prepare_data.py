@@ -7,15 +7,13 @@ as they are generated, so a rerun resumes where a killed one stopped.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from pathlib import Path
 
 from tqdm import tqdm
 
 from eval_artifacts.errors import ConfigError
 from eval_artifacts.faultpoints import maybe_crash
-from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, iter_jsonl, read_json, write_json
+from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json, write_jsonl
 from training.config import StudyConfig
 from training.data import load_problems
 from training.gsm8k import Problem
@@ -40,14 +38,17 @@ def run(
     stats = _existing_stats(run_dir) or {"schema_version": SCHEMA_VERSION, "levels": {}}
     stats["source"] = _source_description(config, len(problems))
 
+    if teacher == "model":
+        from training.teachers import ModelTeacher
+
+        model_teacher = ModelTeacher(config)  # one model load for every level
     for level in levels:
         if teacher == "rule":
             rows, dropped = _rule_rows(level, problems)
-            _write_jsonl_atomic(run_dir.train_file(level), rows)
+            path = run_dir.train_file(level)
+            write_jsonl(path, rows, crash_point="prepare_data.before_replace", crash_detail=path.parent.name)
         else:
-            from training.teachers import ModelTeacher
-
-            rows, dropped = ModelTeacher(config).write_level(level, problems, run_dir.train_file(level))
+            rows, dropped = model_teacher.write_level(level, problems, run_dir.train_file(level))
         maybe_crash("prepare_data.level_written", str(level))
         stats["levels"][str(level)] = {
             "teacher": teacher if teacher == "rule" else f"model:{config.teacher.model_id}",
@@ -78,20 +79,6 @@ def _rule_rows(level: int, problems: list[Problem]) -> tuple[list[dict], Counter
     return rows, dropped
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")  # fixed: a rerun replaces a killed run's leftover
-    with temporary.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    maybe_crash("prepare_data.before_replace", path.parent.name)
-    os.replace(temporary, path)
-
-
 def _existing_stats(run_dir: RunDir) -> dict | None:
     if not run_dir.data_stats.is_file():
         return None
@@ -112,8 +99,3 @@ def _source_description(config: StudyConfig, n_rows: int) -> dict:
             "revision": data.revision,
         }
     return {**described, "train_rows": n_rows}
-
-
-def read_sft_rows(path: Path) -> list[dict]:
-    """The rows of a level's train.jsonl (used by training)."""
-    return list(iter_jsonl(path, what="SFT data"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import os
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from trl import SFTConfig, SFTTrainer
 
 from eval_artifacts.errors import ArtifactError, DataError, TrainingError
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, file_sha256, iter_jsonl, write_json
+from training import distributed
 from training.config import StudyConfig, TrainingConfig
 from training.levels import get_level
 
@@ -503,7 +503,7 @@ def training_record(
 
 def _say(line: str) -> None:
     """Print once, not once per DDP rank."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if distributed.current().is_main:
         print(line, flush=True)
 
 

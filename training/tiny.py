@@ -25,13 +25,12 @@ from pathlib import Path
 from eval_artifacts.errors import ConfigError
 from training.config import StudyConfig, TinyModelConfig
 from training.gsm8k import Problem, strip_annotations
-from training.levels import LEVELS, build_prompt, build_response
+from training.levels import LEVELS, THINK_CLOSE, THINK_OPEN, build_prompt, build_response
 
 # Bump when the build recipe changes, so stale caches are not reused.
 CODE_VERSION = "tiny-1"
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 # Qwen's chat format. The assistant turn sits inside {% generation %} markers so that TRL's
 # assistant_only_loss also works; prompt-completion training only needs the prompt rendered with
@@ -113,16 +112,9 @@ def stock_response(problem: Problem) -> str:
 
 def _pretrain_problems(config: StudyConfig) -> list[Problem]:
     """The pre-training pool: synthetic problems drawn like the study's, minus every test question."""
-    from training.synthetic import generate_problems
+    from training.data import synthetic_without_test
 
-    spec = config.data.synthetic
-    held_out = {
-        p.question
-        for p in generate_problems(spec.n_test, seed=spec.seed, max_number=spec.max_number, split="test")
-    }
-    n = _tiny_settings(config).pretrain_problems
-    pool = generate_problems(n + spec.n_test, seed=spec.seed, max_number=spec.max_number, split="pretrain")
-    return [p for p in pool if p.question not in held_out][:n]
+    return synthetic_without_test(config, _tiny_settings(config).pretrain_problems, split="pretrain")
 
 
 def _tokenizer_corpus(problems: list[Problem]) -> list[str]:
