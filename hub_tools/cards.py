@@ -574,6 +574,14 @@ def render_template(env: jinja2.Environment, name: str, context: dict[str, Any])
             f"template {where}: undefined variable: {error.message}; "
             f"the top-level variables are {', '.join(sorted(context))}"
         ) from None
+    except TemplateSyntaxError as error:  # in a template it includes (parsed only when reached)
+        raise TemplateError(
+            f"template {error.name or name} (included by {name}) line {error.lineno}: syntax error: {error.message}"
+        ) from None
+    except RecursionError:
+        raise TemplateError(
+            f"template {name} includes itself, directly or through another template: remove the loop"
+        ) from None
 
 
 # ---------------------------------------------------------------- assembly

@@ -234,10 +234,11 @@ def train_and_publish_command(
     from eval_artifacts.rundir import RunDir
     from eval_artifacts.summary import read_summary
     from hub_tools.pipeline import run_stages
-    from hub_tools.publish import publish_study
+    from hub_tools.publish import check_hub, publish_study
 
     config = load_study(config_path, run_dir, data_dir)
     study = RunDir(config.run_dir)
+    check_hub(config, study, endpoint=endpoint, namespace=namespace)
     run_stages(config, study, force_stages=tuple(force_stages), templates_dir=templates_dir)
     report = publish_study(
         config, study, endpoint=endpoint, namespace=namespace, dry_run=dry_run,

@@ -227,12 +227,12 @@ def apply_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
         if plan.moves():
             ids = {
                 (i.item_type, i.item_id): i.item_object_id
-                for i in api.get_collection(slug, token=token).items
+                for i in reading(lambda: api.get_collection(slug, token=token)).items
             }
             for key, position in plan.moves():
                 api.update_collection_item(slug, ids[key], position=position, token=token)
                 maybe_crash("collection.item_moved")
-        return api.get_collection(slug, token=token)
+        return reading(lambda: api.get_collection(slug, token=token))
     except (HfHubHTTPError, httpx2.TransportError) as error:
         raise HubError(
             f"updating collection {plan.title!r} failed: {describe(error, token)}; rerun publish to finish it"

@@ -253,7 +253,9 @@ def _open_pr(target: HubTarget, spec: RepoSpec, recorded: dict | None) -> tuple[
     if not recorded:
         return None
     api, token = target.api, target.token
-    refs = api.list_repo_refs(spec.repo_id, repo_type=spec.repo_type, include_pull_requests=True, token=token)
+    refs = reading(
+        lambda: api.list_repo_refs(spec.repo_id, repo_type=spec.repo_type, include_pull_requests=True, token=token)
+    )
     head = next((ref.target_commit for ref in refs.pull_requests or [] if ref.ref == recorded["ref"]), None)
     if head is None:
         return None
@@ -364,7 +366,7 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
                     ) from None
                 raise
             maybe_crash("publish.repo_created", spec.repo_id.split("/")[1])
-            plan.head = api.repo_info(spec.repo_id, repo_type=spec.repo_type, token=token).sha
+            plan.head = reading(lambda: api.repo_info(spec.repo_id, repo_type=spec.repo_type, token=token)).sha
         operations = [
             CommitOperationAdd(path_in_repo=p, path_or_fileobj=spec.files[p].content())
             for p in plan.add + plan.change
@@ -572,6 +574,26 @@ def _no_progress_bars() -> Iterator[None]:
     finally:
         for module in libraries:
             module.enable_progress_bars()
+
+
+def check_hub(
+    config: StudyConfig,
+    run_dir: RunDir | Path,
+    *,
+    endpoint: str | None = None,
+    namespace: str | None = None,
+    token: str | None = None,
+) -> None:
+    """The Hub half of the publish preflight on its own: the endpoint answers and the token may write to the
+    namespace. ``train-and-publish`` runs it before the stages, so a bad token fails in seconds, not hours.
+
+    Raises:
+        HubError: as ``check_write_access``; ConfigError: a malformed namespace or endpoint.
+    """
+    config = config.with_overrides(**{"hub.namespace": namespace, "hub.endpoint": endpoint})
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    with _no_progress_bars(), open_hub(config, run_dir, endpoint=endpoint, token=token) as target:
+        check_write_access(target, config.hub.namespace)
 
 
 def _run(

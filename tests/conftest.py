@@ -20,6 +20,19 @@ def local_hub(tmp_path):
         yield hub
 
 
+@pytest.fixture(scope="session")
+def fixture_run(tmp_path_factory):
+    """A finished tiny study (levels 1-2, 20 problems) written from fixtures; tests copy it before changing it."""
+    from fixtures_artifacts import write_fixture_study
+
+    from training.config import load_config
+
+    root = tmp_path_factory.mktemp("fixture-study") / "run"
+    config = load_config().with_overrides(run_dir=str(root), levels=[1, 2])
+    write_fixture_study(root, config=config, n_problems=20)
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cot_compress_cache(tmp_path_factory):
     """One cache for the whole session (the tiny base is built at most once), never the user's home cache.

@@ -21,13 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from fixtures_artifacts import write_fixture_study
 from hubtools import clients_for, isolated_hf_caches
 
 from eval_artifacts.rundir import RunDir
 from hub_tools.cli import main
 from hub_tools.local_hub import running_hub
-from training.config import load_config
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 USERS = {"cot-compress": "hf_writer_token", "stranger": "hf_stranger_token", "reader": "hf_reader_token"}
@@ -130,6 +128,11 @@ CASES = [
     # ---- templates
     Case("template", "Jinja syntax error", lambda c: c.publish("--templates", str(
         c.templates("adapter_card.md.j2", "\n{% if %}\n"))), "template adapter_card.md.j2 line"),
+    Case("template", "syntax error in an included template", lambda c: c.publish("--templates", str(then(
+        lambda: (c.templates("adapter_card.md.j2", '\n{% include "part.j2" %}\n') / "part.j2").write_text(
+            "{% for %}\n"), c.tmp / "templates"))), "template part.j2 (included by adapter_card.md.j2) line 1"),
+    Case("template", "template that includes itself", lambda c: c.publish("--templates", str(c.templates(
+        "adapter_card.md.j2", '\n{% include "adapter_card.md.j2" %}\n'))), "includes itself"),
     Case("template", "misspelled variable", lambda c: c.publish("--templates", str(
         c.templates("eval_dataset_card.md.j2", "\n{{ headline.acuracy }}\n"))), "undefined variable"),
     Case("template", "note over 500 characters", lambda c: c.publish("--templates", str(
@@ -208,14 +211,6 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def fixture_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bad-input") / "run"
-    config = load_config().with_overrides(run_dir=str(root), levels=[1, 2])
-    write_fixture_study(root, config=config, n_problems=20)
-    return root
-
-
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.kind}: {c.name}" for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_pushes_nothing(case, fixture_run, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no login cache to fall back on
@@ -239,6 +234,28 @@ def test_bad_input_is_one_line_exit_2_and_pushes_nothing(case, fixture_run, tmp_
     if case.token:
         assert case.token not in result.output + result.stderr
     assert not run.publish_state.exists()
+
+
+def test_train_and_publish_checks_the_hub_before_any_stage(tmp_path, monkeypatch):
+    """A token that cannot publish fails in seconds, before data preparation, training and evaluation."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    run = RunDir(tmp_path / "run")
+    with (
+        running_hub(tmp_path / "hub", users=USERS, read_only_tokens={"hf_reader_token"}) as hub,
+        clients_for(hub),
+        isolated_hf_caches(tmp_path / "cache"),
+    ):
+        config = Ctx(tmp_path, run, hub.endpoint).config()
+        args = ["train-and-publish", "--config", str(config), "--run-dir", str(run.root), "--endpoint", hub.endpoint]
+        for token, message in ((None, "no Hugging Face token"), ("hf_reader_token", "is read-only")):
+            result = CliRunner().invoke(main, args, env={"HF_TOKEN": token} if token else {})
+            assert result.exit_code == 2, (result.output, result.exception)
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and message in lines[0], result.stderr
+        writes = [f"{e['method']} {e['path']}" for e in hub.request_log]
+        assert [w for w in writes if not READ_ONLY.match(w)] == []
+    assert not run.data_stats.exists() and not run.adapter_dir(1).exists() and not run.eval_dir.exists()
 
 
 def test_the_table_covers_every_kind_with_thirty_cases():

@@ -20,7 +20,6 @@ import httpx2
 import pytest
 import yaml
 from click.testing import CliRunner
-from fixtures_artifacts import write_fixture_study
 from hubtools import clients_for, isolated_hf_caches
 from huggingface_hub import DatasetCard, HfApi, ModelCard
 from markdown_it import MarkdownIt
@@ -28,7 +27,6 @@ from markdown_it import MarkdownIt
 from eval_artifacts.rundir import RunDir
 from hub_tools.cli import main
 from hub_tools.local_hub import running_hub
-from training.config import load_config
 
 SECRET = "hf_SECRET_token_9f3c1e7a5b2d4c6e8a0b"
 USERS = {"cot-compress": SECRET, "stranger": "hf_stranger_token"}
@@ -39,14 +37,6 @@ HOSTILE = (
     "<script>alert('x')</script><img src=x onerror=alert(1)>\n{{ 7*7 }} {% if true %}jinja{% endif %}\n"
     "````` fence\n# heading\n[link](https://evil.example.com)\n"
 )
-
-
-@pytest.fixture(scope="module")
-def fixture_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("security") / "run"
-    config = load_config().with_overrides(run_dir=str(root), levels=[1, 2])
-    write_fixture_study(root, config=config, n_problems=20)
-    return root
 
 
 @pytest.fixture
