@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from test_generate import build_small_base, make_adapter
-from test_sft import prepared, small_base  # noqa: F401  (small_base: the fixture of the training test)
+from test_sft import chat_token_lengths, prepared, small_base  # noqa: F401  (small_base: the training fixture)
 from test_sft import study as sft_study
 
 from eval_artifacts.records import read_samples
@@ -33,12 +32,6 @@ from training.config import load_config
 MODELS = ("base", "level_1")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(command: list[str], *, processes: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
     """``cot-compress <command>`` under torchrun with ``processes`` CPU ranks, in its own process group."""
     return subprocess.Popen(
@@ -47,8 +40,7 @@ def launch(command: list[str], *, processes: int = 2, env: dict | None = None, *
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={processes}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
+            "--standalone",  # torchrun picks a free local port itself: no race for one picked here
             "-m",
             "hub_tools.cli",
             *command,
@@ -156,14 +148,6 @@ def test_two_processes_write_the_samples_of_one(study):
     assert_same_as_reference(study, run_dir)
     lines = [line for line in out.splitlines() if "accuracy" in line]
     assert [line.split()[0] for line in lines] == list(MODELS)  # printed once, by rank 0
-    identical = sum(
-        a["completion"] == b["completion"]
-        for model in MODELS
-        for a, b in zip(
-            read_samples(run_dir.samples(model)), read_samples(study.reference.samples(model)), strict=True
-        )
-    )
-    assert identical / (2 * 30) >= 0.99
 
 
 def test_every_gpu_count_decodes_the_same_batches(study, monkeypatch):
@@ -278,7 +262,6 @@ def test_merge_is_idempotent_and_keeps_existing_records_first(study, tmp_path):
 
 @pytest.mark.slow
 def test_train_with_two_processes_writes_one_adapter_and_counts_every_rank(small_base, tmp_path):  # noqa: F811
-    from transformers import AutoTokenizer
 
     base = small_base
     config = sft_study(base, tmp_path / "run", max_steps=-1, epochs=1, batch_size=4)
@@ -308,19 +291,7 @@ def test_train_with_two_processes_writes_one_adapter_and_counts_every_rank(small
     assert payload["hyperparameters"]["effective_batch_size"] == 8  # 4 per rank × 2 ranks
     assert payload["steps"] == 3  # 24 rows / 8 per step
     # One epoch: each rank saw half the rows; the total is every token of every row once.
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    rows = [json.loads(line) for line in run_dir.train_file(3).read_text().splitlines()]
-    lengths = [
-        len(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
-                tokenize=True,
-                return_dict=True,
-            )["input_ids"]
-        )
-        for r in rows
-    ]
-    assert payload["tokens_seen"] == sum(lengths)
+    assert payload["tokens_seen"] == sum(chat_token_lengths(base, run_dir.train_file(3)))
 
 
 # ---------------------------------------------------------------- the multi-GPU benchmark's CPU mode

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -122,26 +121,15 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(study):
     config = study.config.with_overrides(run_dir=str(resumed.root))
     config_path = study.root / "killed.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from hub_tools.cli import main; main()",
-            "evaluate",
-            "--config",
-            str(config_path),
-        ],
+    # SIGKILL right after the third batch of base is on disk, wherever the scheduler puts this process.
+    process = subprocess.run(
+        [sys.executable, "-c", "from hub_tools.cli import main; main()", "evaluate", "--config", str(config_path)],
+        env={**os.environ, "COT_COMPRESS_KILL_AT": "evaluate.batch_appended:base#3"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        timeout=300,
     )
-    written = 0
-    deadline = time.monotonic() + 300
-    while written < 6 and process.poll() is None and time.monotonic() < deadline:
-        written = sum(len(p.read_bytes().splitlines()) for p in resumed.eval_dir.glob("*/samples.jsonl"))
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "evaluate finished before it could be killed"
+    assert process.returncode == -signal.SIGKILL, "evaluate was not killed at its third batch"
     interrupted = {
         m: len(resumed.samples(m).read_bytes().splitlines())
         for m in ("base", "level_1")

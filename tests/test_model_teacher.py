@@ -68,7 +68,7 @@ def test_keeps_gold_rows_drops_the_rest_and_resumes(tmp_path):
     assert len(path.read_text().splitlines()) == len(rows)
 
 
-def test_prepare_data_with_a_real_model_teacher(tmp_path):
+def test_prepare_data_with_a_real_model_teacher(tmp_path, monkeypatch):
     """The tiny base as teacher through the CLI: stats add up, and a rerun generates nothing new."""
     from training.tiny import ensure_tiny_base
 
@@ -90,8 +90,17 @@ def test_prepare_data_with_a_real_model_teacher(tmp_path):
     assert stats["total"] == 12 and stats["kept"] + sum(stats["dropped"].values()) == 12
     assert stats["teacher"].startswith("model:")
     dropped_file = tmp_path / "run" / "data" / "level_3" / "dropped.jsonl"
-    before = Counter(json.loads(line)["reason"] for line in dropped_file.read_text().splitlines())
+    train_file = dropped_file.with_name("train.jsonl")
+    before = (Counter(json.loads(line)["reason"] for line in dropped_file.read_text().splitlines()),
+              train_file.read_bytes(), dropped_file.read_bytes())  # fmt: skip
+
+    def nothing_to_generate(self, prompts, **kwargs):
+        assert not prompts, f"a rerun over finished rows asked the teacher again for {len(prompts)}"
+        return iter(())
+
+    monkeypatch.setattr("training.generate.GenerationEngine.generate", nothing_to_generate)
     second = CliRunner().invoke(main, args)
-    assert second.exit_code == 0
-    after = Counter(json.loads(line)["reason"] for line in dropped_file.read_text().splitlines())
+    assert second.exit_code == 0, second.output
+    after = (Counter(json.loads(line)["reason"] for line in dropped_file.read_text().splitlines()),
+             train_file.read_bytes(), dropped_file.read_bytes())  # fmt: skip
     assert after == before

@@ -30,14 +30,14 @@ from fixtures_artifacts import write_fixture_study
 from hubtools import clients_for, isolated_hf_caches
 from safetensors.torch import load_file
 from test_reliability_faults import edited_templates, hub_state, repos
+from test_sft import small_base  # noqa: F401  (the training test's fixture)
 
 from eval_artifacts import faultpoints
 from eval_artifacts.rundir import RunDir
 from hub_tools.local_hub import running_hub
 from hub_tools.publish import publish_study
 from training import evaluate, prepare_data, sft
-from training.config import TinyModelConfig, load_config
-from training.synthetic import generate_problems
+from training.config import load_config
 
 CLI = Path(sys.executable).with_name("cot-compress")
 TIMING = ("wall_time_s", "tokens_per_s")  # the only training.json fields a rerun may change
@@ -59,6 +59,7 @@ def killed_at(point: str, work: Callable[[], object]) -> None:
         try:
             os.environ[faultpoints.ENV] = point
             faultpoints._reached.clear()
+            signal.alarm(300)  # a child stuck on a lock forked mid-use dies of SIGALRM: a failure, not a hang
             work()
         except BaseException:
             traceback.print_exc()
@@ -84,30 +85,7 @@ def complete_lines(path: Path) -> list[str]:
 # ---------------------------------------------------------------- the study and its uninterrupted run
 
 
-@pytest.fixture(scope="module")
-def small_base(tmp_path_factory) -> Path:
-    """A 2-layer, 64-dim Qwen3 with random weights and a tokenizer of the study's problems (as in test_sft)."""
-    from training.tiny import make_model, stock_response, train_tokenizer
-
-    problems = generate_problems(200, seed=0, split="train")
-    texts = (
-        [p.question for p in problems] + [stock_response(p) for p in problems] + ["Solve this using Level"]
-    )
-    tokenizer = train_tokenizer(texts, vocab_size=320)
-    settings = TinyModelConfig(
-        hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2
-    )
-    path = tmp_path_factory.mktemp("small_base")
-    torch.manual_seed(0)
-    model = make_model(settings, tokenizer)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(5.0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def study(small_base: Path, run_dir: Path):
+def study(small_base: Path, run_dir: Path):  # noqa: F811
     """Two levels, 48 training rows, 8 steps with a checkpoint every 4; 12 test problems in batches of 4."""
     return load_config().with_overrides(
         **{
@@ -129,7 +107,7 @@ def study(small_base: Path, run_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def straight(small_base, tmp_path_factory):
+def straight(small_base, tmp_path_factory):  # noqa: F811
     """The uninterrupted run: its run dir after each stage (data, adapters, eval)."""
     root = tmp_path_factory.mktemp("straight")
     config = study(small_base, root / "run")
