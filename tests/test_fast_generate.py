@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import os
 
@@ -204,6 +205,70 @@ def test_graph_bookkeeping_with_an_eager_stand_in(base, monkeypatch):
     assert len(captured) == len(set(captured)) and {b for b, _ in captured} == {3}
     # Widths are multiples of the bucket, up to the allocated slots (longest prompt + 20, rounded up).
     assert {w for _, w in captured} <= set(range(8, engine._capacity[1] + 1, 8))
+
+
+def test_captures_after_a_bigger_cache_start_a_fresh_graph_pool(base, monkeypatch):
+    """The cause of the crash at the first adapter after base (issue 15), on CPU.
+
+    CUDA's caching allocator releases a graph pool when the last graph captured into it is destroyed, and
+    fails a later capture into that pool (``INTERNAL ASSERT FAILED ... use_count > 0``). Evaluate decodes
+    the stock model's bare questions, then an adapter's longer level prompts, whose bigger cache drops the
+    graphs. Here ``torch.cuda``'s graph API is a stand-in that enforces the allocator's rule, and the
+    generator's own capture code runs against it."""
+    import contextlib
+    import weakref
+
+    graphs_in_pool: dict[tuple, int] = {}
+    released: set[tuple] = set()
+    handles = iter(range(1, 1000))
+    capturing: list = []
+
+    def release(pool):
+        graphs_in_pool[pool] -= 1
+        if not graphs_in_pool[pool]:
+            released.add(pool)
+
+    class StandInGraph:
+        step = None
+
+        def replay(self):
+            self.step()
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, pool):
+        assert pool not in released, "capture into a graph pool whose graphs were all destroyed"
+        graphs_in_pool[pool] = graphs_in_pool.get(pool, 0) + 1
+        weakref.finalize(cuda_graph, release, pool)
+        capturing.append(cuda_graph)
+        yield
+        capturing.pop()
+
+    decode_step = FastGenerator._decode_step
+
+    def recording_decode_step(self, b, width):
+        if capturing:  # what a capture records is what a replay runs
+            capturing[-1].step = functools.partial(decode_step, self, b, width)
+        decode_step(self, b, width)
+
+    stream = type("StandInStream", (), {"wait_stream": lambda self, other: None})
+    for name, value in {
+        "graph_pool_handle": lambda: (0, next(handles)),
+        "CUDAGraph": StandInGraph,
+        "graph": graph,
+        "Stream": lambda device=None: stream(),
+        "current_stream": lambda device=None: stream(),
+        "stream": lambda s: contextlib.nullcontext(),
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(FastGenerator, "_decode_step", recording_decode_step)
+
+    short, long = prompts(6, seed=5), [p * 3 for p in prompts(6, seed=6)]
+    stop = pick_stop_token(base, short + long, 12)
+    engine = FastGenerator(base, max_batch_size=8, context_bucket=8, use_cuda_graphs=True)
+    for batch in (short, long, short):
+        got = engine.generate(batch, max_new_tokens=12, stop_token_ids=[stop], pad_token_id=PAD)
+        assert got == hf_greedy(base, batch, max_new=12, stop_ids={stop})
+    assert len(graphs_in_pool) == 2 and len(released) == 1  # the longer prompts did reallocate
 
 
 def test_unknown_adapter_is_a_config_error(base):

@@ -296,6 +296,7 @@ class FastGenerator:
         self._capacity = (0, 0)  # (rows, slots) of the allocated cache
         self._graphs: dict[tuple[int, int], Callable[[], None]] = {}
         self._pool = None
+        self._warmup_stream = None
 
     # ---------------------------------------------------------------- adapters
     def _lora_layers(self) -> list[nn.Module]:
@@ -405,7 +406,7 @@ class FastGenerator:
 
     def _allocate(self, rows: int, slots: int) -> None:
         """(Re)allocate the cache and the decode state; drops captured graphs, which point into them."""
-        self._graphs.clear()
+        self._drop_graphs()
         self._k = self._v = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -556,6 +557,24 @@ class FastGenerator:
     def _width(self, pos: int) -> int:
         return min(self._capacity[1], math.ceil((pos + 1) / self.bucket) * self.bucket)
 
+    def _drop_graphs(self) -> None:
+        """Forget every captured graph together with the memory pool they were captured into.
+
+        A graph pool lives as long as some graph uses it: when the last one is destroyed, the caching
+        allocator releases the pool, and a later capture into the same handle fails with
+        ``INTERNAL ASSERT FAILED ... it->second->use_count > 0``. That is what happened when evaluate
+        moved from the stock model to an adapter whose longer prompts needed a bigger cache. So the
+        handle is dropped with its graphs, and the next capture starts a fresh pool.
+        """
+        self._graphs.clear()
+        self._pool = None
+
+    def _graph_pool(self):
+        """The pool this set of graphs shares (one per cache allocation), made on first capture."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
     def _ensure_graphs(self, b: int, widths: set[int]) -> None:
         """Capture any missing decode graphs. Runs before a batch's prefill, which resets the state."""
         for width in sorted(w for w in widths if (b, w) not in self._graphs):
@@ -569,9 +588,10 @@ class FastGenerator:
         The warm-up really runs (it writes slot width-2 of the cache and moves the decode state), which
         is why captures happen before a batch's prefill: the prefill rewrites all the state a step reads.
         """
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
+        pool = self._graph_pool()
+        if self._warmup_stream is None:  # one for every capture: cuBLAS keeps a workspace per stream
+            self._warmup_stream = torch.cuda.Stream(self.device)
+        stream = self._warmup_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up off the capture stream, as torch.cuda.graph requires
             for _ in range(2):
@@ -580,7 +600,7 @@ class FastGenerator:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._pos.fill_(width - 2)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=pool):
             self._decode_step(b, width)
         return graph.replay
 
@@ -735,9 +755,8 @@ class FastGenerator:
 
     def close(self) -> None:
         """Free the cache and the graphs (the weights stay the model's)."""
-        self._graphs.clear()
+        self._drop_graphs()
         self._k = self._v = []
-        self._pool = None
         self._backup = {}
         self._capacity = (0, 0)
         if self.device.type == "cuda":
@@ -782,7 +801,28 @@ class FastGenerationEngine:
 
     def load_adapter(self, name: str, path) -> None:
         self.hf.load_adapter(name, path)
-        self._fast = None  # the model object may have been wrapped by PEFT: rebuild on next use
+        self._close_generator()  # the model object may have been wrapped by PEFT: rebuild on next use
+
+    def _close_generator(self) -> None:
+        # Explicitly, not by dropping the reference: its cache and graphs must be gone before the next
+        # generator allocates and captures, whenever the garbage collector would get to them.
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
+
+    def describe(self) -> dict:
+        fast = self._generator()
+        return {
+            **self.hf.describe(),
+            "engine": "fast",
+            "cuda_graphs": fast.use_graphs,
+            "fused_kernels": fast.fused_status,
+        }
+
+    def close(self) -> None:
+        """Free the generator's cache and graphs, then the model, so the next stage finds the GPU empty."""
+        self._close_generator()
+        self.hf.close()
 
     def render(self, prompt: str) -> str:
         return self.hf.render(prompt)
@@ -793,6 +833,7 @@ class FastGenerationEngine:
 
     def _generator(self) -> FastGenerator:
         if self._fast is None or self._fast.model is not self.hf.model:
+            self._close_generator()
             self._fast = FastGenerator(self.hf.model, max_batch_size=self.max_batch_size)
         return self._fast
 

@@ -199,6 +199,29 @@ class GenerationEngine:
             )
             yield [Generation(batch[r.index], r.text, r.token_ids, r.finish_reason) for r in results]
 
+    def describe(self) -> dict:
+        """What decodes: the engine, the device and dtype, and whether CUDA graphs and fused kernels run."""
+        parameter = next(self.model.parameters())
+        return {
+            "engine": "hf",
+            "device": _device_name(parameter.device),
+            "dtype": str(parameter.dtype).removeprefix("torch."),
+            "cuda_graphs": False,
+            "fused_kernels": "off: the hf engine runs transformers' modules",
+        }
+
+    def close(self) -> None:
+        """Drop the model and return its GPU memory to the driver, so the next stage starts clean."""
+        import gc
+
+        import torch
+
+        self.model = None
+        self.adapters = {}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def check_adapter(self, adapter: str | None) -> None:
         """Raise ``ArtifactError`` unless ``adapter`` is None (the stock model) or a loaded adapter."""
         if adapter is not None and adapter not in self.adapters:
@@ -214,3 +237,9 @@ class GenerationEngine:
         kept = row if end is None else row[: end + 1]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         return Generation(index, text, tuple(kept), "length" if end is None else "stop")
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
