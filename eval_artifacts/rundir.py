@@ -65,6 +65,11 @@ class RunDir:
         return self.eval_dir / "summary.json"
 
     @property
+    def generation_log(self) -> Path:
+        """One row per (model, seed) generation session: engine, device, tokens/s, peak memory."""
+        return self.eval_dir / "generation_log.jsonl"
+
+    @property
     def pareto_png(self) -> Path:
         return self.eval_dir / "pareto.png"
 

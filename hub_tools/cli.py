@@ -240,6 +240,7 @@ def train_and_publish_command(
     study = RunDir(config.run_dir)
     check_hub(config, study, endpoint=endpoint, namespace=namespace)
     run_stages(config, study, force_stages=tuple(force_stages), templates_dir=templates_dir)
+    click.echo("[publish] running")
     report = publish_study(
         config, study, endpoint=endpoint, namespace=namespace, dry_run=dry_run,
         create_pr=create_pr, templates_dir=templates_dir,

@@ -287,7 +287,7 @@ def test_train_with_two_processes_writes_one_adapter_and_counts_every_rank(small
     ]
     assert out.count("level 3: ") == 1  # one summary line, from rank 0
     payload = json.loads(run_dir.training_json(3).read_text())
-    assert payload["hardware"] == {"device": "cpu", "gpu_name": None, "gpu_count": 0, "world_size": 2}
+    assert payload["hardware"] == {"device": "cpu", "gpu_name": None, "gpu_count": 0, "world_size": 2, "peak_gpu_memory_gib": None}
     assert payload["hyperparameters"]["effective_batch_size"] == 8  # 4 per rank × 2 ranks
     assert payload["steps"] == 3  # 24 rows / 8 per step
     # One epoch: each rank saw half the rows; the total is every token of every row once.

@@ -20,7 +20,7 @@ from test_generate import build_small_base, make_adapter
 
 from eval_artifacts.errors import ArtifactError, ConfigError
 from eval_artifacts.records import read_samples
-from eval_artifacts.rundir import RunDir, read_json
+from eval_artifacts.rundir import RunDir, iter_jsonl, read_json
 from hub_tools.cli import main
 from training import evaluate
 from training.config import load_config
@@ -220,3 +220,53 @@ def test_evaluate_command_prints_one_line_per_model(study):
     lines = [line for line in result.stdout.splitlines() if "accuracy" in line]
     assert [line.split()[0] for line in lines] == ["base", "level_1"]
     assert len(read_samples(run_dir.samples("level_1"))) == 30
+
+
+def test_a_zero_adapter_fails_on_its_first_batch(study, tmp_path):
+    """An adapter that changes nothing (here: PEFT's zero init of B) is the stock model under its name."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run_dir = RunDir(tmp_path / "run")
+    base = AutoModelForCausalLM.from_pretrained(study.config.base_model.id)
+    get_peft_model(base, LoraConfig(r=4, target_modules="all-linear")).save_pretrained(run_dir.adapter_dir(1))
+    config = study.config.with_overrides(run_dir=str(run_dir.root))
+
+    with pytest.raises(ArtifactError, match=r"level_1: the adapter changed none of the 2 completions") as error:
+        evaluate.run(config, run_dir)
+
+    assert "\n" not in str(error.value) and "cot-compress train --levels 1 --force" in str(error.value)
+    assert not run_dir.samples("level_1").exists()  # nothing of it was recorded
+    assert len(read_samples(run_dir.samples("base"))) == 30
+
+
+def test_the_adapter_check_passes_a_real_adapter_and_logs_the_engine(study):
+    run_dir = new_run_dir(study, "logged")
+    evaluate.run(study.config.with_overrides(run_dir=str(run_dir.root)), run_dir)
+
+    log = list(iter_jsonl(run_dir.generation_log, what="generation log"))
+    assert [(row["model"], row["samples"], row["engine"]) for row in log] == [("base", 30, "hf"), ("level_1", 30, "hf")]
+    for row, model in zip(log, ("base", "level_1"), strict=True):
+        samples = read_samples(run_dir.samples(model))
+        assert row["generated_tokens"] == sum(sample["completion_tokens"] for sample in samples)
+        assert row["tokens_per_s"] == pytest.approx(row["generated_tokens"] / row["wall_time_s"], rel=0.01)
+        assert row["cuda_graphs"] is False and row["device"] == "cpu" and row["dtype"] == "float32"
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing_and_still_count(byte_tokenizer):
+    """Qwen's embedding has more rows than its tokenizer has tokens; a model can generate those ids."""
+    from training.generate import GenerationEngine
+
+    text = "<think>\n3+4=7\n</think>\n#### 7"
+    ids = byte_tokenizer(text, add_special_tokens=False)["input_ids"]
+    beyond = [151_000, len(byte_tokenizer) + 7]
+    row = ids[:3] + beyond + ids[3:] + [beyond[0]]
+    engine = SimpleNamespace(tokenizer=byte_tokenizer, stop_ids=[byte_tokenizer.convert_tokens_to_ids("<|im_end|>")])
+
+    generation = GenerationEngine.to_generation(engine, 0, row)
+    problem = Problem(id="test-00002", question="3 and 4?", answer="", gold="7")
+    record = evaluate.make_record(engine, problem, "P", generation, model="level_3", level=3, seed=0)
+
+    assert generation.text == text and generation.finish_reason == "length"
+    assert record["completion_tokens"] == len(ids) + 3 and record["think_tokens"] == len("3+4=7")
+    assert record["correct"] is True and record["predicted"] == "7"

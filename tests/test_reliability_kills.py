@@ -30,7 +30,6 @@ from fixtures_artifacts import write_fixture_study
 from hubtools import clients_for, isolated_hf_caches
 from safetensors.torch import load_file
 from test_reliability_faults import edited_templates, hub_state, repos
-from test_sft import small_base  # noqa: F401  (the training test's fixture)
 
 from eval_artifacts import faultpoints
 from eval_artifacts.rundir import RunDir
@@ -85,7 +84,26 @@ def complete_lines(path: Path) -> list[str]:
 # ---------------------------------------------------------------- the study and its uninterrupted run
 
 
-def study(small_base: Path, run_dir: Path):  # noqa: F811
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory) -> Path:
+    """The training tests' 2-layer Qwen3, with its own output head.
+
+    Tied to the (scaled-up) embeddings, the head makes greedy decoding repeat the prompt's last token
+    whatever an adapter does, and evaluate rightly refuses adapters that change nothing.
+    """
+    from test_sft import build_training_base
+    from transformers import AutoModelForCausalLM
+
+    path = build_training_base(tmp_path_factory.mktemp("small_base"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.1
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(path)
+    return path
+
+
+def study(small_base: Path, run_dir: Path):
     """Two levels, 48 training rows, 8 steps with a checkpoint every 4; 12 test problems in batches of 4."""
     return load_config().with_overrides(
         **{
@@ -107,7 +125,7 @@ def study(small_base: Path, run_dir: Path):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def straight(small_base, tmp_path_factory):  # noqa: F811
+def straight(small_base, tmp_path_factory):
     """The uninterrupted run: its run dir after each stage (data, adapters, eval)."""
     root = tmp_path_factory.mktemp("straight")
     config = study(small_base, root / "run")

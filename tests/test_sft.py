@@ -40,6 +40,10 @@ HYPERPARAMETER_KEYS = {
 
 @pytest.fixture(scope="module")
 def small_base(tmp_path_factory) -> Path:
+    return build_training_base(tmp_path_factory.mktemp("small_base"))
+
+
+def build_training_base(path: Path) -> Path:
     """A 2-layer, 64-dim Qwen3 with random weights and the tiny study's tokenizer and chat template.
 
     The (tied) embeddings are scaled up so that logits are not uniform: otherwise LoRA on the projections
@@ -55,7 +59,6 @@ def small_base(tmp_path_factory) -> Path:
     settings = TinyModelConfig(
         hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2
     )
-    path = tmp_path_factory.mktemp("small_base")
     model = make_model(settings, tokenizer)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(5.0)
@@ -146,7 +149,7 @@ def test_train_writes_adapter_and_a_complete_training_json(small_base, tmp_path)
     assert payload["tokens_per_s"] == pytest.approx(
         payload["tokens_seen"] / payload["wall_time_s"], rel=1e-6 + rounding
     )
-    assert payload["hardware"] == {"device": "cpu", "gpu_name": None, "gpu_count": 0, "world_size": 1}
+    assert payload["hardware"] == {"device": "cpu", "gpu_name": None, "gpu_count": 0, "world_size": 1, "peak_gpu_memory_gib": None}
     assert (payload["precision"], payload["quantization"], payload["loss"]) == (
         "fp32",
         "none",

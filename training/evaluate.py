@@ -69,29 +69,34 @@ def run(
         from training.fast_generate import FastGenerationEngine
 
         engine = FastGenerationEngine(engine)
-    for model in models:
-        if model != "base":
-            engine.load_adapter(model, _adapter_dir(run_dir, model))
-    if process.is_main:  # shards of a killed run: their records count as done
-        merge_all_shards(engine, run_dir, problems, config=config, seeds=seeds)
-    distributed.barrier()
-    for model in models:
-        plan = engine.plan(model_prompts(problems, model), batch_size=config.eval.batch_size)
-        for seed in seeds:
-            evaluate_model(
-                engine,
-                run_dir,
-                problems,
-                model=model,
-                seed=seed,
-                config=config,
-                process=process,
-                plan=plan,
-            )
-    maybe_crash("evaluate.generated")
-    distributed.barrier()
+    try:
+        for model in models:
+            if model != "base":
+                engine.load_adapter(model, _adapter_dir(run_dir, model))
+        if process.is_main:  # shards of a killed run: their records count as done
+            merge_all_shards(engine, run_dir, problems, config=config, seeds=seeds)
+        distributed.barrier()
+        for model in models:
+            plan = engine.plan(model_prompts(problems, model), batch_size=config.eval.batch_size)
+            for seed in seeds:
+                evaluate_model(
+                    engine,
+                    run_dir,
+                    problems,
+                    model=model,
+                    seed=seed,
+                    config=config,
+                    process=process,
+                    plan=plan,
+                    check_adapter=seed == seeds[0],
+                )
+        maybe_crash("evaluate.generated")
+        distributed.barrier()
+        if process.is_main:
+            merge_all_shards(engine, run_dir, problems, config=config, seeds=seeds)
+    finally:
+        engine.close()  # the KV cache, graphs and weights go before the next stage needs the GPU
     if process.is_main:
-        merge_all_shards(engine, run_dir, problems, config=config, seeds=seeds)
         summary = write_eval_artifacts(config, run_dir, problem_ids={p.id for p in problems})
     distributed.barrier()
     if not process.is_main:
@@ -111,12 +116,17 @@ def evaluate_model(
     config: StudyConfig,
     process: distributed.Process | None = None,
     plan: list[list[int]] | None = None,
+    check_adapter: bool = True,
 ) -> None:
     """Generate the missing records of one (model, seed) and append them batch by batch.
 
     With several processes, this one takes its share of the plan's batches and appends to its shard file;
     records in ``samples.jsonl`` and in the shard both count as done. ``plan`` is the engine's plan of the
-    model's prompts, when the caller has it already (it is the same for every seed).
+    model's prompts, when the caller has it already (it is the same for every seed). With
+    ``check_adapter``, an adapter's first batch is checked against the stock model (``check_adapter_applied``).
+
+    Raises:
+        ArtifactError: the adapter changed none of its first batch's completions.
     """
     import torch
     from tqdm import tqdm
@@ -139,15 +149,21 @@ def evaluate_model(
         return
     # Greedy decoding draws nothing; seeded anyway so that a sampling backend stays reproducible.
     torch.manual_seed(seed)
-    correct = tokens = 0
+    correct = tokens = written = 0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     with tqdm(total=pending, desc=f"{model} seed {seed}", unit="sample", dynamic_ncols=True) as bar:
-        for batch in plan:
+        for number, batch in enumerate(plan):
             generations = engine.generate_batch(
                 [prompts[i] for i in batch],
                 adapter=None if level is None else model,
                 max_new_tokens=config.eval.max_new_tokens,
             )
+            if level is not None and check_adapter and number == 0:
+                checked = time.perf_counter()
+                check_adapter_applied(engine, [prompts[i] for i in batch], generations, model=model)
+                started += time.perf_counter() - checked  # the check's own decoding is not this model's
             records = [
                 make_record(engine, problems[i], prompts[i], generation, model=model, level=level, seed=seed)
                 for i, generation in zip(batch, generations, strict=True)
@@ -156,11 +172,59 @@ def evaluate_model(
             append_jsonl(path, records)
             maybe_crash("evaluate.batch_appended", model)
             correct += sum(record["correct"] for record in records)
+            written += len(records)  # not the bar's count: TQDM_DISABLE=1 leaves that at 0
             tokens += sum(generation.completion_tokens for generation in generations)
             bar.update(len(records))
             bar.set_postfix(
-                acc=f"{correct / bar.n:.1%}", tok_s=f"{tokens / (time.perf_counter() - started):.0f}"
+                acc=f"{correct / max(written, 1):.1%}",
+                tok_s=f"{tokens / (time.perf_counter() - started):.0f}",
             )
+    wall = time.perf_counter() - started
+    append_jsonl(
+        run_dir.generation_log,
+        [
+            {
+                "model": model,
+                "seed": seed,
+                "rank": process.rank,
+                "world_size": process.world_size,
+                "samples": pending,
+                "generated_tokens": tokens,
+                "wall_time_s": round(wall, 3),
+                "tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
+                "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                if torch.cuda.is_available()
+                else None,
+                "max_new_tokens": config.eval.max_new_tokens,
+                **engine.describe(),
+            }
+        ],
+    )
+
+
+def check_adapter_applied(
+    engine: GenerationEngine, prompts: list[str], generations: list[Generation], *, model: str
+) -> None:
+    """Fail when ``model``'s adapter changed none of these completions: the stock model's are the same.
+
+    Fast engines elsewhere have silently decoded the base model instead of the adapter; a run like that
+    would publish the stock model's numbers under the adapter's name. The stock model decodes the same
+    prompts, in the same batch, up to the longest adapter completion: greedy decoding of a batch is
+    deterministic and a shorter ``max_new_tokens`` only cuts it, so a row equals the adapter's exactly
+    when the adapter had no effect on it.
+
+    Raises:
+        ArtifactError: every row equals the stock model's, token for token.
+    """
+    longest = max(generation.completion_tokens for generation in generations)
+    stock = engine.generate_batch(prompts, adapter=None, max_new_tokens=longest)
+    if all(a.token_ids == b.token_ids for a, b in zip(generations, stock, strict=True)):
+        raise ArtifactError(
+            f"{model}: the adapter changed none of the {len(prompts)} completions of its first batch, which "
+            "equal the stock model's token for token, so its weights are zero or the engine did not apply "
+            f"them: retrain it with `cot-compress train --levels {model_level(model)} --force`, or set "
+            "eval.backend to 'hf' to rule out the fast engine"
+        )
 
 
 def _done_ids(path: Path, seed: int) -> set[str]:

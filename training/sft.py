@@ -91,6 +91,8 @@ def run(
 
             model_path = resolve_base_model(config)
         precision = choose_precision()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         model, tokenizer = load_base(
             model_path=model_path,
             revision=config.base_model.revision,
@@ -132,6 +134,7 @@ def run(
             _say(summary_line(payload, run_dir.adapter_dir(level)))
         trainer.accelerator.wait_for_everyone()
         results[level] = payload
+        trainer.accelerator.free_memory()  # the accelerator holds the model and optimizer, too
         del trainer, model
         gc.collect()
         if torch.cuda.is_available():
@@ -436,7 +439,13 @@ def hardware(trainer: SFTTrainer) -> dict:
     """Device, GPU name and count, and ``world_size``: the training processes (DDP ranks, 1 without a launcher)."""
     world_size = trainer.accelerator.num_processes
     if not torch.cuda.is_available():
-        return {"device": "cpu", "gpu_name": None, "gpu_count": 0, "world_size": world_size}
+        return {
+            "device": "cpu",
+            "gpu_name": None,
+            "gpu_count": 0,
+            "world_size": world_size,
+            "peak_gpu_memory_gib": None,
+        }
     # DDP runs one process per GPU; a single process may still drive several through DataParallel.
     count = world_size * max(1, trainer.args.n_gpu)
     return {
@@ -444,6 +453,8 @@ def hardware(trainer: SFTTrainer) -> dict:
         "gpu_name": torch.cuda.get_device_name(0),
         "gpu_count": count,
         "world_size": world_size,
+        # This process's GPU, since the level's base was loaded: the weights, optimizer and activations.
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
     }
 
 
