@@ -1,0 +1,325 @@
+"""The real study in miniature, through the real CLI, on one GPU: every stage at the Qwen3-4B shape.
+
+What a user runs is ``cot-compress train-and-publish --config configs/qwen3-4b-gsm8k.yaml``. This script runs
+exactly that command, as a subprocess, on a config that differs from the shipped one only in what a
+machine without network access needs (a local base of random weights, a local GSM8K folder, the embedded
+hub) and in size (rows, problems, new tokens):
+
+1. Random weights of the Qwen3-4B shape, saved in bf16 as a local base folder with a Qwen-format BPE
+   tokenizer trained on GSM8K text. As in the real Qwen, the embedding has more rows (151,936) than the
+   tokenizer has tokens, so the model generates ids the tokenizer does not know.
+2. ``train-and-publish`` twice, each in one process: once with the study's NF4 QLoRA, once with a bf16
+   base. Both publish to the embedded hub.
+3. On the NF4 run: an unchanged republish (0 commits expected), ``regenerate-cards`` and ``push-eval``.
+
+For each stage it records wall time, tokens/s, peak GPU memory, the engine (fast or hf), and whether CUDA
+graphs and the fused kernels were on, from the run directory's own records (``training.json``,
+``eval/generation_log.jsonl``) and the command's output, timestamped line by line.
+
+    python bench/study_gpu.py              # one CUDA GPU; writes $OUT/ or bench/results/study_gpu.json + .log
+    python bench/study_gpu.py --smoke      # the same on a CPU with a tiny shape (tests run it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from bench import common  # noqa: E402
+from bench.train_qlora import save_random_model  # noqa: E402
+from eval_artifacts.rundir import RunDir, iter_jsonl, read_json  # noqa: E402
+from training.gsm8k import load_local_split  # noqa: E402
+from training.tiny import train_tokenizer  # noqa: E402
+
+STUDY_CONFIG = ROOT / "configs" / "qwen3-4b-gsm8k.yaml"
+STAGE_LINE = re.compile(r"^\[(prepare-data|train|evaluate|render-cards|publish)\] (running|current, skipped)")
+REPO_LINE = re.compile(r"^(\S+/\S+): (created|committed|pull request|unchanged)\b")
+COMMITTED = ("created", "committed", "pull request")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shape, no NF4: a check of the script")
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
+    parser.add_argument(
+        "--train-rows", type=int, default=None, help="data.max_train_rows (default 128; 64 smoke)"
+    )
+    parser.add_argument("--problems", type=int, default=None, help="eval.max_problems (default 128; 8 smoke)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens (default 256)")
+    parser.add_argument("--runs", default=None, help="comma-separated: nf4,bf16 (smoke: none)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="where the base and run dirs go (default: temp)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default $OUT or bench/results)")
+    options = parser.parse_args()
+    smoke = options.smoke
+    train_rows = options.train_rows or (64 if smoke else 128)
+    problems = options.problems or (8 if smoke else 128)
+    max_new_tokens = options.max_new_tokens or (16 if smoke else 256)
+    runs = (options.runs or ("none" if smoke else "nf4,bf16")).split(",")
+    out = common.default_out("study_gpu.json", options.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = Log(out.with_suffix(".log"))
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("study_gpu needs a CUDA GPU; --smoke runs it on a CPU")
+
+    work = options.work or Path(tempfile.mkdtemp(prefix="study_gpu-"))
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    result: dict = {
+        "date": common.utc_now(),
+        "smoke": smoke,
+        "device": common.device_info(device),
+        "libraries": common.library_versions() | extra_versions(),
+        "cli": " ".join(cli()),
+        "study_config": str(STUDY_CONFIG.relative_to(ROOT)),
+        "changed": {},
+        "runs": {},
+    }
+
+    log(f"building the base in {work}")
+    started = time.perf_counter()
+    base = build_base(work / "base", options.data_dir, smoke=smoke)
+    result["base"] = base | {"build_s": round(time.perf_counter() - started, 1)}
+    log(json.dumps(result["base"]))
+
+    for quantization in runs:
+        run_dir = work / f"run-{quantization}"
+        config_path, changed = write_config(
+            work / f"study-{quantization}.yaml",
+            base=Path(base["path"]),
+            data_dir=options.data_dir,
+            run_dir=run_dir,
+            quantization="none" if quantization in ("bf16", "none") else quantization,
+            train_rows=train_rows,
+            problems=problems,
+            max_new_tokens=max_new_tokens,
+        )
+        result["changed"][quantization] = changed
+        command = run_cli(["train-and-publish", "--config", str(config_path)], log)
+        result["runs"][quantization] = {
+            "command": command,
+            "stages": stage_figures(command, RunDir(run_dir)),
+        }
+        write(out, result)
+        if command["exit_code"]:
+            raise SystemExit(f"train-and-publish ({quantization}) failed: see {log.path}")
+
+    # The study's own run: republish unchanged, re-render every card, push the eval dataset again.
+    config_path = work / f"study-{runs[0]}.yaml"
+    after = {}
+    for name in ("publish", "regenerate-cards", "push-eval"):
+        after[name] = run_cli([name, "--config", str(config_path)], log)
+        if after[name]["exit_code"]:
+            write(out, result | {"after": after})
+            raise SystemExit(f"{name} failed: see {log.path}")
+    result["after"] = after
+    result["ok"] = True
+    write(out, result)
+    log(f"wrote {out}")
+    if not options.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the base and the config
+def build_base(path: Path, data_dir: Path, *, smoke: bool) -> dict:
+    """Random weights of the Qwen3-4B shape (SMOKE's with --smoke) and a BPE tokenizer trained on GSM8K."""
+    rows = load_local_split(data_dir, "train")
+    texts = [p.question for p in rows] + [p.answer for p in rows]
+    # ~4k merges give Qwen-like token counts on GSM8K text (a question ~60 tokens, a solution ~100).
+    tokenizer = train_tokenizer(texts, vocab_size=300 if smoke else 4096)
+    # Two random layers with tied embeddings only copy the last token ("\n" after the chat prompt) forever,
+    # whatever a few LoRA steps do, and evaluate's adapter check would rightly stop the run. Untied, the
+    # smoke model's picks depend on the weights, as the real shape's do.
+    shape = common.SMOKE | {"tie_word_embeddings": False} if smoke else common.QWEN3_4B
+    parameters = save_random_model(shape, tokenizer, path, on_gpu=not smoke)
+    if not smoke:
+        torch.cuda.empty_cache()
+    return {
+        "path": str(path),
+        "shape": "smoke" if smoke else "Qwen3-4B",
+        "parameters": parameters,
+        "embedding_rows": shape["vocab_size"],
+        "tokenizer_tokens": len(tokenizer),
+    }
+
+
+def write_config(
+    path: Path,
+    *,
+    base: Path,
+    data_dir: Path,
+    run_dir: Path,
+    quantization: str,
+    train_rows: int,
+    problems: int,
+    max_new_tokens: int,
+) -> tuple[Path, dict]:
+    """The shipped study config with only these keys changed; returns its path and the changes."""
+    config = yaml.safe_load(STUDY_CONFIG.read_text())
+    changed = {
+        "base_model.id": str(base),
+        "base_model.quantization": quantization,
+        "data.source": "local",
+        "data.local_dir": str(data_dir.resolve()),
+        "data.max_train_rows": train_rows,
+        "eval.max_problems": problems,
+        "eval.max_new_tokens": max_new_tokens,
+        "hub.endpoint": "local",
+        "run_dir": str(run_dir),
+    }
+    for dotted, value in changed.items():
+        *parents, key = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = value
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, changed
+
+
+# ---------------------------------------------------------------- running the CLI
+class Log:
+    """The benchmark's log: every line of every command, stamped with seconds since the script started."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = time.perf_counter()
+        path.write_text("")
+
+    def __call__(self, line: str) -> float:
+        now = time.perf_counter() - self.start
+        with self.path.open("a") as handle:
+            handle.write(f"[{now:9.1f}s] {line}\n")
+        print(f"[{now:9.1f}s] {line}", flush=True)
+        return now
+
+
+def cli() -> list[str]:
+    """The installed ``cot-compress`` script, or the same entry point through this interpreter."""
+    script = shutil.which("cot-compress")
+    return [script] if script else [sys.executable, "-m", "hub_tools.cli"]
+
+
+def run_cli(arguments: list[str], log: Log) -> dict:
+    """Run one ``cot-compress`` command; returns its exit code, wall time, stage marks and repo lines."""
+    command = [*cli(), *arguments]
+    log("$ cot-compress " + " ".join(arguments))
+    env = os.environ | {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    marks, repos = [], {}
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            at = time.perf_counter() - started
+            log(line)
+            if match := STAGE_LINE.match(line):
+                marks.append({"stage": match[1], "ran": match[2] == "running", "at_s": round(at, 2)})
+            if match := REPO_LINE.match(line):
+                repos[match[1]] = match[2]
+    wall = time.perf_counter() - started
+    log(f"exit {process.returncode} after {wall:.1f} s")
+    return {
+        "arguments": arguments,
+        "exit_code": process.returncode,
+        "wall_s": round(wall, 2),
+        "marks": marks,
+        "repos": repos,
+        "commits": sum(status in COMMITTED for status in repos.values()),
+    }
+
+
+# ---------------------------------------------------------------- figures
+def stage_figures(command: dict, run_dir: RunDir) -> dict:
+    """Per stage: wall time from the command's stage lines, and what the run directory recorded."""
+    marks = command["marks"]
+    ends = [mark["at_s"] for mark in marks[1:]] + [command["wall_s"]]
+    stages = {
+        mark["stage"]: {"ran": mark["ran"], "wall_s": round(end - mark["at_s"], 2)}
+        for mark, end in zip(marks, ends, strict=True)
+    }
+    if "train" in stages:
+        stages["train"] |= train_figures(run_dir)
+    if "evaluate" in stages:
+        stages["evaluate"] |= eval_figures(run_dir)
+    if "publish" in stages:
+        stages["publish"] |= {"commits": command["commits"], "repos": len(command["repos"])}
+    return stages
+
+
+def train_figures(run_dir: RunDir) -> dict:
+    levels = {}
+    for path in sorted(run_dir.root.glob("adapters/level_*/training.json")):
+        payload = read_json(path, what="training.json", hint="")
+        levels[payload["level"]] = {
+            "steps": payload["steps"],
+            "tokens_seen": payload["tokens_seen"],
+            "train_wall_s": payload["wall_time_s"],
+            "tokens_per_s": payload["tokens_per_s"],
+            "peak_gpu_memory_gib": payload["hardware"].get("peak_gpu_memory_gib"),
+            "quantization": payload["quantization"],
+            "precision": payload["precision"],
+        }
+    tokens = sum(level["tokens_seen"] for level in levels.values())
+    seconds = sum(level["train_wall_s"] for level in levels.values())
+    peaks = [level["peak_gpu_memory_gib"] for level in levels.values() if level["peak_gpu_memory_gib"]]
+    return {
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+        "peak_gpu_memory_gib": max(peaks) if peaks else None,
+        "levels": levels,
+    }
+
+
+def eval_figures(run_dir: RunDir) -> dict:
+    if not run_dir.generation_log.is_file():
+        return {}
+    rows = list(iter_jsonl(run_dir.generation_log, what="generation log"))
+    tokens = sum(row["generated_tokens"] for row in rows)
+    seconds = sum(row["wall_time_s"] for row in rows)
+    peaks = [row["peak_gpu_memory_gib"] for row in rows if row["peak_gpu_memory_gib"] is not None]
+    return {
+        "engine": sorted({row["engine"] for row in rows}),
+        "cuda_graphs": sorted({row["cuda_graphs"] for row in rows}),
+        "fused_kernels": sorted({row["fused_kernels"] for row in rows}),
+        "generated_tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+        "peak_gpu_memory_gib": max(peaks) if peaks else None,
+        "models": rows,
+    }
+
+
+def extra_versions() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("trl", "bitsandbytes", "datasets", "huggingface_hub"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
