@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench import train_qlora as tq  # noqa: E402
-from training.config import load_config  # noqa: E402
+from eval_artifacts.study.config import load_config  # noqa: E402
 
 SMOKE_PROFILES = {"base": 6, "level_1": 4}
 GOAL_SPEEDUP = 1.8

@@ -33,8 +33,8 @@ from bench.train_qlora import (  # noqa: E402
     gsm8k_length_rows,
     save_random_model,
 )
+from eval_artifacts.study.config import load_config  # noqa: E402
 from training import sft  # noqa: E402
-from training.config import load_config  # noqa: E402
 
 ROWS = 2000
 

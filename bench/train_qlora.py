@@ -27,9 +27,9 @@ import torch  # noqa: E402
 from transformers import Qwen3Config, TrainerCallback  # noqa: E402
 
 from bench import common  # noqa: E402
+from eval_artifacts.study.config import load_config  # noqa: E402
+from eval_artifacts.study.levels import build_prompt, build_response  # noqa: E402
 from training import sft  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.levels import build_prompt, build_response  # noqa: E402
 from training.synthetic import generate_problems  # noqa: E402
 from training.tiny import stock_response, train_tokenizer  # noqa: E402
 

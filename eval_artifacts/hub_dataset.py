@@ -14,7 +14,6 @@ from typing import Any
 
 import datasets
 
-from eval_artifacts.errors import ArtifactError
 from eval_artifacts.metrics import (
     check_metrics_match_samples,
     compute_model_metrics,
@@ -24,6 +23,7 @@ from eval_artifacts.metrics import (
 )
 from eval_artifacts.records import MODEL_RE, SAMPLE_FIELDS, read_samples, validate_record
 from eval_artifacts.rundir import RunDir
+from eval_artifacts.study.errors import ArtifactError
 from eval_artifacts.summary import build_summary
 
 SPLIT = "test"

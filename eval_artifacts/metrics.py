@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
-from eval_artifacts.errors import ArtifactError
 from eval_artifacts.records import model_level, read_samples
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
+from eval_artifacts.study.errors import ArtifactError
 
 Z95 = 1.959963984540054
 """The 97.5% standard normal quantile: a two-sided 95% interval."""

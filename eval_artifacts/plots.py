@@ -15,7 +15,7 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from eval_artifacts.errors import ArtifactError
+from eval_artifacts.study.errors import ArtifactError
 
 DPI = 150
 _FORMATS = {".png": "png", ".svg": "svg"}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval_artifacts.errors import ArtifactError
 from eval_artifacts.rundir import SCHEMA_VERSION, iter_jsonl
+from eval_artifacts.study.errors import ArtifactError
 
 FINISH_REASONS = ("stop", "length")
 MODEL_RE = re.compile(r"^(base|level_([1-9][0-9]*))$")

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from eval_artifacts.errors import ArtifactError
 from eval_artifacts.faultpoints import maybe_crash
+from eval_artifacts.study.errors import ArtifactError
 
 SCHEMA_VERSION = 1
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from eval_artifacts.errors import ArtifactError
 from eval_artifacts.metrics import read_metrics
 from eval_artifacts.pareto import pareto_frontier
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
+from eval_artifacts.study.errors import ArtifactError
 
 SUMMARY_MODEL_FIELDS = (
     "model",

@@ -30,13 +30,13 @@ from jinja2.exceptions import SecurityError, TemplateNotFound, TemplateSyntaxErr
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markdown_it import MarkdownIt
 
-from eval_artifacts.errors import ArtifactError, CardValidationError, TemplateError
 from eval_artifacts.metrics import check_metrics_match_samples, read_metrics
 from eval_artifacts.records import SAMPLE_FIELDS, read_samples
 from eval_artifacts.rundir import RunDir, read_json
+from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.errors import ArtifactError, CardValidationError, TemplateError
+from eval_artifacts.study.levels import LEVELS, build_prompt
 from eval_artifacts.summary import read_summary, sweet_spot
-from training.config import StudyConfig
-from training.levels import LEVELS, build_prompt
 
 ADAPTER_TEMPLATE = "adapter_card.md.j2"
 DATASET_TEMPLATE = "eval_dataset_card.md.j2"

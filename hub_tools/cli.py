@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from eval_artifacts.errors import CotCompressError
+from eval_artifacts.study.errors import CotCompressError
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -43,7 +43,7 @@ def parse_int_list(value: str | None, what: str) -> list[int] | None:
 
 def load_study(config_path: Path | None, run_dir: Path | None = None, data_dir: Path | None = None):
     """Load the config and apply the command-line overrides every command shares."""
-    from training.config import load_config
+    from eval_artifacts.study.config import load_config
 
     config = load_config(config_path)
     overrides: dict[str, object] = {"run_dir": run_dir}

@@ -12,11 +12,11 @@ import httpx2
 from huggingface_hub import Collection
 from huggingface_hub.errors import HfHubHTTPError
 
-from eval_artifacts.errors import CardValidationError, HubError
 from eval_artifacts.faultpoints import maybe_crash
+from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.errors import CardValidationError, HubError
+from eval_artifacts.study.levels import LEVELS
 from hub_tools.hub_client import HubTarget, describe, reading, status_of
-from training.config import StudyConfig
-from training.levels import LEVELS
 
 NOTE_MAX_CHARS = 500
 

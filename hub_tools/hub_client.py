@@ -19,9 +19,9 @@ import huggingface_hub
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-from eval_artifacts.errors import HubError
 from eval_artifacts.rundir import RunDir
-from training.config import StudyConfig
+from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.errors import HubError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 LOCAL = "local"

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, file_sha256, read_json, write_json
-from training.config import StudyConfig
+from eval_artifacts.study.config import StudyConfig
 
 STAGES = ("prepare-data", "train", "evaluate", "render-cards")
 LIBRARIES = ("cot-compress", "torch", "transformers", "peft", "trl", "datasets", "huggingface_hub", "accelerate")
@@ -214,7 +214,7 @@ def run_stages(
     """
     unknown = set(force_stages) - set(STAGES)
     if unknown:
-        from eval_artifacts.errors import ConfigError
+        from eval_artifacts.study.errors import ConfigError
 
         raise ConfigError(f"--force-stage {sorted(unknown)} is not a stage; stages are {', '.join(STAGES)}")
     recorded_stages = dict(read_lock(run_dir).get("stages", {}))

@@ -28,13 +28,13 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
-from eval_artifacts.errors import ArtifactError, HubError
 from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.metrics import check_metrics_match_samples
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
+from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.errors import ArtifactError, HubError
 from hub_tools import collection as collections
 from hub_tools.hub_client import HubTarget, check_write_access, describe, open_hub, reading, status_of
-from training.config import StudyConfig
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training.json")
 # The study's data stats travel with every adapter: with training.json they are all an adapter card needs

@@ -25,7 +25,7 @@ def fixture_run(tmp_path_factory):
     """A finished tiny study (levels 1-2, 20 problems) written from fixtures; tests copy it before changing it."""
     from fixtures_artifacts import write_fixture_study
 
-    from training.config import load_config
+    from eval_artifacts.study.config import load_config
 
     root = tmp_path_factory.mktemp("fixture-study") / "run"
     config = load_config().with_overrides(run_dir=str(root), levels=[1, 2])

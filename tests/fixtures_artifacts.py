@@ -21,9 +21,9 @@ from eval_artifacts.metrics import write_metrics
 from eval_artifacts.plots import plot_pareto
 from eval_artifacts.records import SampleRecord
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, append_jsonl, write_json
+from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.levels import LEVELS, build_prompt, build_response
 from eval_artifacts.summary import write_summary
-from training.config import StudyConfig
-from training.levels import LEVELS, build_prompt, build_response
 from training.synthetic import generate_problems
 from training.teachers import rule_teacher
 

@@ -21,12 +21,12 @@ from fixtures_artifacts import ModelProfile, write_fixture_study
 from huggingface_hub import DatasetCard, ModelCard
 from markdown_it import MarkdownIt
 
-from eval_artifacts.errors import CardValidationError, TemplateError
 from eval_artifacts.rundir import RunDir, read_json, write_json
+from eval_artifacts.study.config import load_config
+from eval_artifacts.study.errors import CardValidationError, TemplateError
+from eval_artifacts.study.levels import build_prompt
 from hub_tools import cards
 from hub_tools.cli import main
-from training.config import load_config
-from training.levels import build_prompt
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO_ROOT = Path(__file__).parent.parent

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from eval_artifacts.errors import ConfigError
+from eval_artifacts.study.config import StudyConfig, default_config_path, load_config
+from eval_artifacts.study.errors import ConfigError
 from hub_tools.cli import main
-from training.config import StudyConfig, default_config_path, load_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

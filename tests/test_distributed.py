@@ -26,8 +26,8 @@ from test_sft import study as sft_study
 
 from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, read_json
+from eval_artifacts.study.config import load_config
 from training import evaluate
-from training.config import load_config
 
 MODELS = ("base", "level_1")
 

@@ -18,12 +18,12 @@ import yaml
 from click.testing import CliRunner
 from test_generate import build_small_base, make_adapter
 
-from eval_artifacts.errors import ArtifactError, ConfigError
 from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, iter_jsonl, read_json
+from eval_artifacts.study.config import load_config
+from eval_artifacts.study.errors import ArtifactError, ConfigError
 from hub_tools.cli import main
 from training import evaluate
-from training.config import load_config
 from training.generate import Generation
 from training.gsm8k import Problem
 from training.tiny import train_tokenizer

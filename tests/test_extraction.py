@@ -97,7 +97,7 @@ def test_parse_gold(answer, gold):
 
 
 def test_parse_gold_rejects_rows_without_a_final_line():
-    from eval_artifacts.errors import DataError
+    from eval_artifacts.study.errors import DataError
 
     with pytest.raises(DataError, match="#### N"):
         parse_gold("She has 5 apples.")

@@ -272,7 +272,7 @@ def test_captures_after_a_bigger_cache_start_a_fresh_graph_pool(base, monkeypatc
 
 
 def test_unknown_adapter_is_a_config_error(base):
-    from eval_artifacts.errors import ConfigError
+    from eval_artifacts.study.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not loaded"):
         FastGenerator(base).generate(
@@ -317,7 +317,7 @@ def test_cuda_graph_path_matches_eager_fp32():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A saved random tiny Qwen3 with the study's tokenizer and chat template, plus one saved LoRA adapter."""
-    from training.config import TinyModelConfig
+    from eval_artifacts.study.config import TinyModelConfig
     from training.synthetic import generate_problems
     from training.tiny import IM_END, make_model, train_tokenizer
 

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from eval_artifacts.errors import ArtifactError, ConfigError
+from eval_artifacts.study.errors import ArtifactError, ConfigError
 from training.generate import GenerationEngine, select_backend
 from training.synthetic import generate_problems
 from training.tiny import ENDOFTEXT, IM_END, stock_response, train_tokenizer

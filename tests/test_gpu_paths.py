@@ -18,8 +18,8 @@ from test_generate import build_small_base, make_adapter
 
 from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, iter_jsonl
+from eval_artifacts.study.config import load_config
 from training import evaluate, prepare_data, sft
-from training.config import load_config
 from training.fast_generate import FastGenerator
 
 pytestmark = [

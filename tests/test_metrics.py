@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from scipy.stats import binomtest
 
-from eval_artifacts.errors import ArtifactError
 from eval_artifacts.metrics import (
     check_metrics_match_samples,
     compute_metrics,
@@ -24,6 +23,7 @@ from eval_artifacts.metrics import (
 )
 from eval_artifacts.records import SAMPLE_FIELDS, SampleRecord, read_samples
 from eval_artifacts.rundir import RunDir, append_jsonl
+from eval_artifacts.study.errors import ArtifactError
 
 Z = 1.959963984540054
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import yaml
 from click.testing import CliRunner
 
+from eval_artifacts.study.config import default_config_path, load_config
 from hub_tools.cli import main
-from training.config import default_config_path, load_config
 from training.synthetic import generate_problems
 from training.teachers import ModelTeacher, teacher_instruction
 

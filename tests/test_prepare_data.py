@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from eval_artifacts.rundir import RunDir
+from eval_artifacts.study.config import load_config
+from eval_artifacts.study.levels import LEVELS, build_prompt, build_response, parse_response
 from hub_tools.cli import main
-from training.config import load_config
 from training.gsm8k import problems_from_rows, safe_eval, solution_steps
-from training.levels import LEVELS, build_prompt, build_response, parse_response
 from training.synthetic import generate_problems
 from training.teachers import rule_teacher
 

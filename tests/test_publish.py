@@ -17,14 +17,14 @@ from click.testing import CliRunner
 from fixtures_artifacts import write_fixture_study
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from eval_artifacts.errors import ArtifactError, CardValidationError, HubError
 from eval_artifacts.rundir import RunDir
+from eval_artifacts.study.config import load_config
+from eval_artifacts.study.errors import ArtifactError, CardValidationError, HubError
 from hub_tools import publish as publish_module
 from hub_tools.cards import render_collection_notes
 from hub_tools.cli import main
 from hub_tools.local_hub import configure_clients, running_hub
 from hub_tools.publish import publish_study, push_eval, regenerate_cards
-from training.config import load_config
 
 ADAPTER_FILES = {
     ".gitattributes",

@@ -26,11 +26,11 @@ from fixtures_artifacts import write_fixture_study
 from hubtools import clients_for, isolated_hf_caches
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from eval_artifacts.errors import HubError
 from eval_artifacts.rundir import RunDir
+from eval_artifacts.study.config import load_config
+from eval_artifacts.study.errors import HubError
 from hub_tools.local_hub import running_hub
 from hub_tools.publish import publish_study
-from training.config import load_config
 
 # route name -> (method, path regex, scenario that uses it)
 ROUTES = {

@@ -33,10 +33,10 @@ from test_reliability_faults import edited_templates, hub_state, repos
 
 from eval_artifacts import faultpoints
 from eval_artifacts.rundir import RunDir
+from eval_artifacts.study.config import load_config
 from hub_tools.local_hub import running_hub
 from hub_tools.publish import publish_study
 from training import evaluate, prepare_data, sft
-from training.config import load_config
 
 CLI = Path(sys.executable).with_name("cot-compress")
 TIMING = ("wall_time_s", "tokens_per_s")  # the only training.json fields a rerun may change

@@ -19,11 +19,11 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from eval_artifacts.errors import ArtifactError, TrainingError
 from eval_artifacts.rundir import RunDir
+from eval_artifacts.study.config import TinyModelConfig, load_config
+from eval_artifacts.study.errors import ArtifactError, TrainingError
 from hub_tools.cli import main
 from training import prepare_data, sft
-from training.config import TinyModelConfig, load_config
 from training.synthetic import generate_problems
 
 ROOT = Path(__file__).resolve().parents[1]

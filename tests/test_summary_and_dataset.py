@@ -14,7 +14,6 @@ import datasets
 import pytest
 
 import eval_artifacts
-from eval_artifacts.errors import ArtifactError
 from eval_artifacts.hub_dataset import (
     SAMPLE_FEATURES,
     build_eval_dataset,
@@ -25,6 +24,7 @@ from eval_artifacts.metrics import write_metrics
 from eval_artifacts.plots import plot_pareto
 from eval_artifacts.records import SampleRecord
 from eval_artifacts.rundir import RunDir, append_jsonl
+from eval_artifacts.study.errors import ArtifactError
 from eval_artifacts.summary import build_summary, read_summary, sweet_spot, write_summary
 
 MODELS = ["base", "level_1", "level_2", "level_3", "level_4", "level_5"]

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from eval_artifacts.errors import ConfigError
+from eval_artifacts.study.config import load_config
+from eval_artifacts.study.errors import ConfigError
 from training import tiny
-from training.config import load_config
 from training.data import load_problems
 from training.synthetic import generate_problems
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from training.config import StudyConfig
+from eval_artifacts.study.config import StudyConfig
 from training.gsm8k import Problem, load_hub_split, load_local_split
 from training.synthetic import generate_problems
 

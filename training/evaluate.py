@@ -21,16 +21,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from eval_artifacts.errors import ArtifactError, ConfigError
 from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.records import SampleRecord, model_level
 from eval_artifacts.rundir import RunDir, append_jsonl, iter_jsonl, read_json, repair_jsonl_tail, write_jsonl
+from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.errors import ArtifactError, ConfigError
+from eval_artifacts.study.levels import build_prompt, parse_response
 from training import distributed
-from training.config import StudyConfig
 from training.data import load_problems
 from training.generate import Generation, GenerationEngine, select_backend
 from training.gsm8k import Problem, extract_answer, numbers_equal
-from training.levels import build_prompt, parse_response
 from training.tokens import think_tokens
 
 

@@ -32,7 +32,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb, repeat_kv
 
-from eval_artifacts.errors import ConfigError
+from eval_artifacts.study.errors import ConfigError
 
 try:  # Triton ships with CUDA builds of torch; without it the decode step stays on eager kernels
     import triton

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval_artifacts.errors import ArtifactError, ConfigError
+from eval_artifacts.study.errors import ArtifactError, ConfigError
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 

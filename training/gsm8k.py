@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from eval_artifacts.errors import DataError
+from eval_artifacts.study.errors import DataError
 
 # ---------------------------------------------------------------- numbers
 
@@ -214,7 +214,7 @@ def extract_answer(text: str) -> tuple[str | None, str | None]:
     Reasoning inside ``<think>…</think>`` is ignored when the output has a think block and something after it,
     so an intermediate number in the reasoning is never taken for the answer.
     """
-    from training.levels import parse_response
+    from eval_artifacts.study.levels import parse_response
 
     parsed = parse_response(text)
     search_in = parsed.after_think if parsed.reasoning is not None and parsed.after_think.strip() else text

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from training.config import StudyConfig
+from eval_artifacts.study.config import StudyConfig
 
 
 def resolve_base_model(config: StudyConfig) -> str:

@@ -11,13 +11,13 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from eval_artifacts.errors import ConfigError
 from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json, write_jsonl
-from training.config import StudyConfig
+from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.errors import ConfigError
+from eval_artifacts.study.levels import get_level
 from training.data import load_problems
 from training.gsm8k import Problem
-from training.levels import get_level
 from training.teachers import reasoning_char_stats, rule_teacher, sft_row
 
 

@@ -26,11 +26,11 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from eval_artifacts.errors import ArtifactError, DataError, TrainingError
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, file_sha256, iter_jsonl, write_json
+from eval_artifacts.study.config import StudyConfig, TrainingConfig
+from eval_artifacts.study.errors import ArtifactError, DataError, TrainingError
+from eval_artifacts.study.levels import get_level
 from training import distributed
-from training.config import StudyConfig, TrainingConfig
-from training.levels import get_level
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

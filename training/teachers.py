@@ -11,8 +11,8 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 
+from eval_artifacts.study.levels import LEVELS, build_prompt, build_response
 from training.gsm8k import Problem, Step, extract_answer, numbers_equal, solution_steps, strip_annotations
-from training.levels import LEVELS, build_prompt, build_response
 
 L5_MAX_CHARS = 20
 
@@ -124,7 +124,7 @@ def teacher_instruction(level: int, examples: list[tuple[str, str, str]]) -> str
 
 def parse_teacher_output(text: str, gold: str) -> tuple[str | None, str | None, str | None]:
     """(reasoning, answer, drop reason) from a model teacher's output."""
-    from training.levels import parse_response
+    from eval_artifacts.study.levels import parse_response
 
     parsed = parse_response(text)
     answer, _ = extract_answer(text)

@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from eval_artifacts.errors import ConfigError
-from training.config import StudyConfig, TinyModelConfig
+from eval_artifacts.study.config import StudyConfig, TinyModelConfig
+from eval_artifacts.study.errors import ConfigError
+from eval_artifacts.study.levels import LEVELS, THINK_CLOSE, THINK_OPEN, build_prompt, build_response
 from training.gsm8k import Problem, strip_annotations
-from training.levels import LEVELS, THINK_CLOSE, THINK_OPEN, build_prompt, build_response
 
 # Bump when the build recipe changes, so stale caches are not reused.
 CODE_VERSION = "tiny-1"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from training.levels import THINK_CLOSE, THINK_OPEN, parse_response
+from eval_artifacts.study.levels import THINK_CLOSE, THINK_OPEN, parse_response
 
 # The start of the last line that carries the final answer.
 _ANSWER_LINE_RE = re.compile(r"^[^\n]*?(?:####|the answer is)", re.IGNORECASE | re.MULTILINE)

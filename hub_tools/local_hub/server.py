@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from eval_artifacts.errors import HubError
+from eval_artifacts.study.errors import HubError
 from hub_tools.local_hub import content, hub_collections, pages, repos
 from hub_tools.local_hub.context import Call, HubState, error_response, json_response
 from hub_tools.local_hub.faults import Fault, FaultPlan

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from eval_artifacts.errors import ConfigError
+from eval_artifacts.study.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from eval_artifacts.errors import ConfigError
-from training.levels import LEVELS
+from eval_artifacts.study.errors import ConfigError
+from eval_artifacts.study.levels import LEVELS
 
 # Hub names: letters, digits, '-', '_', '.', no '--' or '..' (huggingface_hub's REPO_ID_REGEX rules).
 _HUB_NAME_RE = re.compile(r"^(?!.*(--|\.\.))[\w\-.]{1,96}$")
@@ -240,7 +240,7 @@ TINY_CONFIG_NAME = "tiny.yaml"
 
 def default_config_path() -> Path:
     """The embedded tiny study, used when no --config is given."""
-    return Path(str(resources.files("configs") / TINY_CONFIG_NAME))
+    return Path(str(resources.files("eval_artifacts.study.configs") / TINY_CONFIG_NAME))
 
 
 def load_config(path: str | Path | None = None) -> StudyConfig:
