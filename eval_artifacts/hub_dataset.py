@@ -6,9 +6,11 @@ directory as samples.jsonl files, with metrics recomputed from them (never trust
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,15 @@ from eval_artifacts.metrics import (
     sort_models,
     write_metrics,
 )
-from eval_artifacts.records import MODEL_RE, SAMPLE_FIELDS, read_samples, validate_record
+from eval_artifacts.records import (
+    MODEL_RE,
+    SAMPLE_COLUMNS,
+    Column,
+    columns_of,
+    described,
+    read_samples,
+    validate_record,
+)
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.errors import ArtifactError
 from eval_artifacts.summary import build_summary
@@ -29,51 +39,44 @@ from eval_artifacts.summary import build_summary
 SPLIT = "test"
 SUMMARY_CONFIG = "summary"
 
-# Explicit types so that a column that is all None (``reasoning`` of the stock model, ``level`` of base)
-# or an empty split still has a type on the Hub and reads back as None, not as a guessed null column.
-SAMPLE_FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("string"),
-        "question": datasets.Value("string"),
-        "gold": datasets.Value("string"),
-        "prompt": datasets.Value("string"),
-        "completion": datasets.Value("string"),
-        "reasoning": datasets.Value("string"),
-        "predicted": datasets.Value("string"),
-        "extractor": datasets.Value("string"),
-        "correct": datasets.Value("bool"),
-        "think_tokens": datasets.Value("int64"),
-        "completion_tokens": datasets.Value("int64"),
-        "finish_reason": datasets.Value("string"),
-        "model": datasets.Value("string"),
-        "level": datasets.Value("int64"),
-        "seed": datasets.Value("int64"),
-        "schema_version": datasets.Value("int64"),
-    }
-)
-assert tuple(SAMPLE_FEATURES) == SAMPLE_FIELDS
 
-SUMMARY_FEATURES = datasets.Features(
-    {
-        "model": datasets.Value("string"),
-        "level": datasets.Value("int64"),
-        "n_total": datasets.Value("int64"),
-        "n_correct": datasets.Value("int64"),
-        "accuracy": datasets.Value("float64"),
-        "ci95_low": datasets.Value("float64"),
-        "ci95_high": datasets.Value("float64"),
-        "think_tokens_mean": datasets.Value("float64"),
-        "think_tokens_median": datasets.Value("float64"),
-        "think_tokens_p90": datasets.Value("float64"),
-        "completion_tokens_mean": datasets.Value("float64"),
-        "completion_tokens_median": datasets.Value("float64"),
-        "tokens_per_correct": datasets.Value("float64"),
-        "truncated": datasets.Value("int64"),
-        "delta_vs_base": datasets.Value("float64"),
-        "mcnemar_p": datasets.Value("float64"),
-        "on_frontier": datasets.Value("bool"),
-    }
-)
+@dataclass(frozen=True)
+class SummaryRow:
+    """One row of the ``summary`` config: a model's headline numbers, flattened for a table."""
+
+    model: str = described("base or level_<n>")
+    level: int | None = described("compression level (empty for base)")
+    n_total: int = described("graded answers (problems × seeds)")
+    n_correct: int = described("correct answers")
+    accuracy: float = described("n_correct / n_total")
+    ci95_low: float = described("lower end of the Wilson 95% interval of accuracy")
+    ci95_high: float = described("upper end of the Wilson 95% interval of accuracy")
+    think_tokens_mean: float = described("mean think tokens")
+    think_tokens_median: float = described("median think tokens")
+    think_tokens_p90: float = described("90th percentile of think tokens")
+    completion_tokens_mean: float = described("mean completion tokens")
+    completion_tokens_median: float = described("median completion tokens")
+    tokens_per_correct: float | None = described("all completion tokens / n_correct")
+    truncated: int = described("answers that hit the token limit")
+    delta_vs_base: float | None = described(
+        "accuracy minus base accuracy on the same problems (empty for base)"
+    )
+    mcnemar_p: float | None = described("exact McNemar p against base (empty for base)")
+    on_frontier: bool = described("on the Pareto frontier of accuracy against mean think tokens")
+
+
+SUMMARY_COLUMNS = columns_of(SummaryRow)
+_HUB_DTYPES = {str: "string", int: "int64", float: "float64", bool: "bool"}
+
+
+def hub_features(columns: tuple[Column, ...]) -> datasets.Features:
+    """Explicit Hub types, so that a column that is all None (``reasoning`` of the stock model, ``level`` of
+    base) or an empty split still has a type on the Hub and reads back as None, not as a guessed null column."""
+    return datasets.Features({column.name: datasets.Value(_HUB_DTYPES[column.kind]) for column in columns})
+
+
+SAMPLE_FEATURES = hub_features(SAMPLE_COLUMNS)
+SUMMARY_FEATURES = hub_features(SUMMARY_COLUMNS)
 
 
 def summary_rows(summary: dict) -> list[dict[str, Any]]:
@@ -81,27 +84,26 @@ def summary_rows(summary: dict) -> list[dict[str, Any]]:
     rows = []
     for entry in summary["models"]:
         vs_base = entry["vs_base"] or {}
-        rows.append(
-            {
-                "model": entry["model"],
-                "level": entry["level"],
-                "n_total": entry["n_total"],
-                "n_correct": entry["n_correct"],
-                "accuracy": entry["accuracy"],
-                "ci95_low": entry["ci95"][0],
-                "ci95_high": entry["ci95"][1],
-                "think_tokens_mean": entry["think_tokens"]["mean"],
-                "think_tokens_median": entry["think_tokens"]["median"],
-                "think_tokens_p90": entry["think_tokens"]["p90"],
-                "completion_tokens_mean": entry["completion_tokens"]["mean"],
-                "completion_tokens_median": entry["completion_tokens"]["median"],
-                "tokens_per_correct": entry["tokens_per_correct"],
-                "truncated": entry["truncated"],
-                "delta_vs_base": vs_base.get("delta"),
-                "mcnemar_p": vs_base.get("mcnemar_p"),
-                "on_frontier": entry["on_frontier"],
-            }
+        row = SummaryRow(
+            model=entry["model"],
+            level=entry["level"],
+            n_total=entry["n_total"],
+            n_correct=entry["n_correct"],
+            accuracy=entry["accuracy"],
+            ci95_low=entry["ci95"][0],
+            ci95_high=entry["ci95"][1],
+            think_tokens_mean=entry["think_tokens"]["mean"],
+            think_tokens_median=entry["think_tokens"]["median"],
+            think_tokens_p90=entry["think_tokens"]["p90"],
+            completion_tokens_mean=entry["completion_tokens"]["mean"],
+            completion_tokens_median=entry["completion_tokens"]["median"],
+            tokens_per_correct=entry["tokens_per_correct"],
+            truncated=entry["truncated"],
+            delta_vs_base=vs_base.get("delta"),
+            mcnemar_p=vs_base.get("mcnemar_p"),
+            on_frontier=entry["on_frontier"],
         )
+        rows.append(dataclasses.asdict(row))
     return rows
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,59 +27,66 @@ def model_level(model: str) -> int | None:
     return None if model == "base" else int(model.removeprefix("level_"))
 
 
+def described(doc: str, **kwargs: Any) -> Any:
+    """A dataclass field that carries its column's documentation (shown in the eval dataset's card)."""
+    return dataclasses.field(metadata={"doc": doc}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One field of a record as every consumer sees it: validators, Hub features and column docs."""
+
+    name: str
+    kind: type
+    nullable: bool
+    doc: str
+
+
+def columns_of(record: type) -> tuple[Column, ...]:
+    """The columns a record dataclass declares, in order: ``T | None`` fields are the nullable ones."""
+    hints = typing.get_type_hints(record)
+    columns = []
+    for spec in dataclasses.fields(record):
+        parts = [part for part in typing.get_args(hints[spec.name]) if part is not type(None)]
+        kind = parts[0] if parts else hints[spec.name]
+        nullable = bool(parts)
+        columns.append(Column(spec.name, kind, nullable, spec.metadata["doc"]))
+    return tuple(columns)
+
+
 @dataclass(frozen=True)
 class SampleRecord:
-    """One generated answer to one problem, with its grading and its token counts."""
+    """One generated answer to one problem, with its grading and its token counts: the schema of a
+    samples.jsonl row and of the eval dataset's model configs, declared once."""
 
-    id: str
-    question: str
-    gold: str
-    prompt: str
-    completion: str
-    reasoning: str | None
-    """Text inside ``<think>…</think>``; None when the output has no think block (the stock model)."""
-    predicted: str | None
-    """The extracted final answer; None when no extractor matched."""
-    extractor: str | None
-    """Name of the extractor that produced ``predicted``."""
-    correct: bool
-    think_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    """``stop`` (EOS / ``<|im_end|>``) or ``length`` (hit max_new_tokens)."""
-    model: str
-    """``base`` or ``level_<n>``."""
-    level: int | None
-    seed: int
-    schema_version: int = SCHEMA_VERSION
+    id: str = described("problem id (GSM8K test row, or the synthetic problem's id)")
+    question: str = described("the problem text")
+    gold: str = described("the reference answer, normalised")
+    prompt: str = described(
+        "the user message sent to the model (the bare question for base, the level prompt for adapters)"
+    )
+    completion: str = described("everything the model generated")
+    reasoning: str | None = described("text strictly inside the think block (empty for base, which has none)")
+    predicted: str | None = described("the extracted final answer (empty when no extractor matched)")
+    extractor: str | None = described("the extractor that found the answer")
+    correct: bool = described("whether predicted equals gold")
+    think_tokens: int = described(
+        "tokens inside the think block (base: completion tokens before the final-answer line)"
+    )
+    completion_tokens: int = described("generated tokens up to and including end of sequence")
+    finish_reason: str = described("stop (end of sequence) or length (hit the token limit)")
+    model: str = described("base or level_<n>")
+    level: int | None = described("compression level (empty for base)")
+    seed: int = described("evaluation seed")
+    schema_version: int = described("record schema version", default=SCHEMA_VERSION)
 
     def to_row(self) -> dict[str, Any]:
         """The JSONL row, validated, fields in ``SAMPLE_FIELDS`` order."""
         return validate_record(dataclasses.asdict(self), path="SampleRecord", line=0)
 
 
-SAMPLE_FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(SampleRecord))
-
-# (types accepted, may be None). bool is excluded from int explicitly below: True is an int in Python.
-_FIELD_TYPES: dict[str, tuple[type, bool]] = {
-    "id": (str, False),
-    "question": (str, False),
-    "gold": (str, False),
-    "prompt": (str, False),
-    "completion": (str, False),
-    "reasoning": (str, True),
-    "predicted": (str, True),
-    "extractor": (str, True),
-    "correct": (bool, False),
-    "think_tokens": (int, False),
-    "completion_tokens": (int, False),
-    "finish_reason": (str, False),
-    "model": (str, False),
-    "level": (int, True),
-    "seed": (int, False),
-    "schema_version": (int, False),
-}
-assert tuple(_FIELD_TYPES) == SAMPLE_FIELDS
+SAMPLE_COLUMNS = columns_of(SampleRecord)
+SAMPLE_FIELDS: tuple[str, ...] = tuple(column.name for column in SAMPLE_COLUMNS)
 
 
 def validate_record(row: dict, *, path: Path | str, line: int) -> dict[str, Any]:
@@ -98,13 +106,14 @@ def validate_record(row: dict, *, path: Path | str, line: int) -> dict[str, Any]
         raise ArtifactError(
             f"{where} has unknown field '{unknown[0]}'; the fields are {', '.join(SAMPLE_FIELDS)}"
         )
-    for name, (kind, nullable) in _FIELD_TYPES.items():
-        value = row[name]
-        if value is None and nullable:
+    for column in SAMPLE_COLUMNS:
+        value = row[column.name]
+        if value is None and column.nullable:
             continue
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            expected = kind.__name__ + (" or null" if nullable else "")
-            raise ArtifactError(f"{where} field '{name}' must be {expected}, got {value!r}")
+        # bool is excluded from int explicitly: True is an int in Python.
+        if not isinstance(value, column.kind) or (column.kind is int and isinstance(value, bool)):
+            expected = column.kind.__name__ + (" or null" if column.nullable else "")
+            raise ArtifactError(f"{where} field '{column.name}' must be {expected}, got {value!r}")
     _check_values(row, where)
     return {name: row[name] for name in SAMPLE_FIELDS}
 
