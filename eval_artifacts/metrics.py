@@ -344,4 +344,4 @@ def check_metrics_match_samples(run_dir: RunDir, model: str) -> None:
 
 def sort_models(values: Iterable[str]) -> list[str]:
     """Model names in study order: base first, then levels by number."""
-    return sorted(set(values), key=lambda name: -1 if name == "base" else int(name.removeprefix("level_")))
+    return sorted(set(values), key=lambda name: model_level(name) or 0)

@@ -15,6 +15,7 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from eval_artifacts.records import model_level
 from eval_artifacts.study.errors import ArtifactError
 
 DPI = 150
@@ -24,7 +25,8 @@ _RC = {"svg.hashsalt": "cot-compress", "svg.fonttype": "path", "path.simplify": 
 
 def point_label(model: str) -> str:
     """``base`` stays ``base``; ``level_3`` becomes ``L3``."""
-    return model if model == "base" else "L" + model.removeprefix("level_")
+    level = model_level(model)
+    return model if level is None else f"L{level}"
 
 
 def render_pareto(summary: dict, *, fmt: str = "png") -> bytes:
