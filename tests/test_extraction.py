@@ -48,6 +48,19 @@ OUTPUT_SHAPES = [
     ("He has -7 degrees", "-7", "last_number"),
     ("costs .5 dollars", "0.5", "last_number"),
     ("It is 25%.", "25", "last_number"),
+    # Shapes that fooled earlier extractors: each row is a reported misread.
+    ("#### −10", "-10", "hash"),  # U+2212, the minus sign
+    ("The answer is −3.", "-3", "answer_is"),
+    ("#### **18** per day, from 9 eggs", "18", "hash"),
+    ("She needs to answer 34-16 = 18 questions.\nA: 18", "18", "last_number"),  # "answer" the verb
+    ("The answer is 12 + 6 = 18.", "18", "answer_is"),
+    ("Answer: 3 x 4 = 12 cookies", "12", "answer_is"),
+    ("\\boxed{1{,}234}", "1234", "boxed"),
+    ("\\boxed{1\\,234}", "1234", "boxed"),
+    ("\\boxed{\\dfrac{36}{2}}", "18", "boxed"),
+    ("\\boxed{\\frac{1}{4}}", "0.25", "boxed"),
+    ("\\boxed{18 \\text{ eggs}}", "18", "boxed"),
+    ("\\boxed{\\$1,\\!250}", "1250", "boxed"),
     ("no digits at all", None, None),
     ("", None, None),
     ("<think>\n</think>\n", None, None),

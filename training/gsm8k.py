@@ -19,7 +19,8 @@ from eval_artifacts.study.errors import DataError
 
 # ---------------------------------------------------------------- numbers
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+"
+# A leading "-" or the Unicode minus sign (U+2212), which models and LaTeX renderers emit.
+_NUMBER = r"[-−]?\$?\d[\d,]*(?:\.\d+)?|[-−]?\$?\.\d+"
 
 
 def normalize_number(text: str | None) -> str | None:
@@ -184,12 +185,19 @@ def solution_steps(answer_text: str) -> list[Step]:
 
 # ---------------------------------------------------------------- answer extraction from model output
 
-_HASH_RE = re.compile(r"####\s*(" + _NUMBER + r")")
-_ANSWER_IS_RE = re.compile(
-    r"(?:final answer|the answer|answer)\s*(?:is|:|=)?\s*[:=]?\s*\**\s*(" + _NUMBER + r")", re.IGNORECASE
+# "#### 18", also with markdown emphasis or a currency sign before the number ("#### **18** per day").
+_HASH_RE = re.compile(r"####\s*[*_]*\s*(" + _NUMBER + r")")
+# "the answer is" / "Answer:" / "final answer =" and the rest of that line. The connector is required, so
+# the verb ("needs to answer 34-16 = 18 questions") is not taken for an announcement of the answer.
+_ANSWER_IS_RE = re.compile(r"(?:final answer|the answer|answer)\s*(?:is\b|:|=)\s*[:=]?([^\n]*)", re.IGNORECASE)
+# An arithmetic chain at the start of the announced answer: "12 + 6 = 18" means 18, "5 apples" means 5.
+_CHAIN_RE = re.compile(
+    r"^[\s*_]*((?:" + _NUMBER + r")(?:\s*(?:[-+*/×÷x=]|−)\s*\$?(?:" + _NUMBER + r"))*)"
 )
-_BOXED_RE = re.compile(r"\\boxed\{\s*\\?\$?\s*(" + _NUMBER + r")\s*(?:\\%|%)?\s*\}")
 _ANY_NUMBER_RE = re.compile(_NUMBER)
+# LaTeX inside \boxed{}: thousands separators ("1{,}234", "1\,234"), escaped signs, \text{} units.
+_LATEX_NOISE_RE = re.compile(r"\{,\}|\\[,!;: ]|\\\$|\\%|%|\\text\{[^{}]*\}|\\mathrm\{[^{}]*\}")
+_LATEX_FRAC_RE = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
 
 
 def _last(pattern: re.Pattern) -> Callable[[str], str | None]:
@@ -200,10 +208,45 @@ def _last(pattern: re.Pattern) -> Callable[[str], str | None]:
     return extract
 
 
+def _announced_answer(text: str) -> str | None:
+    """The number of the last "the answer is …": the result of a chain like ``12 + 6 = 18``."""
+    for clause in reversed(_ANSWER_IS_RE.findall(text)):
+        chain = _CHAIN_RE.match(clause)
+        if chain:
+            return _ANY_NUMBER_RE.findall(chain.group(1))[-1]
+    return None
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """What each ``\\boxed{…}`` holds, nested braces included (``\\boxed{\\dfrac{36}{2}}``)."""
+    contents = []
+    for start in (m.end() for m in re.finditer(r"\\boxed\{", text)):
+        depth, end = 1, start
+        while end < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        if depth == 0:
+            contents.append(text[start : end - 1])
+    return contents
+
+
+def _boxed_answer(text: str) -> str | None:
+    """The last boxed value: a number, or a fraction or plain arithmetic that evaluates to one."""
+    for content in reversed(_boxed_contents(text)):
+        cleaned = _LATEX_NOISE_RE.sub("", content).replace("$", "").strip()
+        cleaned = _LATEX_FRAC_RE.sub(r"(\1)/(\2)", cleaned).replace("\\cdot", "*").replace("\\times", "*")
+        if re.fullmatch(_NUMBER, cleaned):
+            return cleaned
+        value = safe_eval(cleaned)
+        if value is not None:
+            return str(value)
+    return None
+
+
 EXTRACTORS: list[tuple[str, Callable[[str], str | None]]] = [
     ("hash", _last(_HASH_RE)),
-    ("boxed", _last(_BOXED_RE)),
-    ("answer_is", _last(_ANSWER_IS_RE)),
+    ("boxed", _boxed_answer),
+    ("answer_is", _announced_answer),
     ("last_number", _last(_ANY_NUMBER_RE)),
 ]
 
