@@ -75,6 +75,7 @@ BAD_CONFIGS = [
     ("eval.seeds", [], "'eval.seeds'"),
     ("eval.max_new_tokens", -1, "'eval.max_new_tokens'"),
     ("base_model.quantization", "int3", "'base_model.quantization'"),
+    ("eval.backend", "vllm", "'eval.backend'"),
     ("data.source", "local", "needs local_dir"),
     ("teacher.kind", "model", "needs model_id"),
     ("training.lora.dropout", 1.5, "'training.lora.dropout'"),

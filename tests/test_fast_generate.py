@@ -357,7 +357,7 @@ def test_engine_wrapper_returns_the_hf_engines_generations(tiny_model_dir):
     # The evaluate stage's plan is the HF engine's, whichever backend runs it.
     assert fast.plan(questions, batch_size=4) == hf.plan(questions, batch_size=4)
     assert [len(b) for b in fast.plan(questions, batch_size=4)] == [4, 3, 3]
-    batches = list(fast.generate(questions, adapter="level_1", max_new_tokens=24, batch_size=64))
+    batches = list(fast.generate(questions, adapter="level_1", max_new_tokens=24))
     assert [len(b) for b in batches] == [4, 4, 2]  # 10 prompts, at most 4 a batch: 3 batches of 4 slots
     assert sorted(g.index for b in batches for g in b) == list(range(len(questions)))
 

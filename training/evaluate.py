@@ -29,7 +29,7 @@ from eval_artifacts.study.errors import ArtifactError, ConfigError
 from eval_artifacts.study.levels import build_prompt, parse_response
 from training import distributed
 from training.data import load_problems
-from training.generate import Generation, GenerationEngine, select_backend
+from training.generate import Engine, Generation, GenerationEngine, select_backend
 from training.gsm8k import Problem, extract_answer, numbers_equal
 from training.tokens import think_tokens
 
@@ -62,7 +62,7 @@ def run(
 
     backend = select_backend(config.eval.backend)
     tiny = config.base_model.id == "tiny"
-    engine = GenerationEngine(
+    engine: Engine = GenerationEngine(
         resolve_base_model(config), revision=None if tiny else config.base_model.revision
     )
     if backend == "fast":
@@ -107,7 +107,7 @@ def run(
 
 
 def evaluate_model(
-    engine: GenerationEngine,
+    engine: Engine,
     run_dir: RunDir,
     problems: list[Problem],
     *,
@@ -203,7 +203,7 @@ def evaluate_model(
 
 
 def check_adapter_applied(
-    engine: GenerationEngine, prompts: list[str], generations: list[Generation], *, model: str
+    engine: Engine, prompts: list[str], generations: list[Generation], *, model: str
 ) -> None:
     """Fail when ``model``'s adapter changed none of these completions: the stock model's are the same.
 
@@ -246,7 +246,7 @@ def shard_path(run_dir: RunDir, model: str, process: distributed.Process) -> Pat
 
 
 def merge_all_shards(
-    engine: GenerationEngine,
+    engine: Engine,
     run_dir: RunDir,
     problems: list[Problem],
     *,
@@ -262,7 +262,7 @@ def merge_all_shards(
 
 
 def write_order(
-    engine: GenerationEngine, problems: list[Problem], model: str, *, config: StudyConfig, seeds: list[int]
+    engine: Engine, problems: list[Problem], model: str, *, config: StudyConfig, seeds: list[int]
 ) -> Callable[[dict], tuple]:
     """Sort key putting records in the order one process writes them: by seed, then by its batch plan."""
     plan = engine.plan(model_prompts(problems, model), batch_size=config.eval.batch_size)
@@ -317,7 +317,7 @@ def _read_repaired(path: Path) -> list[dict]:
 
 
 def make_record(
-    engine: GenerationEngine,
+    engine: Engine,
     problem: Problem,
     prompt: str,
     generation: Generation,

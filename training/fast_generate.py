@@ -9,8 +9,8 @@ unmerged LoRA adds ~1.8x on top (bench/README.md). This engine runs the same gre
   cache and, on CUDA, one captured graph per (batch size, context bucket): a decode step is one graph
   replay, so the host never waits for the GPU except once every ``stop_check_every`` steps;
 - prompts sorted by length, left padded and split into equal batches as large as memory allows;
-- on CUDA, Triton kernels for the decode step's norms, rotary embedding and SiLU gate (checked against
-  the eager ops at start; eager ops otherwise).
+- on CUDA, Triton kernels (``training.fused_kernels``) for the decode step's norms, rotary embedding and
+  SiLU gate (checked against the eager ops at start; eager ops otherwise).
 
 Outputs are HF ``generate``'s greedy outputs (same stop tokens, ``min_new_tokens`` handling, pad after a
 stop), which tests/test_fast_generate.py checks token for token on CPU.
@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,130 +34,14 @@ from torch import nn
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb, repeat_kv
 
 from eval_artifacts.study.errors import ConfigError
-
-try:  # Triton ships with CUDA builds of torch; without it the decode step stays on eager kernels
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only installs
-    triton = None
-
-
-if triton is not None:
-    # Each kernel computes in fp32 and rounds to the model dtype exactly where transformers' eager Qwen3
-    # code rounds (after the normalisation, after each bf16 product and sum), so outputs match it to the
-    # last ulp of rsqrt/exp and the reduction order.
-    @triton.jit
-    def _add_rms_norm_kernel(R, DELTA, H, Y, W, n_cols, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        offs = row * n_cols + cols
-        x = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DELTA:  # the residual add, rounded like the eager bf16 add, and stored as the new stream
-            delta = tl.load(DELTA + offs, mask=mask, other=0.0).to(tl.float32)
-            x = (x + delta).to(H.dtype.element_ty, fp_downcast_rounding="rtne")
-            tl.store(H + offs, x, mask=mask)
-            x = x.to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        y = (x * r).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + offs, (w * y).to(Y.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
-
-    @triton.jit
-    def _head_norm_rope_kernel(X, W, COS, SIN, Y, n_heads, eps, D: tl.constexpr):
-        # One (row, head): RMSNorm over the head dim, then q*cos + rotate_half(q)*sin.
-        row = tl.program_id(0)
-        head = tl.program_id(1)
-        d = tl.arange(0, D)
-        rot = (d + D // 2) % D  # rotate_half reads the other half; its sign is applied below
-        base = row * n_heads * D + head * D
-        x = tl.load(X + base + d).to(tl.float32)
-        xr = tl.load(X + base + rot).to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        w = tl.load(W + d).to(tl.float32)
-        wr = tl.load(W + rot).to(tl.float32)
-        n = (x * r).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        n = (w * n).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        nr = (xr * r).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        nr = (wr * nr).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        nr = tl.where(d < D // 2, -nr, nr)
-        c = tl.load(COS + row * D + d).to(tl.float32)
-        s = tl.load(SIN + row * D + d).to(tl.float32)
-        a = (n * c).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        b = (nr * s).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        tl.store(Y + base + d, (a + b).to(Y.dtype.element_ty, fp_downcast_rounding="rtne"))
-
-    @triton.jit
-    def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < n
-        g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + i, mask=mask, other=0.0).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        tl.store(Y + i, (act * u).to(Y.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
-
-
-def _warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
-
-
-def _fused_rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """``norm(x)`` for a [rows, dim] tensor (a transformers Qwen3RMSNorm)."""
-    x = x.contiguous()  # the kernels index rows by pointer arithmetic; a no-op on the decode path
-    y = torch.empty_like(x)
-    block = triton.next_power_of_2(x.shape[-1])
-    _add_rms_norm_kernel[(x.shape[0],)](
-        x,
-        x,
-        x,
-        y,
-        norm.weight,
-        x.shape[-1],
-        norm.variance_epsilon,
-        HAS_DELTA=False,
-        BLOCK=block,
-        num_warps=_warps(block),
-    )
-    return y
-
-
-def _fused_add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, norm: nn.Module):
-    """``h = residual + delta`` and ``norm(h)``, in one pass."""
-    residual, delta = residual.contiguous(), delta.contiguous()
-    h, y = torch.empty_like(residual), torch.empty_like(residual)
-    block = triton.next_power_of_2(residual.shape[-1])
-    _add_rms_norm_kernel[(residual.shape[0],)](
-        residual,
-        delta,
-        h,
-        y,
-        norm.weight,
-        residual.shape[-1],
-        norm.variance_epsilon,
-        HAS_DELTA=True,
-        BLOCK=block,
-        num_warps=_warps(block),
-    )
-    return h, y
-
-
-def _fused_head_norm_rope(x: torch.Tensor, norm: nn.Module, cos, sin, n_heads: int) -> torch.Tensor:
-    """Per-head ``norm`` then the rotary embedding, for x = [rows, heads*dim] and cos/sin = [rows, dim]."""
-    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
-    y = torch.empty_like(x)
-    dim = x.shape[-1] // n_heads
-    _head_norm_rope_kernel[(x.shape[0], n_heads)](
-        x, norm.weight, cos, sin, y, n_heads, norm.variance_epsilon, D=dim
-    )
-    return y
-
-
-def _fused_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``."""
-    gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty_like(gate)
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, up, y, gate.numel(), BLOCK=1024)
-    return y
+from training.fused_kernels import (
+    TRITON_AVAILABLE,
+    fused_add_rms_norm,
+    fused_head_norm_rope,
+    fused_rms_norm,
+    fused_silu_mul,
+)
+from training.generate import Generation, GenerationEngine
 
 
 @dataclass(frozen=True)
@@ -341,7 +226,7 @@ class FastGenerator:
     @torch.no_grad()
     def _check_fused(self) -> str | None:
         """None when the Triton kernels reproduce transformers' eager ops on this device, else the reason."""
-        if triton is None:
+        if not TRITON_AVAILABLE:
             return "Triton is not installed"
         if self.head_dim & (self.head_dim - 1):
             return f"head_dim {self.head_dim} is not a power of two"
@@ -354,7 +239,7 @@ class FastGenerator:
 
             hidden = rand(rows, lay.input_norm.weight.shape[0])
             delta = rand(*hidden.shape)
-            summed, normed = _fused_add_rms_norm(hidden, delta, lay.post_norm)
+            summed, normed = fused_add_rms_norm(hidden, delta, lay.post_norm)
             q = rand(rows, heads * d)
             positions = torch.randint(0, 4096, (rows, 1), generator=gen, device=self.device)
             cos, sin = self.rotary(q[:, None, :], positions)
@@ -362,14 +247,14 @@ class FastGenerator:
             ref_rope = apply_rotary_pos_emb(ref_q, ref_q, cos, sin)[0].transpose(1, 2).reshape(rows, -1)
             gate, up = rand(rows, lay.gate.weight.shape[0]), rand(rows, lay.gate.weight.shape[0])
             checks = {
-                "rms_norm": (_fused_rms_norm(hidden, lay.input_norm), lay.input_norm(hidden)),
+                "rms_norm": (fused_rms_norm(hidden, lay.input_norm), lay.input_norm(hidden)),
                 "residual add": (summed, hidden + delta),
                 "add + rms_norm": (normed, lay.post_norm(hidden + delta)),
                 "head norm + rotary": (
-                    _fused_head_norm_rope(q, lay.q_norm, cos.reshape(rows, d), sin.reshape(rows, d), heads),
+                    fused_head_norm_rope(q, lay.q_norm, cos.reshape(rows, d), sin.reshape(rows, d), heads),
                     ref_rope,
                 ),
-                "silu gate": (_fused_silu_mul(gate, up), lay.act(gate) * up),
+                "silu gate": (fused_silu_mul(gate, up), lay.act(gate) * up),
             }
         except Exception as error:  # a Triton or driver problem: decode on the eager ops instead
             return f"Triton kernels failed: {error!r}"[:300]
@@ -506,18 +391,18 @@ class FastGenerator:
         cos, sin = self.rotary(h[:, None, :], (self._pos - self._pad[:b])[:, None])
         cos, sin = cos.reshape(b, d), sin.reshape(b, d)
         mask = self._decode_mask(b, width, h.dtype)
-        x = _fused_rms_norm(h, self.layers[0].input_norm)
+        x = fused_rms_norm(h, self.layers[0].input_norm)
         for i, lay in enumerate(self.layers):
-            q = _fused_head_norm_rope(lay.q(x), lay.q_norm, cos, sin, self.n_heads)
-            k = _fused_head_norm_rope(lay.k(x), lay.k_norm, cos, sin, self.n_kv)
+            q = fused_head_norm_rope(lay.q(x), lay.q_norm, cos, sin, self.n_heads)
+            k = fused_head_norm_rope(lay.k(x), lay.k_norm, cos, sin, self.n_kv)
             v = lay.v(x)
             a = self._attend_decode(
                 i, b, width, q, k.view(b, self.n_kv, 1, d), v.view(b, self.n_kv, 1, d), mask
             )
-            h, x = _fused_add_rms_norm(h, lay.o(a), lay.post_norm)
-            m = lay.down(_fused_silu_mul(lay.gate(x), lay.up(x)))
+            h, x = fused_add_rms_norm(h, lay.o(a), lay.post_norm)
+            m = lay.down(fused_silu_mul(lay.gate(x), lay.up(x)))
             after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
-            h, x = _fused_add_rms_norm(h, m, after)
+            h, x = fused_add_rms_norm(h, m, after)
         self._next_token(x, b)
 
     def _prefill(self, b: int, plen: int) -> None:
@@ -771,14 +656,14 @@ def _completion(tokens: list[int], stop_ids: set[int]) -> FastCompletion:
 
 
 class FastGenerationEngine:
-    """The fast backend behind ``training.generate.GenerationEngine``'s interface.
+    """The fast backend behind the ``training.generate.Engine`` interface.
 
     It wraps a loaded ``GenerationEngine`` (tokenizer, chat template, model, PEFT adapters) and runs its
     generation on a ``FastGenerator``: same prompts in, same ``Generation`` records out, batched by the same
     plan. A planned batch larger than GPU memory (or ``max_batch_size``) allows is split in equal parts.
     """
 
-    def __init__(self, engine, *, max_batch_size: int = 512) -> None:
+    def __init__(self, engine: GenerationEngine, *, max_batch_size: int = 512) -> None:
         self.hf = engine
         self.max_batch_size = max_batch_size
         self._fast: FastGenerator | None = None
@@ -799,7 +684,7 @@ class FastGenerationEngine:
     def stop_ids(self) -> list[int]:
         return self.hf.stop_ids
 
-    def load_adapter(self, name: str, path) -> None:
+    def load_adapter(self, name: str, path: str | Path) -> None:
         self.hf.load_adapter(name, path)
         self._close_generator()  # the model object may have been wrapped by PEFT: rebuild on next use
 
@@ -837,8 +722,13 @@ class FastGenerationEngine:
             self._fast = FastGenerator(self.hf.model, max_batch_size=self.max_batch_size)
         return self._fast
 
-    def generate(self, prompts: list[str], *, adapter: str | None, max_new_tokens: int, batch_size: int = 0):
-        """Yield ``Generation`` lists batch by batch; each ``index`` points into ``prompts``."""
+    def generate(
+        self, prompts: list[str], *, adapter: str | None, max_new_tokens: int
+    ) -> Iterator[list[Generation]]:
+        """Yield ``Generation`` lists batch by batch; each ``index`` points into ``prompts``.
+
+        Batches are as large as ``max_batch_size`` and GPU memory allow, shortest prompts first.
+        """
         self.hf.check_adapter(adapter)
         encoded = self.tokenizer([self.render(p) for p in prompts], add_special_tokens=False)["input_ids"]
         for indices, completions in self._generator().iter_batches(
@@ -852,10 +742,12 @@ class FastGenerationEngine:
                 self.hf.to_generation(i, list(c.token_ids)) for i, c in zip(indices, completions, strict=True)
             ]
 
-    def generate_batch(self, prompts: list[str], *, adapter: str | None, max_new_tokens: int):
+    def generate_batch(
+        self, prompts: list[str], *, adapter: str | None, max_new_tokens: int
+    ) -> list[Generation]:
         """Greedy completions of ``prompts`` in order (one or more internal batches)."""
-        results = [None] * len(prompts)
+        results: list[Generation | None] = [None] * len(prompts)
         for batch in self.generate(prompts, adapter=adapter, max_new_tokens=max_new_tokens):
             for generation in batch:
                 results[generation.index] = generation
-        return results
+        return results  # type: ignore[return-value]

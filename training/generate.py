@@ -5,21 +5,24 @@ left-padded batches (so little compute goes to padding), and decoded greedily un
 or ``max_new_tokens``. Adapters are loaded once into a ``PeftModel`` and switched per batch; the stock
 model runs with adapters disabled, so no second copy of the base is held.
 
-``GenerationEngine`` is the plain-transformers backend. A faster backend (vLLM with LoRA, or a static
-KV cache with CUDA graphs) plugs in behind the same three methods: ``load_adapter``, ``plan`` and
-``generate_batch``; ``select_backend`` is where it would be chosen.
+``GenerationEngine`` is the plain-transformers backend; ``training.fast_generate.FastGenerationEngine``
+(merged LoRA, static KV cache, CUDA graphs) wraps it. Both are an ``Engine``, the interface the evaluate
+stage decodes through; ``select_backend`` picks one.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from eval_artifacts.study.errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -64,28 +67,41 @@ class Generation:
         return len(self.token_ids)
 
 
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+class Engine(Protocol):
+    """What the evaluate stage needs of a generation backend; ``GenerationEngine`` and
+    ``training.fast_generate.FastGenerationEngine`` both provide it."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer, which counts a completion's think tokens."""
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a PEFT LoRA adapter under ``name``."""
+
+    def plan(self, prompts: list[str], *, batch_size: int) -> list[list[int]]:
+        """``plan_batches`` over the prompts' token counts."""
+
+    def generate_batch(
+        self, prompts: list[str], *, adapter: str | None, max_new_tokens: int
+    ) -> list[Generation]:
+        """Greedy completions of ``prompts`` in order, with ``adapter`` active (``None``: the stock model)."""
+
+    def describe(self) -> dict:
+        """What decodes, for the generation log: engine, device, dtype, CUDA graphs, fused kernels."""
+
+    def close(self) -> None:
+        """Free the model and any caches, so the next stage finds the GPU empty."""
 
 
-def select_backend(requested: str) -> str:
+def select_backend(requested: Literal["auto", "hf", "fast"]) -> str:
     """The backend for ``eval.backend``: ``fast`` (static KV cache + CUDA graphs, ``training.fast_generate``)
     on a CUDA GPU when asked for or when ``auto``; ``hf`` otherwise.
 
     Raises:
-        ConfigError: ``vllm`` was asked for explicitly (this version has no vLLM backend), or ``fast`` was
-            asked for without a CUDA GPU.
+        ConfigError: ``fast`` was asked for without a CUDA GPU.
     """
     import torch
 
-    if requested == "vllm":
-        if not vllm_available():
-            raise ConfigError(
-                "eval.backend is 'vllm' but vLLM is not installed: pip install 'cot-compress[vllm]'"
-            )
-        raise ConfigError(
-            "eval.backend 'vllm' is not supported by this version yet: set eval.backend to 'fast' or 'hf'"
-        )
     if requested == "fast" and not torch.cuda.is_available():
         raise ConfigError("eval.backend 'fast' needs a CUDA GPU: set eval.backend to 'auto' or 'hf'")
     if requested == "fast" or (requested == "auto" and torch.cuda.is_available()):
@@ -101,6 +117,8 @@ class GenerationEngine:
         device: ``cuda`` when available, else ``cpu``.
         dtype: a torch dtype name; default bf16 on CUDA, fp32 on CPU.
     """
+
+    tokenizer: PreTrainedTokenizerBase
 
     def __init__(
         self,

@@ -31,7 +31,6 @@ class BaseModelConfig(_Strict):
     revision: str = "main"
     quantization: Literal["nf4", "none"] = "none"
     """nf4 loads the base in 4-bit NF4 with double quant through bitsandbytes (CUDA only)."""
-    chat_template_think: bool = False
 
 
 class TinyModelConfig(_Strict):
@@ -125,7 +124,7 @@ class EvalConfig(_Strict):
     batch_size: int = Field(64, gt=0)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     max_problems: int | None = Field(None, gt=0)
-    backend: Literal["auto", "hf", "fast", "vllm"] = "auto"
+    backend: Literal["auto", "hf", "fast"] = "auto"
     sweet_spot_margin: float = Field(0.0, ge=0, le=1)
     """A level is accuracy-preserving when it is not significantly below base, or within this margin of it."""
 
