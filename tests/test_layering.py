@@ -78,6 +78,17 @@ def test_the_distribution_installs_only_the_projects_four_packages():
     assert {name.split(".")[0] for name in setuptools["packages"]} == PACKAGES
 
 
+def test_every_package_of_ours_is_listed_for_installation():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for package in PACKAGES
+        for init in (ROOT / package).rglob("__init__.py")
+    }
+    listed = set(setuptools["packages"]) - set(setuptools["package-dir"])
+    assert on_disk == listed
+
+
 def test_a_built_wheel_holds_only_the_four_packages_and_the_configs(tmp_path):
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("building a wheel offline needs setuptools in this environment")

@@ -1,0 +1,133 @@
+"""Card text from values: the one place that formats artifact numbers, model labels and inert free text."""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Any
+
+from eval_artifacts.records import model_level
+from eval_artifacts.study.levels import LEVELS
+
+
+def fmt_accuracy(value: float) -> str:
+    """Accuracy, deltas' magnitudes and CI ends: 3 decimals."""
+    return f"{value:.3f}"
+
+
+def fmt_ci(ci: list[float] | tuple[float, float]) -> str:
+    return f"[{fmt_accuracy(ci[0])}, {fmt_accuracy(ci[1])}]"
+
+
+def fmt_tokens(value: float) -> str:
+    """Token means (and other means): 2 decimals."""
+    return f"{value:.2f}"
+
+
+def fmt_median(value: float) -> str:
+    """Medians of integer counts are integral (odd n) or halves: ``35``, not ``35.00``."""
+    return str(int(value)) if float(value).is_integer() else fmt_tokens(value)
+
+
+def fmt_count(value: int) -> str:
+    return str(int(value))
+
+
+def fmt_fraction(correct: int, total: int) -> str:
+    return f"{int(correct)} / {int(total)}"
+
+
+def fmt_delta(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def fmt_p(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def fmt_sd(value: float | None) -> str:
+    return "n/a (one seed)" if value is None else f"{value:.3f}"
+
+
+def fmt_plain(value: float) -> str:
+    """Hyperparameters as the config wrote them: ``0.0002``, ``0.05``, ``2``."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# One definition per results column: header -> metrics.json value as card text. The renderer fills the
+# table from these and the validator parses the table back and compares through the same functions.
+RESULT_COLUMNS: dict[str, Any] = {
+    "Accuracy": lambda m: fmt_accuracy(m["accuracy"]),
+    "95% CI (Wilson)": lambda m: fmt_ci(m["ci95"]),
+    "Correct / total": lambda m: fmt_fraction(m["n_correct"], m["n_total"]),
+    "Think tokens (mean)": lambda m: fmt_tokens(m["think_tokens"]["mean"]),
+    "Think tokens (median)": lambda m: fmt_median(m["think_tokens"]["median"]),
+    "Completion tokens (mean)": lambda m: fmt_tokens(m["completion_tokens"]["mean"]),
+}
+SEED_COLUMNS: dict[str, Any] = {
+    "Accuracy sd across seeds": lambda m: fmt_sd(m["across_seeds"]["accuracy"]["sd"])
+}
+VS_BASE_COLUMNS: dict[str, Any] = {
+    "Δ accuracy vs base": lambda m: fmt_delta(m["vs_base"]["delta"]),
+    "95% CI of Δ": lambda m: fmt_ci(m["vs_base"]["ci95"]),
+    "McNemar p": lambda m: fmt_p(m["vs_base"]["mcnemar_p"]),
+    "Base right, level wrong": lambda m: fmt_count(m["vs_base"]["b"]),
+    "Base wrong, level right": lambda m: fmt_count(m["vs_base"]["c"]),
+}
+MODEL_COLUMN = "Model"
+
+
+def model_label(model: str) -> str:
+    """``Base (stock model)`` or ``L4 Ultra-compact``; the validator maps labels back with ``label_model``."""
+    number = model_level(model)
+    if number is None:
+        return "Base (stock model)"
+    level = LEVELS[number]
+    return f"L{level.number} {level.name}"
+
+
+def label_model(label: str) -> str | None:
+    match = re.match(r"^L(\d+)\b", label)
+    if match:
+        # From the label's digits, not LEVELS: ``L9`` or ``L04`` must map to no model of the study.
+        return f"level_{match.group(1)}"
+    return "base" if label.startswith("Base") else None
+
+
+_MD_ESCAPE = re.compile(r"([\\`*_{}\[\]|~%#])")
+_LINE_START = re.compile(r"^([-+=#>])")
+_LIST_NUMBER = re.compile(r"^(\d{1,9})([.)])(?=\s|$)")
+
+
+def md_inline(value: Any) -> str:
+    """Free text as inert inline markdown: one line, HTML escaped, markup characters backslash-escaped.
+
+    ``<script>`` becomes ``&lt;script&gt;``, ``{{`` becomes ``\\{\\{``, ``---`` cannot start a line
+    (thematic break / front matter), and ``*``, ``_``, ``[``, ``|`` and backticks lose their meaning.
+    """
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    text = _MD_ESCAPE.sub(r"\\\1", text)
+    text = re.sub(r"-{2,}", lambda m: "\\-" * len(m.group()), text)
+    return _LIST_NUMBER.sub(r"\1\\\2", _LINE_START.sub(r"\\\1", text))
+
+
+def code_span(value: Any) -> str:
+    """Text as one inline code span (no escapes apply inside, so none are added)."""
+    text = " ".join(str(value).split())
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    ticks = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def code_block(value: Any, language: str = "") -> str:
+    """Text in a fenced code block whose fence is longer than any backtick run inside it."""
+    text = str(value).rstrip("\n")
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
+
+
+def plain_text(value: Any) -> str:
+    """One line of plain text (collection notes): whitespace collapsed, control characters dropped."""
+    return " ".join("".join(ch for ch in str(value) if ch.isprintable() or ch.isspace()).split())
