@@ -9,6 +9,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from helpers import sample_row
 from scipy.stats import binomtest
 
 from eval_artifacts.metrics import (
@@ -21,34 +22,11 @@ from eval_artifacts.metrics import (
     wilson_ci,
     write_metrics,
 )
-from eval_artifacts.records import SAMPLE_FIELDS, SampleRecord, read_samples
+from eval_artifacts.records import SAMPLE_FIELDS, read_samples
 from eval_artifacts.rundir import RunDir, append_jsonl
 from eval_artifacts.study.errors import ArtifactError
 
 Z = 1.959963984540054
-
-
-def row(
-    pid: str, correct: bool, think: int, completion: int, *, model="level_2", seed=0, finish="stop"
-) -> dict:
-    level = None if model == "base" else int(model.split("_")[1])
-    return SampleRecord(
-        id=pid,
-        question=f"Q{pid}: Tom has 12 pens, gets 7, gives 5.",
-        gold="14",
-        prompt=f"Solve this using Level {level}.\nProblem: Q{pid}",
-        completion=f"<think>\n{'x' * think}\n</think>\n#### {'14' if correct else '13'}",
-        reasoning=None if model == "base" else "x" * think,
-        predicted="14" if correct else ("13" if finish == "stop" else None),
-        extractor="hash_marker" if finish == "stop" else None,
-        correct=correct,
-        think_tokens=think,
-        completion_tokens=completion,
-        finish_reason=finish,
-        model=model,
-        level=level,
-        seed=seed,
-    ).to_row()
 
 
 def random_rows(
@@ -61,7 +39,7 @@ def random_rows(
         correct = finish == "stop" and rng.random() < p_correct
         think = rng.randint(think_scale // 3, think_scale * 2)
         rows.append(
-            row(
+            sample_row(
                 f"p{i:03d}", correct, think, think + rng.randint(4, 12), model=model, seed=seed, finish=finish
             )
         )
@@ -268,15 +246,15 @@ def test_seeds_aggregate_pooled_and_across_seed_sd(tmp_path: Path):
 
 
 def test_base_with_other_seeds_pairs_on_id_and_seed():
-    base = [row("p1", True, 9, 12, model="base", seed=s) for s in (0, 1)] + [
-        row("p2", s == 1, 9, 12, model="base", seed=s) for s in (0, 1)
+    base = [sample_row("p1", True, 9, 12, model="base", seed=s) for s in (0, 1)] + [
+        sample_row("p2", s == 1, 9, 12, model="base", seed=s) for s in (0, 1)
     ]
-    level = [row("p1", False, 3, 6, seed=s) for s in (0, 1)] + [row("p2", True, 3, 6, seed=s) for s in (0, 1)]
+    level = [sample_row("p1", False, 3, 6, seed=s) for s in (0, 1)] + [sample_row("p2", True, 3, 6, seed=s) for s in (0, 1)]
     payload = compute_model_metrics(level, model="level_2", level=2, base_samples=base)
     # seed 0: p1 base right/model wrong (b), p2 base wrong/model right (c); seed 1: p1 b, p2 both right.
     assert (payload["vs_base"]["b"], payload["vs_base"]["c"]) == (2, 1)
     with pytest.raises(ArtifactError, match="seed 5"):
-        compute_metrics([row("p1", True, 3, 6, seed=5)], base_samples=base)
+        compute_metrics([sample_row("p1", True, 3, 6, seed=5)], base_samples=base)
     with pytest.raises(ArtifactError, match="one seed"):
         compute_metrics(level, base_samples=base)
 
@@ -286,29 +264,29 @@ def test_base_with_other_seeds_pairs_on_id_and_seed():
 
 def test_truncated_line_missing_field_and_duplicates_are_named(tmp_path: Path):
     path = tmp_path / "samples.jsonl"
-    append_jsonl(path, [row("p1", True, 5, 9), row("p2", False, 7, 11)])
+    append_jsonl(path, [sample_row("p1", True, 5, 9), sample_row("p2", False, 7, 11)])
     with path.open("a") as handle:
         handle.write('{"id": "p3", "question": "Tom')
     with pytest.raises(ArtifactError, match="line 3 is not valid JSON"):
         read_samples(path)
 
-    broken = row("p1", True, 5, 9)
+    broken = sample_row("p1", True, 5, 9)
     del broken["think_tokens"]
-    path.write_text(json.dumps(row("p0", True, 5, 9)) + "\n" + json.dumps(broken) + "\n")
+    path.write_text(json.dumps(sample_row("p0", True, 5, 9)) + "\n" + json.dumps(broken) + "\n")
     with pytest.raises(ArtifactError, match="line 2 is missing field 'think_tokens'"):
         read_samples(path)
 
     path.write_text(
         "".join(
             json.dumps(r) + "\n"
-            for r in [row("p1", True, 5, 9), row("p2", True, 5, 9), row("p1", False, 6, 9)]
+            for r in [sample_row("p1", True, 5, 9), sample_row("p2", True, 5, 9), sample_row("p1", False, 6, 9)]
         )
     )
     with pytest.raises(ArtifactError, match="line 3 duplicates id 'p1' seed 0 .first at line 1"):
         read_samples(path)
     # The same id under another seed is a different sample.
     path.write_text(
-        "".join(json.dumps(r) + "\n" for r in [row("p1", True, 5, 9), row("p1", False, 6, 9, seed=1)])
+        "".join(json.dumps(r) + "\n" for r in [sample_row("p1", True, 5, 9), sample_row("p1", False, 6, 9, seed=1)])
     )
     assert len(read_samples(path)) == 2
 
@@ -329,7 +307,7 @@ def test_truncated_line_missing_field_and_duplicates_are_named(tmp_path: Path):
     ],
 )
 def test_bad_field_values_are_named(tmp_path: Path, field, value, message):
-    bad = row("p1", True, 5, 9)
+    bad = sample_row("p1", True, 5, 9)
     bad[field] = value
     path = tmp_path / "samples.jsonl"
     append_jsonl(path, [bad])
@@ -339,7 +317,7 @@ def test_bad_field_values_are_named(tmp_path: Path, field, value, message):
 
 def test_sample_fields_order_and_record_row():
     assert SAMPLE_FIELDS[:3] == ("id", "question", "gold") and SAMPLE_FIELDS[-1] == "schema_version"
-    assert list(row("p1", True, 5, 9)) == list(SAMPLE_FIELDS)
+    assert list(sample_row("p1", True, 5, 9)) == list(SAMPLE_FIELDS)
 
 
 def test_metrics_disagreeing_with_samples_name_the_field(run_dir: RunDir):
@@ -354,8 +332,8 @@ def test_metrics_disagreeing_with_samples_name_the_field(run_dir: RunDir):
 
     # Samples changed after metrics were written (one more row appended): the count is named first.
     write_metrics(run_dir, "level_2", 2)
-    append_jsonl(run_dir.samples("level_2"), [row("p999", True, 4, 8)])
-    append_jsonl(run_dir.samples("base"), [row("p999", False, 40, 48, model="base")])
+    append_jsonl(run_dir.samples("level_2"), [sample_row("p999", True, 4, 8)])
+    append_jsonl(run_dir.samples("base"), [sample_row("p999", False, 40, 48, model="base")])
     with pytest.raises(ArtifactError, match="field 'n_total' .stored 57, samples give 58"):
         check_metrics_match_samples(run_dir, "level_2")
 
@@ -368,7 +346,7 @@ def test_metrics_disagreeing_with_samples_name_the_field(run_dir: RunDir):
 
 def test_level_needs_base_samples_and_samples_are_required(tmp_path: Path):
     rd = RunDir(tmp_path / "runs" / "tiny")
-    append_jsonl(rd.samples("level_1"), [row("p1", True, 50, 60, model="level_1")])
+    append_jsonl(rd.samples("level_1"), [sample_row("p1", True, 50, 60, model="level_1")])
     with pytest.raises(ArtifactError, match="samples not found at .*base"):
         write_metrics(rd, "level_1", 1)
     with pytest.raises(ArtifactError, match="no samples"):

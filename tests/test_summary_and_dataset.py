@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from helpers import sample_row
 
 import eval_artifacts
 from eval_artifacts.hub_dataset import (
@@ -22,7 +23,6 @@ from eval_artifacts.hub_dataset import (
 )
 from eval_artifacts.metrics import write_metrics
 from eval_artifacts.plots import plot_pareto
-from eval_artifacts.records import SampleRecord
 from eval_artifacts.rundir import RunDir, append_jsonl
 from eval_artifacts.study.errors import ArtifactError
 from eval_artifacts.summary import build_summary, read_summary, sweet_spot, write_summary
@@ -39,29 +39,6 @@ SHAPE = {
 }
 
 
-def row(
-    pid: str, correct: bool, think: int, completion: int, *, model: str, seed: int = 0, finish="stop"
-) -> dict:
-    level = None if model == "base" else int(model.split("_")[1])
-    return SampleRecord(
-        id=pid,
-        question=f"Problem {pid}: Ann has 9 apples and buys 4 more.",
-        gold="13",
-        prompt=f"Solve this using Level {level}.\nProblem: {pid}",
-        completion=f"<think>\n9+4=13\n</think>\n#### {13 if correct else 12}",
-        reasoning=None if model == "base" else "9+4=13",
-        predicted=None if finish == "length" else ("13" if correct else "12"),
-        extractor=None if finish == "length" else "hash_marker",
-        correct=correct,
-        think_tokens=think,
-        completion_tokens=completion,
-        finish_reason=finish,
-        model=model,
-        level=level,
-        seed=seed,
-    ).to_row()
-
-
 def make_run_dir(root: Path) -> RunDir:
     rd = RunDir(root)
     for index, model in enumerate(MODELS):
@@ -73,7 +50,7 @@ def make_run_dir(root: Path) -> RunDir:
             correct = finish == "stop" and rng.random() < accuracy
             think = rng.randint(max(scale // 2, 1), scale * 2)
             rows.append(
-                row(f"q{i:02d}", correct, think, think + rng.randint(3, 9), model=model, finish=finish)
+                sample_row(f"q{i:02d}", correct, think, think + rng.randint(3, 9), model=model, finish=finish)
             )
         append_jsonl(rd.samples(model), rows)
     for model in MODELS:
