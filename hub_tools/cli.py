@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from eval_artifacts.study.errors import CotCompressError
+
+if TYPE_CHECKING:  # the publishing modules load huggingface_hub and datasets: only the commands import them
+    from hub_tools.publishing.commands import Scope
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -41,12 +45,23 @@ def parse_int_list(value: str | None, what: str) -> list[int] | None:
         raise click.BadParameter(f"{what} must be comma-separated integers, got {value!r}") from None
 
 
-def load_study(config_path: Path | None, run_dir: Path | None = None, data_dir: Path | None = None):
-    """Load the config and apply the command-line overrides every command shares."""
+def load_study(
+    config_path: Path | None,
+    run_dir: Path | None = None,
+    data_dir: Path | None = None,
+    *,
+    endpoint: str | None = None,
+    namespace: str | None = None,
+):
+    """Load the config and apply the command-line overrides; None leaves the config's value.
+
+    ``--endpoint`` and ``--namespace`` are folded in here, once: the cards link the Hub they are published to,
+    so every later step reads the Hub from the config alone.
+    """
     from eval_artifacts.study.config import load_config
 
     config = load_config(config_path)
-    overrides: dict[str, object] = {"run_dir": run_dir}
+    overrides: dict[str, object] = {"run_dir": run_dir, "hub.endpoint": endpoint, "hub.namespace": namespace}
     if data_dir is not None:
         overrides.update({"data.source": "local", "data.local_dir": data_dir})
     return config.with_overrides(**overrides)
@@ -132,7 +147,7 @@ def train_command(config_path, run_dir, levels, resume, force):
     sft.run(config, config.run_dir, levels=parse_int_list(levels, "--levels"), resume=resume, force=force)
 
 
-# ---- publishing: publish, push-eval, regenerate-cards (hub_tools/publish.py)
+# ---- publishing: publish, push-eval, regenerate-cards (hub_tools/publishing/)
 def publishing_options(command):
     """The options every publishing command takes."""
     for option in reversed(
@@ -158,24 +173,40 @@ def publishing_options(command):
     return command
 
 
+def run_publishing(
+    scope: Scope,
+    config_path: Path | None,
+    run_dir: Path | None,
+    endpoint: str | None,
+    namespace: str | None,
+    **options: object,
+) -> None:
+    """Load the study with the Hub overrides, open its Hub and run one publishing command on it."""
+    from eval_artifacts.rundir import RunDir
+    from hub_tools.publishing.commands import PublishOptions, open_target, publish
+
+    config = load_study(config_path, run_dir, endpoint=endpoint, namespace=namespace)
+    study = RunDir(config.run_dir)
+    with open_target(config, study) as target:
+        publish(config, study, target=target, scope=scope, options=PublishOptions(**options), echo=click.echo)
+
+
 @main.command("publish")
 @publishing_options
-def publish_command(config_path, run_dir, **options):
+def publish_command(**options):
     """Publish the adapters, the eval dataset and the collection: one commit per changed repo."""
-    from hub_tools.publish import publish_study
+    from hub_tools.publishing.commands import Scope
 
-    config = load_study(config_path, run_dir)
-    publish_study(config, config.run_dir, **options)
+    run_publishing(Scope.ALL, **options)
 
 
 @main.command("push-eval")
 @publishing_options
-def push_eval_command(config_path, run_dir, **options):
+def push_eval_command(**options):
     """Push the eval dataset (one config per model plus summary), its card and the plot."""
-    from hub_tools.publish import push_eval
+    from hub_tools.publishing.commands import Scope
 
-    config = load_study(config_path, run_dir)
-    push_eval(config, config.run_dir, **options)
+    run_publishing(Scope.EVAL, **options)
 
 
 @main.command("regenerate-cards")
@@ -183,12 +214,11 @@ def push_eval_command(config_path, run_dir, **options):
 @click.option(
     "--from-hub", is_flag=True, help="Rebuild an empty run dir's eval results from the published eval dataset."
 )
-def regenerate_cards_command(config_path, run_dir, **options):
+def regenerate_cards_command(**options):
     """Re-render every card and note; push only the READMEs and notes that changed (never weights)."""
-    from hub_tools.publish import regenerate_cards
+    from hub_tools.publishing.commands import Scope
 
-    config = load_study(config_path, run_dir)
-    regenerate_cards(config, config.run_dir, **options)
+    run_publishing(Scope.CARDS, **options)
 
 
 @main.command("evaluate")
@@ -227,25 +257,30 @@ LOCAL_PAGES_PORT = 8000
     type=click.Choice(["prepare-data", "train", "evaluate", "render-cards"]),
     help="Rerun this stage even if its outputs are current (repeatable).",
 )
-def train_and_publish_command(
-    config_path, run_dir, endpoint, namespace, dry_run, create_pr, templates_dir, data_dir, force_stages
-):
+def train_and_publish_command(config_path, run_dir, endpoint, namespace, data_dir, force_stages, **options):
     """Prepare data, train, evaluate, render cards and publish; stages that are current are skipped."""
     from eval_artifacts.rundir import RunDir
     from eval_artifacts.summary import read_summary
+    from hub_tools.hub_client import LOCAL
     from hub_tools.pipeline import run_stages
-    from hub_tools.publish import check_hub, publish_study
+    from hub_tools.publishing.commands import PublishOptions, Scope, open_target, publish
 
-    config = load_study(config_path, run_dir, data_dir)
+    config = load_study(config_path, run_dir, data_dir, endpoint=endpoint, namespace=namespace)
     study = RunDir(config.run_dir)
-    check_hub(config, study, endpoint=endpoint, namespace=namespace)
-    run_stages(config, study, force_stages=tuple(force_stages), templates_dir=templates_dir)
-    click.echo("[publish] running")
-    report = publish_study(
-        config, study, endpoint=endpoint, namespace=namespace, dry_run=dry_run,
-        create_pr=create_pr, templates_dir=templates_dir,
-    )  # fmt: skip
-    local = (endpoint or config.hub.endpoint) == "local"
+    options = PublishOptions(**options)
+    # Opened (and the token checked) before the first stage, so a token that cannot publish fails in seconds,
+    # not after hours of training; the publish then uses the same Hub.
+    with open_target(config, study) as target:
+        run_stages(
+            config,
+            study,
+            force_stages=tuple(force_stages),
+            templates_dir=options.templates_dir,
+            echo=click.echo,
+        )
+        click.echo("[publish] running")
+        report = publish(config, study, target=target, scope=Scope.ALL, options=options, echo=click.echo)
+    local = config.hub.endpoint == LOCAL
 
     def shown(url: str) -> str:
         # The embedded hub stopped with the run; local URLs are those of `hub serve` below once it runs.

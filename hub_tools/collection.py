@@ -16,9 +16,8 @@ from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.errors import CardValidationError, HubError
 from eval_artifacts.study.levels import LEVELS
+from hub_tools import cards
 from hub_tools.hub_client import HubTarget, describe, reading, status_of
-
-NOTE_MAX_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -142,10 +141,10 @@ def wanted_items(config: StudyConfig, notes: dict[str, str]) -> list[WantedItem]
             raise CardValidationError(
                 f"no collection note was rendered for {repo_id}: check the note template"
             )
-        if len(note) > NOTE_MAX_CHARS:
+        if len(note) > cards.NOTE_MAX_CHARS:
             raise CardValidationError(
-                f"the collection note of {repo_id} has {len(note)} characters, over the Hub's {NOTE_MAX_CHARS}: "
-                "shorten the note template"
+                f"the collection note of {repo_id} has {len(note)} characters, over the Hub's "
+                f"{cards.NOTE_MAX_CHARS}: shorten the note template"
             )
         items.append(WantedItem(repo_id, repo_type, note))
     return items

@@ -22,8 +22,8 @@ from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.errors import HubError
+from hub_tools import cards
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 LOCAL = "local"
 # Roles under which a member of an org may push to it (the Hub's org roles; "read" may not).
 WRITE_ROLES = {"admin", "write", "contributor"}
@@ -49,6 +49,22 @@ class HubTarget:
 
     def collection_url(self, slug: str) -> str:
         return f"{self.endpoint}/collections/{slug}"
+
+    @contextmanager
+    def clients(self) -> Iterator[None]:
+        """Point this process's ``datasets`` and module-level huggingface_hub helpers at this Hub for the
+        block, and back after it: only publishing talks to it, never the stages (which download the
+        base model and GSM8K from the public Hub) that ``train-and-publish`` runs while it is open."""
+        if self.endpoint == cards.PUBLIC_HUB:
+            yield
+            return
+        from hub_tools.local_hub import configure_clients
+
+        restore = configure_clients(self.endpoint)
+        try:
+            yield
+        finally:
+            restore()
 
 
 def scrub(text: str, token: str | None) -> str:
@@ -99,31 +115,36 @@ def reading(call: Callable[[], T]) -> T:
 
 
 @contextmanager
-def open_hub(
-    config: StudyConfig, run_dir: RunDir, *, endpoint: str | None = None, token: str | None = None
-) -> Iterator[HubTarget]:
-    """The Hub for this command: the embedded local hub (started here) or the URL, with its token.
+def open_hub(config: StudyConfig, run_dir: RunDir, *, token: str | None = None) -> Iterator[HubTarget]:
+    """
+    The Hub of ``config.hub.endpoint``: the embedded local hub (started here) or the URL, with its token.
+
+    Args:
+        config (`StudyConfig`):
+            The study: its ``hub.endpoint`` (``local`` or an http(s) URL, as the config validates it) and, for
+            the local hub, its ``hub.namespace``, the name of the local hub's one user.
+        run_dir (`RunDir`):
+            The run directory; the local hub keeps its storage in ``run_dir.hub_data_dir``.
+        token (`str`, *optional*):
+            The token for a URL; defaults to ``HF_TOKEN`` or the login cache. The local hub uses its own.
+
+    Returns:
+        `Iterator[HubTarget]`: the Hub, for the duration of the block (the local hub stops after it).
 
     Raises:
-        HubError: no token is available for a remote endpoint.
+        [`HubError`]:
+            No token is available for a URL.
     """
-    endpoint = (endpoint or config.hub.endpoint).rstrip("/")
+    endpoint = config.hub.endpoint
     if endpoint == LOCAL:
-        from hub_tools.local_hub import DEFAULT_USERS, configure_clients, running_hub
+        from hub_tools.local_hub import DEFAULT_USERS, running_hub
 
         # The embedded hub gets one user named after the study's namespace, with the local hub's token.
         local_token = next(iter(DEFAULT_USERS.values()))
         with running_hub(run_dir.hub_data_dir, users={config.hub.namespace: local_token}) as hub:
-            configure_clients(hub.endpoint)
             api = HfApi(endpoint=hub.endpoint, token=local_token)
             yield HubTarget(hub.endpoint, LOCAL, api, local_token, local_hub=hub)
         return
-    if not endpoint.startswith(("http://", "https://")):
-        raise HubError(f"--endpoint {endpoint!r} is neither 'local' nor an http(s) URL")
-    if endpoint != DEFAULT_ENDPOINT:
-        from hub_tools.local_hub import configure_clients
-
-        configure_clients(endpoint)  # datasets and module-level helpers must talk to the same Hub
     token = token or huggingface_hub.get_token()
     if not token:
         raise HubError(

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import click
-
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, file_sha256, read_json, write_json
 from eval_artifacts.study.config import StudyConfig
 
@@ -94,12 +92,12 @@ def _run_evaluate(config: StudyConfig, run_dir: RunDir) -> None:
 
 def _run_render(config: StudyConfig, run_dir: RunDir, templates_dir: Path | None = None) -> None:
     from hub_tools import cards
-    from hub_tools.publish import render_cards
+    from hub_tools.publishing.spec import render_cards
 
     # The collection link comes from publish/state.json once a publish created the collection; rendering
     # without it would make every rerun differ from what publish wrote, so the stage would never be current.
     url = cards.collection_url_from_state(config, run_dir)
-    rendered, _ = render_cards(config, run_dir, templates_dir, url)
+    rendered, _ = render_cards(config, run_dir, templates_dir=templates_dir, collection_url=url)
     cards.write_cards(run_dir, rendered)
 
 
@@ -205,12 +203,32 @@ def run_stages(
     *,
     force_stages: tuple[str, ...] = (),
     templates_dir: Path | None = None,
-    echo: Callable[[str], None] = click.echo,
+    echo: Callable[[str], None] = print,
 ) -> list[str]:
-    """Run every stage that is not current, in order; return the names of the stages that ran.
+    """
+    Run every stage that is not current, in order.
 
     Later stages hash the outputs of earlier ones into their inputs, so a stage that reran and changed its
     outputs makes every stage after it stale, and one that reran to identical bytes does not.
+
+    Args:
+        config (`StudyConfig`):
+            The study.
+        run_dir (`RunDir`):
+            The run directory, with its ``study.lock.json``.
+        force_stages (`tuple[str, ...]`, *optional*):
+            Stages to rerun even if current.
+        templates_dir (`Path`, *optional*):
+            The user's own card templates, for the render-cards stage.
+        echo (`Callable[[str], None]`, *optional*):
+            Where the ``[stage] running`` / ``current, skipped`` lines go; stdout by default.
+
+    Returns:
+        `list[str]`: the names of the stages that ran.
+
+    Raises:
+        [`ConfigError`]:
+            A name in ``force_stages`` is not a stage.
     """
     unknown = set(force_stages) - set(STAGES)
     if unknown:

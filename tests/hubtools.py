@@ -41,6 +41,18 @@ def clients_for(hub) -> Iterator[None]:
         restore()
 
 
+def publish_to(endpoint: str, config, run_dir, *, token: str | None, scope, echo=print, **options):
+    """One publishing command on ``endpoint``, as the CLI runs it: the endpoint folded into the config, the Hub
+    opened and the token checked, then ``publish`` with ``options`` (``PublishOptions``' fields)."""
+    from hub_tools.publishing.commands import PublishOptions, open_target, publish
+
+    config = config.with_overrides(**{"hub.endpoint": endpoint})
+    with open_target(config, run_dir, token=token) as target:
+        return publish(
+            config, run_dir, target=target, scope=scope, options=PublishOptions(**options), echo=echo
+        )
+
+
 def card_text() -> str:
     """A README built with huggingface_hub's card data classes, holding a model-index accuracy."""
     from huggingface_hub import EvalResult, ModelCardData

@@ -7,6 +7,7 @@ own report, so a publisher that lies about what it did fails.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from importlib import resources
@@ -15,16 +16,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from fixtures_artifacts import write_fixture_study
+from hubtools import publish_to
 from huggingface_hub import CommitOperationAdd, HfApi
 
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import ArtifactError, CardValidationError, HubError
-from hub_tools import publish as publish_module
 from hub_tools.cards import render_collection_notes
 from hub_tools.cli import main
 from hub_tools.local_hub import configure_clients, running_hub
-from hub_tools.publish import publish_study, push_eval, regenerate_cards
+from hub_tools.publishing import commands as publish_module
+from hub_tools.publishing.commands import Scope
 
 ADAPTER_FILES = {
     ".gitattributes",
@@ -62,7 +64,7 @@ def api(hub) -> HfApi:
 
 
 def publish(config, run_dir, hub, **options):
-    return publish_study(config, run_dir, endpoint=hub.endpoint, token=hub.default_token, **options)
+    return publish_to(hub.endpoint, config, run_dir, token=hub.default_token, scope=Scope.ALL, **options)
 
 
 def repos(config) -> list[tuple[str, str]]:
@@ -192,11 +194,12 @@ def test_changed_template_regenerates_readmes_only(study, hub, tmp_path):
     notes_before = [i.note for i in api(hub).get_collection(slug).items]
 
     mark = len(hub.request_log)
-    report = regenerate_cards(
+    report = publish_to(
+        hub.endpoint,
         config,
         run_dir,
-        endpoint=hub.endpoint,
         token=hub.default_token,
+        scope=Scope.CARDS,
         templates_dir=edited_templates(tmp_path),
     )
     assert commit_requests(hub, mark) == {repo_id: 1 for _, repo_id in repos(config)}
@@ -215,11 +218,12 @@ def test_changed_template_regenerates_readmes_only(study, hub, tmp_path):
     assert [i.note for i in api(hub).get_collection(slug).items] == notes_before
 
     mark = len(hub.request_log)
-    regenerate_cards(
+    publish_to(
+        hub.endpoint,
         config,
         run_dir,
-        endpoint=hub.endpoint,
         token=hub.default_token,
+        scope=Scope.CARDS,
         templates_dir=edited_templates(tmp_path / "x"),
     )
     assert writes(hub, mark) == []
@@ -230,7 +234,9 @@ def test_regenerate_cards_from_hub_rebuilds_the_same_cards(study, hub, tmp_path)
     publish(config, run_dir, hub)
     fresh = RunDir(tmp_path / "fresh")
     mark = len(hub.request_log)
-    report = regenerate_cards(config, fresh, from_hub=True, endpoint=hub.endpoint, token=hub.default_token)
+    report = publish_to(
+        hub.endpoint, config, fresh, token=hub.default_token, scope=Scope.CARDS, from_hub=True
+    )
     for model in config.model_keys:
         assert fresh.samples(model).read_text() == run_dir.samples(model).read_text()
         assert json.loads(fresh.metrics(model).read_text()) == json.loads(run_dir.metrics(model).read_text())
@@ -240,7 +246,7 @@ def test_regenerate_cards_from_hub_rebuilds_the_same_cards(study, hub, tmp_path)
     assert report.commits == 0 and writes(hub, mark) == []
 
     with pytest.raises(Exception, match="already holds eval results"):
-        regenerate_cards(config, run_dir, from_hub=True, endpoint=hub.endpoint, token=hub.default_token)
+        publish_to(hub.endpoint, config, run_dir, token=hub.default_token, scope=Scope.CARDS, from_hub=True)
 
 
 def test_create_pr_twice_reuses_one_pr_per_repo(study, hub, tmp_path):
@@ -287,7 +293,7 @@ def test_token_problems_stop_before_any_write(study, tmp_path, case):
     with running_hub(tmp_path / "hub-data", users=users, read_only_tokens={"hf_reader_token"}) as server:
         configure_clients(server.endpoint)
         with pytest.raises(HubError) as raised:
-            publish_study(config, run_dir, endpoint=server.endpoint, token=token)
+            publish_to(server.endpoint, config, run_dir, token=token, scope=Scope.ALL)
         assert writes(server) == []
     message = str(raised.value)
     assert "\n" not in message and (token or "hf_") not in message
@@ -362,7 +368,7 @@ def test_existing_visibility_is_kept_with_a_warning(study, hub):
 
 def test_push_eval_pushes_only_the_dataset(study, hub, tmp_path):
     config, run_dir = study
-    report = push_eval(config, run_dir, endpoint=hub.endpoint, token=hub.default_token)
+    report = publish_to(hub.endpoint, config, run_dir, token=hub.default_token, scope=Scope.EVAL)
     assert commit_requests(hub) == {config.eval_repo_id: 1}
     assert [r.repo_id for r in report.repos] == [config.eval_repo_id]
     assert not api(hub).repo_exists(config.adapter_repo_id(1))
@@ -376,9 +382,14 @@ def test_push_eval_pushes_only_the_dataset(study, hub, tmp_path):
 
 
 def test_cli_publish_to_the_embedded_hub(study, tmp_path):
+    from huggingface_hub import constants
+
     config, run_dir = study
+    before = (os.environ.get("HF_ENDPOINT"), constants.ENDPOINT)
     runner = CliRunner()
     first = runner.invoke(main, ["publish", "--run-dir", str(run_dir.root), "--endpoint", "local"])
+    # The clients point back where they pointed: a later download must not go to the stopped hub.
+    assert (os.environ.get("HF_ENDPOINT"), constants.ENDPOINT) == before
     assert first.exit_code == 0, first.output
     assert "cot-compress/tiny-cot-l4: created" in first.output
     assert f"cot-compress hub serve --data {run_dir.hub_data_dir}" in first.output

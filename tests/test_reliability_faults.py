@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 from fixtures_artifacts import write_fixture_study
-from hubtools import clients_for, isolated_hf_caches
+from hubtools import clients_for, isolated_hf_caches, publish_to
 from huggingface_hub import CommitOperationAdd, HfApi
 
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import HubError
 from hub_tools.local_hub import running_hub
-from hub_tools.publish import publish_study
+from hub_tools.publishing.commands import Scope
 
 # route name -> (method, path regex, scenario that uses it)
 ROUTES = {
@@ -96,8 +96,14 @@ def relabel(run_dir: RunDir, endpoint: str) -> None:
 
 
 def publish(config, run_dir, hub, **options):
-    return publish_study(
-        config, run_dir, endpoint=hub.endpoint, token=hub.default_token, echo=lambda line: None, **options
+    return publish_to(
+        hub.endpoint,
+        config,
+        run_dir,
+        token=hub.default_token,
+        scope=Scope.ALL,
+        echo=lambda line: None,
+        **options,
     )
 
 
@@ -302,7 +308,7 @@ def test_fault_then_rerun_converges(world, tmp_path, no_backoff, route, fault):
 
 def test_a_real_concurrent_commit_on_every_repo_fails_cleanly_then_converges(world, tmp_path, monkeypatch):
     """Someone commits to each repo between our planning and our commit: 412, nothing of ours lands there."""
-    from hub_tools import publish as publish_module
+    from hub_tools.publishing import commands as publish_module
 
     config = world["config"]
     run_dir, hub_dir = start(world, "update", tmp_path)

@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 from fixtures_artifacts import write_fixture_study
-from hubtools import clients_for, isolated_hf_caches
+from hubtools import clients_for, isolated_hf_caches, publish_to
 from safetensors.torch import load_file
 from test_reliability_faults import edited_templates, hub_state, repos
 
@@ -35,7 +35,7 @@ from eval_artifacts import faultpoints
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import load_config
 from hub_tools.local_hub import running_hub
-from hub_tools.publish import publish_study
+from hub_tools.publishing.commands import Scope
 from training import evaluate, prepare_data, sft
 
 CLI = Path(sys.executable).with_name("cot-compress")
@@ -279,8 +279,8 @@ def publishing(tmp_path_factory):
         shutil.copytree(root / "study", run_dir.root)
         with running_hub(root / f"hub-{name}") as hub, clients_for(hub), isolated_hf_caches(root / "cache"):
             for templates_dir in steps:
-                publish_study(config, run_dir, endpoint=hub.endpoint, token=hub.default_token,
-                              templates_dir=templates_dir, echo=lambda line: None)  # fmt: skip
+                publish_to(hub.endpoint, config, run_dir, token=hub.default_token, scope=Scope.ALL,
+                           templates_dir=templates_dir, echo=lambda line: None)  # fmt: skip
             finals[name] = hub_state(hub, config)
     return {"root": root, "config": config, "templates": templates, "finals": finals}
 
@@ -321,8 +321,13 @@ def test_publish_killed_then_rerun(publishing, tmp_path, scenario, point):
     with running_hub(tmp_path / "hub") as hub, clients_for(hub), isolated_hf_caches(tmp_path / "cache"):
         extra = ()
         if scenario == "update":
-            publish_study(
-                config, run_dir, endpoint=hub.endpoint, token=hub.default_token, echo=lambda line: None
+            publish_to(
+                hub.endpoint,
+                config,
+                run_dir,
+                token=hub.default_token,
+                scope=Scope.ALL,
+                echo=lambda line: None,
             )
             extra = ("--templates", str(templates))
         before, final = hub_state(hub, config), publishing["finals"][scenario]
@@ -336,15 +341,15 @@ def test_publish_killed_then_rerun(publishing, tmp_path, scenario, point):
             )
 
         options = {"templates_dir": templates} if scenario == "update" else {}
-        publish_study(config, run_dir, endpoint=hub.endpoint, token=hub.default_token, echo=lambda line: None,
-                      **options)  # fmt: skip
+        publish_to(hub.endpoint, config, run_dir, token=hub.default_token, scope=Scope.ALL,
+                   echo=lambda line: None, **options)  # fmt: skip
         assert hub_state(hub, config) == final
         published = {"fresh": 2, "update": 3}[scenario]  # the repo's initial commit, then one per publish
         for repo_type, repo_id in repos(config):
             assert hub.commit_count(repo_type, repo_id) == published, f"{repo_id}: a commit was duplicated"
         mark = len(hub.request_log)
-        again = publish_study(config, run_dir, endpoint=hub.endpoint, token=hub.default_token,
-                              echo=lambda line: None, **options)  # fmt: skip
+        again = publish_to(hub.endpoint, config, run_dir, token=hub.default_token, scope=Scope.ALL,
+                           echo=lambda line: None, **options)  # fmt: skip
         assert again.commits == 0 and all(e["method"] in ("GET", "POST") for e in hub.request_log[mark:])
         state = json.loads(run_dir.publish_state.read_text())["hubs"][hub.endpoint]
         for repo_type, repo_id in repos(config):

@@ -1,0 +1,336 @@
+"""The publishing commands (publish, push-eval, regenerate-cards): one entry point, told what by a ``Scope``."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eval_artifacts.faultpoints import maybe_crash
+from eval_artifacts.rundir import RunDir
+from eval_artifacts.study.config import StudyConfig
+from hub_tools import cards
+from hub_tools import collection as collections
+from hub_tools.hub_client import HubTarget, check_write_access, open_hub
+from hub_tools.publishing.apply import RepoResult, apply_repo, finish_collection, record
+from hub_tools.publishing.plan import RepoPlan, plan_repo
+from hub_tools.publishing.restore import restore_run_dir_from_hub
+from hub_tools.publishing.spec import (
+    README,
+    RepoSpec,
+    card_collection_url,
+    check_artifacts,
+    readme_specs,
+    render_cards,
+    repo_specs,
+    write_pushed_cards,
+)
+from hub_tools.publishing.state import PublishState
+
+
+class Scope(enum.Enum):
+    """What a publishing command pushes."""
+
+    ALL = "all"  # `publish`: every adapter repo, the eval dataset and the collection
+    EVAL = "eval"  # `push-eval`: the eval dataset alone, with its card and the plot
+    CARDS = "cards"  # `regenerate-cards`: every README and collection note, never a weight byte
+
+    @property
+    def adapters(self) -> bool:
+        """The adapter repos' files are pushed, so they must all be in the run directory."""
+        return self is Scope.ALL
+
+    @property
+    def readmes_only(self) -> bool:
+        """Only READMEs and notes change: no repo is created, no file deleted, no collection item moved."""
+        return self is Scope.CARDS
+
+    @property
+    def collection(self) -> bool:
+        """The collection is part of the publish."""
+        return self is not Scope.EVAL
+
+
+@dataclass(frozen=True)
+class PublishOptions:
+    """
+    How a publishing command runs; what it pushes is its ``Scope``. One field per command-line flag.
+
+    Args:
+        dry_run (`bool`, *optional*):
+            Print the plan and the README diffs; push nothing.
+        create_pr (`bool`, *optional*):
+            Open (or update) one PR per changed repo instead of committing to ``main``.
+        templates_dir (`Path`, *optional*):
+            A folder of the user's own card and note templates.
+        from_hub (`bool`, *optional*):
+            ``Scope.CARDS`` only: first restore an empty run directory from the published eval dataset.
+    """
+
+    dry_run: bool = False
+    create_pr: bool = False
+    templates_dir: Path | None = None
+    from_hub: bool = False
+
+
+@dataclass
+class PublishReport:
+    """What a publishing command did (or, with dry_run, would do)."""
+
+    endpoint: str
+    dry_run: bool
+    repos: list[RepoResult] = field(default_factory=list)
+    collection_slug: str | None = None
+    collection_url: str | None = None
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def commits(self) -> int:
+        return sum(r.status in ("created", "committed", "pull request") for r in self.repos)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@contextmanager
+def open_target(config: StudyConfig, run_dir: RunDir, *, token: str | None = None) -> Iterator[HubTarget]:
+    """
+    Open the study's Hub (``hub.endpoint``) and check that the token may write to ``hub.namespace``.
+
+    ``train-and-publish`` holds one target from before its first stage to the end of its publish, so a bad
+    token fails in seconds, not after hours of training.
+
+    Args:
+        config (`StudyConfig`):
+            The study, with ``--endpoint`` and ``--namespace`` already folded in.
+        run_dir (`RunDir`):
+            The run directory; the embedded local hub keeps its storage there.
+        token (`str`, *optional*):
+            A token for a remote Hub; defaults to ``HF_TOKEN`` or the login cache.
+
+    Returns:
+        `Iterator[HubTarget]`: the checked Hub, for the duration of the block.
+
+    Raises:
+        [`HubError`]:
+            No token, or the token is rejected, read-only, or cannot write to the namespace; or the Hub
+            cannot be reached.
+    """
+    with open_hub(config, run_dir, token=token) as target:
+        with target.clients():
+            check_write_access(target, config.hub.namespace)
+        yield target
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Progress bars of huggingface_hub and datasets (one per file and config) would bury the plan."""
+    import datasets
+    from huggingface_hub import utils
+
+    libraries = [m for m in (utils, datasets.utils) if not m.are_progress_bars_disabled()]
+    for module in libraries:
+        module.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for module in libraries:
+            module.enable_progress_bars()
+
+
+def publish(
+    config: StudyConfig,
+    run_dir: RunDir,
+    *,
+    target: HubTarget,
+    scope: Scope,
+    options: PublishOptions,
+    echo: Callable[[str], None] = print,
+) -> PublishReport:
+    """
+    Run one publishing command: preflight, plan, then (unless a dry run) apply.
+
+    1. Preflight, before any write (``open_target`` checked the token): every artifact the scope pushes is
+       there, metrics agree with their samples, every card and collection note validates.
+    2. Plan, reading only: each repo's spec is diffed with the Hub's side, and the collection with its own.
+    3. Apply: one commit (or PR) per changed repo, then the collection; ``publish/state.json`` records what
+       was pushed, so a rerun converges.
+
+    Args:
+        config (`StudyConfig`):
+            The study, with ``--endpoint`` and ``--namespace`` already folded in.
+        run_dir (`RunDir`):
+            The run directory to publish from.
+        target (`HubTarget`):
+            The Hub opened and checked by ``open_target``.
+        scope (`Scope`):
+            What to push: everything (``publish``), the eval dataset (``push-eval``) or the cards
+            (``regenerate-cards``).
+        options (`PublishOptions`):
+            Dry run, PRs, templates, restoring from the Hub.
+        echo (`Callable[[str], None]`, *optional*):
+            Where each line of the plan or the report goes; stdout by default.
+
+    Returns:
+        [`PublishReport`]: each repo's status, the collection, the lines echoed and the warnings.
+
+    Raises:
+        [`ArtifactError`], [`CardValidationError`], [`HubError`]:
+            A preflight check failed (nothing was written), or a write failed (the message says which repo;
+            rerunning converges).
+        [`ValueError`]:
+            ``options.from_hub`` with a scope other than ``Scope.CARDS``.
+    """
+    if options.from_hub and scope is not Scope.CARDS:
+        raise ValueError(f"from_hub restores the run directory for Scope.CARDS only, not {scope}")
+    report = PublishReport(endpoint=target.endpoint, dry_run=options.dry_run)
+
+    def say(line: str) -> None:
+        report.lines.append(line)
+        echo(line)
+
+    with _no_progress_bars(), target.clients():
+        # -- preflight (reads only): artifacts, cards and notes; open_target checked the token
+        if options.from_hub:
+            restore_run_dir_from_hub(target, config, run_dir, echo=echo)
+        check_artifacts(config, run_dir, adapters=scope.adapters)
+        state = PublishState(run_dir, label=target.label)
+        current = collections.find_collection(
+            target,
+            namespace=config.hub.namespace,
+            title=config.hub.collection_title,
+            slug=state.collection_slug,
+        )
+        rendered, notes = render_cards(
+            config,
+            run_dir,
+            templates_dir=options.templates_dir,
+            collection_url=card_collection_url(config, current.slug if current else None),
+        )
+        specs = _specs(config, run_dir, rendered, scope)
+
+        # -- plan (reads only)
+        owned = {spec.repo_id: set() if scope.readmes_only else state.owned(spec.repo_id) for spec in specs}
+        plans = [
+            plan_repo(
+                target,
+                spec,
+                private=config.hub.private,
+                owned=owned[spec.repo_id],
+                pr=state.pr(spec.repo_id),
+                create_pr=options.create_pr,
+                may_create=not scope.readmes_only,
+                fetch_readme=options.dry_run,
+            )
+            for spec in specs
+        ]
+        collection_plan = (
+            collections.plan_collection(config, notes, current=current, notes_only=scope.readmes_only)
+            if scope.collection
+            else None
+        )
+        for plan in plans:
+            report.warnings += [w.strip() for w in plan.warnings]
+        if options.dry_run:
+            _describe_dry_run(report, target, plans, collection_plan, create_pr=options.create_pr, say=say)
+            return report
+
+        # -- apply. A new collection comes first, so that the cards can link it from their first commit.
+        if (
+            collection_plan is not None
+            and collection_plan.current is None
+            and not collection_plan.notes_only
+            and not options.create_pr
+        ):
+            rendered = _create_collection_first(
+                target, config, run_dir, collection_plan, plans, state=state, owned=owned, options=options
+            )
+        write_pushed_cards(run_dir, rendered, specs)
+        for plan in plans:  # one commit (or PR) per changed repo
+            result = apply_repo(target, plan, create_pr=options.create_pr)
+            maybe_crash("publish.after_commit", plan.spec.repo_id.split("/")[1])  # state.json not updated yet
+            record(state, plan, result, readme_only=scope.readmes_only)
+            state.save()
+            report.repos.append(result)
+            say(result.line())
+        if collection_plan is not None:
+            finish_collection(target, collection_plan, state=state, create_pr=options.create_pr, say=say)
+            report.collection_slug = collection_plan.slug
+            report.warnings += collection_plan.warnings
+            if report.collection_slug:
+                report.collection_url = target.collection_url(report.collection_slug)
+                say(f"  {report.collection_url}")
+        for warning in report.warnings:
+            say(warning)
+        if target.local_hub is not None:
+            say(
+                f"Published to the embedded local hub (data in {run_dir.hub_data_dir}); browse it with "
+                f"`cot-compress hub serve --data {run_dir.hub_data_dir}`"
+            )
+        return report
+
+
+def _create_collection_first(
+    target: HubTarget,
+    config: StudyConfig,
+    run_dir: RunDir,
+    collection_plan: collections.CollectionPlan,
+    plans: list[RepoPlan],
+    *,
+    state: PublishState,
+    owned: dict[str, set[str]],
+    options: PublishOptions,
+) -> dict[str, cards.RenderedCard]:
+    """Create the collection, then re-render the cards to link it and re-diff each plan's README.
+
+    Returns the re-rendered cards.
+    """
+    collection_plan.current = collections.create_collection(target, collection_plan)
+    maybe_crash("publish.collection_created")  # on the Hub, not yet in state.json
+    state.set_collection(collection_plan.slug, collection_plan.title)
+    url = card_collection_url(config, collection_plan.slug)
+    rendered, _ = render_cards(config, run_dir, templates_dir=options.templates_dir, collection_url=url)
+    readmes = {spec.repo_id: spec.files[README] for spec in readme_specs(config, rendered=rendered)}
+    for plan in plans:
+        plan.spec.files[README] = readmes[plan.spec.repo_id]
+        plan.diff(owned[plan.spec.repo_id])
+    return rendered
+
+
+def _specs(
+    config: StudyConfig, run_dir: RunDir, rendered: dict[str, cards.RenderedCard], scope: Scope
+) -> list[RepoSpec]:
+    if scope.readmes_only:
+        return readme_specs(config, rendered=rendered)
+    return repo_specs(config, run_dir, rendered=rendered, adapters=scope.adapters)
+
+
+def _describe_dry_run(
+    report: PublishReport,
+    target: HubTarget,
+    plans: list[RepoPlan],
+    collection_plan: collections.CollectionPlan | None,
+    *,
+    create_pr: bool,
+    say: Callable[[str], None],
+) -> None:
+    say(f"Dry run against {target.endpoint}: nothing will be pushed.")
+    for plan in plans:
+        url = target.repo_url(plan.spec.repo_type, plan.spec.repo_id)
+        for line in plan.describe(url):
+            say(line)
+        status = "would create" if not plan.exists else ("would change" if plan.changed else "unchanged")
+        report.repos.append(RepoResult(plan.spec.repo_id, plan.spec.repo_type, url, status, plan.touched))
+    if collection_plan is not None:
+        for line in collection_plan.describe():
+            say(line)
+        if create_pr and collection_plan.changed:
+            say("  (with --create-pr the collection is left as it is until a publish without it)")
+        elif collection_plan.current is None and not collection_plan.notes_only:
+            say("  (created first: every card will then link it, so every README changes)")
+        report.collection_slug = collection_plan.slug
+    changed = sum(p.changed for p in plans)
+    say(f"{changed} of {len(plans)} repo(s) would get a {'PR' if create_pr else 'commit'}.")
