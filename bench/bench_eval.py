@@ -28,9 +28,11 @@ import math
 import time
 import traceback
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import Qwen3Config
 
 from bench import common
 from training.fast_generate import FastGenerator
@@ -46,6 +48,11 @@ def log(message: str) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- HF reference
@@ -100,7 +107,7 @@ def match_stats(fast: list[list[int]], reference: list[list[int]]) -> dict:
     }
 
 
-# ---------------------------------------------------------------- stages
+# ---------------------------------------------------------------- measurements
 def self_check(device: torch.device) -> dict:
     """Tiny fp32 model, natural stops: the fast engine (graphs on CUDA) equals HF generate exactly."""
     config = common.smoke_config()
@@ -360,8 +367,54 @@ def floors(fast: dict, *, config, weight_bytes: int, dtype, peaks: dict, measure
     return out
 
 
-# ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- main and its stages
+@dataclass
+class EvalInputs:
+    """The model shape, prompts and generation settings that every measured stage shares."""
+
+    device: torch.device
+    smoke: bool
+    config: Qwen3Config
+    dtype: torch.dtype
+    models: list[str]  # evaluated, in this order
+    adapters: list[str]  # built: level_1 even when only the base is evaluated, for baseline (b)
+    profiles: dict[str, int]  # new tokens forced per model
+    prompts: list[list[int]]
+    hf_batch: int
+    gen: dict  # stop_ids and pad_id, as every generate call takes them
+
+
+def main(argv=None) -> dict:
+    """Every stage in order, then the summary and the JSON (``--markdown``: only a result's README table)."""
+    args = parse_args(argv)
+    if args.markdown:
+        return print_markdown(args.markdown)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_path = common.default_out("bench_eval.json", args.out)
+    result = describe_run(device, smoke=args.smoke)
+    run_self_check(result, device)
+    if args.self_check_only:
+        return _write(result, out_path)
+    inputs = build_inputs(args, device)
+    peaks, measured_bw = measure_bandwidth(result, device)
+    peft_model, weights = build_model(result, inputs)
+    fast = run_fast_eval(result, inputs, peft_model, max_batch_size=args.max_batch_size)
+    run_roofline(result, inputs, fast, weights=weights, peaks=peaks, measured_bw=measured_bw)
+    eager = run_eager_ablation(result, inputs, peft_model, fast, max_batch_size=args.max_batch_size)
+    empty_cache(device)
+    hf = run_hf_batch_baseline(result, inputs, peft_model, n_batches=args.hf_batches)
+    compare_with_hf(result, inputs, fast, eager, hf)
+    run_one_at_a_time(result, inputs, peft_model, sample=args.single_problems)
+    peft_model = None  # free the 4B model before the fp32 check
+    empty_cache(device)
+    run_fp32_check(result, inputs)
+    judge(result, inputs.models)
+    _table(result)
+    return _write(result, out_path)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line's options."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -401,15 +454,15 @@ def run_stage(result: dict, name: str, fn):
         return None
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.markdown:
-        result = json.loads(args.markdown.read_text(encoding="utf-8"))
-        print(markdown_table(result))
-        return result
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    smoke = args.smoke
-    out_path = common.default_out("bench_eval.json", args.out)
+def print_markdown(path: Path) -> dict:
+    """Print the README table of a result file and return the result."""
+    result = json.loads(path.read_text(encoding="utf-8"))
+    print(markdown_table(result))
+    return result
+
+
+def describe_run(device: torch.device, *, smoke: bool) -> dict:
+    """The result's header: schema, mode, date, device and library versions."""
     result: dict = {
         "schema_version": 1,
         "benchmark": "eval",
@@ -419,17 +472,20 @@ def main(argv=None) -> dict:
         "libraries": common.library_versions(),
     }
     log(f"device {result['device']['name']} ({device.type}); {result['libraries']}")
+    return result
 
+
+def run_self_check(result: dict, device: torch.device) -> None:
+    """The tiny fp32 exactness self-check, into ``result["self_check"]``."""
     log("self-check: tiny fp32 model, fast engine vs HF generate")
     result["self_check"] = run_stage(result, "self_check", lambda: self_check(device))
     log(f"self-check: {json.dumps(result['self_check'])}")
-    if args.self_check_only:
-        return _write(result, out_path)
 
+
+def build_inputs(args: argparse.Namespace, device: torch.device) -> EvalInputs:
+    """The config, prompts, token profiles and batch sizes of the run (smoke: tiny, profiles / 10)."""
+    smoke = args.smoke
     config = common.smoke_config() if smoke else common.qwen3_4b_config()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    stop_ids = [config.eos_token_id, config.pad_token_id]
-    pad_id = config.pad_token_id
     models = list(common.EVAL_PROFILES)[: args.models]
     profiles = (
         {k: math.ceil(v / 10) for k, v in common.EVAL_PROFILES.items()}
@@ -438,12 +494,24 @@ def main(argv=None) -> dict:
     )
     n_problems = args.problems or (12 if smoke else GSM8K_TEST_PROBLEMS)
     lo, hi = (12, 20) if smoke else (120, 200)
-    prompts = common.synthetic_prompts(
-        n_problems, vocab_size=config.vocab_size, min_len=lo, max_len=hi, seed=0
+    return EvalInputs(
+        device=device,
+        smoke=smoke,
+        config=config,
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        models=models,
+        adapters=[m for m in models if m != "base"] or ["level_1"],
+        profiles=profiles,
+        prompts=common.synthetic_prompts(
+            n_problems, vocab_size=config.vocab_size, min_len=lo, max_len=hi, seed=0
+        ),
+        hf_batch=4 if smoke else 64,
+        gen={"stop_ids": [config.eos_token_id, config.pad_token_id], "pad_id": config.pad_token_id},
     )
-    hf_batch = 4 if smoke else 64
-    gen = {"stop_ids": stop_ids, "pad_id": pad_id}
 
+
+def measure_bandwidth(result: dict, device: torch.device) -> tuple[dict, float | None]:
+    """The datasheet peaks for the device, and its measured copy bandwidth on a GPU."""
     peaks = common.device_peaks(result["device"]["name"] if device.type == "cuda" else "cpu")
     measured_bw = (
         run_stage(result, "bandwidth", lambda: common.measure_copy_bandwidth(device))
@@ -452,19 +520,23 @@ def main(argv=None) -> dict:
     )
     if measured_bw:
         log(f"device-to-device copy bandwidth {measured_bw / 1e12:.2f} TB/s (datasheet {peaks['bandwidth']})")
+    return peaks, measured_bw
 
+
+def build_model(result: dict, inputs: EvalInputs) -> tuple[object, int]:
+    """The random base with its LoRA adapters, described in ``result["setup"]``; returns it and its weight bytes."""
+    config, dtype, device, prompts = inputs.config, inputs.dtype, inputs.device, inputs.prompts
     log(
         f"building random {config.num_hidden_layers}-layer model (hidden {config.hidden_size}) on {device} in {dtype}"
     )
     t0 = time.perf_counter()
     model = common.build_random_model(config, device=str(device), dtype=dtype, seed=0)
-    adapters = [m for m in models if m != "base"] or ["level_1"]
-    peft_model = common.add_random_adapters(model, adapters, seed=1)
+    peft_model = common.add_random_adapters(model, inputs.adapters, seed=1)
     sync(device)
     weights = common.weight_bytes(peft_model)
     result["setup"] = {
         "model": {
-            "shape": "smoke" if smoke else "Qwen3-4B",
+            "shape": "smoke" if inputs.smoke else "Qwen3-4B",
             "layers": config.num_hidden_layers,
             "hidden": config.hidden_size,
             "intermediate": config.intermediate_size,
@@ -477,166 +549,221 @@ def main(argv=None) -> dict:
             "weight_bytes": weights,
         },
         "adapters": {
-            "names": adapters,
+            "names": inputs.adapters,
             "r": 16,
             "alpha": 32,
             "target_modules": "all-linear",
             "B": "N(0, 0.02)",
         },
-        "problems_per_model": n_problems,
+        "problems_per_model": len(prompts),
         "prompt_tokens": {
             "min": min(map(len, prompts)),
             "max": max(map(len, prompts)),
             "mean": sum(map(len, prompts)) / len(prompts),
         },
-        "models": models,
-        "new_tokens": {m: profiles[m] for m in models},
+        "models": inputs.models,
+        "new_tokens": {m: inputs.profiles[m] for m in inputs.models},
         "build_s": time.perf_counter() - t0,
     }
-    log(f"built in {result['setup']['build_s']:.1f}s: {weights / 1e9:.2f} GB of weights, adapters {adapters}")
+    log(
+        f"built in {result['setup']['build_s']:.1f}s: {weights / 1e9:.2f} GB of weights, adapters {inputs.adapters}"
+    )
+    return peft_model, weights
 
-    # (1) the fast engine on the whole eval
-    def run_fast(models, *, fused_kernels=None):
-        sync(device)
-        t0 = time.perf_counter()
-        engine = FastGenerator(peft_model, max_batch_size=args.max_batch_size, fused_kernels=fused_kernels)
-        init_s = time.perf_counter() - t0  # includes compiling and checking the Triton kernels
-        log(f"fast engine ready in {init_s:.1f}s; fused decode kernels {engine.fused_status}")
-        try:
-            out = fast_eval(engine, prompts, models, profiles, device=device, **gen)
-        finally:
-            engine.close()
-        totals = out["totals"]
-        totals.update(
-            engine_init_s=init_s, fused_kernels=engine.fused_status, wall_s=totals["wall_s"] + init_s
-        )
-        totals["tokens_per_s"] = totals["generated_tokens"] / totals["wall_s"]
-        return out
 
-    def public(per_model):
-        return {name: {k: v for k, v in m.items() if not k.startswith("_")} for name, m in per_model.items()}
+def timed_fast_eval(
+    inputs: EvalInputs, peft_model, models: list[str], *, max_batch_size: int, fused_kernels=None
+) -> dict:
+    """A fresh fast engine on ``models``; its wall time and tokens/s include the engine's start."""
+    sync(inputs.device)
+    t0 = time.perf_counter()
+    engine = FastGenerator(peft_model, max_batch_size=max_batch_size, fused_kernels=fused_kernels)
+    init_s = time.perf_counter() - t0  # includes compiling and checking the Triton kernels
+    log(f"fast engine ready in {init_s:.1f}s; fused decode kernels {engine.fused_status}")
+    try:
+        out = fast_eval(engine, inputs.prompts, models, inputs.profiles, device=inputs.device, **inputs.gen)
+    finally:
+        engine.close()
+    totals = out["totals"]
+    totals.update(engine_init_s=init_s, fused_kernels=engine.fused_status, wall_s=totals["wall_s"] + init_s)
+    totals["tokens_per_s"] = totals["generated_tokens"] / totals["wall_s"]
+    return out
 
-    fast = run_stage(result, "fast", lambda: run_fast(models))
+
+def public(per_model: dict) -> dict:
+    """Per-model figures without the private (``_``-prefixed) keys, for the JSON."""
+    return {name: {k: v for k, v in m.items() if not k.startswith("_")} for name, m in per_model.items()}
+
+
+def run_fast_eval(result: dict, inputs: EvalInputs, peft_model, *, max_batch_size: int) -> dict | None:
+    """The fast engine on the whole eval, into ``result["fast"]``."""
+    fast = run_stage(
+        result,
+        "fast",
+        lambda: timed_fast_eval(inputs, peft_model, inputs.models, max_batch_size=max_batch_size),
+    )
     if fast:
         result["fast"] = {"totals": fast["totals"], "per_model": public(fast["per_model"])}
         t = fast["totals"]
         log(
             f"fast whole eval: {t['generated_tokens']:,} tokens in {t['wall_s']:.1f}s = {t['tokens_per_s']:,.0f} tok/s"
         )
-        result["roofline"] = run_stage(
-            result,
-            "roofline",
-            lambda: floors(
-                fast, config=config, weight_bytes=weights, dtype=dtype, peaks=peaks, measured_bw=measured_bw
-            ),
-        )
-    # Ablation: the base model's 300-token decode again with eager ops instead of the Triton kernels.
-    eager = None
-    if fast and fast["totals"]["fused_kernels"].startswith("on"):
-        log("ablation: base model with eager decode ops (no Triton kernels)")
-        eager = run_stage(result, "ablation_eager_base", lambda: run_fast(["base"], fused_kernels=False))
-        if eager:
-            result["ablation_eager_base"] = {
-                "totals": eager["totals"],
-                "per_model": public(eager["per_model"]),
-            }
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return fast
 
-    # (2) + (4): HF generate at batch 64, unmerged adapters; its outputs are the reference for the match
-    log(
-        f"baseline (a): HF generate batch {hf_batch}, unmerged adapters, {args.hf_batches} batch(es) per model"
+
+def run_roofline(
+    result: dict, inputs: EvalInputs, fast: dict | None, *, weights: int, peaks: dict, measured_bw
+) -> None:
+    """The decode roofline of the fast run's schedule, into ``result["roofline"]``."""
+    if not fast:
+        return
+    result["roofline"] = run_stage(
+        result,
+        "roofline",
+        lambda: floors(
+            fast,
+            config=inputs.config,
+            weight_bytes=weights,
+            dtype=inputs.dtype,
+            peaks=peaks,
+            measured_bw=measured_bw,
+        ),
     )
+
+
+def run_eager_ablation(
+    result: dict, inputs: EvalInputs, peft_model, fast: dict | None, *, max_batch_size: int
+) -> dict | None:
+    """The base model's decode again with eager ops, when the fast run used the Triton kernels."""
+    if not (fast and fast["totals"]["fused_kernels"].startswith("on")):
+        return None
+    log("ablation: base model with eager decode ops (no Triton kernels)")
+    eager = run_stage(
+        result,
+        "ablation_eager_base",
+        lambda: timed_fast_eval(
+            inputs, peft_model, ["base"], max_batch_size=max_batch_size, fused_kernels=False
+        ),
+    )
+    if eager:
+        result["ablation_eager_base"] = {"totals": eager["totals"], "per_model": public(eager["per_model"])}
+    return eager
+
+
+def run_hf_batch_baseline(result: dict, inputs: EvalInputs, peft_model, *, n_batches: int):
+    """Baseline (a), HF ``generate`` in batches with unmerged adapters, into ``result["baseline_hf_batch"]``."""
+    hf_batch, models, profiles = inputs.hf_batch, inputs.models, inputs.profiles
+    log(f"baseline (a): HF generate batch {hf_batch}, unmerged adapters, {n_batches} batch(es) per model")
     hf = run_stage(
         result,
         "baseline_hf_batch",
         lambda: hf_batch_baseline(
             peft_model,
-            prompts,
+            inputs.prompts,
             models,
             profiles,
             batch=hf_batch,
-            n_batches=args.hf_batches,
-            device=device,
-            **gen,
+            n_batches=n_batches,
+            device=inputs.device,
+            **inputs.gen,
         ),
     )
     if hf:
-        hf_models, hf_outputs = hf
+        hf_models, _ = hf
         hf_wall = sum(m["extrapolated_wall_s"] for m in hf_models.values())
-        eval_tokens = n_problems * sum(profiles[m] for m in models)
+        eval_tokens = len(inputs.prompts) * sum(profiles[m] for m in models)
         result["baseline_hf_batch"] = {
             "batch_size": hf_batch,
             "per_model": hf_models,
             "extrapolated_wall_s": hf_wall,
             "tokens_per_s": eval_tokens / hf_wall,
-            "method": f"{args.hf_batches} batch(es) of {hf_batch} per model timed after a warm-up; mean batch time "
+            "method": f"{n_batches} batch(es) of {hf_batch} per model timed after a warm-up; mean batch time "
             "x batches in the eval (the last, partial batch counted as a full one: HF's step cost is host-bound)",
         }
-        if fast:
-            result["match"] = {
-                "dtype": str(dtype),
-                "note": "fast engine's outputs in the whole-eval run vs HF generate on the same first problems",
-                **{n: match_stats(fast["outputs"][n][: len(hf_outputs[n])], hf_outputs[n]) for n in models},
-            }
-            if eager and "base" in hf_outputs:
-                result["match"]["base_eager_ops"] = match_stats(
-                    eager["outputs"]["base"][: len(hf_outputs["base"])], hf_outputs["base"]
-                )
-            for name in models:
-                m = result["match"][name]
-                log(
-                    f"match {name:8s}: {m['identical_rows']}/{m['rows']} rows identical, first token "
-                    f"{m['first_token_agree']}/{m['rows']}, mean agreeing prefix {m['mean_agreeing_prefix']:.1%}"
-                )
+    return hf
 
-    # (3) one problem at a time
-    single_n = args.single_problems or (4 if smoke else 64)
-    short_model = models[-1] if models[-1] != "base" else adapters[-1]
+
+def compare_with_hf(result: dict, inputs: EvalInputs, fast: dict | None, eager: dict | None, hf) -> None:
+    """The fast engine's tokens against HF ``generate``'s on the same problems, into ``result["match"]``."""
+    if not (fast and hf):
+        return
+    _, hf_outputs = hf
+    models = inputs.models
+    result["match"] = {
+        "dtype": str(inputs.dtype),
+        "note": "fast engine's outputs in the whole-eval run vs HF generate on the same first problems",
+        **{n: match_stats(fast["outputs"][n][: len(hf_outputs[n])], hf_outputs[n]) for n in models},
+    }
+    if eager and "base" in hf_outputs:
+        result["match"]["base_eager_ops"] = match_stats(
+            eager["outputs"]["base"][: len(hf_outputs["base"])], hf_outputs["base"]
+        )
+    for name in models:
+        m = result["match"][name]
+        log(
+            f"match {name:8s}: {m['identical_rows']}/{m['rows']} rows identical, first token "
+            f"{m['first_token_agree']}/{m['rows']}, mean agreeing prefix {m['mean_agreeing_prefix']:.1%}"
+        )
+
+
+def run_one_at_a_time(result: dict, inputs: EvalInputs, peft_model, *, sample: int | None) -> None:
+    """Baseline (b), one problem per call extrapolated to the eval, into ``result["baseline_one_at_a_time"]``."""
+    models, profiles, n_problems = inputs.models, inputs.profiles, len(inputs.prompts)
+    single_n = sample or (4 if inputs.smoke else 64)
+    short_model = models[-1] if models[-1] != "base" else inputs.adapters[-1]
     short_new = max(2, profiles[short_model])
     log(f"baseline (b): one problem at a time, {single_n} problems at {short_new} new tokens ({short_model})")
     single = run_stage(
         result,
         "baseline_one_at_a_time",
         lambda: one_at_a_time(
-            peft_model, prompts[:single_n], adapter=short_model, new=short_new, device=device, **gen
+            peft_model,
+            inputs.prompts[:single_n],
+            adapter=short_model,
+            new=short_new,
+            device=inputs.device,
+            **inputs.gen,
         ),
     )
-    if single:
-        fit = single["fit"]
-        single_wall = sum(n_problems * (fit["fixed_s"] + fit["per_token_s"] * profiles[m]) for m in models)
-        single.update(
-            extrapolated_wall_s=single_wall,
-            tokens_per_s_extrapolated=n_problems * sum(profiles[m] for m in models) / single_wall,
-            method="per-problem time = fixed + per_token x new_tokens, fitted from the sample at "
-            f"{short_new} new tokens and at 1, summed over every model's problems and token profile",
-        )
-        result["baseline_one_at_a_time"] = single
-        log(
-            f"one at a time: {single['s_per_problem']:.2f}s per problem ({single['tokens_per_s']:.1f} tok/s) -> "
-            f"{single_wall:,.0f}s for the eval"
-        )
+    if not single:
+        return
+    fit = single["fit"]
+    single_wall = sum(n_problems * (fit["fixed_s"] + fit["per_token_s"] * profiles[m]) for m in models)
+    single.update(
+        extrapolated_wall_s=single_wall,
+        tokens_per_s_extrapolated=n_problems * sum(profiles[m] for m in models) / single_wall,
+        method="per-problem time = fixed + per_token x new_tokens, fitted from the sample at "
+        f"{short_new} new tokens and at 1, summed over every model's problems and token profile",
+    )
+    result["baseline_one_at_a_time"] = single
+    log(
+        f"one at a time: {single['s_per_problem']:.2f}s per problem ({single['tokens_per_s']:.1f} tok/s) -> "
+        f"{single_wall:,.0f}s for the eval"
+    )
 
-    peft_model = model = None  # free the 4B model before the fp32 check
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
-    # (4b) fp32 exactness on a few layers
+def run_fp32_check(result: dict, inputs: EvalInputs) -> None:
+    """fp32 exactness on a few layers of the real width, into ``result["match_fp32"]``."""
+    smoke = inputs.smoke
     log("fp32 exactness check (TF32 off)")
     result["match_fp32"] = run_stage(
         result,
         "match_fp32",
         lambda: fp32_exactness(
-            device, smoke=smoke, problems=8 if smoke else 64, new=16 if smoke else 64, **gen
+            inputs.device, smoke=smoke, problems=8 if smoke else 64, new=16 if smoke else 64, **inputs.gen
         ),
     )
     log(f"fp32: {json.dumps(result['match_fp32'])}")
 
+
+def judge(result: dict, models: list[str]) -> None:
+    """The fast engine's speed-ups and issue 9's goals, from what the stages recorded."""
+    fast = result.get("fast")
+    hf = result.get("baseline_hf_batch")
+    single = result.get("baseline_one_at_a_time")
     result["speedup"] = {}
     if fast and hf:
-        result["speedup"]["vs_hf_batch"] = (
-            result["baseline_hf_batch"]["extrapolated_wall_s"] / fast["totals"]["wall_s"]
-        )
+        result["speedup"]["vs_hf_batch"] = hf["extrapolated_wall_s"] / fast["totals"]["wall_s"]
     if fast and single:
         result["speedup"]["vs_one_at_a_time"] = single["extrapolated_wall_s"] / fast["totals"]["wall_s"]
     roof = (
@@ -654,8 +781,6 @@ def main(argv=None) -> dict:
         and all(fp32[k]["identical_rows"] == fp32[k]["rows"] for k in ("base", "level_1")),
         "self_check": bool(result["self_check"] and result["self_check"]["ok"]),
     }
-    _table(result)
-    return _write(result, out_path)
 
 
 def _table(result: dict) -> None:
@@ -767,6 +892,7 @@ def markdown_table(result: dict) -> str:
 
 
 def _write(result: dict, path: Path) -> dict:
+    """Write the result JSON and log where it went."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     log(f"wrote {path}")

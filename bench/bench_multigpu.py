@@ -19,8 +19,8 @@ Random weights of the real Qwen3-4B shape, nothing downloaded. Every measured ru
 
 The JSON is rewritten after each part, so a run cut short keeps what it measured.
 
-    python bench/bench_multigpu.py                 # on a machine with >= 2 CUDA GPUs; $OUT/bench_multigpu.json
-    python bench/bench_multigpu.py --smoke         # CPU check: 2 processes, gloo, tiny shapes
+    python -m bench.bench_multigpu                 # on a machine with >= 2 CUDA GPUs; $OUT/bench_multigpu.json
+    python -m bench.bench_multigpu --smoke         # CPU check: 2 processes, gloo, tiny shapes
 """
 
 from __future__ import annotations
@@ -36,22 +36,44 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
+
+from bench import common
+from bench import train_qlora as tq
+from eval_artifacts.study.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from bench import common  # noqa: E402
-from bench import train_qlora as tq  # noqa: E402
-from eval_artifacts.study.config import load_config  # noqa: E402
-
 SMOKE_PROFILES = {"base": 6, "level_1": 4}
 GOAL_SPEEDUP = 1.8
 GOAL_IDENTICAL = 0.99
 
 
 # ---------------------------------------------------------------- orchestration
+def main(argv=None) -> dict:
+    """One rank of a run (``--worker``), or: options, header, the eval on 1 and N GPUs, training, the JSON."""
+    options = parse_args(argv)
+    if options.worker == "train":
+        return train_worker(options)
+    if options.worker == "eval":
+        return eval_worker(options)
+    resolve_defaults(options)
+    result = describe_run(options)
+    out = common.default_out("bench_multigpu.json", options.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-multigpu-") as scratch:
+        if "eval" not in options.skip:
+            result["eval"] = measure_eval(options, Path(scratch) / "eval")
+            write_result(result, out)
+        if "train" not in options.skip:
+            measure_every_training(options, Path(scratch) / "train", result, out)
+    result["finished"] = common.utc_now()
+    write_result(result, out)
+    print(json.dumps({"written": str(out), **result["goals_met"]}), flush=True)
+    return result
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line's options, the internal ones of a worker rank included."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=2, help="GPUs (processes) for the multi-GPU runs")
     parser.add_argument("--smoke", action="store_true", help="CPU check: 2 processes, gloo, tiny shapes")
@@ -85,12 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    options = parse_args(argv)
-    if options.worker == "train":
-        return train_worker(options)
-    if options.worker == "eval":
-        return eval_worker(options)
+def resolve_defaults(options: argparse.Namespace) -> None:
+    """Fill the sizes left unset (smaller with ``--smoke``); stop if the machine has too few GPUs."""
     if options.smoke:
         options.gpus = 2
     elif torch.cuda.device_count() < options.gpus:
@@ -104,8 +122,11 @@ def main(argv=None) -> dict:
     )
     options.quantization = options.quantization or (["none"] if options.smoke else ["nf4", "none"])
 
+
+def describe_run(options: argparse.Namespace) -> dict:
+    """The result's header: mode, devices, launcher, library versions and the goals."""
     device = torch.device("cuda" if torch.cuda.is_available() and not options.smoke else "cpu")
-    result: dict = {
+    return {
         "benchmark": "bench_multigpu",
         "mode": "smoke" if options.smoke else "qwen3-4b-shape",
         "started": common.utc_now(),
@@ -123,30 +144,21 @@ def main(argv=None) -> dict:
             "eval_identical": GOAL_IDENTICAL,
         },
     }
-    out = common.default_out("bench_multigpu.json", options.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-multigpu-") as scratch:
-        workdir = Path(scratch)
-        if "eval" not in options.skip:
-            result["eval"] = measure_eval(options, workdir / "eval")
-            write_result(result, out)
-        if "train" not in options.skip:
-            shape = common.SMOKE if options.smoke else common.QWEN3_4B
-            # Saved once in bf16 and loaded by every run, so 1 and N GPUs train the same weights.
-            model_dir = workdir / "train" / "model"
-            parameters = tq.save_random_model(
-                shape, tq.bench_tokenizer(), model_dir, on_gpu=not options.smoke
-            )
-            model = {**shape, "parameters": parameters, "weights": "random, saved in bf16 and reloaded"}
-            result["train"] = {}
-            for quantization in options.quantization:
-                runs = measure_training(options, workdir / "train", quantization)
-                result["train"][quantization] = {"model": model, **runs}
-                write_result(result, out)
-    result["finished"] = common.utc_now()
-    write_result(result, out)
-    print(json.dumps({"written": str(out), **result["goals_met"]}), flush=True)
-    return result
+
+
+def measure_every_training(options: argparse.Namespace, workdir: Path, result: dict, out: Path) -> None:
+    """Random weights saved once, then each ``--quantization`` on 1 and N GPUs, written after each."""
+    shape = common.SMOKE if options.smoke else common.QWEN3_4B
+    # Saved once in bf16 and loaded by every run, so 1 and N GPUs train the same weights.
+    parameters = tq.save_random_model(
+        shape, tq.bench_tokenizer(), workdir / "model", on_gpu=not options.smoke
+    )
+    model = {**shape, "parameters": parameters, "weights": "random, saved in bf16 and reloaded"}
+    result["train"] = {}
+    for quantization in options.quantization:
+        runs = measure_training(options, workdir, quantization)
+        result["train"][quantization] = {"model": model, **runs}
+        write_result(result, out)
 
 
 def write_result(result: dict, out: Path) -> None:
@@ -163,28 +175,27 @@ def write_result(result: dict, out: Path) -> None:
 def launch(
     options: argparse.Namespace, worker: str, processes: int, workdir: Path, quantization: str = "none"
 ) -> None:
-    """One measured run: ``accelerate launch`` of ``processes`` ranks of this script in ``--worker`` mode."""
+    """One measured run: ``accelerate launch -m`` of ``processes`` ranks of this module in ``--worker`` mode."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={processes}",
         *(["--multi_gpu"] if processes > 1 else []), "--num_machines=1", "--mixed_precision=no",
-        "--dynamo_backend=no", f"--main_process_port={port}", str(Path(__file__).resolve()),
+        "--dynamo_backend=no", f"--main_process_port={port}", "-m", "bench.bench_multigpu",
         "--worker", worker, "--workdir", str(workdir), "--steps", str(options.steps),
         "--problems", str(options.problems), "--quantization", quantization,
         "--engine", options.engine, "--batch-size", str(options.batch_size),
         *(["--smoke"] if options.smoke else []),
     ]  # fmt: skip
-    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "PYTHONPATH": python_path}
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
     if options.smoke:
         env["OMP_NUM_THREADS"] = "1"
     else:
         # Exactly the GPUs of this run: a single process that sees two would get DataParallel from the Trainer.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in range(processes))
     started = time.perf_counter()
-    subprocess.run(command, env=env, check=True)
+    subprocess.run(command, cwd=ROOT, env=env, check=True)  # the ranks import ``bench`` from the root
     print(f"[{worker} x{processes} {quantization}] {time.perf_counter() - started:.1f} s", flush=True)
 
 

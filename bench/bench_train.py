@@ -6,8 +6,8 @@ four setups trains LoRA r16 on all linear layers for the same number of rows; to
 (non-padding) tokens after the first 20% of steps; MFU counts 4N FLOPs per token against the GPU's dense
 bf16 peak; peak memory is torch's max allocated during training.
 
-    python bench/bench_train.py            # one CUDA GPU; writes $OUT/bench_train.json or bench/results/
-    python bench/bench_train.py --smoke    # CPU check of the script: tiny shapes, 2 steps, no NF4
+    python -m bench.bench_train            # one CUDA GPU; writes $OUT/bench_train.json or bench/results/
+    python -m bench.bench_train --smoke    # CPU check of the script: tiny shapes, 2 steps, no NF4
 """
 
 from __future__ import annotations
@@ -18,25 +18,38 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+from transformers import PreTrainedTokenizerFast
 
-import torch  # noqa: E402
-
-from bench import common  # noqa: E402
-from bench.train_qlora import (  # noqa: E402
+from bench import common
+from bench.train_qlora import (
     STUDY_CONFIG,
     StepClock,
     bench_tokenizer,
     gsm8k_length_rows,
     save_random_model,
 )
-from eval_artifacts.study.config import load_config  # noqa: E402
-from training import sft  # noqa: E402
+from eval_artifacts.study.config import TrainingConfig, load_config
+from training import sft
 
 ROWS = 2000
+
+
+@dataclass
+class TrainInputs:
+    """What every setup shares: the study's training section, the rows, and the model to build."""
+
+    smoke: bool
+    training: TrainingConfig
+    rows_to_train: int
+    tokenizer: PreTrainedTokenizerFast
+    rows: list[dict]
+    lengths: list[int]
+    shape: dict
+    quantizations: list[str]
 
 
 def trl_defaults_trainer(
@@ -118,6 +131,16 @@ def run_setup(
 
 
 def main() -> None:
+    """Options, inputs, the four setups (two in smoke), then the comparison written as JSON."""
+    options = parse_args()
+    inputs = build_inputs(smoke=options.smoke, rows_per_setup=options.rows_per_setup)
+    parameters, results = train_every_setup(inputs)
+    payload = compare_setups(inputs, parameters, results)
+    write_payload(payload, options.out)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line's options; without ``--smoke`` a CUDA GPU is required."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few rows, no NF4 (CPU)")
     parser.add_argument(
@@ -127,30 +150,51 @@ def main() -> None:
     options = parser.parse_args()
     if not options.smoke and not torch.cuda.is_available():
         sys.exit("the training benchmark needs a CUDA GPU; use --smoke for the CPU check")
+    return options
 
+
+def build_inputs(*, smoke: bool, rows_per_setup: int | None) -> TrainInputs:
+    """The study's training section (2-row batches in smoke), the tokenizer and the GSM8K-length rows."""
     study = load_config(STUDY_CONFIG)
     training = study.training.model_copy(update={"logging_steps": 10**6})
-    if options.smoke:
+    if smoke:
         training = training.model_copy(update={"batch_size": 2})
-    rows_to_train = options.rows_per_setup or (16 if options.smoke else 480)
     tokenizer = bench_tokenizer()
-    rows, lengths = gsm8k_length_rows(tokenizer, count=40 if options.smoke else ROWS, row_tokens=250)
-    shape = common.SMOKE if options.smoke else common.QWEN3_4B
-    quantizations = ["none"] if options.smoke else ["nf4", "none"]
+    rows, lengths = gsm8k_length_rows(tokenizer, count=40 if smoke else ROWS, row_tokens=250)
+    return TrainInputs(
+        smoke=smoke,
+        training=training,
+        rows_to_train=rows_per_setup or (16 if smoke else 480),
+        tokenizer=tokenizer,
+        rows=rows,
+        lengths=lengths,
+        shape=common.SMOKE if smoke else common.QWEN3_4B,
+        quantizations=["none"] if smoke else ["nf4", "none"],
+    )
+
+
+def train_every_setup(inputs: TrainInputs) -> tuple[int, list[dict]]:
+    """Random weights saved once, then TRL's defaults and the study recipe per quantization."""
     results = []
     with tempfile.TemporaryDirectory(prefix="qwen3-4b-random-") as model_dir:
-        parameters = save_random_model(shape, tokenizer, Path(model_dir), on_gpu=not options.smoke)
-        for quantization in quantizations:
+        parameters = save_random_model(
+            inputs.shape, inputs.tokenizer, Path(model_dir), on_gpu=not inputs.smoke
+        )
+        for quantization in inputs.quantizations:
             for recipe in ("trl_defaults", "ours"):
                 name = f"{recipe}_{'nf4' if quantization == 'nf4' else 'bf16'}"
                 print(f"[bench_train] {name} ...", flush=True)
                 result = run_setup(
-                    name=name, recipe=recipe, quantization=quantization, model_dir=model_dir, rows=rows,
-                    training=training, rows_to_train=rows_to_train,
+                    name=name, recipe=recipe, quantization=quantization, model_dir=model_dir,
+                    rows=inputs.rows, training=inputs.training, rows_to_train=inputs.rows_to_train,
                 )  # fmt: skip
                 print(f"[bench_train] {json.dumps(result)}", flush=True)
                 results.append(result)
+    return parameters, results
 
+
+def compare_setups(inputs: TrainInputs, parameters: int, results: list[dict]) -> dict:
+    """Each setup's MFU and the study recipe's speed-up over TRL's defaults, in the JSON payload."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     peak = common.device_peaks(gpu or "")["bf16_flops"]
     for result in results:
@@ -165,24 +209,28 @@ def main() -> None:
         for kind in ("nf4", "bf16")
         if f"ours_{kind}" in by_name and by_name[f"trl_defaults_{kind}"]["steady_tokens_per_s"]
     }
-    payload = {
+    return {
         "benchmark": "bench_train",
-        "mode": "smoke" if options.smoke else "qwen3-4b-shape",
+        "mode": "smoke" if inputs.smoke else "qwen3-4b-shape",
         "gpu_name": gpu,
         "parameters": parameters,
-        "dataset_rows": len(rows),
-        "tokens_per_row": round(sum(lengths) / len(lengths), 1),
-        "rows_per_setup": rows_to_train,
+        "dataset_rows": len(inputs.rows),
+        "tokens_per_row": round(sum(inputs.lengths) / len(inputs.lengths), 1),
+        "rows_per_setup": inputs.rows_to_train,
         "dense_bf16_peak_flops": peak,
         "setups": results,
         "speedup_ours_vs_trl_defaults": speedups,
-        "library_versions": sft.library_versions(),
+        "library_versions": sft.trained_with(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    out = common.default_out("bench_train.json", options.out)
+
+
+def write_payload(payload: dict, out: Path | None) -> None:
+    """Write the JSON (``--out``, else $OUT/ or bench/results/) and print the speed-ups."""
+    out = common.default_out("bench_train.json", out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({"speedup": speedups, "written": str(out)}), flush=True)
+    print(json.dumps({"speedup": payload["speedup_ours_vs_trl_defaults"], "written": str(out)}), flush=True)
 
 
 if __name__ == "__main__":

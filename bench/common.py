@@ -7,13 +7,14 @@ directly on the target device, prompts are random token ids of GSM8K lengths.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import os
 import platform
 from pathlib import Path
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from eval_artifacts import rundir
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -220,17 +221,10 @@ def decode_floor(
     return out
 
 
-def library_versions() -> dict:
-    names = ("torch", "transformers", "peft", "accelerate")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["python"] = platform.python_version()
-    versions["cuda"] = torch.version.cuda
-    return versions
+def library_versions(*extra: str) -> dict:
+    """Versions of torch, transformers, peft, accelerate and ``extra``, with Python's and CUDA's."""
+    versions = rundir.library_versions(("torch", "transformers", "peft", "accelerate", *extra))
+    return versions | {"python": platform.python_version(), "cuda": torch.version.cuda}
 
 
 def device_info(device: torch.device) -> dict:

@@ -16,8 +16,8 @@ For each stage it records wall time, tokens/s, peak GPU memory, the engine (fast
 graphs and the fused kernels were on, from the run directory's own records (``training.json``,
 ``eval/generation_log.jsonl``) and the command's output, timestamped line by line.
 
-    python bench/study_gpu.py              # one CUDA GPU; writes $OUT/ or bench/results/study_gpu.json + .log
-    python bench/study_gpu.py --smoke      # the same on a CPU with a tiny shape (tests run it)
+    python -m bench.study_gpu              # one CUDA GPU; writes $OUT/ or bench/results/study_gpu.json + .log
+    python -m bench.study_gpu --smoke      # the same on a CPU with a tiny shape (tests run it)
 """
 
 from __future__ import annotations
@@ -33,18 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+import yaml
+
+from bench import common
+from bench.train_qlora import save_random_model
+from eval_artifacts.rundir import RunDir, iter_jsonl, read_json
+from training.gsm8k import load_local_split
+from training.tiny import train_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from bench import common  # noqa: E402
-from bench.train_qlora import save_random_model  # noqa: E402
-from eval_artifacts.rundir import RunDir, iter_jsonl, read_json  # noqa: E402
-from training.gsm8k import load_local_split  # noqa: E402
-from training.tiny import train_tokenizer  # noqa: E402
-
 STUDY_CONFIG = ROOT / "configs" / "qwen3-4b-gsm8k.yaml"
 STAGE_LINE = re.compile(r"^\[(prepare-data|train|evaluate|render-cards|publish)\] (running|current, skipped)")
 REPO_LINE = re.compile(r"^(\S+/\S+): (created|committed|pull request|unchanged)\b")
@@ -52,6 +50,26 @@ COMMITTED = ("created", "committed", "pull request")
 
 
 def main() -> None:
+    """Options, the random base, ``train-and-publish`` per run, the republish commands, then the JSON."""
+    options = parse_args()
+    out = common.default_out("study_gpu.json", options.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = Log(out.with_suffix(".log"))
+    work = options.work or Path(tempfile.mkdtemp(prefix="study_gpu-"))
+    result = describe_run(smoke=options.smoke)
+    result["base"] = make_base(work, options, log)
+    for quantization in options.runs:
+        train_and_publish(result, quantization, work, options, out, log)
+    result["after"] = rerun_after(work / f"study-{options.runs[0]}.yaml", result, out, log)
+    result["ok"] = True
+    write(out, result)
+    log(f"wrote {out}")
+    if not options.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line's options, sizes defaulted (smaller with ``--smoke``); a GPU unless ``--smoke``."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -69,71 +87,75 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default $OUT or bench/results)")
     options = parser.parse_args()
     smoke = options.smoke
-    train_rows = options.train_rows or (64 if smoke else 128)
-    problems = options.problems or (8 if smoke else 128)
-    max_new_tokens = options.max_new_tokens or (16 if smoke else 256)
-    runs = (options.runs or ("none" if smoke else "nf4,bf16")).split(",")
-    out = common.default_out("study_gpu.json", options.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = Log(out.with_suffix(".log"))
+    options.train_rows = options.train_rows or (64 if smoke else 128)
+    options.problems = options.problems or (8 if smoke else 128)
+    options.max_new_tokens = options.max_new_tokens or (16 if smoke else 256)
+    options.runs = (options.runs or ("none" if smoke else "nf4,bf16")).split(",")
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("study_gpu needs a CUDA GPU; --smoke runs it on a CPU")
+    return options
 
-    work = options.work or Path(tempfile.mkdtemp(prefix="study_gpu-"))
+
+def describe_run(*, smoke: bool) -> dict:
+    """The result's header: date, mode, device, libraries, the CLI and the shipped config."""
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
-    result: dict = {
+    return {
         "date": common.utc_now(),
         "smoke": smoke,
         "device": common.device_info(device),
-        "libraries": common.library_versions() | extra_versions(),
+        "libraries": common.library_versions("trl", "bitsandbytes", "datasets", "huggingface_hub"),
         "cli": " ".join(cli()),
         "study_config": str(STUDY_CONFIG.relative_to(ROOT)),
         "changed": {},
         "runs": {},
     }
 
+
+def make_base(work: Path, options: argparse.Namespace, log: Log) -> dict:
+    """The random base in ``work/base``, timed and logged."""
     log(f"building the base in {work}")
     started = time.perf_counter()
-    base = build_base(work / "base", options.data_dir, smoke=smoke)
-    result["base"] = base | {"build_s": round(time.perf_counter() - started, 1)}
-    log(json.dumps(result["base"]))
+    base = build_base(work / "base", options.data_dir, smoke=options.smoke)
+    base |= {"build_s": round(time.perf_counter() - started, 1)}
+    log(json.dumps(base))
+    return base
 
-    for quantization in runs:
-        run_dir = work / f"run-{quantization}"
-        config_path, changed = write_config(
-            work / f"study-{quantization}.yaml",
-            base=Path(base["path"]),
-            data_dir=options.data_dir,
-            run_dir=run_dir,
-            quantization="none" if quantization in ("bf16", "none") else quantization,
-            train_rows=train_rows,
-            problems=problems,
-            max_new_tokens=max_new_tokens,
-        )
-        result["changed"][quantization] = changed
-        command = run_cli(["train-and-publish", "--config", str(config_path)], log)
-        result["runs"][quantization] = {
-            "command": command,
-            "stages": stage_figures(command, RunDir(run_dir)),
-        }
-        write(out, result)
-        if command["exit_code"]:
-            raise SystemExit(f"train-and-publish ({quantization}) failed: see {log.path}")
 
-    # The study's own run: republish unchanged, re-render every card, push the eval dataset again.
-    config_path = work / f"study-{runs[0]}.yaml"
+def train_and_publish(
+    result: dict, quantization: str, work: Path, options: argparse.Namespace, out: Path, log: Log
+) -> None:
+    """One ``train-and-publish`` on its own config, recorded in ``result`` and written; stops on failure."""
+    run_dir = work / f"run-{quantization}"
+    config_path, changed = write_config(
+        work / f"study-{quantization}.yaml",
+        base=Path(result["base"]["path"]),
+        data_dir=options.data_dir,
+        run_dir=run_dir,
+        quantization="none" if quantization in ("bf16", "none") else quantization,
+        train_rows=options.train_rows,
+        problems=options.problems,
+        max_new_tokens=options.max_new_tokens,
+    )
+    result["changed"][quantization] = changed
+    command = run_cli(["train-and-publish", "--config", str(config_path)], log)
+    result["runs"][quantization] = {
+        "command": command,
+        "stages": stage_figures(command, RunDir(run_dir)),
+    }
+    write(out, result)
+    if command["exit_code"]:
+        raise SystemExit(f"train-and-publish ({quantization}) failed: see {log.path}")
+
+
+def rerun_after(config_path: Path, result: dict, out: Path, log: Log) -> dict:
+    """The first run again: republish unchanged, re-render every card, push the eval dataset; stops on failure."""
     after = {}
     for name in ("publish", "regenerate-cards", "push-eval"):
         after[name] = run_cli([name, "--config", str(config_path)], log)
         if after[name]["exit_code"]:
             write(out, result | {"after": after})
             raise SystemExit(f"{name} failed: see {log.path}")
-    result["after"] = after
-    result["ok"] = True
-    write(out, result)
-    log(f"wrote {out}")
-    if not options.work:
-        shutil.rmtree(work, ignore_errors=True)
+    return after
 
 
 # ---------------------------------------------------------------- the base and the config
@@ -303,18 +325,6 @@ def eval_figures(run_dir: RunDir) -> dict:
         "peak_gpu_memory_gib": max(peaks) if peaks else None,
         "models": rows,
     }
-
-
-def extra_versions() -> dict:
-    from importlib import metadata
-
-    versions = {}
-    for name in ("trl", "bitsandbytes", "datasets", "huggingface_hub"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def write(path: Path, payload: dict) -> None:

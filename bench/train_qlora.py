@@ -6,8 +6,8 @@ runs through the same functions as ``cot-compress train`` (load_base → chat_da
 train) with the real study's recipe (configs/qwen3-4b-gsm8k.yaml), on GSM8K-length rows (~250 tokens)
 of synthetic text. Tokens/s counts real (non-padding) tokens; peak memory is torch's max allocated.
 
-    python bench/train_qlora.py            # on one CUDA GPU; writes $OUT/train_qlora.json or bench/results/
-    python bench/train_qlora.py --smoke    # CPU check of the script: 2 layers, hidden 64, 2 steps, no NF4
+    python -m bench.train_qlora            # on one CUDA GPU; writes $OUT/train_qlora.json or bench/results/
+    python -m bench.train_qlora --smoke    # CPU check of the script: 2 layers, hidden 64, 2 steps, no NF4
 """
 
 from __future__ import annotations
@@ -20,23 +20,46 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen3Config, TrainerCallback
+
+from bench import common
+from eval_artifacts.study.config import TrainingConfig, load_config
+from eval_artifacts.study.levels import build_prompt, build_response
+from training import sft
+from training.synthetic import generate_problems
+from training.tiny import stock_response, train_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from transformers import Qwen3Config, TrainerCallback  # noqa: E402
-
-from bench import common  # noqa: E402
-from eval_artifacts.study.config import load_config  # noqa: E402
-from eval_artifacts.study.levels import build_prompt, build_response  # noqa: E402
-from training import sft  # noqa: E402
-from training.synthetic import generate_problems  # noqa: E402
-from training.tiny import stock_response, train_tokenizer  # noqa: E402
-
 STUDY_CONFIG = ROOT / "configs" / "qwen3-4b-gsm8k.yaml"
 
 
+@dataclass
+class Plan:
+    """The timed run: the study's recipe cut to its steps, the base's quantization and the model shape."""
+
+    smoke: bool
+    training: TrainingConfig
+    quantization: str
+    shape: dict
+    rows_per_step: int
+
+
 def main() -> None:
+    """Options, the recipe and its rows, training on random weights, then the JSON."""
+    options = parse_args()
+    plan = plan_run(smoke=options.smoke, steps=options.steps)
+    tokenizer = bench_tokenizer()
+    rows, lengths = gsm8k_length_rows(
+        tokenizer, count=plan.rows_per_step * options.steps, row_tokens=options.row_tokens
+    )
+    run, parameters, build_s = train_on_random_weights(plan, tokenizer, rows)
+    result = collect_result(plan, run, lengths=lengths, parameters=parameters, build_s=build_s)
+    write_result(result, options.out)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line's options, ``--steps`` defaulted; without ``--smoke`` a CUDA GPU is required."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--smoke", action="store_true", help="2 layers, hidden 64, 2 steps, no NF4 (runs on a CPU)"
@@ -47,58 +70,75 @@ def main() -> None:
         "--out", type=Path, default=None, help="output JSON (default $OUT/ or bench/results/)"
     )
     options = parser.parse_args()
-
-    steps = options.steps or (2 if options.smoke else 50)
+    options.steps = options.steps or (2 if options.smoke else 50)
     if not options.smoke and not torch.cuda.is_available():
         sys.exit("the QLoRA benchmark needs a CUDA GPU; use --smoke for the CPU check")
-    result = run_benchmark(smoke=options.smoke, steps=steps, row_tokens=options.row_tokens)
-
-    out = common.default_out("train_qlora.json", options.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    summary = {k: result[k] for k in ("mode", "device", "steps", "tokens_per_s", "steady_tokens_per_s")}
-    print(json.dumps(summary | {"peak_memory_gib": result["peak_memory_gib"], "written": str(out)}))
+    return options
 
 
-def run_benchmark(*, smoke: bool, steps: int, row_tokens: int) -> dict:
+def plan_run(*, smoke: bool, steps: int) -> Plan:
+    """The study's recipe for ``steps`` steps; NF4 and the Qwen3-4B shape, or no quantization and SMOKE's."""
     study = load_config(STUDY_CONFIG)
     training = recipe_training(study, steps=steps, smoke=smoke, logging_steps=1 if smoke else 10)
-    quantization = "none" if smoke else study.base_model.quantization
-    rows_per_step = training.batch_size * training.gradient_accumulation_steps
-    shape = common.SMOKE if smoke else common.QWEN3_4B
+    return Plan(
+        smoke=smoke,
+        training=training,
+        quantization="none" if smoke else study.base_model.quantization,
+        shape=common.SMOKE if smoke else common.QWEN3_4B,
+        rows_per_step=training.batch_size * training.gradient_accumulation_steps,
+    )
 
-    tokenizer = bench_tokenizer()
-    rows, lengths = gsm8k_length_rows(tokenizer, count=rows_per_step * steps, row_tokens=row_tokens)
+
+def train_on_random_weights(
+    plan: Plan, tokenizer: PreTrainedTokenizerFast, rows: list[dict]
+) -> tuple[RecipeRun, int, float]:
+    """The recipe on ``rows`` over random weights saved as a base: the run, parameters, build seconds."""
     with tempfile.TemporaryDirectory(prefix="qwen3-4b-random-") as model_dir:
         started = time.perf_counter()
-        parameters = save_random_model(shape, tokenizer, Path(model_dir), on_gpu=not smoke)
+        parameters = save_random_model(plan.shape, tokenizer, Path(model_dir), on_gpu=not plan.smoke)
         build_s = time.perf_counter() - started
         run = train_recipe(
-            model_dir=Path(model_dir), rows=rows, training=training, quantization=quantization,
+            model_dir=Path(model_dir), rows=rows, training=plan.training, quantization=plan.quantization,
             output_dir=Path(model_dir) / "checkpoints",
         )  # fmt: skip
+    return run, parameters, build_s
 
+
+def collect_result(
+    plan: Plan, run: RecipeRun, *, lengths: list[int], parameters: int, build_s: float
+) -> dict:
+    """The JSON payload: device, model, recipe, timings, memory, loss curve and library versions."""
+    training = plan.training
     cuda = torch.cuda.is_available()
     return {
         "benchmark": "train_qlora",
-        "mode": "smoke" if smoke else "qwen3-4b-shape",
+        "mode": "smoke" if plan.smoke else "qwen3-4b-shape",
         **sft.hardware(run.trainer),
-        "model": {**shape, "parameters": parameters, "weights": "random, saved in bf16 and reloaded"},
-        "quantization": quantization,
+        "model": {**plan.shape, "parameters": parameters, "weights": "random, saved in bf16 and reloaded"},
+        "quantization": plan.quantization,
         "precision": run.precision,
         "recipe": str(STUDY_CONFIG.relative_to(ROOT)),
         "lora": training.lora.model_dump(mode="json"),
         "completion_only_loss": training.completion_only_loss,
         "gradient_checkpointing": training.gradient_checkpointing,
-        "rows_per_step": rows_per_step,
+        "rows_per_step": plan.rows_per_step,
         "tokens_per_row": round(sum(lengths) / len(lengths), 1),
         **timing_fields(run, lengths),
         "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "model_build_s": round(build_s, 1),
         "loss_curve": sft.loss_curve(run.trainer),
-        "library_versions": sft.library_versions(),
+        "library_versions": sft.trained_with(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
+
+
+def write_result(result: dict, out: Path | None) -> None:
+    """Write the JSON (``--out``, else $OUT/ or bench/results/) and print its headline figures."""
+    out = common.default_out("train_qlora.json", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    summary = {k: result[k] for k in ("mode", "device", "steps", "tokens_per_s", "steady_tokens_per_s")}
+    print(json.dumps(summary | {"peak_memory_gib": result["peak_memory_gib"], "written": str(out)}))
 
 
 def recipe_training(study, *, steps: int, smoke: bool, logging_steps: int):

@@ -94,6 +94,19 @@ class RunDir:
         return self.root / "cache"
 
 
+def library_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Installed versions of ``names`` (None for one that is not installed), recorded beside artifacts."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def file_sha256(path: Path) -> str:
     """The sha256 of a file, read in 1 MiB chunks (adapters and data files can be large)."""
     digest = hashlib.sha256()

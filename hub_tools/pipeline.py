@@ -12,10 +12,9 @@ import json
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, file_sha256, read_json, write_json
+from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, file_sha256, library_versions, read_json, write_json
 from eval_artifacts.study.config import StudyConfig
 
 STAGES = ("prepare-data", "train", "evaluate", "render-cards")
@@ -159,16 +158,6 @@ def code_version() -> dict:
     return {"git_sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
-def library_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def read_lock(run_dir: RunDir) -> dict:
     if not run_dir.lock.is_file():
         return {}
@@ -184,7 +173,7 @@ def write_lock(config: StudyConfig, run_dir: RunDir, stages: dict) -> None:
             "config": config.model_dump(mode="json"),
             "config_sha256": config.fingerprint(),
             "code": code_version(),
-            "libraries": library_versions(),
+            "libraries": library_versions(LIBRARIES),
             "stages": stages,
         },
     )

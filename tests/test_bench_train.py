@@ -8,13 +8,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+RECORDED = {
+    "bench_eval.json",
+    "bench_multigpu.json",
+    "bench_multigpu_problem_sharding.json",
+    "bench_train.json",
+    "study_gpu.json",
+    "train_qlora.json",
+}
 
 
 @pytest.mark.slow
 def test_bench_train_smoke_compares_trl_defaults_with_the_study_recipe(tmp_path):
     out = tmp_path / "bench_train.json"
     subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "bench.bench_train", "--smoke", "--out", str(out)],
         check=True, cwd=ROOT, timeout=600, capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
@@ -31,7 +39,11 @@ def test_bench_train_smoke_compares_trl_defaults_with_the_study_recipe(tmp_path)
 
 
 def test_recorded_gpu_results_name_their_device():
-    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+    paths = sorted((ROOT / "bench" / "results").glob("*.json"))
+    # Every benchmark's committed result, so that an emptied folder fails instead of checking nothing.
+    missing = RECORDED - {path.name for path in paths}
+    assert not missing, f"missing from bench/results/: {sorted(missing)}"
+    for path in paths:
         result = json.loads(path.read_text())
         text = json.dumps(result)
         assert "H100" in text or "H200" in text, f"{path.name} does not record the GPU it ran on"

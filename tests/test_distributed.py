@@ -301,9 +301,9 @@ def test_train_with_two_processes_writes_one_adapter_and_counts_every_rank(small
 def test_multigpu_benchmark_smoke_mode_writes_its_json(tmp_path):
     out = tmp_path / "bench_multigpu.json"
     subprocess.run(
-        [sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "bench_multigpu.py"), "--smoke",
-         "--out", str(out)],
-        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+        [sys.executable, "-m", "bench.bench_multigpu", "--smoke", "--out", str(out)],
+        check=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
 

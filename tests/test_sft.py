@@ -324,7 +324,7 @@ def test_train_command_prints_one_summary_line_per_level(small_base, tmp_path):
 def test_qlora_benchmark_smoke_mode_writes_its_json(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
     subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_qlora.py"), "--smoke"],
+        [sys.executable, "-m", "bench.train_qlora", "--smoke"],
         check=True,
         cwd=ROOT,
         env=env,

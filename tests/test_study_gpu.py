@@ -1,4 +1,4 @@
-"""``bench/study_gpu.py --smoke``: the real study's CLI path, every stage, on a CPU with a tiny shape."""
+"""``python -m bench.study_gpu --smoke``: the real study's CLI path, every stage, on a CPU with a tiny shape."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def test_smoke_runs_every_stage_of_the_study_through_the_cli(tmp_path):
     out, work = tmp_path / "out" / "study_gpu.json", tmp_path / "work"
-    command = [sys.executable, "bench/study_gpu.py", "--smoke", "--work", str(work), "--out", str(out)]
+    command = [sys.executable, "-m", "bench.study_gpu", "--smoke", "--work", str(work), "--out", str(out)]
     command += ["--data-dir", str(gsm8k_folder(tmp_path))]
     subprocess.run(command, cwd=ROOT, check=True, timeout=900, capture_output=True)
 

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -26,7 +25,14 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, file_sha256, iter_jsonl, write_json
+from eval_artifacts.rundir import (
+    SCHEMA_VERSION,
+    RunDir,
+    file_sha256,
+    iter_jsonl,
+    library_versions,
+    write_json,
+)
 from eval_artifacts.study.config import StudyConfig, TrainingConfig
 from eval_artifacts.study.errors import ArtifactError, DataError, TrainingError
 from eval_artifacts.study.levels import get_level
@@ -422,17 +428,12 @@ def up_to_date(config: StudyConfig, run_dir: RunDir, level: int, data_sha256: st
     return payload if all(recorded.get(key) == value for key, value in expected.items()) else None
 
 
-def library_versions() -> dict[str, str]:
+def trained_with() -> dict[str, str]:
+    """The training libraries' versions for training.json (bitsandbytes only when NF4 loaded it)."""
     names = ["torch", "transformers", "peft", "trl", "accelerate", "datasets"]
     if "bitsandbytes" in sys.modules:
         names.append("bitsandbytes")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return versions
+    return {name: version for name, version in library_versions(names).items() if version is not None}
 
 
 def hardware(trainer: SFTTrainer) -> dict:
@@ -508,7 +509,7 @@ def training_record(
         "tokens_per_s": round(outcome.session_tokens / outcome.wall_time_s, 1)
         if outcome.wall_time_s
         else 0.0,
-        "library_versions": library_versions(),
+        "library_versions": trained_with(),
     }
 
 
