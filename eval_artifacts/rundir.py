@@ -94,6 +94,10 @@ class RunDir:
         return self.root / "cache"
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+"""The PEFT adapter in ``adapters/level_<n>/``: what ``save_pretrained`` writes and ``from_pretrained`` reads."""
+
+
 def library_versions(names: Iterable[str]) -> dict[str, str | None]:
     """Installed versions of ``names`` (None for one that is not installed), recorded beside artifacts."""
     from importlib import metadata

@@ -74,7 +74,11 @@ def read_summary(run_dir: RunDir) -> dict[str, Any]:
     return summary
 
 
-def sweet_spot(summary: dict, *, margin: float, alpha: float = 0.05) -> str | None:
+SWEET_SPOT_ALPHA = 0.05
+"""Significance level of the McNemar test by which a level "keeps" base accuracy."""
+
+
+def sweet_spot(summary: dict, *, margin: float, alpha: float = SWEET_SPOT_ALPHA) -> str | None:
     """The level with the fewest mean think tokens that keeps base accuracy; None when no level does.
 
     A level keeps base accuracy when it is not significantly below base (McNemar p >= alpha, or not

@@ -260,8 +260,8 @@ LOCAL_PAGES_PORT = 8000
 def train_and_publish_command(config_path, run_dir, endpoint, namespace, data_dir, force_stages, **options):
     """Prepare data, train, evaluate, render cards and publish; stages that are current are skipped."""
     from eval_artifacts.rundir import RunDir
+    from eval_artifacts.study.config import LOCAL_ENDPOINT
     from eval_artifacts.summary import read_summary
-    from hub_tools.hub_client import LOCAL
     from hub_tools.pipeline import run_stages
     from hub_tools.publishing.commands import PublishOptions, Scope, open_target, publish
 
@@ -280,7 +280,7 @@ def train_and_publish_command(config_path, run_dir, endpoint, namespace, data_di
         )
         click.echo("[publish] running")
         report = publish(config, study, target=target, scope=Scope.ALL, options=options, echo=click.echo)
-    local = config.hub.endpoint == LOCAL
+    local = config.hub.endpoint == LOCAL_ENDPOINT
 
     def shown(url: str) -> str:
         # The embedded hub stopped with the run; local URLs are those of `hub serve` below once it runs.

@@ -20,11 +20,10 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
 from eval_artifacts.rundir import RunDir
-from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.config import LOCAL_ENDPOINT, StudyConfig
 from eval_artifacts.study.errors import HubError
 from hub_tools import cards
 
-LOCAL = "local"
 # Roles under which a member of an org may push to it (the Hub's org roles; "read" may not).
 WRITE_ROLES = {"admin", "write", "contributor"}
 
@@ -136,14 +135,14 @@ def open_hub(config: StudyConfig, run_dir: RunDir, *, token: str | None = None) 
             No token is available for a URL.
     """
     endpoint = config.hub.endpoint
-    if endpoint == LOCAL:
+    if endpoint == LOCAL_ENDPOINT:
         from hub_tools.local_hub import DEFAULT_USERS, running_hub
 
         # The embedded hub gets one user named after the study's namespace, with the local hub's token.
         local_token = next(iter(DEFAULT_USERS.values()))
         with running_hub(run_dir.hub_data_dir, users={config.hub.namespace: local_token}) as hub:
             api = HfApi(endpoint=hub.endpoint, token=local_token)
-            yield HubTarget(hub.endpoint, LOCAL, api, local_token, local_hub=hub)
+            yield HubTarget(hub.endpoint, LOCAL_ENDPOINT, api, local_token, local_hub=hub)
         return
     token = token or huggingface_hub.get_token()
     if not token:

@@ -26,6 +26,7 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from eval_artifacts.rundir import (
+    ADAPTER_FILES,
     SCHEMA_VERSION,
     RunDir,
     file_sha256,
@@ -38,7 +39,6 @@ from eval_artifacts.study.errors import ArtifactError, DataError, TrainingError
 from eval_artifacts.study.levels import get_level
 from training import distributed
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Hyperparameters that depend on the machine rather than the recipe; a rerun elsewhere still matches.
 _RUNTIME_HYPERPARAMETERS = ("effective_batch_size", "optimizer")

@@ -20,6 +20,10 @@ _HUB_NAME_RE = re.compile(r"^(?!.*(--|\.\.))[\w\-.]{1,96}$")
 _SPDX_PLACEHOLDERS = {"", "license", "licence", "unknown", "todo", "tbd", "other-license", "none"}
 
 
+LOCAL_ENDPOINT = "local"
+"""``hub.endpoint`` value that starts the embedded Hub-compatible server instead of using a URL."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -130,7 +134,7 @@ class EvalConfig(_Strict):
 
 
 class HubConfig(_Strict):
-    endpoint: str = "local"
+    endpoint: str = LOCAL_ENDPOINT
     """'local' starts the embedded Hub-compatible server for the run; any URL is used as is."""
     namespace: str
     repo_prefix: str
@@ -161,7 +165,7 @@ class HubConfig(_Strict):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        if value != "local" and not re.match(r"^https?://[^\s/]+", value):
+        if value != LOCAL_ENDPOINT and not re.match(r"^https?://[^\s/]+", value):
             raise ValueError(f"{value!r} is neither 'local' nor an http(s) URL")
         return value.rstrip("/")
 
@@ -213,7 +217,7 @@ class StudyConfig(_Strict):
     @property
     def model_keys(self) -> list[str]:
         """Every evaluated model: base first, then the levels in order."""
-        return ["base"] + [f"level_{n}" for n in self.levels]
+        return ["base"] + [LEVELS[n].key for n in self.levels]
 
     def with_overrides(self, **changes: object) -> StudyConfig:
         """A copy with top-level or dotted (``hub.namespace``) fields replaced, validated again."""

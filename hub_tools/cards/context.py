@@ -11,10 +11,10 @@ from eval_artifacts.hub_dataset import SAMPLE_COLUMNS, SPLIT, SUMMARY_COLUMNS, S
 from eval_artifacts.metrics import check_metrics_match_samples, read_metrics
 from eval_artifacts.records import model_level, read_samples
 from eval_artifacts.rundir import RunDir, read_json
-from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.config import LOCAL_ENDPOINT, StudyConfig
 from eval_artifacts.study.errors import ArtifactError
 from eval_artifacts.study.levels import LEVELS, build_prompt
-from eval_artifacts.summary import read_summary, sweet_spot
+from eval_artifacts.summary import SWEET_SPOT_ALPHA, read_summary, sweet_spot
 from hub_tools.cards.format import (
     MODEL_COLUMN,
     RESULT_COLUMNS,
@@ -33,7 +33,6 @@ from hub_tools.cards.format import (
 )
 
 PUBLIC_HUB = "https://huggingface.co"
-SWEET_SPOT_ALPHA = 0.05
 # Cards link the plot relative to their repo, where publishing uploads it under this name.
 PLOT_FILE = "pareto.png"
 EXAMPLE_QUESTION = (
@@ -120,7 +119,7 @@ def _sample_mismatch(run_dir: RunDir, model: str) -> str | None:
 def hub_url(config: StudyConfig) -> str:
     """The Hub the cards link: ``hub.endpoint``, or the public Hub for the embedded local one (so that the
     cards do not change with the local server's port)."""
-    return PUBLIC_HUB if config.hub.endpoint == "local" else config.hub.endpoint
+    return PUBLIC_HUB if config.hub.endpoint == LOCAL_ENDPOINT else config.hub.endpoint
 
 
 def collections_url(config: StudyConfig, owner_or_slug: str) -> str:

@@ -13,13 +13,13 @@ from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
 from eval_artifacts.hub_dataset import SPLIT, SUMMARY_CONFIG, build_eval_dataset
 from eval_artifacts.metrics import check_metrics_match_samples
-from eval_artifacts.rundir import RunDir
+from eval_artifacts.rundir import ADAPTER_FILES, RunDir
 from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.errors import ArtifactError
 from hub_tools import cards
 from hub_tools import collection as collections
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training.json")
+PUSHED_ADAPTER_FILES = (*ADAPTER_FILES, "training.json")  # the weights and how they were trained
 # The study's data stats travel with every adapter: with training.json they are all an adapter card needs
 # beyond the eval dataset, so `regenerate-cards --from-hub` can rebuild the cards from the Hub alone.
 DATA_STATS = "data_stats.json"
@@ -100,7 +100,7 @@ def _readme(text: str) -> LocalFile:
 
 
 def _adapter_spec(config: StudyConfig, run_dir: RunDir, level: int, readme: str, plot: LocalFile) -> RepoSpec:
-    files = {name: LocalFile.from_path(name, run_dir.adapter_dir(level) / name) for name in ADAPTER_FILES}
+    files = {name: LocalFile.from_path(name, run_dir.adapter_dir(level) / name) for name in PUSHED_ADAPTER_FILES}
     files[DATA_STATS] = LocalFile.from_path(DATA_STATS, run_dir.data_stats)
     files[README] = _readme(readme)
     files[cards.PLOT_FILE] = plot
@@ -203,7 +203,7 @@ def check_artifacts(config: StudyConfig, run_dir: RunDir, *, adapters: bool) -> 
     """
     if adapters:
         for level in config.levels:
-            for name in ADAPTER_FILES:
+            for name in PUSHED_ADAPTER_FILES:
                 if not (run_dir.adapter_dir(level) / name).is_file():
                     raise ArtifactError(
                         f"level {level} has no {name} in {run_dir.adapter_dir(level)}: "
