@@ -48,3 +48,19 @@ def cot_compress_cache(tmp_path_factory):
         path = tmp_path_factory.mktemp("cot-compress-cache")
         patch.setenv("COT_COMPRESS_CACHE", str(path))
         yield path
+
+
+@pytest.fixture(scope="session")
+def generation_base(tmp_path_factory):
+    """The generation tests' saved model and tokenizer (``helpers.build_generation_base``); read-only."""
+    from helpers import build_generation_base
+
+    return build_generation_base(tmp_path_factory.mktemp("generation_base"))
+
+
+@pytest.fixture(scope="session")
+def training_base(tmp_path_factory):
+    """The training tests' saved model and tokenizer (``helpers.build_training_base``); read-only."""
+    from helpers import build_training_base
+
+    return build_training_base(tmp_path_factory.mktemp("training_base"))
