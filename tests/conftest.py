@@ -1,8 +1,22 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the ``realdata`` marker's skip."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+REALDATA_REASON = "set COT_GSM8K_DIR to the real GSM8K folder"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``realdata`` need the real GSM8K: skipped unless ``COT_GSM8K_DIR`` names its folder."""
+    if os.environ.get("COT_GSM8K_DIR"):
+        return
+    skip = pytest.mark.skip(reason=REALDATA_REASON)
+    for item in items:
+        if item.get_closest_marker("realdata"):
+            item.add_marker(skip)
 
 
 @pytest.fixture
