@@ -1,8 +1,22 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the ``realdata`` marker's skip."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+REALDATA_REASON = "set COT_GSM8K_DIR to the real GSM8K folder"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``realdata`` need the real GSM8K: skipped unless ``COT_GSM8K_DIR`` names its folder."""
+    if os.environ.get("COT_GSM8K_DIR"):
+        return
+    skip = pytest.mark.skip(reason=REALDATA_REASON)
+    for item in items:
+        if item.get_closest_marker("realdata"):
+            item.add_marker(skip)
 
 
 @pytest.fixture
@@ -48,3 +62,19 @@ def cot_compress_cache(tmp_path_factory):
         path = tmp_path_factory.mktemp("cot-compress-cache")
         patch.setenv("COT_COMPRESS_CACHE", str(path))
         yield path
+
+
+@pytest.fixture(scope="session")
+def generation_base(tmp_path_factory):
+    """The generation tests' saved model and tokenizer (``helpers.build_generation_base``); read-only."""
+    from helpers import build_generation_base
+
+    return build_generation_base(tmp_path_factory.mktemp("generation_base"))
+
+
+@pytest.fixture(scope="session")
+def training_base(tmp_path_factory):
+    """The training tests' saved model and tokenizer (``helpers.build_training_base``); read-only."""
+    from helpers import build_training_base
+
+    return build_training_base(tmp_path_factory.mktemp("training_base"))

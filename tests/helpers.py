@@ -1,9 +1,25 @@
-"""What several test modules build: sample rows (and, below, tiny models). Test modules import only this."""
+"""What several test modules build: sample rows, tiny models and adapters, small studies, hub snapshots.
+
+Test modules import from here (and from fixtures_artifacts and hubtools), never from one another; the
+fixtures built on these live in conftest.py. Heavy libraries (torch, transformers, huggingface_hub) are
+imported inside the functions that need them, so that importing this module stays cheap.
+"""
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
+import re
+import shutil
+from importlib import resources
+from pathlib import Path
+
 from eval_artifacts.records import SampleRecord, model_level
+from eval_artifacts.rundir import RunDir
+from eval_artifacts.study.config import load_config
 from eval_artifacts.study.levels import build_prompt
+from training.synthetic import generate_problems
 
 
 def sample_row(
@@ -42,3 +58,258 @@ def sample_row(
         level=level,
         seed=seed,
     ).to_row()
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+def tiny_qwen3(
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    tie: bool = True,
+    init: float = 0.02,
+    layers: int = 2,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    pad_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    max_positions: int = 32768,
+    attn_implementation: str | None = None,
+):
+    """A randomly initialised Qwen3ForCausalLM in eval mode, weights drawn after ``torch.manual_seed(seed)``.
+
+    ``init`` is the initializer range (the weights' standard deviation); ``tie`` ties lm_head to the
+    embeddings. The same arguments give the same weights.
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie,
+        initializer_range=init,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def study_tokenizer(problems: int, vocab_size: int, extra_texts: tuple[str, ...] = ()):
+    """The tiny study's tokenizer and chat template, trained on ``problems`` synthetic training problems
+    (questions and stock responses) and ``extra_texts``."""
+    from training.tiny import stock_response, train_tokenizer
+
+    drawn = generate_problems(problems, seed=0, split="train")
+    texts = [p.question for p in drawn] + [stock_response(p) for p in drawn] + list(extra_texts)
+    return train_tokenizer(texts, vocab_size=vocab_size)
+
+
+GENERATION_PROMPTS = [p.question for p in generate_problems(12, seed=3, split="test")] + [
+    "Hi",
+    "Ann has 3 pens. " * 4,
+]  # chat prompts of many lengths, what the generation tests decode
+
+
+def build_generation_base(path: Path) -> Path:
+    """Save the generation tests' model and tokenizer to ``path``: a 2-layer, 64-dim Qwen3 with random weights
+    and the tiny study's tokenizer.
+
+    Its lm_head is untied and scaled so that greedy outputs differ between prompts (and a random adapter
+    changes them), and the ``<|im_end|>`` row is made a close rival of the token it emits most on
+    ``GENERATION_PROMPTS``, so that some completions stop early and others run to the limit.
+    """
+    import torch
+
+    from training.tiny import ENDOFTEXT, IM_END
+
+    tokenizer = study_tokenizer(200, 300)
+    im_end, pad = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    model = tiny_qwen3(len(tokenizer), tie=False, eos_token_id=im_end, pad_token_id=pad)
+    weight = model.lm_head.weight
+    with torch.no_grad():
+        weight.mul_(20.0)
+        chats = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in GENERATION_PROMPTS
+        ]
+        encoded = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+        output = model.generate(
+            **encoded, max_new_tokens=16, do_sample=False, eos_token_id=[], pad_token_id=pad
+        )
+        favourite = collections.Counter(
+            output[:, encoded["input_ids"].shape[1] :].flatten().tolist()
+        ).most_common(1)
+        noise = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(1))
+        weight[im_end] = weight[favourite[0][0]] + 0.1 * weight.std() * noise
+    model.generation_config.eos_token_id = [im_end, pad]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_training_base(path: Path) -> Path:
+    """Save the training tests' model to ``path``: a 2-layer, 64-dim Qwen3 with random weights and the tiny
+    study's tokenizer and chat template, configured as ``training.tiny.make_model`` configures the tiny base.
+
+    The (tied) embeddings are scaled up so that logits are not uniform: otherwise LoRA on the projections
+    can hardly move the output distribution and the loss barely falls.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    from training.tiny import ENDOFTEXT, IM_END
+
+    tokenizer = study_tokenizer(300, 320, ("Solve this using Level",))
+    im_end, pad = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    model = tiny_qwen3(len(tokenizer), max_positions=512, eos_token_id=im_end, pad_token_id=pad)
+    model.generation_config = GenerationConfig(eos_token_id=[im_end, pad], pad_token_id=pad, do_sample=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(5.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_adapter(base: Path, path: Path, *, seed: int) -> Path:
+    """A LoRA adapter with random, non-zero A and B, so that it changes the base's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def chat_token_lengths(base: Path, train_file: Path) -> list[int]:
+    """Tokens of each SFT row rendered as one chat exchange by ``base``'s tokenizer, counted independently."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
+    return [
+        len(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
+        for r in rows
+    ]
+
+
+# ---------------------------------------------------------------- small studies
+
+
+def sft_study(base: Path, run_dir: Path, **training):
+    """The tiny study on ``base``, with a few rows and steps; ``training`` overrides training.*."""
+    settings = {
+        "training.max_steps": 8,
+        "training.batch_size": 8,
+        "training.logging_steps": 2,
+        "training.save_steps": 4,
+        "training.learning_rate": 0.01,
+        **{f"training.{key}": value for key, value in training.items()},
+    }
+    return load_config().with_overrides(
+        **{
+            "base_model.id": str(base),
+            "run_dir": str(run_dir),
+            "data.synthetic.n_train": 64,
+            **settings,
+        }
+    )
+
+
+def prepared(config, levels=(3,)) -> RunDir:
+    """``config``'s run dir after prepare-data for ``levels``."""
+    from training import prepare_data
+
+    run_dir = RunDir(config.run_dir)
+    prepare_data.run(config, run_dir, levels=list(levels))
+    return run_dir
+
+
+# ---------------------------------------------------------------- publishing: templates and hub snapshots
+
+
+README = "README.md"
+SLUG = re.compile(r"collections/[\w.-]+/[\w.-]+-[0-9a-f]{24}")
+ENDPOINT = re.compile(r"http://127\.0\.0\.1:\d+")  # cards link the hub they are published to
+
+
+def edited_templates(folder: Path) -> Path:
+    """A copy of the shipped card templates in ``folder``, each card and the note with a sentence added."""
+    shutil.copytree(Path(str(resources.files("cards_templates"))), folder)
+    for name in ("adapter_card.md.j2", "eval_dataset_card.md.j2", "collection_note.txt.j2"):
+        text = (folder / name).read_text(encoding="utf-8")
+        (folder / name).write_text(text.rstrip("\n") + " Reviewed.\n", encoding="utf-8")
+    return folder
+
+
+def repos(config) -> list[tuple[str, str]]:
+    """(repo type, repo id) of every repo the study publishes: one per level, then the eval dataset."""
+    return [("model", config.adapter_repo_id(n)) for n in config.levels] + [("dataset", config.eval_repo_id)]
+
+
+def head_files(hub, repo_type: str, repo_id: str) -> dict[str, str] | None:
+    """path -> sha256 at main (README as its text with the collection slug masked); None: no repo.
+
+    Every blob the head names must be stored with the sha256 the tree claims, or the head is broken.
+    """
+    storage = hub.storage
+    sha, _ = storage.resolve(repo_type, repo_id, "main")
+    if sha is None:
+        return None
+    files = {}
+    for path, entry in storage.get_commit(repo_type, repo_id, sha)["tree"].items():
+        data = storage.read_blob(entry["sha256"])
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"], path
+        files[path] = mask(data.decode()) if path == README else entry["sha256"]
+    return files
+
+
+def mask(text: str) -> str:
+    """A card with the parts that differ between two hubs (port, collection id) masked."""
+    return ENDPOINT.sub("HUB", SLUG.sub("collections/SLUG", text))
+
+
+def hub_state(hub, config) -> dict:
+    """Every repo's head files and the study's collection (title, items in order, notes)."""
+    from huggingface_hub import HfApi
+
+    collections = [c for c in hub.storage.list_collections() if c["title"] == config.hub.collection_title]
+    api = HfApi(endpoint=hub.endpoint, token=hub.default_token)
+    items = []
+    for found in collections:
+        slug = next(
+            c.slug for c in api.list_collections(owner=config.hub.namespace) if c.title == found["title"]
+        )
+        items.append([(i.item_type, i.item_id, i.note) for i in api.get_collection(slug).items])
+    return {
+        "repos": {repo_id: head_files(hub, repo_type, repo_id) for repo_type, repo_id in repos(config)},
+        "collections": items,
+    }

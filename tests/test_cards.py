@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from fixtures_artifacts import ModelProfile, write_fixture_study
+from helpers import tiny_qwen3
 from huggingface_hub import DatasetCard, ModelCard
 from markdown_it import MarkdownIt
 
@@ -538,10 +539,9 @@ def _tiny_hub_models(root: Path) -> tuple[Path, Path]:
     """A 1-layer Qwen3 with a char-level tokenizer and Qwen's chat format, plus a LoRA adapter for it."""
     import string
 
-    import torch
     from peft import LoraConfig, get_peft_model
     from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
     specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
     vocab = {token: index for index, token in enumerate(specials + sorted(set(string.printable)))}
@@ -556,19 +556,10 @@ def _tiny_hub_models(root: Path) -> tuple[Path, Path]:
     )
     base, adapter = root / "base", root / "adapter"
     tokenizer.save_pretrained(base)
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        eos_token_id=2,
+    tiny_qwen3(
+        len(vocab), tie=False, layers=1, hidden=32, intermediate=64, heads=2, kv_heads=1, eos_token_id=2,
         pad_token_id=2,
-    )
-    Qwen3ForCausalLM(config).save_pretrained(base)
+    ).save_pretrained(base)  # fmt: skip
     model = Qwen3ForCausalLM.from_pretrained(base)
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
     return base, adapter

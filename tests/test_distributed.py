@@ -2,8 +2,8 @@
 resume across process counts, and DDP training writing one adapter.
 
 The processes are real (``python -m torch.distributed.run --nproc_per_node 2``, the launcher under
-``accelerate launch``) on the small random Qwen3 of test_generate.py, so every test is about the
-bookkeeping between ranks, not about accuracy.
+``accelerate launch``) on the small random Qwen3s of the ``generation_base`` and ``training_base`` fixtures,
+so every test is about the bookkeeping between ranks, not about accuracy.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_generate import build_small_base, make_adapter
-from test_sft import chat_token_lengths, prepared, small_base  # noqa: F401  (small_base: the training fixture)
-from test_sft import study as sft_study
+from helpers import chat_token_lengths, make_adapter, prepared, sft_study
 
 from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, read_json
@@ -89,14 +87,13 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> str:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(generation_base, tmp_path_factory):
     """One level, 30 test problems, batches of 2, and a single-process reference run."""
     root = tmp_path_factory.mktemp("dist_study")
-    base = build_small_base(root / "base")
-    adapter = make_adapter(base, root / "adapter", seed=5)
+    adapter = make_adapter(generation_base, root / "adapter", seed=5)
     config = load_config().with_overrides(
         **{
-            "base_model.id": str(base),
+            "base_model.id": str(generation_base),
             "levels": [1],
             "data.synthetic.n_test": 30,
             "eval.batch_size": 2,
@@ -261,9 +258,8 @@ def test_merge_is_idempotent_and_keeps_existing_records_first(study, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_with_two_processes_writes_one_adapter_and_counts_every_rank(small_base, tmp_path):  # noqa: F811
-
-    base = small_base
+def test_train_with_two_processes_writes_one_adapter_and_counts_every_rank(training_base, tmp_path):
+    base = training_base
     config = sft_study(base, tmp_path / "run", max_steps=-1, epochs=1, batch_size=4)
     config = config.with_overrides(**{"data.max_train_rows": 24})
     run_dir = prepared(config)

@@ -1,7 +1,7 @@
 """The evaluate stage: think-token counting, sample records, kill -9 resume, errors and the CLI.
 
-Models are the small random Qwen3 of test_generate.py and random LoRA adapters, so every test is about
-the stage's bookkeeping, not about accuracy.
+Models are the small random Qwen3 of test_generate.py (the ``generation_base`` fixture) and random LoRA
+adapters, so every test is about the stage's bookkeeping, not about accuracy.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from click.testing import CliRunner
-from test_generate import build_small_base, make_adapter
+from helpers import make_adapter
 
 from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, iter_jsonl, read_json
@@ -87,14 +87,13 @@ def test_record_grades_and_counts_one_completion(byte_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(generation_base, tmp_path_factory):
     """A config for the small base with one level, 30 test problems, and a trained-looking adapter dir."""
     root = tmp_path_factory.mktemp("eval_study")
-    base = build_small_base(root / "base")
-    adapter = make_adapter(base, root / "adapter", seed=5)
+    adapter = make_adapter(generation_base, root / "adapter", seed=5)
     config = load_config().with_overrides(
         **{
-            "base_model.id": str(base),
+            "base_model.id": str(generation_base),
             "levels": [1],
             "data.synthetic.n_test": 30,
             "eval.batch_size": 2,

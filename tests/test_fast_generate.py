@@ -9,8 +9,8 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_qwen3
 from peft import LoraConfig, get_peft_model
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from training.fast_generate import FastCompletion, FastGenerator
 
@@ -18,23 +18,12 @@ VOCAB = 101
 PAD = 0
 
 
-def tiny_qwen3(seed: int = 0) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        initializer_range=0.2,  # wide logits: no near-ties for rounding to flip
-        pad_token_id=PAD,
-        attn_implementation="sdpa",
+def random_qwen3(seed: int = 0):
+    """A 2-layer Qwen3 with tied, wide random weights (initializer range 0.2: no near-ties for rounding to
+    flip) over ``VOCAB`` token ids."""
+    return tiny_qwen3(
+        VOCAB, seed=seed, init=0.2, max_positions=256, pad_token_id=PAD, attn_implementation="sdpa"
     )
-    return Qwen3ForCausalLM(config).eval()
 
 
 def prompts(n: int, seed: int = 1) -> list[list[int]]:
@@ -85,7 +74,7 @@ def pick_stop_token(model, batch, max_new) -> int:
 
 @pytest.fixture(scope="module")
 def base():
-    return tiny_qwen3()
+    return random_qwen3()
 
 
 def test_base_matches_hf_generate_with_stops_and_lengths(base):
@@ -125,7 +114,7 @@ def test_short_last_batch_and_min_new_tokens(base):
 
 
 def test_forced_length_and_single_token():
-    model = tiny_qwen3(seed=3)
+    model = random_qwen3(seed=3)
     batch = prompts(5, seed=2)
     engine = FastGenerator(model, context_bucket=16)
     # Stop on every row's own first token: without min_new_tokens each row stops at once.
@@ -144,7 +133,7 @@ def test_forced_length_and_single_token():
 
 
 def test_merged_lora_matches_unmerged_peft_and_restores_weights():
-    model = tiny_qwen3(seed=7)
+    model = random_qwen3(seed=7)
     batch = prompts(6, seed=9)
     base_before = FastGenerator(model, context_bucket=8).generate(
         batch, max_new_tokens=15, stop_token_ids=[VOCAB + 1], pad_token_id=PAD
@@ -288,7 +277,7 @@ _TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
 def test_fused_decode_kernels_match_hf_generate():
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = tiny_qwen3(seed=13).to(device)
+    model = random_qwen3(seed=13).to(device)
     batch = prompts(9, seed=8)
     stop = pick_stop_token(model, batch, 20)
     engine = FastGenerator(model, max_batch_size=4, context_bucket=8, fused_kernels=True)
@@ -305,7 +294,7 @@ def test_fused_decode_kernels_match_hf_generate():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_path_matches_eager_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = tiny_qwen3(seed=11).cuda()
+    model = random_qwen3(seed=11).cuda()
     batch = prompts(40, seed=4)
     stop = pick_stop_token(model, batch, 30)
     expected = hf_greedy(model, [p for p in batch], max_new=30, stop_ids={stop})

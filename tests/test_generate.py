@@ -1,9 +1,10 @@
 """The generation engine: batched greedy output equals one-at-a-time ``generate``, adapters switch per batch,
 finish reasons and token counts are right.
 
-The model is a 2-layer, 64-dim Qwen3 with random weights and the tiny study's tokenizer. Its lm_head is
-untied and scaled so that greedy outputs differ between prompts, and the ``<|im_end|>`` row is made a
-close rival of the token it emits most, so that some completions stop early and others run to the limit.
+The model is ``helpers.build_generation_base``'s (the ``generation_base`` fixture): a 2-layer, 64-dim Qwen3
+with random weights and the tiny study's tokenizer. Its lm_head is untied and scaled so that greedy outputs
+differ between prompts, and the ``<|im_end|>`` row is made a close rival of the token it emits most, so that
+some completions stop early and others run to the limit.
 """
 
 from __future__ import annotations
@@ -15,78 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from helpers import GENERATION_PROMPTS, make_adapter
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eval_artifacts.study.errors import ArtifactError, ConfigError
 from training import evaluate
 from training.fast_generate import FastGenerationEngine
 from training.generate import Engine, GenerationEngine, select_backend
-from training.synthetic import generate_problems
-from training.tiny import ENDOFTEXT, IM_END, stock_response, train_tokenizer
+from training.tiny import ENDOFTEXT, IM_END
 
-PROMPTS = [p.question for p in generate_problems(12, seed=3, split="test")] + ["Hi", "Ann has 3 pens. " * 4]
-
-
-def build_small_base(path: Path) -> Path:
-    """Save the test model and tokenizer described in the module docstring to ``path``."""
-    problems = generate_problems(200, seed=0, split="train")
-    tokenizer = train_tokenizer(
-        [p.question for p in problems] + [stock_response(p) for p in problems], vocab_size=300
-    )
-    im_end, pad = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
-        eos_token_id=im_end, pad_token_id=pad,
-    )  # fmt: skip
-    model = Qwen3ForCausalLM(config).eval()
-    weight = model.lm_head.weight
-    with torch.no_grad():
-        weight.mul_(20.0)
-        encoded = tokenizer(
-            [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in PROMPTS], return_tensors="pt", padding=True, add_special_tokens=False,
-        )  # fmt: skip
-        output = model.generate(
-            **encoded, max_new_tokens=16, do_sample=False, eos_token_id=[], pad_token_id=pad
-        )
-        favourite = collections.Counter(
-            output[:, encoded["input_ids"].shape[1] :].flatten().tolist()
-        ).most_common(1)
-        noise = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(1))
-        weight[im_end] = weight[favourite[0][0]] + 0.1 * weight.std() * noise
-    model.generation_config.eos_token_id = [im_end, pad]
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def make_adapter(base: Path, path: Path, *, seed: int) -> Path:
-    """A LoRA adapter with random, non-zero A and B, so that it changes the base's output."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
-    peft_model.save_pretrained(path)
-    return path
+PROMPTS = GENERATION_PROMPTS
 
 
 @pytest.fixture(scope="module")
-def small_base(tmp_path_factory) -> Path:
-    return build_small_base(tmp_path_factory.mktemp("gen_base"))
-
-
-@pytest.fixture(scope="module")
-def adapters(small_base, tmp_path_factory) -> dict[str, Path]:
+def adapters(generation_base, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gen_adapters")
     return {
-        name: make_adapter(small_base, root / name, seed=seed)
+        name: make_adapter(generation_base, root / name, seed=seed)
         for name, seed in (("level_1", 1), ("level_2", 2))
     }
 
@@ -115,10 +61,10 @@ def all_generations(engine, prompts, **kwargs):
     return [found[i] for i in range(len(prompts))]
 
 
-def test_batched_output_equals_one_at_a_time_generate(small_base):
-    engine = GenerationEngine(small_base)
-    model = AutoModelForCausalLM.from_pretrained(small_base).eval()
-    tokenizer = AutoTokenizer.from_pretrained(small_base)
+def test_batched_output_equals_one_at_a_time_generate(generation_base):
+    engine = GenerationEngine(generation_base)
+    model = AutoModelForCausalLM.from_pretrained(generation_base).eval()
+    tokenizer = AutoTokenizer.from_pretrained(generation_base)
     expected = one_at_a_time(model, tokenizer, PROMPTS, 16)
 
     generations = all_generations(engine, PROMPTS, adapter=None, max_new_tokens=16, batch_size=5)
@@ -138,8 +84,8 @@ def test_batched_output_equals_one_at_a_time_generate(small_base):
             assert im_end not in ids and g.completion_tokens == 16
 
 
-def test_batches_are_sorted_by_length_and_cover_every_prompt(small_base):
-    engine = GenerationEngine(small_base)
+def test_batches_are_sorted_by_length_and_cover_every_prompt(generation_base):
+    engine = GenerationEngine(generation_base)
     plan = engine.plan(PROMPTS, batch_size=4)
     assert sorted(i for batch in plan for i in batch) == list(range(len(PROMPTS)))
     assert [len(batch) for batch in plan] == [4, 4, 3, 3]  # 14 prompts: as few batches as 4 allows, even
@@ -147,8 +93,8 @@ def test_batches_are_sorted_by_length_and_cover_every_prompt(small_base):
     assert lengths == sorted(lengths, reverse=True)
 
 
-def test_truncated_completion_reports_length(small_base):
-    engine = GenerationEngine(small_base)
+def test_truncated_completion_reports_length(generation_base):
+    engine = GenerationEngine(generation_base)
     generations = all_generations(engine, PROMPTS, adapter=None, max_new_tokens=2, batch_size=8)
     stopped = [g for g in generations if g.finish_reason == "stop"]
     truncated = [g for g in generations if g.finish_reason == "length"]
@@ -156,21 +102,21 @@ def test_truncated_completion_reports_length(small_base):
     assert all(g.completion_tokens <= 2 for g in stopped)
 
 
-def test_adapters_switch_per_batch_and_base_runs_with_adapters_disabled(small_base, adapters):
+def test_adapters_switch_per_batch_and_base_runs_with_adapters_disabled(generation_base, adapters):
     from peft import PeftModel
 
     prompts = PROMPTS[::2]
-    tokenizer = AutoTokenizer.from_pretrained(small_base)
+    tokenizer = AutoTokenizer.from_pretrained(generation_base)
     base_expected = one_at_a_time(
-        AutoModelForCausalLM.from_pretrained(small_base).eval(), tokenizer, prompts, 8
+        AutoModelForCausalLM.from_pretrained(generation_base).eval(), tokenizer, prompts, 8
     )
     expected = {None: base_expected}
     for name, path in adapters.items():
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(small_base), path).eval()
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(generation_base), path).eval()
         expected[name] = one_at_a_time(model, tokenizer, prompts, 8)
     assert expected["level_1"] != base_expected and expected["level_2"] != expected["level_1"]
 
-    engine = GenerationEngine(small_base)
+    engine = GenerationEngine(generation_base)
     for name, path in adapters.items():
         engine.load_adapter(name, path)
     # Interleave so that a stale adapter state would show.
@@ -179,8 +125,8 @@ def test_adapters_switch_per_batch_and_base_runs_with_adapters_disabled(small_ba
         assert [list(g.token_ids) for g in got] == expected[adapter], adapter
 
 
-def test_unknown_or_missing_adapter_is_an_artifact_error(small_base, tmp_path):
-    engine = GenerationEngine(small_base)
+def test_unknown_or_missing_adapter_is_an_artifact_error(generation_base, tmp_path):
+    engine = GenerationEngine(generation_base)
     with pytest.raises(ArtifactError, match="adapter_config.json"):
         engine.load_adapter("level_1", tmp_path)
     with pytest.raises(ArtifactError, match="not loaded"):

@@ -14,7 +14,7 @@ import gc
 
 import pytest
 import torch
-from test_generate import build_small_base, make_adapter
+from helpers import build_generation_base, make_adapter
 
 from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, iter_jsonl
@@ -67,7 +67,7 @@ def test_base_then_adapters_through_evaluate(tmp_path):
     from training.fast_generate import FastGenerationEngine
     from training.generate import GenerationEngine
 
-    base = build_small_base(tmp_path / "base")
+    base = build_generation_base(tmp_path / "base")
     run_dir = RunDir(tmp_path / "run")
     for level, seed in ((1, 1), (4, 4)):
         make_adapter(base, run_dir.adapter_dir(level), seed=seed)
@@ -94,7 +94,7 @@ def test_base_then_adapters_through_evaluate(tmp_path):
 
 
 def test_train_then_evaluate_in_one_process(tmp_path):
-    base = build_small_base(tmp_path / "base")
+    base = build_generation_base(tmp_path / "base")
     config = small_study(
         base,
         tmp_path / "run",

@@ -18,8 +18,7 @@ from training.gsm8k import problems_from_rows, safe_eval, solution_steps
 from training.synthetic import generate_problems
 from training.teachers import rule_teacher
 
-GSM8K_DIR = os.environ.get("COT_GSM8K_DIR")
-realdata = pytest.mark.skipif(not GSM8K_DIR, reason="set COT_GSM8K_DIR to the real GSM8K folder")
+GSM8K_DIR = os.environ.get("COT_GSM8K_DIR")  # tests marked realdata use it; conftest.py skips them without it
 
 
 def test_prompt_and_response_round_trip():
@@ -130,14 +129,14 @@ def test_malformed_gsm8k_row_is_one_line_error(tmp_path):
     assert "row 2" in result.stderr and "'answer'" in result.stderr
 
 
-@realdata
+@pytest.mark.realdata
 def test_real_gsm8k_gold_answers_all_parse():
     for split, expected in (("train", 7473), ("test", 1319)):
         rows = [json.loads(line) for line in (Path(GSM8K_DIR) / f"{split}.jsonl").read_text().splitlines()]
         assert len(problems_from_rows(rows, split=split, source=split)) == expected
 
 
-@realdata
+@pytest.mark.realdata
 def test_real_gsm8k_prepare_data_all_levels(tmp_path):
     started = time.perf_counter()
     result = CliRunner().invoke(

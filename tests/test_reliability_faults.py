@@ -13,16 +13,15 @@ while the retry logic itself runs unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
 import time
-from importlib import resources
 from pathlib import Path
 
 import pytest
 from fixtures_artifacts import write_fixture_study
+from helpers import edited_templates, head_files, hub_state, repos
 from hubtools import clients_for, isolated_hf_caches, publish_to
 from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -60,20 +59,9 @@ FAULTS = {
 CLIENT_RETRIED = {"preupload", "lfs-batch", "lfs-put", "lfs-verify"}
 RETRIED = CLIENT_RETRIED | {"whoami", "repo-info", "paths-info"}
 TRANSIENT = ("500x2", "503x2", "429-retry-after", "drop")
-README = "README.md"
-SLUG = re.compile(r"collections/[\w.-]+/[\w.-]+-[0-9a-f]{24}")
-ENDPOINT = re.compile(r"http://127\.0\.0\.1:\d+")  # cards link the hub they are published to
 
 
 # ---------------------------------------------------------------- the study and its two versions
-
-
-def edited_templates(folder: Path) -> Path:
-    shutil.copytree(Path(str(resources.files("cards_templates"))), folder)
-    for name in ("adapter_card.md.j2", "eval_dataset_card.md.j2", "collection_note.txt.j2"):
-        text = (folder / name).read_text(encoding="utf-8")
-        (folder / name).write_text(text.rstrip("\n") + " Reviewed.\n", encoding="utf-8")
-    return folder
 
 
 def new_weights(run_dir: RunDir) -> None:
@@ -105,51 +93,6 @@ def publish(config, run_dir, hub, **options):
         echo=lambda line: None,
         **options,
     )
-
-
-# ---------------------------------------------------------------- what the hub holds, read from its storage
-
-
-def repos(config) -> list[tuple[str, str]]:
-    return [("model", config.adapter_repo_id(n)) for n in config.levels] + [("dataset", config.eval_repo_id)]
-
-
-def head_files(hub, repo_type: str, repo_id: str) -> dict[str, str] | None:
-    """path -> sha256 at main (README as its text with the collection slug masked); None: no repo.
-
-    Every blob the head names must be stored with the sha256 the tree claims, or the head is broken.
-    """
-    storage = hub.storage
-    sha, _ = storage.resolve(repo_type, repo_id, "main")
-    if sha is None:
-        return None
-    files = {}
-    for path, entry in storage.get_commit(repo_type, repo_id, sha)["tree"].items():
-        data = storage.read_blob(entry["sha256"])
-        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"], path
-        files[path] = mask(data.decode()) if path == README else entry["sha256"]
-    return files
-
-
-def mask(text: str) -> str:
-    """A card with the parts that differ between two hubs (port, collection id) masked."""
-    return ENDPOINT.sub("HUB", SLUG.sub("collections/SLUG", text))
-
-
-def hub_state(hub, config) -> dict:
-    """Every repo's head files and the study's collection (title, items in order, notes)."""
-    collections = [c for c in hub.storage.list_collections() if c["title"] == config.hub.collection_title]
-    api = HfApi(endpoint=hub.endpoint, token=hub.default_token)
-    items = []
-    for found in collections:
-        slug = next(
-            c.slug for c in api.list_collections(owner=config.hub.namespace) if c.title == found["title"]
-        )
-        items.append([(i.item_type, i.item_id, i.note) for i in api.get_collection(slug).items])
-    return {
-        "repos": {repo_id: head_files(hub, repo_type, repo_id) for repo_type, repo_id in repos(config)},
-        "collections": items,
-    }
 
 
 # ---------------------------------------------------------------- module setup: references, earlier publish

@@ -27,9 +27,9 @@ import pytest
 import torch
 import yaml
 from fixtures_artifacts import write_fixture_study
+from helpers import build_training_base, edited_templates, hub_state, repos
 from hubtools import clients_for, isolated_hf_caches, publish_to
 from safetensors.torch import load_file
-from test_reliability_faults import edited_templates, hub_state, repos
 
 from eval_artifacts import faultpoints
 from eval_artifacts.rundir import RunDir
@@ -84,17 +84,10 @@ def complete_lines(path: Path) -> list[str]:
 # ---------------------------------------------------------------- the study and its uninterrupted run
 
 
-@pytest.fixture(scope="module")
-def small_base(tmp_path_factory) -> Path:
-    """The training tests' 2-layer Qwen3, with its own output head.
-
-    Tied to the (scaled-up) embeddings, the head makes greedy decoding repeat the prompt's last token
-    whatever an adapter does, and evaluate rightly refuses adapters that change nothing.
-    """
-    from test_sft import build_training_base
+def untie_head(path: Path) -> Path:
+    """Give the saved model at ``path`` its own random output head (std 0.1), in place."""
     from transformers import AutoModelForCausalLM
 
-    path = build_training_base(tmp_path_factory.mktemp("small_base"))
     model = AutoModelForCausalLM.from_pretrained(path)
     head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.1
     model.config.tie_word_embeddings = False
@@ -103,11 +96,21 @@ def small_base(tmp_path_factory) -> Path:
     return path
 
 
-def study(small_base: Path, run_dir: Path):
+@pytest.fixture(scope="module")
+def untied_training_base(tmp_path_factory) -> Path:
+    """The training tests' 2-layer Qwen3 (``helpers.build_training_base``), with its own output head.
+
+    Tied to the (scaled-up) embeddings, the head makes greedy decoding repeat the prompt's last token
+    whatever an adapter does, and evaluate rightly refuses adapters that change nothing.
+    """
+    return untie_head(build_training_base(tmp_path_factory.mktemp("untied_training_base")))
+
+
+def study(base: Path, run_dir: Path):
     """Two levels, 48 training rows, 8 steps with a checkpoint every 4; 12 test problems in batches of 4."""
     return load_config().with_overrides(
         **{
-            "base_model.id": str(small_base),
+            "base_model.id": str(base),
             "run_dir": str(run_dir),
             "levels": [1, 2],
             "data.synthetic.n_train": 48,
@@ -125,10 +128,10 @@ def study(small_base: Path, run_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def straight(small_base, tmp_path_factory):
+def straight(untied_training_base, tmp_path_factory):
     """The uninterrupted run: its run dir after each stage (data, adapters, eval)."""
     root = tmp_path_factory.mktemp("straight")
-    config = study(small_base, root / "run")
+    config = study(untied_training_base, root / "run")
     run_dir = RunDir(config.run_dir)
     prepare_data.run(config, run_dir)
     shutil.copytree(run_dir.root, root / "after-data")

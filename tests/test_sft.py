@@ -1,7 +1,7 @@
 """The train stage: adapters, training.json, skipping, resume, errors, and the GPU benchmark's CPU smoke mode.
 
-Fast tests train a 2-layer, 64-dim Qwen3 (random weights, the tiny study's tokenizer) for a few steps; the
-slow test trains the real tiny study and evaluates it.
+Fast tests train a 2-layer, 64-dim Qwen3 (random weights, the tiny study's tokenizer: the ``training_base``
+fixture) for a few steps; the slow test trains the real tiny study and evaluates it.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import chat_token_lengths, prepared, sft_study
 from safetensors.torch import load_file
 
 from eval_artifacts.rundir import RunDir
-from eval_artifacts.study.config import TinyModelConfig, load_config
+from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import ArtifactError, TrainingError
 from hub_tools.cli import main
 from training import prepare_data, sft
-from training.synthetic import generate_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = {
@@ -38,86 +38,13 @@ HYPERPARAMETER_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def small_base(tmp_path_factory) -> Path:
-    return build_training_base(tmp_path_factory.mktemp("small_base"))
-
-
-def build_training_base(path: Path) -> Path:
-    """A 2-layer, 64-dim Qwen3 with random weights and the tiny study's tokenizer and chat template.
-
-    The (tied) embeddings are scaled up so that logits are not uniform: otherwise LoRA on the projections
-    can hardly move the output distribution and the loss barely falls.
-    """
-    from training.tiny import make_model, stock_response, train_tokenizer
-
-    problems = generate_problems(300, seed=0, split="train")
-    texts = (
-        [p.question for p in problems] + [stock_response(p) for p in problems] + ["Solve this using Level"]
-    )
-    tokenizer = train_tokenizer(texts, vocab_size=320)
-    settings = TinyModelConfig(
-        hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2
-    )
-    model = make_model(settings, tokenizer)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(5.0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def chat_token_lengths(base: Path, train_file: Path) -> list[int]:
-    """Tokens of each SFT row rendered as one chat exchange by ``base``'s tokenizer, counted independently."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
-    return [
-        len(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
-                tokenize=True,
-                return_dict=True,
-            )["input_ids"]
-        )
-        for r in rows
-    ]
-
-
-def study(small_base: Path, run_dir: Path, **training):
-    """The tiny study on the small base, with a few rows and steps; ``training`` overrides training.*."""
-    settings = {
-        "training.max_steps": 8,
-        "training.batch_size": 8,
-        "training.logging_steps": 2,
-        "training.save_steps": 4,
-        "training.learning_rate": 0.01,
-        **{f"training.{key}": value for key, value in training.items()},
-    }
-    return load_config().with_overrides(
-        **{
-            "base_model.id": str(small_base),
-            "run_dir": str(run_dir),
-            "data.synthetic.n_train": 64,
-            **settings,
-        }
-    )
-
-
-def prepared(config, levels=(3,)) -> RunDir:
-    run_dir = RunDir(config.run_dir)
-    prepare_data.run(config, run_dir, levels=list(levels))
-    return run_dir
-
-
 def adapter_weights(run_dir: RunDir, level: int) -> dict[str, torch.Tensor]:
     return load_file(run_dir.adapter_dir(level) / "adapter_model.safetensors")
 
 
-def test_train_writes_adapter_and_a_complete_training_json(small_base, tmp_path):
+def test_train_writes_adapter_and_a_complete_training_json(training_base, tmp_path):
     # Two full epochs over 24 rows: every token of every row is seen exactly twice.
-    config = study(small_base, tmp_path / "run", max_steps=-1, epochs=2, batch_size=8)
+    config = sft_study(training_base, tmp_path / "run", max_steps=-1, epochs=2, batch_size=8)
     config = config.with_overrides(**{"data.max_train_rows": 24})
     run_dir = prepared(config)
 
@@ -133,7 +60,7 @@ def test_train_writes_adapter_and_a_complete_training_json(small_base, tmp_path)
     assert set(payload) == CONTRACT_KEYS
     assert set(payload["hyperparameters"]) == HYPERPARAMETER_KEYS
 
-    lengths = chat_token_lengths(small_base, run_dir.train_file(3))
+    lengths = chat_token_lengths(training_base, run_dir.train_file(3))
     assert payload["tokens_seen"] == 2 * sum(lengths)
     assert payload["train_rows"] == 24
     assert payload["steps"] == 6  # 24 rows / 8 per step × 2 epochs
@@ -163,7 +90,7 @@ def test_train_writes_adapter_and_a_complete_training_json(small_base, tmp_path)
         "target_modules": "all-linear",
     }
     assert payload["hyperparameters"]["effective_batch_size"] == 8
-    assert payload["base_model"] == {"id": str(small_base), "revision": "main"}
+    assert payload["base_model"] == {"id": str(training_base), "revision": "main"}
     assert {"torch", "transformers", "peft", "trl", "accelerate"} <= set(payload["library_versions"])
 
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -175,9 +102,9 @@ def test_train_writes_adapter_and_a_complete_training_json(small_base, tmp_path)
     assert len(weights) == 2 * len(projections) * 2
 
 
-def test_loss_falls_and_completion_only_masks_the_prompt(small_base, tmp_path):
+def test_loss_falls_and_completion_only_masks_the_prompt(training_base, tmp_path):
     # The issue's criterion: the loss falls by at least 30% from the first logged step to the last.
-    config = study(small_base, tmp_path / "run", max_steps=16, logging_steps=4, learning_rate=0.03)
+    config = sft_study(training_base, tmp_path / "run", max_steps=16, logging_steps=4, learning_rate=0.03)
     run_dir = prepared(config)
     payload = sft.run(config, run_dir, levels=[3])[3]
     curve = payload["loss_curve"]
@@ -188,7 +115,7 @@ def test_loss_falls_and_completion_only_masks_the_prompt(small_base, tmp_path):
     for completion_only in (True, False):
         training = config.training.model_copy(update={"completion_only_loss": completion_only})
         model, tokenizer = sft.load_base(
-            model_path=str(small_base), revision="main", quantization="none", precision="fp32",
+            model_path=str(training_base), revision="main", quantization="none", precision="fp32",
             gradient_checkpointing=False,
         )  # fmt: skip
         trainer = sft.build_trainer(
@@ -206,8 +133,8 @@ def test_loss_falls_and_completion_only_masks_the_prompt(small_base, tmp_path):
         assert masked == (len(prompt) if completion_only else 0)
 
 
-def test_rerun_skips_an_up_to_date_adapter_and_retrains_on_change(small_base, tmp_path, capsys):
-    config = study(small_base, tmp_path / "run", max_steps=2)
+def test_rerun_skips_an_up_to_date_adapter_and_retrains_on_change(training_base, tmp_path, capsys):
+    config = sft_study(training_base, tmp_path / "run", max_steps=2)
     run_dir = prepared(config)
     first = sft.run(config, run_dir, levels=[3])[3]
     stamp = (run_dir.adapter_dir(3) / "adapter_model.safetensors").stat().st_mtime_ns
@@ -232,8 +159,8 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(small_base, tmp_path, monkeypatch):
-    config = study(small_base, tmp_path / "straight", max_steps=8, save_steps=4)
+def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(training_base, tmp_path, monkeypatch):
+    config = sft_study(training_base, tmp_path / "straight", max_steps=8, save_steps=4)
     straight = prepared(config)
     expected = sft.run(config, straight, levels=[3])[3]
 
@@ -279,9 +206,9 @@ def run_dir_has_adapter(run_dir: RunDir, level: int) -> bool:
     return (run_dir.adapter_dir(level) / "adapter_model.safetensors").exists()
 
 
-def test_keep_checkpoints_keeps_the_last_ones(small_base, tmp_path):
-    config = study(
-        small_base, tmp_path / "run", max_steps=6, save_steps=2, save_total_limit=2, keep_checkpoints=True
+def test_keep_checkpoints_keeps_the_last_ones(training_base, tmp_path):
+    config = sft_study(
+        training_base, tmp_path / "run", max_steps=6, save_steps=2, save_total_limit=2, keep_checkpoints=True
     )
     run_dir = prepared(config)
     sft.run(config, run_dir, levels=[3])
@@ -289,22 +216,22 @@ def test_keep_checkpoints_keeps_the_last_ones(small_base, tmp_path):
     assert kept == ["checkpoint-4", "checkpoint-6"]
 
 
-def test_missing_data_names_prepare_data(small_base, tmp_path):
-    config = study(small_base, tmp_path / "run")
+def test_missing_data_names_prepare_data(training_base, tmp_path):
+    config = sft_study(training_base, tmp_path / "run")
     with pytest.raises(ArtifactError, match="cot-compress prepare-data"):
         sft.run(config, config.run_dir, levels=[2])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_nf4_without_cuda_is_a_training_error(small_base, tmp_path):
-    config = study(small_base, tmp_path / "run").with_overrides(**{"base_model.quantization": "nf4"})
+def test_nf4_without_cuda_is_a_training_error(training_base, tmp_path):
+    config = sft_study(training_base, tmp_path / "run").with_overrides(**{"base_model.quantization": "nf4"})
     run_dir = prepared(config)
     with pytest.raises(TrainingError, match="quantization: none"):
         sft.run(config, run_dir, levels=[3])
 
 
-def test_train_command_prints_one_summary_line_per_level(small_base, tmp_path):
-    config = study(small_base, tmp_path / "run", max_steps=2)
+def test_train_command_prints_one_summary_line_per_level(training_base, tmp_path):
+    config = sft_study(training_base, tmp_path / "run", max_steps=2)
     prepared(config, levels=(4, 5))
     config_file = tmp_path / "study.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
