@@ -5,26 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from eval_artifacts.metrics import read_metrics
+from eval_artifacts.metrics import METRICS_FIELDS, read_metrics
 from eval_artifacts.pareto import pareto_frontier
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
 from eval_artifacts.study.errors import ArtifactError
 
-SUMMARY_MODEL_FIELDS = (
-    "model",
-    "level",
-    "n_total",
-    "n_correct",
-    "accuracy",
-    "ci95",
-    "think_tokens",
-    "completion_tokens",
-    "tokens_per_correct",
-    "truncated",
-    "vs_base",
-    "across_seeds",
-    "on_frontier",
-)
+# A summary row is a model's metrics.json without its per-seed detail and provenance, plus its frontier flag.
+_METRICS_LEFT_OUT = ("schema_version", "seeds", "think_tokens_per_correct", "per_seed")
+SUMMARY_MODEL_FIELDS = (*(name for name in METRICS_FIELDS if name not in _METRICS_LEFT_OUT), "on_frontier")
 
 
 def build_summary(run_dir: RunDir, *, study: str, models: list[str]) -> dict[str, Any]:
