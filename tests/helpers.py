@@ -313,3 +313,18 @@ def hub_state(hub, config) -> dict:
         "repos": {repo_id: head_files(hub, repo_type, repo_id) for repo_type, repo_id in repos(config)},
         "collections": items,
     }
+
+
+def imported_names(path) -> set[str]:
+    """Every module ``path`` imports, at any depth (function-level imports too), and each ``module.name``
+    a ``from module import name`` takes."""
+    import ast
+    from pathlib import Path
+
+    names = set()
+    for node in ast.walk(ast.parse(Path(path).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names

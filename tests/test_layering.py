@@ -8,13 +8,13 @@ that chain the stages.
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import zipfile
 from pathlib import Path
 
 import pytest
 import tomllib
+from helpers import imported_names
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("eval_artifacts", "training", "hub_tools", "cards_templates", "configs", "bench")
@@ -23,13 +23,7 @@ PACKAGES = {"eval_artifacts", "training", "hub_tools", "cards_templates"}
 
 def imports_of(path: Path) -> set[str]:
     """Every module of ours that ``path`` imports, at any depth (function-level imports included)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return {name for name in names if name.split(".")[0] in OURS}
+    return {name for name in imported_names(path) if name.split(".")[0] in OURS}
 
 
 def modules(package: str) -> list[Path]:

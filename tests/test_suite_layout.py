@@ -10,25 +10,16 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from helpers import imported_names
+
 TESTS = Path(__file__).resolve().parent
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every module ``path`` imports, at any depth (function-level imports included)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
-    return names
 
 
 def test_no_test_module_imports_another():
     assert len(list(TESTS.glob("test_*.py"))) > 20
     found = {}
     for path in sorted(TESTS.glob("*.py")):
-        imported = sorted(name for name in imported_modules(path) if name.split(".")[0].startswith("test_"))
+        imported = sorted(name for name in imported_names(path) if name.split(".")[0].startswith("test_"))
         if imported:
             found[path.name] = imported
     assert found == {}, "move what these share into tests/helpers.py or tests/conftest.py"
