@@ -120,7 +120,7 @@ def test_loss_falls_and_completion_only_masks_the_prompt(training_base, tmp_path
         )  # fmt: skip
         trainer = sft.build_trainer(
             model=model, tokenizer=tokenizer, dataset=sft.chat_dataset(rows), training=training,
-            precision="fp32", output_dir=tmp_path / "unused",
+            seed=training.seeds[0], precision="fp32", output_dir=tmp_path / "unused",
         )  # fmt: skip
         example = trainer.train_dataset[0]
         prompt = tokenizer.apply_chat_template(

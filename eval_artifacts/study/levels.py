@@ -18,8 +18,17 @@ class Level:
 
     @property
     def key(self) -> str:
-        """The model name used in the run directory and the eval dataset (``level_4``)."""
+        """The model name of the level's published adapter (the first training seed's): ``level_4``."""
         return f"level_{self.number}"
+
+    def seed_key(self, training_seed: int) -> str:
+        """The model name of the adapter trained with another training seed: ``level_4_seed43``."""
+        return f"{self.key}_seed{training_seed}"
+
+    @property
+    def prompt_key(self) -> str:
+        """The model name of the level's prompt-only baseline (base model, level prompt, no adapter)."""
+        return f"prompt_l{self.number}"
 
 
 LEVELS: dict[int, Level] = {
