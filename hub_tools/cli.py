@@ -286,7 +286,7 @@ def train_and_publish_command(config_path, run_dir, endpoint, namespace, data_di
         # The embedded hub stopped with the run; local URLs are those of `hub serve` below once it runs.
         return f"http://127.0.0.1:{LOCAL_PAGES_PORT}{url.removeprefix(report.endpoint)}" if local else url
 
-    urls = {result.repo_id: shown(result.url) for result in report.repos}
+    urls = {result.repo_id: shown(result.url) for result in report.repos if result.branch == "main"}
     click.echo("")
     click.echo(f"{'model':<10} {'accuracy [95% CI]':<26} {'think tokens':>12}  repo")
     for row in read_summary(study)["models"]:
