@@ -61,13 +61,15 @@ def test_record_grades_and_counts_one_completion(byte_tokenizer):
     generation = Generation(index=0, text=text, token_ids=tuple(range(11)), finish_reason="stop")
     engine = SimpleNamespace(tokenizer=byte_tokenizer)
 
-    record = evaluate.make_record(engine, problem, "P", generation, model="level_3", level=3, seed=1)
+    record = evaluate.make_record(
+        engine, problem, "P", generation, model="level_3", level=3, training_seed=42, seed=1, sample=2
+    )
 
     assert record == {
         "id": "test-00001", "question": problem.question, "gold": "19", "prompt": "P", "completion": text,
         "reasoning": "12+7=19", "predicted": "19", "extractor": "hash", "correct": True, "think_tokens": 7,
-        "completion_tokens": 11, "finish_reason": "stop", "model": "level_3", "level": 3, "seed": 1,
-        "schema_version": 1,
+        "completion_tokens": 11, "finish_reason": "stop", "model": "level_3", "level": 3, "training_seed": 42,
+        "seed": 1, "sample": 2, "schema_version": 1,
     }  # fmt: skip
     wrong = evaluate.make_record(
         engine,
@@ -76,6 +78,7 @@ def test_record_grades_and_counts_one_completion(byte_tokenizer):
         Generation(0, "Tom has 20.\n#### 20", (1, 2), "length"),
         model="base",
         level=None,
+        training_seed=None,
         seed=0,
     )
     assert (wrong["correct"], wrong["predicted"], wrong["reasoning"], wrong["think_tokens"]) == (
@@ -98,17 +101,19 @@ def study(generation_base, tmp_path_factory):
             "data.synthetic.n_test": 30,
             "eval.batch_size": 2,
             "eval.max_new_tokens": 8,
+            "eval.prompt_baselines": False,  # on in one test below, which evaluates it
         }
     )
     return SimpleNamespace(config=config, adapter=adapter, root=root)
 
 
-def new_run_dir(study, name: str) -> RunDir:
+def new_run_dir(study, name: str, adapters: tuple[str, ...] = ("level_1",)) -> RunDir:
     run_dir = RunDir(study.root / name)
-    target = run_dir.adapter_dir(1)
-    target.mkdir(parents=True)
-    for file in study.adapter.iterdir():
-        (target / file.name).write_bytes(file.read_bytes())
+    for model in adapters:
+        target = run_dir.adapter_dir(model)
+        target.mkdir(parents=True)
+        for file in study.adapter.iterdir():
+            (target / file.name).write_bytes(file.read_bytes())
     return run_dir
 
 
@@ -153,19 +158,53 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(study):
     assert resumed.summary.is_file() and resumed.pareto_png.stat().st_size > 0
 
 
-def test_rerun_of_a_complete_eval_generates_nothing(study, monkeypatch):
+SAMPLED = {"eval.seeds": [0, 1], "eval.sampling": {"temperature": 1.5, "samples_per_problem": 2}}
+
+
+def test_sampled_draws_are_reproducible_and_a_complete_rerun_generates_nothing(study, monkeypatch):
     run_dir = new_run_dir(study, "complete")
-    config = study.config.with_overrides(run_dir=str(run_dir.root))
-    evaluate.run(config, run_dir, models=["base"], seeds=[0, 1])
+    config = study.config.with_overrides(run_dir=str(run_dir.root), **SAMPLED)
+    evaluate.run(config, run_dir, models=["base"])
     before = run_dir.samples("base").read_bytes()
-    assert {r["seed"] for r in read_samples(run_dir.samples("base"))} == {0, 1}
+    rows = read_samples(run_dir.samples("base"))
+    assert {(r["seed"], r["sample"]) for r in rows} == {(0, 0), (0, 1), (1, 0), (1, 1)} and len(rows) == 120
+    by_draw = {(r["id"], r["seed"], r["sample"]): r["completion"] for r in rows}
+    assert any(by_draw[(i, 0, 0)] != by_draw[(i, 0, 1)] for i, _, _ in by_draw)  # draws, not copies
+    metrics = read_json(run_dir.metrics("base"), what="m", hint="")
+    assert (metrics["n_problems"], metrics["samples_per_problem"], metrics["ci_method"]) == (30, 4, "wilson_clustered")
 
     def fail(*args, **kwargs):
         raise AssertionError("nothing should be generated")
 
     monkeypatch.setattr("training.generate.GenerationEngine.generate_batch", fail)
-    evaluate.run(config, run_dir, models=["base"], seeds=[0, 1])
+    evaluate.run(config, run_dir, models=["base"])
     assert run_dir.samples("base").read_bytes() == before
+    monkeypatch.undo()
+
+    # A run that lost its last draw's rows draws them again exactly: each batch is seeded on its own.
+    kept = [line for line in before.decode().splitlines() if '"seed": 1, "sample": 1' not in line]
+    run_dir.samples("base").write_text("\n".join(kept) + "\n")
+    evaluate.run(config, run_dir, models=["base"])
+    assert sorted(run_dir.samples("base").read_bytes().splitlines()) == sorted(before.splitlines())
+
+
+def test_training_seeds_and_the_prompt_only_baseline_are_evaluated_like_the_others(study):
+    config = study.config.with_overrides(**{"training.seeds": [42, 43], "eval.prompt_baselines": True})
+    run_dir = new_run_dir(study, "seeds", adapters=("level_1", "level_1_seed43"))
+    summary = evaluate.run(config.with_overrides(run_dir=str(run_dir.root)), run_dir)
+
+    assert [row["model"] for row in summary["models"]] == ["base", "level_1", "prompt_l1", "level_1_seed43"]
+    assert [row["kind"] for row in summary["models"]] == ["base", "adapter", "prompt", "adapter"]
+    prompt = read_samples(run_dir.samples("prompt_l1"))
+    adapter = read_samples(run_dir.samples("level_1"))
+    assert [r["prompt"] for r in prompt] == [r["prompt"] for r in adapter]  # the level's prompt, no adapter
+    assert {r["training_seed"] for r in prompt} == {None} and {r["training_seed"] for r in adapter} == {42}
+    assert {r["training_seed"] for r in read_samples(run_dir.samples("level_1_seed43"))} == {43}
+    assert [r["completion"] for r in prompt] != [r["completion"] for r in adapter]
+    level_1 = read_json(run_dir.metrics("level_1"), what="m", hint="")
+    assert level_1["vs_prompt"]["n_paired"] == 30 and level_1["training_seed"] == 42
+    [spread] = summary["training_seeds"]
+    assert spread["models"] == ["level_1", "level_1_seed43"] and spread["training_seeds"] == [42, 43]
 
 
 def test_a_half_done_model_is_left_out_of_the_summary(study):
@@ -177,7 +216,11 @@ def test_a_half_done_model_is_left_out_of_the_summary(study):
     rows = run_dir.samples("base").read_text().splitlines()[:10]
     level_1.write_text(
         "".join(
-            row.replace('"model": "base", "level": null', '"model": "level_1", "level": 1') + "\n"
+            row.replace(
+                '"model": "base", "level": null, "training_seed": null',
+                '"model": "level_1", "level": 1, "training_seed": 42',
+            )
+            + "\n"
             for row in rows
         )
     )
@@ -264,7 +307,9 @@ def test_ids_past_the_tokenizer_decode_to_nothing_and_still_count(byte_tokenizer
 
     generation = GenerationEngine.to_generation(engine, 0, row)
     problem = Problem(id="test-00002", question="3 and 4?", answer="", gold="7")
-    record = evaluate.make_record(engine, problem, "P", generation, model="level_3", level=3, seed=0)
+    record = evaluate.make_record(
+        engine, problem, "P", generation, model="level_3", level=3, training_seed=42, seed=0
+    )
 
     assert generation.text == text and generation.finish_reason == "length"
     assert record["completion_tokens"] == len(ids) + 3 and record["think_tokens"] == len("3+4=7")
