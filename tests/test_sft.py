@@ -308,3 +308,22 @@ def test_tiny_study_trains_every_level_and_think_tokens_fall_from_l1_to_l5(tmp_p
         assert len(samples) == config.data.synthetic.n_test
         means.append(sum(sample["think_tokens"] for sample in samples) / len(samples))
     assert all(earlier > later for earlier, later in zip(means, means[1:], strict=False)), means
+
+    # Issue 16: the default run evaluates the prompt-only baselines like the others; summary.json, the
+    # results tables and every adapter card carry them, each card its paired delta against its own level's.
+    from eval_artifacts.metrics import read_metrics
+    from eval_artifacts.summary import read_summary
+    from hub_tools import cards
+
+    summary = read_summary(run_dir)
+    prompt_rows = [row for row in summary["models"] if row["kind"] == "prompt"]
+    assert [row["model"] for row in prompt_rows] == [f"prompt_l{n}" for n in range(1, 6)]
+    rendered = cards.render_study_cards(config, run_dir)
+    cards.validate_all(rendered, config=config, run_dir=run_dir)
+    for level in config.levels:
+        text = rendered[f"tiny-cot-l{level}"].text
+        assert f"| P{level} " in text and ", prompt only |" in text
+        vs_prompt = read_metrics(run_dir, f"level_{level}")["vs_prompt"]
+        assert vs_prompt["n_paired"] == config.data.synthetic.n_test
+        assert f"differs by {cards.fmt_delta(vs_prompt['delta'])} (95% CI {cards.fmt_ci(vs_prompt['ci95'])}" in text
+    assert "| `prompt_l5` | P5 Minimal, prompt only |" in rendered["tiny-cot-eval"].text

@@ -45,10 +45,6 @@ def fmt_p(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def fmt_sd(value: float | None) -> str:
-    return "n/a (one seed)" if value is None else f"{value:.3f}"
-
-
 def fmt_mean_sd(spread: dict, fmt: Any) -> str:
     """``0.512 ± 0.014``: a mean and its sample sd across training seeds, each through ``fmt``."""
     return f"{fmt(spread['mean'])} ± {'n/a' if spread['sd'] is None else fmt(spread['sd'])}"

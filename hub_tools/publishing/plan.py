@@ -156,7 +156,7 @@ def plan_repo(
         create_pr (`bool`):
             Whether the changes go to a PR rather than to ``main``.
         may_create (`bool`):
-            Whether a missing repo is planned for creation rather than an error.
+            Whether a missing repo (or seed branch) is planned for creation rather than an error.
         fetch_readme (`bool`):
             Download the Hub's README when it differs, for the dry run's diff.
 
@@ -200,6 +200,11 @@ def plan_repo(
                     )
                 ).sha
             except RevisionNotFoundError:
+                if not may_create:
+                    raise HubError(
+                        f"{spec.repo_id} has no branch {spec.branch} on {target.endpoint}: "
+                        "run `cot-compress publish` first"
+                    ) from None
                 plan.branch_exists, plan.head, plan.add = False, None, sorted(spec.files)
                 return plan
         found = _open_pr(target, spec, pr) if create_pr else None
