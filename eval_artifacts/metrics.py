@@ -6,7 +6,12 @@ The statistical unit is the problem, never the row (Miller 2024, "Adding Error B
 when greedy), and every problem has the same d.
 
 Definitions (the cards quote them):
-- ``accuracy``: the mean over problems of each problem's mean correctness (= n_correct / n_total, since
+- ``accuracy`` / ``n_correct``: strict grading (each sample's ``correct``); ``accuracy_lenient`` /
+  ``n_correct_lenient``: the lenient rule (``correct_lenient``), reported beside it. ``n_no_answer`` and
+  ``n_truncated`` count the samples graded ``no_answer`` (finished without a readable final answer) and
+  ``truncated`` (cut by the token limit before one); ``truncated`` counts every output that hit the limit,
+  answered or not.
+- ``accuracy`` is the mean over problems of each problem's mean correctness (= n_correct / n_total, since
   every problem has d draws). ``n_problems`` = P, ``samples_per_problem`` = d.
 - ``ci95`` (``ci_method``): the Wilson score interval (z = 1.959963984540054) at the effective sample size
   n_eff = p(1 - p) / SE², where SE² = (1 / P²) Σ_i (m_i - p)² is the problem-clustered variance of the
@@ -239,6 +244,7 @@ def compute_model_metrics(
     draws = draws_per_problem(samples)
     n_total = len(samples)
     n_correct = sum(1 for row in samples if row["correct"])
+    n_correct_lenient = sum(1 for row in samples if row["correct_lenient"])
     think = [row["think_tokens"] for row in samples]
     completion = [row["completion_tokens"] for row in samples]
     ci95, ci_method = clustered_ci(samples)
@@ -255,6 +261,10 @@ def compute_model_metrics(
         "accuracy": n_correct / n_total,
         "ci95": ci95,
         "ci_method": ci_method,
+        "n_correct_lenient": n_correct_lenient,
+        "accuracy_lenient": n_correct_lenient / n_total,
+        "n_no_answer": sum(1 for row in samples if row["grade_reason"] == "no_answer"),
+        "n_truncated": sum(1 for row in samples if row["grade_reason"] == "truncated"),
         "think_tokens": _token_stats(think),
         "completion_tokens": _token_stats(completion),
         "tokens_per_correct": sum(completion) / n_correct if n_correct else None,
@@ -282,6 +292,10 @@ METRICS_FIELDS = (
     "accuracy",
     "ci95",
     "ci_method",
+    "n_correct_lenient",
+    "accuracy_lenient",
+    "n_no_answer",
+    "n_truncated",
     "think_tokens",
     "completion_tokens",
     "tokens_per_correct",
