@@ -104,7 +104,14 @@ def test_record_grades_strictly_and_leniently(byte_tokenizer, text, finish, mode
     generation = Generation(index=0, text=text, token_ids=(1, 2, 3), finish_reason=finish)
     level = None if model == "base" else 3
     record = evaluate.make_record(
-        SimpleNamespace(tokenizer=byte_tokenizer), problem, "P", generation, model=model, level=level, seed=0
+        SimpleNamespace(tokenizer=byte_tokenizer),
+        problem,
+        "P",
+        generation,
+        model=model,
+        level=level,
+        training_seed=None if level is None else 42,
+        seed=0,
     )
     assert (record["predicted"], record["correct"], record["correct_lenient"], record["grade_reason"]) == graded
 
