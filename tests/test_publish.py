@@ -12,6 +12,7 @@ import re
 import shutil
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -465,9 +466,12 @@ def test_dropped_level_deletes_only_what_the_study_pushed(study, hub):
     assert api(hub).repo_exists(config.adapter_repo_id(5))  # repos are never deleted
 
 
-def test_a_failed_push_stops_and_a_rerun_converges(study, hub):
+def test_a_failed_push_stops_and_a_rerun_converges(study, hub, monkeypatch):
+    from hub_tools import hub_client
+
     config, run_dir = study
-    hub.faults.add("POST", r"/tiny-cot-l3/commit/", status=500)
+    monkeypatch.setattr(hub_client, "time", SimpleNamespace(sleep=lambda seconds: None))
+    hub.faults.add("POST", r"/tiny-cot-l3/commit/", status=500, times=hub_client.WRITE_ATTEMPTS)
     with pytest.raises(HubError, match=r"pushing cot-compress/tiny-cot-l3 failed: HTTP 500") as raised:
         publish(config, run_dir, hub)
     assert "\n" not in str(raised.value)

@@ -226,10 +226,12 @@ def create_app(state: HubState) -> Starlette:
         fault = state.faults.take(request.method, raw_path)
         if fault is not None and fault.delay:
             await asyncio.sleep(fault.delay)
-        if fault is not None and fault.status is not None:
+        if fault is not None and fault.status is not None and not fault.served:
             response = fault_response(fault)
         else:
             response = await run_in_threadpool(serve_one, state, request, raw_path, body)
+            if fault is not None and fault.served:
+                response = fault_response(fault)
         record = {
             "method": request.method,
             "path": raw_path,
