@@ -164,6 +164,35 @@ def test_full_publish_then_unchanged_republish(study, hub, tmp_path):
     assert all(r.status == "unchanged" for r in again.repos)
 
 
+def test_one_run_dir_publishes_to_two_namespaces_of_one_hub(study, tmp_path):
+    """State is kept per (Hub, namespace): each namespace gets its own repos and collection, and converges."""
+    config, run_dir = study
+    lab = config.with_overrides(**{"hub.namespace": "cot-lab"})
+    with running_hub(tmp_path / "hub-data", orgs={"cot-lab": [config.hub.namespace]}) as hub:
+        configure_clients(hub.endpoint)
+        assert publish(config, run_dir, hub).commits == 6
+        assert publish(lab, run_dir, hub).commits == 6
+        state = json.loads(run_dir.publish_state.read_text())["hubs"][hub.endpoint]
+        slugs = {ns: entry["slug"] for ns, entry in state["collections"].items()}
+        assert set(slugs) == {"cot-compress", "cot-lab"} and slugs["cot-lab"].startswith("cot-lab/")
+        for study_config in (config, lab):
+            collection = api(hub).get_collection(slugs[study_config.hub.namespace])
+            assert [i.item_id for i in collection.items] == [r for _, r in repos(study_config)]
+            for repo_type, repo_id in repos(study_config):
+                assert hub.commit_count(repo_type, repo_id) == 2
+                readme = api(hub).hf_hub_download(
+                    repo_id, "README.md", repo_type=repo_type, cache_dir=tmp_path / "dl"
+                )
+                assert f"collections/{slugs[study_config.hub.namespace]}" in Path(readme).read_text()
+        # each converges on its own: a republish to either namespace writes nothing
+        for study_config in (config, lab, config):
+            mark = len(hub.request_log)
+            assert publish(study_config, run_dir, hub).commits == 0
+            assert commit_requests(hub, mark) == {}
+        assert len(list(api(hub).list_collections(owner="cot-lab"))) == 1
+        assert len(list(api(hub).list_collections(owner="cot-compress"))) == 1
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(study, hub, tmp_path):
     config, run_dir = study
     lines: list[str] = []

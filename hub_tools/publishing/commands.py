@@ -197,7 +197,7 @@ def publish(
         if options.from_hub:
             restore_run_dir_from_hub(target, config, run_dir, echo=echo)
         check_artifacts(config, run_dir, adapters=scope.adapters)
-        state = PublishState(run_dir, label=target.label)
+        state = PublishState(run_dir, label=target.label, namespace=config.hub.namespace)
         current = collections.find_collection(
             target,
             namespace=config.hub.namespace,
