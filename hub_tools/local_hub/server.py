@@ -62,7 +62,11 @@ def route(call: Call) -> Response:
         return content.resolve_file(call, repo_type, f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
     if len(s) == 2 and m in ("GET", "HEAD"):
         return page(call, pages.repo_page, repo_type, f"{s[0]}/{s[1]}")
-    if len(s) == 4 and m in ("GET", "HEAD") and s[2] in ("commit", "discussions", "tree"):
+    if len(s) >= 5 and s[2] == "blob" and m in ("GET", "HEAD"):
+        return page(call, pages.blob_page, repo_type, f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
+    if len(s) >= 4 and s[2] == "tree" and m in ("GET", "HEAD"):
+        return page(call, pages.repo_page, repo_type, f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
+    if len(s) == 4 and m in ("GET", "HEAD") and s[2] in ("commit", "discussions"):
         revision = f"refs/pr/{s[3]}" if s[2] == "discussions" else s[3]
         return page(call, pages.repo_page, repo_type, f"{s[0]}/{s[1]}", revision)
     raise ApiError(
