@@ -208,12 +208,18 @@ ANY_SHA = _AnySha("any")
 @pytest.fixture(scope="module")
 def outcomes(request):
     """Each case's outcome; the module ends with the figure docs/reliability.md quotes."""
-    seen: dict[tuple[str, str], bool] = {}
+    seen: dict[tuple[str, str], tuple[bool, int]] = {}  # (route, fault) -> (completed, faulty responses)
     yield seen
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and seen:
-        survived = sum(seen.values())
-        reporter.write_line(f"\nfault scenarios finished without a rerun: {survived} of {len(seen)}")
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and seen:
+        survived = sum(completed for completed, _ in seen.values())
+        responses = sum(hits for _, hits in seen.values())
+        with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
+            reporter.write_line(
+                f"\nfault scenarios finished without a rerun: {survived} of {len(seen)} "
+                f"({responses} faulty responses)"
+            )
 
 
 @pytest.mark.parametrize(("route", "fault"), CASES, ids=[f"{r}-{f}" for r, f in CASES])
@@ -240,7 +246,7 @@ def test_fault_then_rerun_converges(world, tmp_path, no_backoff, outcomes, route
         except HubError as error:
             outcome = str(error)
         elapsed = time.perf_counter() - started
-        outcomes[route, fault] = outcome == "completed"
+        outcomes[route, fault] = (outcome == "completed", rule.hits)
         assert rule.hits >= 1, f"the {route} fault never fired: the route regex is stale"
         assert violations == []
         hub.faults.clear()
