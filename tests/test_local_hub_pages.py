@@ -179,6 +179,11 @@ def test_the_hubs_page_urls_answer_200(published_study):
     """/{repo}, /datasets/{repo}, /collections/{slug}, /{repo}/blob|tree|resolve/...: the URLs the Hub uses."""
     hub, run_dir, repos, collection_url = published_study
     assert httpx2.get(collection_url).status_code == 200
+    namespace = repos[0][1].split("/")[0]
+    for owner_page in (f"{hub.endpoint}/{namespace}", f"{hub.endpoint}/collections/{namespace}"):
+        listing = httpx2.get(owner_page)  # the Hub's profile and collections-of-a-user pages
+        assert listing.status_code == 200 and collection_url.split("/collections/")[1] in listing.text
+    assert httpx2.get(f"{hub.endpoint}/collections/nobody").status_code == 404
     for repo_type, repo_id in repos:
         repo = hub.url_for(repo_type, repo_id)
         for url in (repo, f"{repo}/tree/main", f"{repo}/blob/main/README.md", f"{repo}/blob/main/pareto.png"):

@@ -3,8 +3,9 @@
 The URLs the Hub uses: ``/{repo}``, ``/datasets/{repo}`` (also ``/tree/{rev}[/{folder}]`` and the commit and
 pull-request URLs the API returns): card metadata, the eval results (``.eval_results/*.yaml``) and the
 model-index results as tables, the card body rendered from markdown, the file list. ``/{repo}/blob/{rev}/{path}``:
-one file. ``/collections/{owner}/{slug}``: items with their notes. ``/``: an index. As on the Hub, a card's
-relative images resolve to ``/{repo}/resolve/{rev}/…`` and its relative links to ``/{repo}/blob/{rev}/…``.
+one file. ``/collections/{owner}/{slug}``: items with their notes. ``/``: an index; ``/{owner}`` and
+``/collections/{owner}``: an owner's repos and collections. As on the Hub, a card's relative images resolve
+to ``/{repo}/resolve/{rev}/…`` and its relative links to ``/{repo}/blob/{rev}/…``.
 Pages are anonymous (a browser sends no token), so private repos and collections do not show.
 """
 
@@ -98,7 +99,7 @@ COLLECTION = ENV.from_string(
 )
 
 INDEX = ENV.from_string(
-    """<header><h1>Local Hub</h1><div class="sub">{{ repos | length }} public repo(s)</div></header><main><div>
+    """<header><h1>{{ title }}</h1><div class="sub">{{ repos | length }} public repo(s)</div></header><main><div>
 <section><h2>Repositories</h2><ul>{% for r in repos %}<li><a href="{{ r.href }}">{{ r.id }}</a>
 <span class="badge">{{ r.type }}</span></li>{% endfor %}</ul></section>
 <section><h2>Collections</h2><ul>{% for c in collections %}<li><a href="/collections/{{ c.slug }}">{{ c.title }}</a>
@@ -287,18 +288,23 @@ def collection_page(call: Call, namespace: str, slug: str) -> HTMLResponse:
     return page(collection["title"], body)
 
 
-def index_page(call: Call) -> HTMLResponse:
+def index_page(call: Call, owner: str | None = None) -> HTMLResponse:
+    """Every visible repo and collection (``/``), or those of one owner (``/{owner}``, ``/collections/{owner}``:
+    the Hub's profile and collections pages; 404 for an owner with nothing to show)."""
     repos = [
         {"id": r["id"], "type": r["type"], "href": call.repo_url(r["type"], r["id"])}
         for r in call.storage.list_repos()
-        if not r["private"] or call.hub.is_member(call.user, r["owner"])
+        if (not r["private"] or call.hub.is_member(call.user, r["owner"])) and owner in (None, r["owner"])
     ]
     collections = [
         {"slug": slug_of(c), "title": c["title"]}
         for c in call.storage.list_collections()
-        if not c["private"] or call.hub.is_member(call.user, c["owner"])
+        if (not c["private"] or call.hub.is_member(call.user, c["owner"])) and owner in (None, c["owner"])
     ]
-    return page("Local Hub", INDEX.render(repos=repos, collections=collections))
+    if owner is not None and not repos and not collections:
+        raise ApiError(404, f"{owner!r} has no public repo or collection on this hub", code="RepoNotFound")
+    title = owner or "Local Hub"
+    return page(title, INDEX.render(title=title, repos=repos, collections=collections))
 
 
 def error_page(error: ApiError) -> HTMLResponse:

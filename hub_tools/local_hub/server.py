@@ -53,6 +53,8 @@ def route(call: Call) -> Response:
         return content.lfs_verify(call, s[1])
     if m in ("GET", "HEAD") and (s == [] or (len(s) == 3 and s[0] == "collections")):
         return page(call, pages.index_page) if not s else page(call, pages.collection_page, s[1], s[2])
+    if m in ("GET", "HEAD") and (len(s) == 1 or (len(s) == 2 and s[0] == "collections")):
+        return page(call, pages.index_page, s[-1])  # an owner's profile and collections pages
     repo_type = "model"
     if s[:1] and s[0] in PREFIXES and len(s) >= 3:
         repo_type, s = PREFIXES[s[0]], s[1:]
