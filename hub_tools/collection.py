@@ -218,6 +218,24 @@ def create_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
         ) from None
 
 
+def retitle_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
+    """Give the existing collection the study's title (which changes its slug); the rest is ``apply_collection``'s."""
+    api, token = target.api, target.token
+
+    def landed() -> Collection | None:
+        current = reading(lambda: api.get_collection(plan.slug, token=token))
+        return current if current.title == plan.title else None
+
+    try:
+        return writing(
+            lambda: api.update_collection_metadata(plan.slug, title=plan.title, token=token), landed=landed
+        )
+    except (HfHubHTTPError, httpx2.TransportError) as error:
+        raise HubError(
+            f"retitling collection {plan.slug} failed: {describe(error, token)}; rerun publish to finish it"
+        ) from None
+
+
 def apply_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
     """Bring the collection to the wanted state: create, retitle, add, remove, re-note, reorder.
 

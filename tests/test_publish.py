@@ -193,6 +193,25 @@ def test_one_run_dir_publishes_to_two_namespaces_of_one_hub(study, tmp_path):
         assert len(list(api(hub).list_collections(owner="cot-compress"))) == 1
 
 
+def test_a_state_file_with_one_collection_per_hub_is_still_read(study, hub):
+    """publish/state.json written before namespaces (``hubs.<hub>.collection``): the rerun finds that collection."""
+    config, run_dir = study
+    publish(config, run_dir, hub)
+    state = json.loads(run_dir.publish_state.read_text())
+    entry = state["hubs"][hub.endpoint]
+    entry["collection"] = entry.pop("collections")[config.hub.namespace]
+    run_dir.publish_state.write_text(json.dumps(state))
+    api(hub).update_collection_metadata(entry["collection"]["slug"], title="Renamed by hand")
+    publish(config, run_dir, hub)  # the cards link the retitled collection's new slug
+    (collection,) = api(hub).list_collections(owner=config.hub.namespace)
+    assert collection.slug.endswith(entry["collection"]["slug"].rsplit("-", 1)[1])  # found by slug, retitled
+    assert collection.title == config.hub.collection_title
+    assert json.loads(run_dir.publish_state.read_text())["hubs"][hub.endpoint]["collections"] == {
+        config.hub.namespace: {"slug": collection.slug, "title": collection.title}
+    }
+    assert publish(config, run_dir, hub).commits == 0
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(study, hub, tmp_path):
     config, run_dir = study
     lines: list[str] = []
