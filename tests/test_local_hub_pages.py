@@ -207,7 +207,7 @@ def test_the_hubs_page_urls_answer_200(published_study):
 def test_pareto_plot_loads_on_every_page_in_headless_chromium(published_study, tmp_path):
     from hubtools import DevTools
 
-    hub, run_dir, repos, _ = published_study
+    hub, run_dir, repos, collection_url = published_study
     png = run_dir.pareto_png.read_bytes()
     width = int.from_bytes(png[16:20], "big")  # the IHDR width of the plot the study made
     browser = DevTools(tmp_path)
@@ -220,5 +220,8 @@ def test_pareto_plot_loads_on_every_page_in_headless_chromium(published_study, t
                 plots = [i for i in report["images"] if i["src"].endswith("/pareto.png")]
                 assert plots and all(i["naturalWidth"] == width for i in plots), (url, report)
                 assert all(i["naturalWidth"] > 0 for i in report["images"]), (url, report)  # nothing broken
+        for url in (collection_url, hub.endpoint + "/"):  # pages without the plot: nothing broken either
+            report = browser.page_report(url)
+            assert report["status"] == 200 and all(i["naturalWidth"] > 0 for i in report["images"])
     finally:
         browser.close()
