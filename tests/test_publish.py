@@ -23,7 +23,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import ArtifactError, CardValidationError, HubError
-from hub_tools.cards import render_collection_notes
+from hub_tools.cards import collection_url_from_state, render_collection_notes
 from hub_tools.cli import main
 from hub_tools.local_hub import configure_clients, running_hub
 from hub_tools.publishing import commands as publish_module
@@ -184,6 +184,10 @@ def test_one_run_dir_publishes_to_two_namespaces_of_one_hub(study, tmp_path):
                     repo_id, "README.md", repo_type=repo_type, cache_dir=tmp_path / "dl"
                 )
                 assert f"collections/{slugs[study_config.hub.namespace]}" in Path(readme).read_text()
+        for study_config in (config, lab):  # render-cards links the collection of the config's namespace
+            on_hub = study_config.with_overrides(**{"hub.endpoint": hub.endpoint})
+            url = collection_url_from_state(on_hub, run_dir)
+            assert url.endswith(f"/collections/{slugs[study_config.hub.namespace]}")
         # each converges on its own: a republish to either namespace writes nothing
         for study_config in (config, lab, config):
             mark = len(hub.request_log)
