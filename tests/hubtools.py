@@ -162,22 +162,19 @@ class DevTools:
         self.timeout, self.next_id, self.buffer = timeout, 0, b""
         commands_r, self.commands = os.pipe()
         self.answers, answers_w = os.pipe()
-        # fds >= 10, so that the child's dup2 onto 3 and 4 cannot clobber one with the other
+        # Moved to fds >= 10 so that the shell's redirections onto 3 and 4 cannot clobber one with the other
+        # (a shell, not preexec_fn, because the hub's server thread is running in this process).
         child_r, child_w = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (commands_r, answers_w))
         os.close(commands_r)
         os.close(answers_w)
-
-        def onto_3_and_4() -> None:
-            os.dup2(child_r, 3)
-            os.dup2(child_w, 4)
-
         binary = shutil.which("chromium") or str(CHROMIUM)
+        onto_3_and_4 = f'exec "$0" "$@" 3<&{child_r} 4>&{child_w} {child_r}<&- {child_w}>&-'
+        browser = [binary, *chromium_flags(tmp), "--remote-debugging-pipe", "about:blank"]
         self.process = subprocess.Popen(
-            [binary, *chromium_flags(tmp), "--remote-debugging-pipe", "about:blank"],
+            ["bash", "-c", onto_3_and_4, *browser],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            close_fds=False,  # Python's own fds are not inheritable: only 0-4 reach the browser
-            preexec_fn=onto_3_and_4,
+            pass_fds=(child_r, child_w),
             env=CHROMIUM_ENV,
         )
         os.close(child_r)
