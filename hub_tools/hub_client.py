@@ -139,21 +139,23 @@ def writing(write: Callable[[], T], *, landed: Callable[[], T | None]) -> T:
     counts as uncertain because ``landed`` checks the precondition itself, and every write it re-sends still
     carries its own (a commit's parent), so a real concurrent change is never overwritten.
 
-    Raises the last error when every attempt failed, and any other error at once.
+    Raises the last error when every attempt failed and the last did not land either, and any other error at
+    once.
     """
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
             return write()
         except (HfHubHTTPError, httpx2.TransportError, RuntimeError) as raised:
             error = unwrapped(raised)
-            uncertain = _transient(error) or (isinstance(error, HfHubHTTPError) and status_of(error) == 412)
-            if attempt == WRITE_ATTEMPTS or not uncertain:
+            if not (_transient(error) or (isinstance(error, HfHubHTTPError) and status_of(error) == 412)):
                 raise
-        _back_off(error, attempt)
+            last = raised
+        if attempt < WRITE_ATTEMPTS:
+            _back_off(error, attempt)
         found = landed()
         if found is not None:
             return found
-    raise AssertionError("unreachable")
+    raise last
 
 
 @contextmanager
