@@ -18,6 +18,23 @@ if triton is not None:
     # Each kernel computes in fp32 and rounds to the model dtype exactly where transformers' eager Qwen3
     # code rounds (after the normalisation, after each bf16 product and sum), so outputs match it to the
     # last ulp of rsqrt/exp and the reduction order.
+
+    @triton.jit
+    def _round(x, DTYPE: tl.constexpr):
+        """fp32 ``x`` rounded to ``DTYPE`` (nearest, ties to even), returned as fp32.
+
+        bf16 is rounded on the bits: the GPU's conversion does the same, but Triton's CPU interpreter
+        truncates, and the interpreter is how these kernels are tested without a GPU.
+        """
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        elif DTYPE == tl.float32:
+            return x
+        else:
+            return x.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
+
     @triton.jit
     def _add_rms_norm_kernel(R, DELTA, H, Y, W, n_cols, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
@@ -27,13 +44,12 @@ if triton is not None:
         x = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DELTA:  # the residual add, rounded like the eager bf16 add, and stored as the new stream
             delta = tl.load(DELTA + offs, mask=mask, other=0.0).to(tl.float32)
-            x = (x + delta).to(H.dtype.element_ty, fp_downcast_rounding="rtne")
-            tl.store(H + offs, x, mask=mask)
-            x = x.to(tl.float32)
+            x = _round(x + delta, H.dtype.element_ty)
+            tl.store(H + offs, x.to(H.dtype.element_ty), mask=mask)
         r = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        y = (x * r).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        y = _round(x * r, Y.dtype.element_ty)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + offs, (w * y).to(Y.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(Y + offs, _round(w * y, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _head_norm_rope_kernel(X, W, COS, SIN, Y, n_heads, eps, D: tl.constexpr):
@@ -48,16 +64,16 @@ if triton is not None:
         r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
         w = tl.load(W + d).to(tl.float32)
         wr = tl.load(W + rot).to(tl.float32)
-        n = (x * r).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        n = (w * n).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        nr = (xr * r).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        nr = (wr * nr).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        n = _round(x * r, Y.dtype.element_ty)
+        n = _round(w * n, Y.dtype.element_ty)
+        nr = _round(xr * r, Y.dtype.element_ty)
+        nr = _round(wr * nr, Y.dtype.element_ty)
         nr = tl.where(d < D // 2, -nr, nr)
         c = tl.load(COS + row * D + d).to(tl.float32)
         s = tl.load(SIN + row * D + d).to(tl.float32)
-        a = (n * c).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        b = (nr * s).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        tl.store(Y + base + d, (a + b).to(Y.dtype.element_ty, fp_downcast_rounding="rtne"))
+        a = _round(n * c, Y.dtype.element_ty)
+        b = _round(nr * s, Y.dtype.element_ty)
+        tl.store(Y + base + d, _round(a + b, Y.dtype.element_ty).to(Y.dtype.element_ty))
 
     @triton.jit
     def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
@@ -65,8 +81,8 @@ if triton is not None:
         mask = i < n
         g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + i, mask=mask, other=0.0).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        tl.store(Y + i, (act * u).to(Y.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        act = _round(g / (1.0 + tl.exp(-g)), Y.dtype.element_ty)
+        tl.store(Y + i, _round(act * u, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
 
 
 def _warps(block: int) -> int:
@@ -118,8 +134,9 @@ def fused_head_norm_rope(x: torch.Tensor, norm: nn.Module, cos, sin, n_heads: in
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     y = torch.empty_like(x)
     dim = x.shape[-1] // n_heads
+    # One warp per (row, head): a 128-wide reduction needs no shared memory between warps.
     _head_norm_rope_kernel[(x.shape[0], n_heads)](
-        x, norm.weight, cos, sin, y, n_heads, norm.variance_epsilon, D=dim
+        x, norm.weight, cos, sin, y, n_heads, norm.variance_epsilon, D=dim, num_warps=1
     )
     return y
 
