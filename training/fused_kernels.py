@@ -84,6 +84,46 @@ if triton is not None:
         act = _round(g / (1.0 + tl.exp(-g)), Y.dtype.element_ty)
         tl.store(Y + i, _round(act * u, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _decode_attention_kernel(
+        Q, K, V, OUT, PAD, POS, scale, stride_row, stride_head, stride_slot,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # One (row, KV head): its G query heads against cache slots [pad, pos] of that row, with an
+        # online softmax (fp32) over blocks of BLOCK_N slots. Blocks wholly before the row's first real
+        # slot are never read, nor any slot past pos. Operands go to the tensor cores as fp32 (TF32 for
+        # bf16/fp16 data, which TF32 holds exactly; IEEE fp32 for fp32 data): Triton's CPU interpreter
+        # cannot multiply bf16.
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        q_offs = row * tl.num_programs(1) * G * D + (head * G + g[:, None]) * D + d[None, :]
+        q = tl.load(Q + q_offs, mask=g[:, None] < G, other=0.0).to(tl.float32)
+        pad = tl.load(PAD + row)
+        pos = tl.load(POS)
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        base = row * stride_row + head * stride_head
+        for start in range(pad // BLOCK_N * BLOCK_N, pos + 1, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            real = (n >= pad) & (n <= pos)
+            offs = base + n[:, None] * stride_slot + d[None, :]
+            k = tl.load(K + offs, mask=real[:, None], other=0.0).to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores = tl.where(real[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            decay = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            total = total * decay + tl.sum(p, axis=1)
+            v = tl.load(V + offs, mask=real[:, None], other=0.0).to(tl.float32)
+            p = _round(p, V.dtype.element_ty)
+            acc = acc * decay[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            m = m_new
+        tl.store(OUT + q_offs, (acc / total[:, None]).to(OUT.dtype.element_ty), mask=g[:, None] < G)
+
 
 def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
@@ -147,3 +187,23 @@ def fused_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(gate)
     _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, up, y, gate.numel(), BLOCK=1024)
     return y
+
+
+def fused_decode_attention(q, k_cache, v_cache, pad, pos, *, scale: float) -> torch.Tensor:
+    """One query token per row against its cache slots [pad[row], pos]; q = [rows, heads*dim].
+
+    ``k_cache``/``v_cache`` are [rows, kv_heads, slots, dim] (any row stride); the query heads that share
+    a KV head read its cache once. Softmax in fp32, the probabilities rounded to the cache dtype for the
+    product with V, as flash attention does. Returns [rows, heads*dim].
+    """
+    rows, kv_heads, _, dim = k_cache.shape
+    groups = q.shape[-1] // (kv_heads * dim)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _decode_attention_kernel[(rows, kv_heads)](
+        q, k_cache, v_cache, out, pad, pos, scale,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        G=groups, G_PAD=max(16, triton.next_power_of_2(groups)), D=dim, BLOCK_N=64,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is exact on bf16/fp16 values
+    )  # fmt: skip
+    return out
