@@ -230,6 +230,13 @@ def test_nf4_without_cuda_is_a_training_error(training_base, tmp_path):
         sft.run(config, run_dir, levels=[3])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_liger_kernels_without_cuda_are_a_training_error_before_any_data_is_read(training_base, tmp_path):
+    config = sft_study(training_base, tmp_path / "run").with_overrides(**{"training.liger_kernel": True})
+    with pytest.raises(TrainingError, match="training.liger_kernel: false"):
+        sft.run(config, config.run_dir, levels=[3])  # no prepared data: the kernel check comes first
+
+
 def test_train_command_prints_one_summary_line_per_level(training_base, tmp_path):
     config = sft_study(training_base, tmp_path / "run", max_steps=2)
     prepared(config, levels=(4, 5))

@@ -67,6 +67,7 @@ def run(
     for level in levels:
         get_level(level)
     check_quantization(config.base_model.quantization)  # before any data is read or a base is built
+    check_liger(config.training.liger_kernel)
     # Resolved on first need: an all-up-to-date rerun never builds the tiny base.
     model_path: str | None = None
     results: dict[int, dict] = {}
@@ -196,6 +197,18 @@ def check_quantization(quantization: str) -> None:
         raise TrainingError("NF4 quantization needs bitsandbytes: pip install 'cot-compress[gpu]'")
 
 
+def check_liger(liger_kernel: bool) -> None:
+    """Liger's kernels are Triton kernels: they need a CUDA GPU and liger-kernel."""
+    if not liger_kernel:
+        return
+    if not torch.cuda.is_available():
+        raise TrainingError(
+            "training.liger_kernel is true but no CUDA GPU is visible: set training.liger_kernel: false"
+        )
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise TrainingError("training.liger_kernel needs liger-kernel: pip install 'cot-compress[gpu]'")
+
+
 def load_base(
     *, model_path: str, revision: str, quantization: str, precision: str, gradient_checkpointing: bool
 ):
@@ -251,6 +264,7 @@ def build_trainer(
     """The SFTTrainer of one level: LoRA from the config, loss on the completion or the whole sequence."""
     from peft import LoraConfig
 
+    check_liger(training.liger_kernel)
     args = SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=training.epochs,
@@ -263,6 +277,8 @@ def build_trainer(
         lr_scheduler_type=training.lr_scheduler,
         completion_only_loss=training.completion_only_loss,
         packing=training.packing,
+        # Liger's RMSNorm, SwiGLU and RoPE kernels; TRL keeps its own chunked LM head and loss.
+        use_liger_kernel=training.liger_kernel,
         seed=training.seed,
         data_seed=training.seed,
         logging_steps=training.logging_steps,
