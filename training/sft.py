@@ -17,6 +17,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,14 +346,33 @@ def train(trainer: SFTTrainer, *, resume: bool | Path | None = None) -> TrainOut
     start = _TokensAtStart()
     trainer.add_callback(start)
     began = time.perf_counter()
-    trainer.train(
-        resume_from_checkpoint=str(resume) if isinstance(resume, Path) else (True if resume else None)
-    )
+    with _modeling_module_restored(trainer):
+        trainer.train(
+            resume_from_checkpoint=str(resume) if isinstance(resume, Path) else (True if resume else None)
+        )
     wall = time.perf_counter() - began
     trainer.remove_callback(start)
     return TrainOutcome(
         wall_time_s=wall, session_tokens=int(trainer.state.num_input_tokens_seen - start.tokens)
     )
+
+
+@contextmanager
+def _modeling_module_restored(trainer: SFTTrainer) -> Iterator[None]:
+    """Liger patches the model's transformers module for the whole process (norm and MLP classes, the
+    rotary function), and its MLP has no ``act_fn``, which the fast engine reads. Models built after
+    training (evaluation, in the same process) must be transformers' own, so the module comes back."""
+    if not trainer.args.use_liger_kernel:
+        yield
+        return
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    module = sys.modules[type(model).__module__]
+    saved = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def save_adapter(trainer: SFTTrainer, adapter_dir: Path) -> None:
