@@ -466,10 +466,13 @@ def up_to_date(config: StudyConfig, run_dir: RunDir, level: int, data_sha256: st
 
 
 def trained_with() -> dict[str, str]:
-    """The training libraries' versions for training.json (bitsandbytes only when NF4 loaded it)."""
+    """The training libraries' versions for training.json (bitsandbytes when NF4 loaded it, liger-kernel when
+    its kernels were used)."""
     names = ["torch", "transformers", "peft", "trl", "accelerate", "datasets"]
     if "bitsandbytes" in sys.modules:
         names.append("bitsandbytes")
+    if "liger_kernel" in sys.modules:
+        names.append("liger-kernel")
     return {name: version for name, version in library_versions(names).items() if version is not None}
 
 
