@@ -22,6 +22,7 @@ from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, iter_jsonl, read_json
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import ArtifactError, ConfigError
+from eval_artifacts.study.levels import build_baseline_prompt
 from hub_tools.cli import main
 from training import evaluate
 from training.generate import Generation
@@ -227,7 +228,10 @@ def test_training_seeds_and_the_prompt_only_baseline_are_evaluated_like_the_othe
     assert [row["kind"] for row in summary["models"]] == ["base", "adapter", "prompt", "adapter"]
     prompt = read_samples(run_dir.samples("prompt_l1"))
     adapter = read_samples(run_dir.samples("level_1"))
-    assert [r["prompt"] for r in prompt] == [r["prompt"] for r in adapter]  # the level's prompt, no adapter
+    # The level's prompt with its style and answer format spelled out, for a model that never saw "Level 1".
+    assert [r["prompt"] for r in prompt] == [build_baseline_prompt(1, r["question"]) for r in adapter]
+    assert all(r["prompt"].startswith(a["prompt"].split("\n")[0]) for r, a in zip(prompt, adapter, strict=True))
+    assert "<think>" in prompt[0]["prompt"] and "####" in prompt[0]["prompt"]
     assert {r["training_seed"] for r in prompt} == {None} and {r["training_seed"] for r in adapter} == {42}
     assert {r["training_seed"] for r in read_samples(run_dir.samples("level_1_seed43"))} == {43}
     assert [r["completion"] for r in prompt] != [r["completion"] for r in adapter]

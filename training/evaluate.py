@@ -32,7 +32,7 @@ from eval_artifacts.records import SampleRecord, model_kind, model_level, other_
 from eval_artifacts.rundir import RunDir, append_jsonl, iter_jsonl, read_json, repair_jsonl_tail, write_jsonl
 from eval_artifacts.study.config import SamplingConfig, StudyConfig
 from eval_artifacts.study.errors import ArtifactError, ConfigError
-from eval_artifacts.study.levels import build_prompt, parse_response
+from eval_artifacts.study.levels import build_baseline_prompt, build_prompt, parse_response
 from training import distributed
 from training.data import load_problems
 from training.generate import Engine, Generation, GenerationEngine, select_backend
@@ -290,10 +290,13 @@ def _done_ids(path: Path, seed: int, sample: int) -> set[str]:
 
 
 def model_prompts(problems: list[Problem], model: str) -> list[str]:
-    """The user messages of ``model``: the bare question for the stock model, the level prompt for adapters
-    and prompt-only baselines."""
+    """The user messages of ``model``: the bare question for the stock model, the level prompt for adapters,
+    and for prompt-only baselines the level prompt with the style and answer format spelled out."""
     level = model_level(model)
-    return [p.question if level is None else build_prompt(level, p.question) for p in problems]
+    if level is None:
+        return [p.question for p in problems]
+    build = build_baseline_prompt if model_kind(model) == "prompt" else build_prompt
+    return [build(level, p.question) for p in problems]
 
 
 # ---- shards of a multi-process run ----

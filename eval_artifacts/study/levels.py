@@ -82,6 +82,33 @@ def build_prompt(level: int, question: str) -> str:
     return PROMPT_TEMPLATE.format(number=spec.number, name=spec.name, question=question.strip())
 
 
+BASELINE_PROMPT_TEMPLATE = (
+    "Solve this using Level {number} ({name}). Reasoning style: {style} ({typical_length}), for example "
+    "`{example}`.\n"
+    "Write the reasoning inside {think_open}…{think_close}, then the final answer on its own line as "
+    "`{marker} <number>`.\n"
+    "Problem: {question}"
+)
+"""The prompt-only baseline's user message. The stock model has never seen what "Level 4" means, so the
+level's style, length and answer format are spelled out, as Chain of Draft does: the baseline measures
+what asking buys, and the adapter's delta against it measures what training buys on top."""
+
+
+def build_baseline_prompt(level: int, question: str) -> str:
+    spec = get_level(level)
+    return BASELINE_PROMPT_TEMPLATE.format(
+        number=spec.number,
+        name=spec.name,
+        style=spec.style,
+        typical_length=spec.typical_length,
+        example=spec.example,
+        think_open=THINK_OPEN,
+        think_close=THINK_CLOSE,
+        marker=ANSWER_MARKER,
+        question=question.strip(),
+    )
+
+
 def build_response(reasoning: str, answer: str) -> str:
     return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n{ANSWER_MARKER} {answer}"
 
