@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from pathlib import Path
 from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.levels import LEVELS
 from hub_tools import cards
 from hub_tools import collection as collections
 from hub_tools.hub_client import HubTarget, check_write_access, open_hub
@@ -18,9 +20,7 @@ from hub_tools.publishing.apply import RepoResult, apply_repo, finish_collection
 from hub_tools.publishing.plan import RepoPlan, plan_repo
 from hub_tools.publishing.restore import restore_run_dir_from_hub
 from hub_tools.publishing.spec import (
-    README,
     RepoSpec,
-    card_collection_url,
     check_artifacts,
     readme_specs,
     render_cards,
@@ -204,13 +204,17 @@ def publish(
             title=config.hub.collection_title,
             slug=state.collection_slug,
         )
-        rendered, notes = render_cards(
-            config,
-            run_dir,
-            templates_dir=options.templates_dir,
-            collection_url=card_collection_url(config, current.slug if current else None),
+        recorded = cards.published_from_state(run_dir)  # its commits hold where it went to this Hub
+        published = cards.Published(
+            hub_url=target.endpoint,
+            collection_slug=current.slug if current else None,
+            base_commit=recorded.base_commit if recorded.hub_url == target.endpoint else None,
+            adapter_commits=recorded.adapter_commits if recorded.hub_url == target.endpoint else {},
         )
-        specs = _specs(config, run_dir, rendered, scope)
+        rendered, notes, art = render_cards(
+            config, run_dir, templates_dir=options.templates_dir, published=published
+        )
+        specs = _specs(config, run_dir, rendered, art, scope)
 
         # -- plan (reads only)
         owned = {spec.repo_id: set() if scope.readmes_only else state.owned(spec.repo_id) for spec in specs}
@@ -227,6 +231,11 @@ def publish(
             )
             for spec in specs
         ]
+        # The cards pin the base's commit and name the adapters' commits: those the Hub holds now, until this
+        # publish makes new ones.
+        heads = _heads(config, plans, published)
+        if heads != published:
+            rendered, published = _rerender(config, run_dir, plans, heads, scope=scope, owned=owned, options=options)
         collection_plan = (
             collections.plan_collection(config, notes, current=current, notes_only=scope.readmes_only)
             if scope.collection
@@ -245,17 +254,30 @@ def publish(
             and not collection_plan.notes_only
             and not options.create_pr
         ):
-            rendered = _create_collection_first(
-                target, config, run_dir, collection_plan, plans, state=state, owned=owned, options=options
+            collection_plan.current = collections.create_collection(target, collection_plan)
+            maybe_crash("publish.collection_created")  # on the Hub, not yet in state.json
+            state.set_collection(collection_plan.slug, collection_plan.title)
+            published = dataclasses.replace(published, collection_slug=collection_plan.slug)
+            rendered, published = _rerender(
+                config, run_dir, plans, published, scope=scope, owned=owned, options=options
             )
         write_pushed_cards(run_dir, rendered, specs)
-        for plan in plans:  # one commit (or PR) per changed repo
+        for index, plan in enumerate(plans):  # one commit (or PR) per changed repo, in order
             result = apply_repo(target, plan, create_pr=options.create_pr)
             maybe_crash("publish.after_commit", plan.spec.repo_id.split("/")[1])  # state.json not updated yet
             record(state, plan, result, readme_only=scope.readmes_only)
             state.save()
             report.repos.append(result)
             say(result.line())
+            if result.commit and not options.create_pr:  # later cards name this commit
+                plan.head = result.commit
+                later = _heads(config, plans, published)
+                if later != published:
+                    rendered, published = _rerender(
+                        config, run_dir, plans[index + 1 :], later, scope=scope, owned=owned, options=options
+                    )
+                    write_pushed_cards(run_dir, rendered, specs)
+        state.set_published(published.to_json())
         if collection_plan is not None:
             finish_collection(target, collection_plan, state=state, create_pr=options.create_pr, say=say)
             report.collection_slug = collection_plan.slug
@@ -273,39 +295,52 @@ def publish(
         return report
 
 
-def _create_collection_first(
-    target: HubTarget,
+def _heads(config: StudyConfig, plans: list[RepoPlan], published: cards.Published) -> cards.Published:
+    """``published`` with the tiny base's and the adapters' commits as the plans last saw them."""
+    by_repo = {plan.spec.repo_id: plan.head for plan in plans if plan.head}
+    commits = {
+        LEVELS[level].key: by_repo[config.adapter_repo_id(level)]
+        for level in config.levels
+        if config.adapter_repo_id(level) in by_repo
+    }
+    base = by_repo.get(config.base_repo_id) if config.tiny_base else None
+    return dataclasses.replace(
+        published,
+        base_commit=base or published.base_commit,
+        adapter_commits={**published.adapter_commits, **commits},
+    )
+
+
+def _rerender(
     config: StudyConfig,
     run_dir: RunDir,
-    collection_plan: collections.CollectionPlan,
     plans: list[RepoPlan],
+    published: cards.Published,
     *,
-    state: PublishState,
+    scope: Scope,
     owned: dict[str, set[str]],
     options: PublishOptions,
-) -> dict[str, cards.RenderedCard]:
-    """Create the collection, then re-render the cards to link it and re-diff each plan's README.
-
-    Returns the re-rendered cards.
-    """
-    collection_plan.current = collections.create_collection(target, collection_plan)
-    maybe_crash("publish.collection_created")  # on the Hub, not yet in state.json
-    state.set_collection(collection_plan.slug, collection_plan.title)
-    url = card_collection_url(config, collection_plan.slug)
-    rendered, _ = render_cards(config, run_dir, templates_dir=options.templates_dir, collection_url=url)
-    readmes = {spec.repo_id: spec.files[README] for spec in readme_specs(config, rendered=rendered)}
+) -> tuple[dict[str, cards.RenderedCard], cards.Published]:
+    """Render the cards again with what publishing learnt (the collection's slug, new commits) and re-diff
+    ``plans`` (those not applied yet) against the new files. Returns the cards and ``published``."""
+    rendered, _, art = render_cards(config, run_dir, templates_dir=options.templates_dir, published=published)
+    wanted = {spec.repo_id: spec for spec in _specs(config, run_dir, rendered, art, scope)}
     for plan in plans:
-        plan.spec.files[README] = readmes[plan.spec.repo_id]
+        plan.spec.files = wanted[plan.spec.repo_id].files
         plan.diff(owned[plan.spec.repo_id])
-    return rendered
+    return rendered, published
 
 
 def _specs(
-    config: StudyConfig, run_dir: RunDir, rendered: dict[str, cards.RenderedCard], scope: Scope
+    config: StudyConfig,
+    run_dir: RunDir,
+    rendered: dict[str, cards.RenderedCard],
+    art: cards.StudyArtifacts,
+    scope: Scope,
 ) -> list[RepoSpec]:
     if scope.readmes_only:
         return readme_specs(config, rendered=rendered)
-    return repo_specs(config, run_dir, rendered=rendered, adapters=scope.adapters)
+    return repo_specs(config, run_dir, rendered=rendered, artifacts=art, adapters=scope.adapters)
 
 
 def _describe_dry_run(

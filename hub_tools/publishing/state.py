@@ -52,8 +52,16 @@ class PublishState:
     def set_collection(self, slug: str, title: str) -> None:
         """Record the study's collection on this Hub and save."""
         self.hub["collection"] = {"slug": slug, "title": title}
-        # Top level: the last published collection, which `render-cards` links (cards.collection_url_from_state).
+        # Top level: the last published collection (the cards link it through set_published's record).
         self.data["collection_slug"] = slug
+        self.save()
+
+    def set_published(self, facts: dict) -> None:
+        """Record what the cards were rendered with (``cards.Published``), so that `render-cards` renders the
+        same cards again (``cards.published_from_state``), and save."""
+        from hub_tools.cards.state import STATE_KEY
+
+        self.data[STATE_KEY] = facts
         self.save()
 
     def save(self) -> None:
