@@ -269,7 +269,7 @@ def publish(
             state.save()
             report.repos.append(result)
             say(result.line())
-            if result.commit and not options.create_pr:  # later cards name this commit
+            if result.commit:  # later cards name this commit (on a PR, the PR's head)
                 plan.head = result.commit
                 later = _heads(config, plans, published)
                 if later != published:
