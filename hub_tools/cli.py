@@ -244,9 +244,6 @@ def evaluate_command(config_path, run_dir, data_dir, models, seeds):
         )
 
 
-LOCAL_PAGES_PORT = 8000
-
-
 @main.command("train-and-publish")
 @publishing_options
 @DATA_DIR_OPTION
@@ -280,6 +277,8 @@ def train_and_publish_command(config_path, run_dir, endpoint, namespace, data_di
         )
         click.echo("[publish] running")
         report = publish(config, study, target=target, scope=Scope.ALL, options=options, echo=click.echo)
+    from hub_tools.hub_client import LOCAL_PAGES_PORT
+
     local = config.hub.endpoint == LOCAL_ENDPOINT
 
     def shown(url: str) -> str:

@@ -25,6 +25,9 @@ from eval_artifacts.study.config import LOCAL_ENDPOINT, StudyConfig
 from eval_artifacts.study.errors import HubError
 from hub_tools import cards
 
+LOCAL_PAGES_PORT = 8000
+"""Where `cot-compress hub serve` shows the embedded hub's pages after a run; the embedded hub listens there too
+when it can, so that the cards' links are the pages' addresses."""
 # Roles under which a member of an org may push to it (the Hub's org roles; "read" may not).
 WRITE_ROLES = {"admin", "write", "contributor"}
 
@@ -143,7 +146,8 @@ def open_hub(config: StudyConfig, run_dir: RunDir, *, token: str | None = None) 
         local_token = next(iter(DEFAULT_USERS.values()))
         users = {config.hub.namespace: local_token}
         with ExitStack() as stack:
-            # The cards link the hub's address: the port of the last run, while it is free, keeps them unchanged.
+            # The cards link the hub's address: the last run's port (at first the pages' port) keeps them
+            # unchanged while it is free; any free port otherwise.
             try:
                 hub = stack.enter_context(
                     running_hub(run_dir.hub_data_dir, users=users, port=_last_local_port(run_dir))
@@ -164,12 +168,12 @@ def open_hub(config: StudyConfig, run_dir: RunDir, *, token: str | None = None) 
 
 
 def _last_local_port(run_dir: RunDir) -> int:
-    """The embedded hub's port in the last run (0, any free port, the first time)."""
+    """The embedded hub's port in the last run; the pages' port the first time."""
     try:
         endpoint = json.loads(run_dir.local_hub_endpoint.read_text(encoding="utf-8"))["endpoint"]
         return int(endpoint.rsplit(":", 1)[1])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return 0
+        return LOCAL_PAGES_PORT
 
 
 def check_write_access(target: HubTarget, namespace: str) -> str:

@@ -259,24 +259,28 @@ def prepared(config, levels=(3,)) -> RunDir:
 README = "README.md"
 SLUG = re.compile(r"collections/[\w.-]+/[\w.-]+-[0-9a-f]{24}")
 ENDPOINT = re.compile(r"http://127\.0\.0\.1:\d+")  # cards link the hub they are published to
+COMMIT = re.compile(r"\b[0-9a-f]{40}\b")  # cards and adapter_config.json pin the commits published before them
+PINNED = (README, "adapter_config.json")
+"""Files that name the hub or the commits before them, compared with those masked."""
 
 
 def edited_templates(folder: Path) -> Path:
     """A copy of the shipped card templates in ``folder``, each card and the note with a sentence added."""
     shutil.copytree(Path(str(resources.files("cards_templates"))), folder)
-    for name in ("adapter_card.md.j2", "eval_dataset_card.md.j2", "collection_note.txt.j2"):
+    for name in ("adapter_card.md.j2", "eval_dataset_card.md.j2", "base_card.md.j2", "collection_note.txt.j2"):
         text = (folder / name).read_text(encoding="utf-8")
         (folder / name).write_text(text.rstrip("\n") + " Reviewed.\n", encoding="utf-8")
     return folder
 
 
 def repos(config) -> list[tuple[str, str]]:
-    """(repo type, repo id) of every repo the study publishes: one per level, then the eval dataset."""
-    return [("model", config.adapter_repo_id(n)) for n in config.levels] + [("dataset", config.eval_repo_id)]
+    """(repo type, repo id) of every repo the study publishes: the tiny base, one per level, the eval dataset."""
+    base = [("model", config.base_repo_id)] if config.tiny_base else []
+    return base + [("model", config.adapter_repo_id(n)) for n in config.levels] + [("dataset", config.eval_repo_id)]
 
 
 def head_files(hub, repo_type: str, repo_id: str) -> dict[str, str] | None:
-    """path -> sha256 at main (README as its text with the collection slug masked); None: no repo.
+    """path -> sha256 at main (the files that name the hub or commits as text, masked); None: no repo.
 
     Every blob the head names must be stored with the sha256 the tree claims, or the head is broken.
     """
@@ -288,13 +292,14 @@ def head_files(hub, repo_type: str, repo_id: str) -> dict[str, str] | None:
     for path, entry in storage.get_commit(repo_type, repo_id, sha)["tree"].items():
         data = storage.read_blob(entry["sha256"])
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"], path
-        files[path] = mask(data.decode()) if path == README else entry["sha256"]
+        pinned = path in PINNED or path.startswith(".eval_results/")
+        files[path] = mask(data.decode()) if pinned else entry["sha256"]
     return files
 
 
 def mask(text: str) -> str:
-    """A card with the parts that differ between two hubs (port, collection id) masked."""
-    return ENDPOINT.sub("HUB", SLUG.sub("collections/SLUG", text))
+    """A card with the parts that differ between two hubs (port, collection id, commit shas) masked."""
+    return COMMIT.sub("COMMIT", ENDPOINT.sub("HUB", SLUG.sub("collections/SLUG", text)))
 
 
 def hub_state(hub, config) -> dict:

@@ -585,3 +585,25 @@ def test_model_info_eval_results_equal_metrics(study, hub):
         info = api(hub).model_info(config.adapter_repo_id(level), expand=["evalResults"])
         metrics = json.loads(run_dir.metrics(f"level_{level}").read_text())
         assert [entry.value for entry in info.eval_results or []] == [metrics["accuracy"]]
+
+
+def test_study_lock_records_the_commits_the_stages_read(tmp_path):
+    """study.lock.json pins what training and prepare-data resolved: the base's Hub id and commit, the dataset's."""
+    from fixtures_artifacts import FIXTURE_BASE_SHA
+
+    from eval_artifacts.rundir import write_json
+    from hub_tools.pipeline import write_lock
+
+    qwen = load_config(Path(__file__).parents[1] / "configs" / "qwen3-4b-gsm8k.yaml").with_overrides(
+        run_dir=str(tmp_path / "run")
+    )
+    run_dir = write_fixture_study(tmp_path / "run", config=qwen, n_problems=20)
+    stats = json.loads(run_dir.data_stats.read_text())
+    stats["source"] = {"kind": "hub", "dataset_id": "openai/gsm8k", "sha": "f" * 40, "train_rows": 2000}
+    write_json(run_dir.data_stats, stats)
+    write_lock(qwen, run_dir, {})
+    lock = json.loads(run_dir.lock.read_text())
+    assert lock["resolved"] == {
+        "base_model": {"id": "Qwen/Qwen3-4B-Instruct-2507", "sha": FIXTURE_BASE_SHA},
+        "dataset": {"id": "openai/gsm8k", "sha": "f" * 40},
+    }
