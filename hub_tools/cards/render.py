@@ -30,7 +30,7 @@ from hub_tools.cards.context import (
     load_artifacts,
     study_links,
 )
-from hub_tools.cards.format import plain_text
+from hub_tools.cards.format import fmt_accuracy, plain_text
 from hub_tools.cards.sandbox import (
     ADAPTER_TEMPLATE,
     BASE_TEMPLATE,
@@ -109,7 +109,8 @@ def eval_result_entries(config: StudyConfig, art: StudyArtifacts, level: int) ->
     seeds = ", ".join(str(seed) for seed in m["seeds"])
     notes = (
         f"Level {level} ({LEVELS[level].name}) LoRA adapter; accuracy = correct final answers / answers "
-        f"({m['n_correct']} / {m['n_total']}), graded against the reference answer; greedy decoding, at most "
+        f"({m['n_correct']} / {m['n_total']}), graded strictly against the reference answer (only a finished "
+        f"final answer counts; lenient accuracy {fmt_accuracy(m['accuracy_lenient'])}); greedy decoding, at most "
         f"{config.eval.max_new_tokens} new tokens, {evaluated['dtype']}"
         f"{', adapter merged' if evaluated['merged'] else ''}; eval seed(s) {seeds}; training seed {t['seed']}"
     )
