@@ -118,7 +118,7 @@ def load_artifacts(
         examples=examples,
         evaluated_with=_evaluated_with(config, run_dir, training),
         base_build=base_build,
-        published=published if published is not None else published_from_state(run_dir),
+        published=published if published is not None else published_from_state(config, run_dir),
         sample_mismatches=tuple(
             mismatch for model in config.model_keys if (mismatch := _sample_mismatch(run_dir, model))
         ),

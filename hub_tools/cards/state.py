@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from eval_artifacts.rundir import RunDir, read_json
+from eval_artifacts.study.config import StudyConfig
 
 STATE_KEY = "cards"
-"""The key of ``publish/state.json`` holding the ``Published`` facts the last published cards were rendered with."""
+"""The key, per Hub in ``publish/state.json``, of the ``Published`` facts each namespace's cards were rendered with."""
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,14 @@ class Published:
         }
 
 
-def published_from_state(run_dir: RunDir) -> Published:
-    """The facts the last publish rendered its cards with, so that a later ``render-cards`` writes the same
-    cards; empty before the first publish."""
+def published_from_state(config: StudyConfig, run_dir: RunDir) -> Published:
+    """The facts the last publish to the config's Hub and namespace rendered its cards with, so that a later
+    ``render-cards`` writes the same cards; empty before the first publish there."""
     if not run_dir.publish_state.is_file():
         return Published()
     state = read_json(run_dir.publish_state, what="publish state", hint="delete it and publish again")
-    recorded = state.get(STATE_KEY) if isinstance(state, dict) else None
+    hub = (state.get("hubs") or {}).get(config.hub.endpoint) if isinstance(state, dict) else None
+    recorded = ((hub or {}).get(STATE_KEY) or {}).get(config.hub.namespace)
     if not isinstance(recorded, dict):
         return Published()
     return Published(

@@ -197,14 +197,14 @@ def publish(
         if options.from_hub:
             restore_run_dir_from_hub(target, config, run_dir, echo=echo)
         check_artifacts(config, run_dir, adapters=scope.adapters)
-        state = PublishState(run_dir, label=target.label)
+        state = PublishState(run_dir, label=target.label, namespace=config.hub.namespace)
         current = collections.find_collection(
             target,
             namespace=config.hub.namespace,
             title=config.hub.collection_title,
             slug=state.collection_slug,
         )
-        recorded = cards.published_from_state(run_dir)  # its commits hold where it went to this Hub
+        recorded = cards.published_from_state(config, run_dir)  # what the last publish here named
         published = cards.Published(
             hub_url=target.endpoint,
             collection_slug=current.slug if current else None,
@@ -247,15 +247,19 @@ def publish(
             _describe_dry_run(report, target, plans, collection_plan, create_pr=options.create_pr, say=say)
             return report
 
-        # -- apply. A new collection comes first, so that the cards can link it from their first commit.
+        # -- apply. A new or retitled collection comes first (a title makes the slug), so that the cards
+        # link its final URL from their first commit.
         if (
             collection_plan is not None
-            and collection_plan.current is None
+            and (collection_plan.current is None or collection_plan.title_change)
             and not collection_plan.notes_only
             and not options.create_pr
         ):
-            collection_plan.current = collections.create_collection(target, collection_plan)
-            maybe_crash("publish.collection_created")  # on the Hub, not yet in state.json
+            if collection_plan.current is None:
+                collection_plan.current = collections.create_collection(target, collection_plan)
+                maybe_crash("publish.collection_created")  # on the Hub, not yet in state.json
+            else:
+                collection_plan.current = collections.retitle_collection(target, collection_plan)
             state.set_collection(collection_plan.slug, collection_plan.title)
             published = dataclasses.replace(published, collection_slug=collection_plan.slug)
             rendered, published = _rerender(
