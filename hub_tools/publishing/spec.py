@@ -134,15 +134,16 @@ def _adapter_spec(
     return RepoSpec(config.adapter_repo_id(level), "model", files, message)
 
 
-def _base_spec(config: StudyConfig, run_dir: RunDir, readme: str) -> RepoSpec:
-    """The tiny base as built (weights, tokenizer, chat template, build.json) and its card."""
+def _base_spec(config: StudyConfig, run_dir: RunDir, readme: str, plot: LocalFile) -> RepoSpec:
+    """The tiny base as built (weights, tokenizer, chat template, build.json), its card and the study's plot."""
     files = {
         path.name: LocalFile.from_path(path.name, path)
         for path in sorted(run_dir.base_dir.iterdir())
         if path.is_file() and path.name != README
     }
     files[README] = _readme(readme)
-    return RepoSpec(config.base_repo_id, "model", files, f"Publish {config.name} base model and card")
+    files[cards.PLOT_FILE] = plot
+    return RepoSpec(config.base_repo_id, "model", files, f"Publish {config.name} base model, card and plot")
 
 
 def _eval_spec(config: StudyConfig, run_dir: RunDir, readme: str, plot: LocalFile) -> RepoSpec:
@@ -200,7 +201,7 @@ def repo_specs(
     plot = LocalFile.from_path(cards.PLOT_FILE, run_dir.pareto_png)
     specs = []
     if adapters and config.tiny_base:
-        specs.append(_base_spec(config, run_dir, readmes[config.base_repo_id]))
+        specs.append(_base_spec(config, run_dir, readmes[config.base_repo_id], plot))
     if adapters:
         specs += [
             _adapter_spec(config, run_dir, artifacts, level, readmes[config.adapter_repo_id(level)], plot)
