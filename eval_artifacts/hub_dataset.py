@@ -142,15 +142,21 @@ def _columns(rows: list[dict], features: datasets.Features) -> dict[str, list]:
     return {name: [row[name] for row in rows] for name in features}
 
 
+def _row_order(row: dict) -> tuple:
+    return row["id"], row["seed"], row.get("sample", 0)
+
+
 def build_eval_dataset(run_dir: RunDir, *, models: list[str]) -> dict[str, datasets.DatasetDict]:
-    """The eval dataset's configs: ``{model: DatasetDict(test=samples), "summary": DatasetDict(test=...)}``.
+    """The eval dataset's configs: ``{model: DatasetDict(test=samples), "summary": DatasetDict(test=...)}``,
+    each model's rows sorted by id (then seed and sample).
 
     Metrics are checked against their samples first, so a dataset is never built from stale numbers.
     """
     configs: dict[str, datasets.DatasetDict] = {}
     for model in models:
         check_metrics_match_samples(run_dir, model)
-        rows = read_samples(run_dir.samples(model), model=model)
+        # Sorted, not in generation order: every model's config lists the problems alike, ready to join on id.
+        rows = sorted(read_samples(run_dir.samples(model), model=model), key=_row_order)
         split = datasets.Dataset.from_dict(_columns(rows, SAMPLE_FEATURES), features=SAMPLE_FEATURES)
         configs[model] = datasets.DatasetDict({SPLIT: split})
     summary = build_summary(run_dir, study=run_dir.root.name, models=models)

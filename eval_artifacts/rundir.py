@@ -44,6 +44,11 @@ class RunDir:
     def data_stats(self) -> Path:
         return self.data_dir / "stats.json"
 
+    @property
+    def base_dir(self) -> Path:
+        """The tiny study's base model, as published to ``{prefix}-base``."""
+        return self.root / "base"
+
     def adapter_dir(self, adapter: int | str) -> Path:
         """``adapters/<model>/`` of an adapter model (``level_4``, ``level_4_seed43``); a level number names
         the level's published adapter, ``adapters/level_<n>/``."""
@@ -92,12 +97,23 @@ class RunDir:
         return self.root / "hub"
 
     @property
+    def local_hub_endpoint(self) -> Path:
+        """The embedded local Hub's last address, reused so that the cards' links stay the same across runs."""
+        return self.root / "publish" / "local_hub.json"
+
+    @property
     def cache_dir(self) -> Path:
         return self.root / "cache"
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 """The PEFT adapter in ``adapters/level_<n>/``: what ``save_pretrained`` writes and ``from_pretrained`` reads."""
+
+
+def epochs_trained(steps: int, effective_batch_size: int, train_rows: int) -> float:
+    """Passes over the training data that ``steps`` optimizer steps made (``max_steps`` overrides ``epochs``);
+    training.json's ``epochs_trained``."""
+    return round(steps * effective_batch_size / train_rows, 2)
 
 
 def library_versions(names: Iterable[str]) -> dict[str, str | None]:

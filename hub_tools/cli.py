@@ -110,7 +110,7 @@ main.add_command(hub)
     "templates_dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
-    help="Folder with your own adapter_card.md.j2, eval_dataset_card.md.j2 and collection_note.txt.j2.",
+    help="Folder with your own adapter_card.md.j2, eval_dataset_card.md.j2, collection_note.txt.j2 and base_card.md.j2.",
 )
 @click.option("--check", is_flag=True, help="Exit with code 2 on the first card that fails validation.")
 def render_cards_command(config_path, run_dir, templates_dir, check):
@@ -120,16 +120,16 @@ def render_cards_command(config_path, run_dir, templates_dir, check):
 
     config = load_study(config_path, run_dir)
     study = RunDir(config.run_dir)
-    url = cards.collection_url_from_state(config, study)
-    rendered = cards.render_study_cards(config, study, templates_dir=templates_dir, collection_url=url)
-    notes = cards.render_collection_notes(config, study, templates_dir=templates_dir)
+    art = cards.load_artifacts(config, study)  # links and commits: what the last publish recorded
+    rendered = cards.render_study_cards(config, study, templates_dir=templates_dir, artifacts=art)
+    notes = cards.render_collection_notes(config, study, templates_dir=templates_dir, artifacts=art)
     for path in cards.write_cards(study, rendered):
         click.echo(f"wrote {path}")
     if check:
-        cards.validate_all(rendered, config=config, run_dir=study, notes=notes)
+        cards.validate_all(rendered, config=config, run_dir=study, notes=notes, artifacts=art)
         click.echo(f"{len(rendered)} cards and {len(notes)} collection notes are valid")
         return
-    for problem in cards.all_problems(rendered, config=config, run_dir=study, notes=notes):
+    for problem in cards.all_problems(rendered, config=config, run_dir=study, notes=notes, artifacts=art):
         click.echo(f"problem: {problem}", err=True)
 
 
@@ -245,9 +245,6 @@ def evaluate_command(config_path, run_dir, data_dir, models, seeds):
         )
 
 
-LOCAL_PAGES_PORT = 8000
-
-
 @main.command("train-and-publish")
 @publishing_options
 @DATA_DIR_OPTION
@@ -282,6 +279,8 @@ def train_and_publish_command(config_path, run_dir, endpoint, namespace, data_di
         )
         click.echo("[publish] running")
         report = publish(config, study, target=target, scope=Scope.ALL, options=options, echo=click.echo)
+    from hub_tools.hub_client import LOCAL_PAGES_PORT
+
     local = config.hub.endpoint == LOCAL_ENDPOINT
 
     def shown(url: str) -> str:

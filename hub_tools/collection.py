@@ -1,4 +1,4 @@
-"""The study's collection: wanted state (title, items L1…L5 then the eval dataset, notes), diff, apply.
+"""The study's collection: wanted state (title, items: the tiny base, L1…L5, the eval dataset; notes), diff, apply.
 
 Only items that belong to the study (its adapter repos and eval dataset) are added, moved, re-noted or
 removed; anything a user added by hand stays, after the study's items.
@@ -127,12 +127,13 @@ class CollectionPlan:
 
 
 def wanted_items(config: StudyConfig, notes: dict[str, str]) -> list[WantedItem]:
-    """Adapters L1…Ln in level order, then the eval dataset, each with its note.
+    """The tiny base (the tiny study), adapters L1…Ln in level order, then the eval dataset, each with its note.
 
     Raises:
         CardValidationError: a note is missing, empty or longer than the Hub's 500 characters.
     """
-    ids = [(config.adapter_repo_id(level), "model") for level in config.levels]
+    ids = [(config.base_repo_id, "model")] if config.tiny_base else []
+    ids += [(config.adapter_repo_id(level), "model") for level in config.levels]
     ids.append((config.eval_repo_id, "dataset"))
     items = []
     for repo_id, repo_type in ids:
@@ -151,7 +152,7 @@ def wanted_items(config: StudyConfig, notes: dict[str, str]) -> list[WantedItem]
 
 
 def owned_repo_ids(config: StudyConfig) -> set[str]:
-    return {config.adapter_repo_id(level) for level in LEVELS} | {config.eval_repo_id}
+    return {config.adapter_repo_id(level) for level in LEVELS} | {config.eval_repo_id, config.base_repo_id}
 
 
 def find_collection(target: HubTarget, *, namespace: str, title: str, slug: str | None) -> Collection | None:

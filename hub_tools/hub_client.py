@@ -8,9 +8,10 @@ message built from a client error goes through ``scrub``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -19,11 +20,14 @@ import huggingface_hub
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-from eval_artifacts.rundir import RunDir
+from eval_artifacts.rundir import RunDir, write_json
 from eval_artifacts.study.config import LOCAL_ENDPOINT, StudyConfig
 from eval_artifacts.study.errors import HubError
 from hub_tools import cards
 
+LOCAL_PAGES_PORT = 8000
+"""Where `cot-compress hub serve` shows the embedded hub's pages after a run; the embedded hub listens there too
+when it can, so that the cards' links are the pages' addresses."""
 # Roles under which a member of an org may push to it (the Hub's org roles; "read" may not).
 WRITE_ROLES = {"admin", "write", "contributor"}
 
@@ -185,7 +189,17 @@ def open_hub(config: StudyConfig, run_dir: RunDir, *, token: str | None = None) 
 
         # The embedded hub gets one user named after the study's namespace, with the local hub's token.
         local_token = next(iter(DEFAULT_USERS.values()))
-        with running_hub(run_dir.hub_data_dir, users={config.hub.namespace: local_token}) as hub:
+        users = {config.hub.namespace: local_token}
+        with ExitStack() as stack:
+            # The cards link the hub's address: the last run's port (at first the pages' port) keeps them
+            # unchanged while it is free; any free port otherwise.
+            try:
+                hub = stack.enter_context(
+                    running_hub(run_dir.hub_data_dir, users=users, port=_last_local_port(run_dir))
+                )
+            except HubError:
+                hub = stack.enter_context(running_hub(run_dir.hub_data_dir, users=users))
+            write_json(run_dir.local_hub_endpoint, {"endpoint": hub.endpoint})
             api = HfApi(endpoint=hub.endpoint, token=local_token)
             yield HubTarget(hub.endpoint, LOCAL_ENDPOINT, api, local_token, local_hub=hub)
         return
@@ -196,6 +210,15 @@ def open_hub(config: StudyConfig, run_dir: RunDir, *, token: str | None = None) 
             "(or publish to the embedded hub with --endpoint local)"
         )
     yield HubTarget(endpoint, endpoint, HfApi(endpoint=endpoint, token=token), token)
+
+
+def _last_local_port(run_dir: RunDir) -> int:
+    """The embedded hub's port in the last run; the pages' port the first time."""
+    try:
+        endpoint = json.loads(run_dir.local_hub_endpoint.read_text(encoding="utf-8"))["endpoint"]
+        return int(endpoint.rsplit(":", 1)[1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return LOCAL_PAGES_PORT
 
 
 def check_write_access(target: HubTarget, namespace: str) -> str:

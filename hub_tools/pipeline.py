@@ -65,7 +65,8 @@ def _eval_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
 
 
 def _card_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
-    names = [config.adapter_repo_id(level).split("/")[1] for level in config.levels]
+    names = [config.base_repo_id.split("/")[1]] if config.tiny_base else []
+    names += [config.adapter_repo_id(level).split("/")[1] for level in config.levels]
     return [run_dir.card(name) for name in names + [config.eval_repo_id.split("/")[1]]]
 
 
@@ -98,10 +99,9 @@ def _run_render(config: StudyConfig, run_dir: RunDir, templates_dir: Path | None
     from hub_tools import cards
     from hub_tools.publishing.spec import render_cards
 
-    # The collection link comes from publish/state.json once a publish created the collection; rendering
-    # without it would make every rerun differ from what publish wrote, so the stage would never be current.
-    url = cards.collection_url_from_state(config, run_dir)
-    rendered, _ = render_cards(config, run_dir, templates_dir=templates_dir, collection_url=url)
+    # Links and commits come from publish/state.json once a publish recorded them; rendering without them
+    # would make every rerun differ from what publish wrote, so the stage would never be current.
+    rendered, _, _ = render_cards(config, run_dir, templates_dir=templates_dir)
     cards.write_cards(run_dir, rendered)
 
 
@@ -169,6 +169,23 @@ def read_lock(run_dir: RunDir) -> dict:
     return read_json(run_dir.lock, what="study lock", hint="delete study.lock.json to rerun every stage")
 
 
+def resolved_revisions(config: StudyConfig, run_dir: RunDir) -> dict:
+    """The commits the stages read: the base model's (training.json) and the dataset's (data/stats.json)."""
+    base = None
+    for level in config.levels:
+        if run_dir.training_json(level).is_file():
+            trained = read_json(run_dir.training_json(level), what="training.json", hint="rerun `cot-compress train`")
+            base = trained.get("base_model_hub")
+            break
+    source = {}
+    if run_dir.data_stats.is_file():
+        stats = read_json(run_dir.data_stats, what="data stats", hint="rerun `cot-compress prepare-data`")
+        source = stats.get("source") or {}
+    synthetic = source.get("kind") in (None, "synthetic")
+    dataset = None if synthetic else {"id": source.get("dataset_id"), "sha": source.get("sha")}
+    return {"base_model": base, "dataset": dataset}
+
+
 def write_lock(config: StudyConfig, run_dir: RunDir, stages: dict) -> None:
     write_json(
         run_dir.lock,
@@ -177,6 +194,7 @@ def write_lock(config: StudyConfig, run_dir: RunDir, stages: dict) -> None:
             "study": config.name,
             "config": config.model_dump(mode="json"),
             "config_sha256": config.fingerprint(),
+            "resolved": resolved_revisions(config, run_dir),
             "code": code_version(),
             "libraries": library_versions(LIBRARIES),
             "stages": stages,

@@ -20,7 +20,7 @@ from pathlib import Path
 from eval_artifacts.metrics import write_metrics
 from eval_artifacts.plots import plot_pareto
 from eval_artifacts.records import SampleRecord, model_kind, model_level, other_seed_of
-from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, append_jsonl, write_json
+from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, append_jsonl, epochs_trained, write_json
 from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.levels import LEVELS, build_prompt, build_response, parse_response
 from eval_artifacts.summary import write_summary
@@ -54,6 +54,8 @@ DEFAULT_SHAPE = {
 ANSWER_OVERHEAD = {"base": 7, "level": 11}
 """Completion tokens beyond the think tokens: answer line, think tags, end of sequence."""
 SEED_SHIFT = [0, 3, -2, 4, -1]
+FIXTURE_BASE_SHA = "0123456789abcdef0123456789abcdef01234567"
+"""The commit a Hub base resolves to in the fixture's training.json."""
 """Per-seed change of n_correct, so several seeds have a real spread."""
 
 
@@ -184,6 +186,9 @@ def _training_json(config: StudyConfig, level: int, train_rows: int, model: str,
         "level": level,
         "model": model,
         "base_model": {"id": config.base_model.id, "revision": config.base_model.revision},
+        "base_model_hub": {"id": None, "sha": None}
+        if config.tiny_base
+        else {"id": config.base_hub_id, "sha": FIXTURE_BASE_SHA},
         "adapter": {
             "method": "LoRA",
             "r": t.lora.r,
@@ -215,6 +220,7 @@ def _training_json(config: StudyConfig, level: int, train_rows: int, model: str,
         "data_sha256": f"{level:x}" * 64,
         "tokens_seen": tokens,
         "steps": steps,
+        "epochs_trained": epochs_trained(steps, t.batch_size * t.gradient_accumulation_steps, train_rows),
         "loss_curve": [{"step": s, "loss": round(2.5 / (1 + s / 20), 6)} for s in range(10, steps + 1, 10)],
         "wall_time_s": wall,
         "tokens_per_s": round(tokens / wall, 1),
@@ -250,6 +256,28 @@ def _write_adapter_weights(directory: Path, config: StudyConfig, level: int, see
         for part in ("A", "B")
     }
     save_file(tensors, str(directory / "adapter_model.safetensors"))
+
+
+def _write_tiny_base(directory: Path, config: StudyConfig) -> None:
+    """The tiny base as training leaves it in the run dir: a small config, weights and build.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tiny = config.tiny_model
+    (directory / "config.json").write_text(json.dumps({"model_type": "qwen3"}, indent=2) + "\n", encoding="utf-8")
+    save_file({"lm_head.weight": torch.ones(4, 4)}, str(directory / "model.safetensors"))
+    build = {
+        "code_version": "tiny-1",
+        "tiny_model": tiny.model_dump(mode="json"),
+        "synthetic": config.data.synthetic.model_dump(mode="json"),
+        "parameters": 473184,
+        "vocab_size": tiny.vocab_size,
+        "pretrain_rows": tiny.pretrain_problems,
+        "loss_curve": [{"step": 1, "loss": 5.9132}, {"step": tiny.pretrain_steps, "loss": 0.4417}],
+        "wall_time_s": 118.4,
+    }
+    (directory / "build.json").write_text(json.dumps(build, indent=2) + "\n", encoding="utf-8")
 
 
 def write_fixture_study(
@@ -294,6 +322,7 @@ def write_fixture_study(
     write_json(run_dir.data_stats, stats)
 
     base_right: dict[int, set[int]] = {}
+    run_dir.generation_log.unlink(missing_ok=True)
     for model in config.model_keys:
         level = model_level(model)
         profile = (profiles or {}).get(model) or default_profile(model, n_problems)
@@ -313,8 +342,13 @@ def write_fixture_study(
             if model == "base":
                 base_right[seed] = right
             append_jsonl(path, rows)
+        gpu = config.base_model.quantization == "nf4"
+        log = {"model": model, "engine": "fast" if gpu else "hf", "dtype": "bfloat16" if gpu else "float32"}
+        append_jsonl(run_dir.generation_log, [log | {"seed": seed} for seed in config.eval.seeds])
     for model in config.model_keys:  # once every model's samples are there: adapters pair with their baselines
         write_metrics(run_dir, model, model_level(model))
+    if config.tiny_base:
+        _write_tiny_base(run_dir.base_dir, config)
     summary = write_summary(run_dir, study=config.name, models=config.model_keys)
     plot_pareto(summary, run_dir.pareto_png)
     return run_dir

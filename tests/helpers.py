@@ -290,19 +290,20 @@ COMMIT = re.compile(r"\b[0-9a-f]{40}\b")  # cards, eval results and shards name 
 def edited_templates(folder: Path) -> Path:
     """A copy of the shipped card templates in ``folder``, each card and the note with a sentence added."""
     shutil.copytree(Path(str(resources.files("cards_templates"))), folder)
-    for name in ("adapter_card.md.j2", "eval_dataset_card.md.j2", "collection_note.txt.j2"):
+    for name in ("adapter_card.md.j2", "eval_dataset_card.md.j2", "base_card.md.j2", "collection_note.txt.j2"):
         text = (folder / name).read_text(encoding="utf-8")
         (folder / name).write_text(text.rstrip("\n") + " Reviewed.\n", encoding="utf-8")
     return folder
 
 
 def repos(config) -> list[tuple[str, str]]:
-    """(repo type, repo id) of every repo the study publishes: one per level, then the eval dataset."""
-    return [("model", config.adapter_repo_id(n)) for n in config.levels] + [("dataset", config.eval_repo_id)]
+    """(repo type, repo id) of every repo the study publishes: the tiny base, one per level, the eval dataset."""
+    base = [("model", config.base_repo_id)] if config.tiny_base else []
+    return base + [("model", config.adapter_repo_id(n)) for n in config.levels] + [("dataset", config.eval_repo_id)]
 
 
 def head_files(hub, repo_type: str, repo_id: str) -> dict[str, str] | None:
-    """path -> sha256 at main (README as its text with the collection slug masked); None: no repo.
+    """path -> sha256 at main (the files that name the hub or commits as text, masked); None: no repo.
 
     Every blob the head names must be stored with the sha256 the tree claims, or the head is broken.
     """

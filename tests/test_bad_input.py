@@ -123,6 +123,10 @@ CASES = [
          "not valid YAML"),
     Case("config", "eval batch size 0", lambda c: c.publish(config=c.config(**{"eval.batch_size": 0})),
          "'eval.batch_size'"),
+    Case("config", "a local base that names no Hub repo", lambda c: c.publish(config=c.config(
+        **{"base_model.id": str(c.tmp)})), "set base_model.hub_id"),
+    Case("config", "base_model.hub_id not a repo id", lambda c: c.publish(config=c.config(
+        **{"base_model.id": str(c.tmp), "base_model.hub_id": "no-slash"})), "is not a Hub repo id"),
     Case("config", "evaluate an unknown model", lambda c: ["evaluate", "--run-dir", str(c.run.root),
          "--models", "level_9"], "unknown model 'level_9'"),
     # ---- templates

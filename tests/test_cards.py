@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fixtures_artifacts import ModelProfile, write_fixture_study
+from fixtures_artifacts import FIXTURE_BASE_SHA, ModelProfile, write_fixture_study
 from helpers import tiny_qwen3
 from huggingface_hub import DatasetCard, ModelCard
 from markdown_it import MarkdownIt
@@ -92,7 +92,8 @@ def wilson(k: int, n: int) -> tuple[float, float]:
 
 def test_cards_match_golden_files(study):
     config, run_dir, rendered = study
-    assert list(rendered) == [f"tiny-cot-l{n}" for n in range(1, 6)] + ["tiny-cot-eval"]
+    assert list(rendered) == ["tiny-cot-base"] + [f"tiny-cot-l{n}" for n in range(1, 6)] + ["tiny-cot-eval"]
+    check_golden("base_card_tiny-cot-base.md", rendered["tiny-cot-base"].text)
     check_golden("adapter_card_tiny-cot-l4.md", rendered["tiny-cot-l4"].text)
     check_golden("adapter_card_tiny-cot-l1.md", rendered["tiny-cot-l1"].text)
     check_golden("eval_dataset_card_tiny-cot-eval.md", rendered["tiny-cot-eval"].text)
@@ -112,19 +113,23 @@ def test_written_card_reads_back_metadata_and_eval_results(study):
     card = ModelCard.load(run_dir.card("tiny-cot-l3"))
     metrics = read_json(run_dir.metrics("level_3"), what="metrics", hint="")
     data = card.data
-    assert data.base_model == "tiny"
+    # Synthetic problems: the study's own eval dataset, never GSM8K; no training data on any Hub to list.
+    assert data.base_model == "cot-compress/tiny-cot-base"
     assert data.base_model_relation == "adapter"
     assert (data.library_name, data.pipeline_tag, data.license) == ("peft", "text-generation", "mit")
-    assert data.datasets == ["openai/gsm8k", "cot-compress/tiny-cot-eval"]
+    assert data.datasets is None
+    assert "gsm8k" not in data.tags
     [result] = data.eval_results
     assert result.metric_value == metrics["accuracy"] == 111 / 200
     assert (result.dataset_type, result.dataset_config, result.dataset_split, result.dataset_revision) == (
-        "openai/gsm8k",
-        "main",
+        "cot-compress/tiny-cot-eval",
+        "level_3",
         "test",
-        "main",
+        None,
     )
+    assert "gsm8k" not in card.content.lower().split("## usage")[0].split("\n# ")[1].split("\n")[0]
     dataset = DatasetCard.load(run_dir.card("tiny-cot-eval")).data.to_dict()
+    assert "source_datasets" not in dataset and "gsm8k" not in dataset["tags"]
     assert [c["config_name"] for c in dataset["configs"]] == [
         "base",
         "level_1",
@@ -151,15 +156,15 @@ def test_adapter_card_content(study):
     assert "in its last 5 lines. An output without one is wrong" in text
     assert "![Accuracy against mean think tokens, with the Pareto frontier](pareto.png)" in text
     assert "[cot-compress/tiny-cot-eval](https://huggingface.co/datasets/cot-compress/tiny-cot-eval)" in text
-    assert "Typical reasoning length: \\~45 chars" in text
+    assert "the level's spec says \\~45 chars; its training data measures 44.81 chars mean, 45 median" in text
     # Caveats computed from the data: greedy, one training seed, sweet spot L2 (margin 0.05), truncations.
     assert "evaluation seed(s)" not in text and "Decoding: greedy. Greedy decoding draws nothing" in text
     assert "Trained with one seed (42): the spread across training seeds was not measured" in text
     # The prompt-only baselines: rows of their own, and this adapter's paired delta against its level's.
     assert "| P4 Ultra-compact, prompt only | 0.450 | [0.383, 0.519] | 90 / 200 |" in text
     assert (
-        "Against its prompt-only baseline (the stock model given the same Level 4 prompt, no adapter), paired on "
-        "the same problems, this adapter's accuracy differs by +0.070 (95% CI [-0.010, 0.148], exact McNemar p "
+        "Against its prompt-only baseline (the stock model asked in words for the same Level 4 style and answer "
+        "format, no adapter), paired on the same problems, this adapter's accuracy differs by +0.070 (95% CI [-0.010, 0.148], exact McNemar p "
         "0.109)" in text
     )
     assert "is **L2 Concise** (49.80 mean think tokens)" in text
@@ -188,7 +193,8 @@ def test_usage_snippet_parses_and_uses_the_level_prompt(study):
 def test_collection_notes_state_level_and_numbers(study):
     config, run_dir, _ = study
     notes = cards.render_collection_notes(config, run_dir)
-    assert list(notes) == [f"cot-compress/tiny-cot-l{n}" for n in range(1, 6)] + [
+    # The tiny base first, then the levels in order, then the eval dataset: the collection's order.
+    assert list(notes) == ["cot-compress/tiny-cot-base"] + [f"cot-compress/tiny-cot-l{n}" for n in range(1, 6)] + [
         "cot-compress/tiny-cot-eval"
     ]
     assert all(0 < len(note) <= 500 for note in notes.values())
@@ -235,7 +241,8 @@ def test_changed_metric_fails_validation_naming_the_number(study, study_copy):
     # The adapter's own model-index is checked too.
     own = cards.validate_card(rendered["tiny-cot-l3"], config=config, run_dir=run_dir)
     assert any(
-        p.startswith("model-index accuracy on openai/gsm8k is 0.555, metrics.json gives 0.575") for p in own
+        p.startswith("model-index accuracy on cot-compress/tiny-cot-eval is 0.555, metrics.json gives 0.575")
+        for p in own
     )
 
 
@@ -304,7 +311,9 @@ def test_edited_model_index_value_is_caught(study):
     assert text != card.text
     broken = cards.RenderedCard(card.repo_id, card.repo_type, text, ModelCard(text))
     problems = cards.validate_card(broken, config=config, run_dir=run_dir)
-    assert problems == ["model-index accuracy on openai/gsm8k is 0.62, metrics.json gives 0.52 (0.520)"]
+    assert problems == [
+        "model-index accuracy on cot-compress/tiny-cot-eval is 0.62, metrics.json gives 0.52 (0.520)"
+    ]
 
 
 # ---------------------------------------------------------------- mutations: text, links, placeholders
@@ -345,8 +354,8 @@ def test_long_collection_note_is_reported(study, tmp_path):
     templates = custom_templates(
         tmp_path,
         cards.NOTE_TEMPLATE,
-        '{% if item == "adapter" %}\n',
-        '{% if item == "adapter" %}\n' + "x" * 480,
+        '{% elif item == "adapter" %}\n',
+        '{% elif item == "adapter" %}\n' + "x" * 480,
     )
     notes = cards.render_collection_notes(config, run_dir, templates_dir=templates)
     problems = cards.validate_note(
@@ -600,7 +609,7 @@ def test_render_cards_command_writes_and_checks(study_copy):
     result = runner.invoke(main, ["render-cards", "--run-dir", str(run_dir.root), "--check"])
     assert result.exit_code == 0, result.output
     assert run_dir.card("tiny-cot-l4").is_file() and run_dir.card("tiny-cot-eval").is_file()
-    assert "6 cards and 6 collection notes are valid" in result.output
+    assert "7 cards and 7 collection notes are valid" in result.output
 
     metrics = read_json(run_dir.metrics("level_1"), what="metrics", hint="")
     metrics["n_correct"] = 129
@@ -662,25 +671,31 @@ def _tiny_hub_models(root: Path) -> tuple[Path, Path]:
         pad_token_id=2,
     ).save_pretrained(base)  # fmt: skip
     model = Qwen3ForCausalLM.from_pretrained(base)
-    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).save_pretrained(adapter)
     return base, adapter
 
 
 def test_usage_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
-    """Execute the card's snippet verbatim; only the Hub downloads are redirected to local folders."""
-    from peft import PeftModel
+    """Execute the card's snippet verbatim; only the Hub downloads are redirected to local folders. The
+    adapter folder holds the adapter_config.json that publishing pushes, so PEFT finds the base by itself."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hub_tools.publishing.spec import published_adapter_config
 
     config = load_config(QWEN_CONFIG).with_overrides(
         run_dir=str(tmp_path / "run"), **{"eval.seeds": [0], "eval.max_new_tokens": 6}
     )
     run_dir = write_fixture_study(tmp_path / "run", config=config, n_problems=20)
-    body = cards.render_study_cards(config, run_dir)["qwen3-4b-gsm8k-cot-l3"].card.text
+    art = cards.load_artifacts(config, run_dir)
+    body = cards.render_study_cards(config, run_dir, artifacts=art)["qwen3-4b-gsm8k-cot-l3"].card.text
     [snippet] = [
         t.content for t in MarkdownIt("commonmark").parse(body) if t.type == "fence" and t.info == "python"
     ]
 
     base, adapter = _tiny_hub_models(tmp_path)
+    config_file = adapter / "adapter_config.json"
+    config_file.write_bytes(published_adapter_config(config, art, config_file))
     local = {"Qwen/Qwen3-4B-Instruct-2507": base, "your-username/qwen3-4b-gsm8k-cot-l3": adapter}
     requested = []
 
@@ -695,22 +710,19 @@ def test_usage_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
 
     redirect(AutoTokenizer, "from_pretrained")
     redirect(AutoModelForCausalLM, "from_pretrained")
-    original_peft = PeftModel.from_pretrained.__func__
-
-    def load_adapter(klass, model, repo_id, *args, **kwargs):
-        requested.append(("PeftModel", repo_id, None))
-        return original_peft(klass, model, str(local[repo_id]), *args, **kwargs)
-
-    monkeypatch.setattr(PeftModel, "from_pretrained", classmethod(load_adapter))
+    redirect(AutoPeftModelForCausalLM, "from_pretrained")
     namespace: dict = {}
     exec(compile(snippet, "usage-snippet", "exec"), namespace)  # noqa: S102 - the card's own snippet
 
+    sha = FIXTURE_BASE_SHA  # the base's commit training resolved, pinned in the card and adapter_config.json
     assert requested == [
-        ("AutoTokenizer", "Qwen/Qwen3-4B-Instruct-2507", "main"),
-        ("AutoModelForCausalLM", "Qwen/Qwen3-4B-Instruct-2507", "main"),
-        ("PeftModel", "your-username/qwen3-4b-gsm8k-cot-l3", None),
+        ("AutoTokenizer", "Qwen/Qwen3-4B-Instruct-2507", sha),
+        ("AutoPeftModelForCausalLM", "your-username/qwen3-4b-gsm8k-cot-l3", None),
+        ("AutoModelForCausalLM", "Qwen/Qwen3-4B-Instruct-2507", sha),
     ]
-    assert isinstance(namespace["model"], PeftModel)
+    # The real study was evaluated on a bf16 base by the fast engine, which merges the adapter: so does the snippet.
+    assert "dtype=torch.bfloat16" in snippet and "merge_and_unload()" in snippet
+    assert not isinstance(namespace["model"], PeftModel)
     prompt_ids = namespace["inputs"]["input_ids"][0].tolist()
     assert "".join(namespace["tokenizer"].convert_ids_to_tokens(prompt_ids)) == (
         f"<|im_start|>user\n{build_prompt(3, cards.EXAMPLE_QUESTION)}<|im_end|>\n<|im_start|>assistant\n"

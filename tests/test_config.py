@@ -42,6 +42,19 @@ def test_real_study_settings():
     assert config.adapter_repo_id(4).endswith("-l4")
 
 
+def test_the_base_adapters_name_on_the_hub(tmp_path):
+    """Published adapters name their base by Hub id: the study's own tiny base, a Hub id, or the Hub repo a local
+    copy stands for; a local folder that names none has no Hub id (publish refuses it)."""
+    tiny = load_config(None)
+    assert tiny.base_hub_id == "cot-compress/tiny-cot-base" == tiny.base_repo_id
+    qwen = load_config(Path(__file__).parents[1] / "configs" / "qwen3-4b-gsm8k.yaml")
+    assert qwen.base_hub_id == "Qwen/Qwen3-4B-Instruct-2507"
+    local = qwen.with_overrides(**{"base_model.id": str(tmp_path)})
+    assert local.base_hub_id is None
+    copy = local.with_overrides(**{"base_model.hub_id": "Qwen/Qwen3-4B-Instruct-2507"})
+    assert copy.base_hub_id == "Qwen/Qwen3-4B-Instruct-2507"
+
+
 def _tiny() -> dict:
     return yaml.safe_load(default_config_path().read_text())
 

@@ -194,7 +194,7 @@ def test_the_hubs_page_urls_answer_200(published_study):
         assert plot.content == run_dir.pareto_png.read_bytes()
         assert "# " in httpx2.get(f"{repo}/blob/main/README.md").text  # the card's text, shown as text
         assert httpx2.get(f"{repo}/blob/main/missing.txt").status_code == 404
-    model = hub.url_for(*repos[0])
+    model = hub.url_for(*next(repo for repo in repos if repo[1].endswith("-l1")))  # an adapter repo
     assert httpx2.get(f"{model}/resolve/main/adapter_config.json").headers["content-type"] == (
         "application/octet-stream"  # only images get their type: no repo file runs in the pages' origin
     )

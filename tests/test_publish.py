@@ -23,7 +23,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import ArtifactError, CardValidationError, HubError
-from hub_tools.cards import collection_url_from_state, render_collection_notes
+from hub_tools.cards import published_from_state, render_collection_notes
 from hub_tools.cli import main
 from hub_tools.local_hub import configure_clients, running_hub
 from hub_tools.publishing import apply as apply_module
@@ -38,6 +38,7 @@ ADAPTER_FILES = {
     "training.json",
     "data_stats.json",
     "pareto.png",
+    ".eval_results/tiny-cot-eval.yaml",
 }
 EVAL_CONFIGS = ["base", *(f"level_{n}" for n in range(1, 6)), *(f"prompt_l{n}" for n in range(1, 6)), "summary"]
 # Requests that never change anything on the Hub (paths-info and validate-yaml are POSTs that only read).
@@ -70,7 +71,12 @@ def publish(config, run_dir, hub, **options):
 
 
 def repos(config) -> list[tuple[str, str]]:
-    return [("model", config.adapter_repo_id(n)) for n in config.levels] + [("dataset", config.eval_repo_id)]
+    """Every repo of the study in publishing (and collection) order: the tiny base, the levels, the eval dataset."""
+    return (
+        [("model", config.base_repo_id)]
+        + [("model", config.adapter_repo_id(n)) for n in config.levels]
+        + [("dataset", config.eval_repo_id)]
+    )
 
 
 def commit_requests(hub, since: int = 0) -> dict[str, int]:
@@ -95,10 +101,10 @@ def tree(hub, repo_type: str, repo_id: str, revision: str = "main") -> dict[str,
 
 
 def edited_templates(tmp_path: Path) -> Path:
-    """A copy of the shipped templates with one more (number-free) paragraph in both cards."""
+    """A copy of the shipped templates with one more (number-free) paragraph in every card."""
     folder = tmp_path / "templates"
     shutil.copytree(Path(str(resources.files("cards_templates"))), folder)
-    for name in ("adapter_card.md.j2", "eval_dataset_card.md.j2"):
+    for name in ("adapter_card.md.j2", "eval_dataset_card.md.j2", "base_card.md.j2"):
         with (folder / name).open("a", encoding="utf-8") as handle:
             handle.write("\nReviewed by the study authors.\n")
     return folder
@@ -113,7 +119,7 @@ def test_full_publish_then_unchanged_republish(study, hub, tmp_path):
     for repo_type, repo_id in repos(config):
         assert hub.commit_count(repo_type, repo_id) == 2
         assert api(hub).repo_info(repo_id, repo_type=repo_type).private is False  # tiny.yaml says public
-    assert report.commits == 6
+    assert report.commits == 7
 
     for level in config.levels:
         repo_id = config.adapter_repo_id(level)
@@ -187,8 +193,8 @@ def test_one_run_dir_publishes_to_two_namespaces_of_one_hub(study, tmp_path):
                 assert f"collections/{slugs[study_config.hub.namespace]}" in Path(readme).read_text()
         for study_config in (config, lab):  # render-cards links the collection of the config's namespace
             on_hub = study_config.with_overrides(**{"hub.endpoint": hub.endpoint})
-            url = collection_url_from_state(on_hub, run_dir)
-            assert url.endswith(f"/collections/{slugs[study_config.hub.namespace]}")
+            recorded = published_from_state(on_hub, run_dir)
+            assert (recorded.hub_url, recorded.collection_slug) == (hub.endpoint, slugs[study_config.hub.namespace])
         # each converges on its own: a republish to either namespace writes nothing
         for study_config in (config, lab, config):
             mark = len(hub.request_log)
@@ -226,8 +232,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(study, hub, tmp_path):
     size = (run_dir.adapter_dir(1) / "adapter_model.safetensors").stat().st_size
     assert f"  + adapter_model.safetensors ({size / 1024:.1f} KB)" in lines
     assert any(line.startswith(f'collection "{config.hub.collection_title}": create') for line in lines)
-    assert [r.status for r in report.repos] == ["would create"] * 6
-    assert lines[-1] == "6 of 6 repo(s) would get a commit."
+    assert [r.status for r in report.repos] == ["would create"] * 7
+    assert lines[-1] == "7 of 7 repo(s) would get a commit."
 
     publish(config, run_dir, hub, echo=lambda line: None)
     mark = len(hub.request_log)
@@ -236,7 +242,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(study, hub, tmp_path):
     assert writes(hub, mark) == []
     assert "  ~ README.md" in "\n".join(lines)
     assert "    +Reviewed by the study authors." in lines
-    assert lines.count("    +Reviewed by the study authors.") == 6
+    assert lines.count("    +Reviewed by the study authors.") == 7
     assert not any(line.startswith("  + ") or line.startswith("  - ") for line in lines)
 
 
@@ -257,7 +263,7 @@ def test_changed_template_regenerates_readmes_only(study, hub, tmp_path):
         templates_dir=edited_templates(tmp_path),
     )
     assert commit_requests(hub, mark) == {repo_id: 1 for _, repo_id in repos(config)}
-    assert report.commits == 6
+    assert report.commits == 7
     assert not [e for e in hub.request_log[mark:] if e["method"] == "PUT"]  # no weight (LFS) bytes
     for repo_type, repo_id in repos(config):
         after = tree(hub, repo_type, repo_id)
@@ -306,7 +312,7 @@ def test_regenerate_cards_from_hub_rebuilds_the_same_cards(study, hub, tmp_path)
 def test_create_pr_twice_reuses_one_pr_per_repo(study, hub, tmp_path):
     config, run_dir = study
     first = publish(config, run_dir, hub, create_pr=True)
-    assert [r.status for r in first.repos] == ["pull request"] * 6
+    assert [r.status for r in first.repos] == ["pull request"] * 7
     for repo_type, repo_id in repos(config):
         refs = api(hub).list_repo_refs(repo_id, repo_type=repo_type, include_pull_requests=True)
         assert [r.ref for r in refs.pull_requests] == ["refs/pr/1"]
@@ -394,6 +400,7 @@ def test_concurrent_change_fails_cleanly_and_a_rerun_converges(study, hub, monke
 
     publish(config, run_dir, hub)
     (run_dir.adapter_dir(3) / "adapter_config.json").write_text('{"changed": true}\n')
+    changed = {"changed": True, "base_model_name_or_path": config.base_repo_id}
     monkeypatch.setattr(publish_module, "plan_repo", plan_then_someone_commits)
     with pytest.raises(HubError, match="changed on the Hub since planning"):
         publish(config, run_dir, hub)
@@ -401,11 +408,11 @@ def test_concurrent_change_fails_cleanly_and_a_rerun_converges(study, hub, monke
     files = tree(hub, "model", target_repo)
     assert "NOTES.md" in files  # nothing of ours landed, the collaborator's commit is intact
     raw = api(hub).hf_hub_download(target_repo, "adapter_config.json", force_download=True)
-    assert Path(raw).read_text() != '{"changed": true}\n'
+    assert not json.loads(Path(raw).read_text()).get("changed")
 
     publish(config, run_dir, hub)
     raw = api(hub).hf_hub_download(target_repo, "adapter_config.json", force_download=True)
-    assert Path(raw).read_text() == '{"changed": true}\n'
+    assert changed.items() <= json.loads(Path(raw).read_text()).items()  # rewritten to name the Hub base
     assert "NOTES.md" in tree(hub, "model", target_repo)  # never delete files we did not push
 
 
@@ -450,9 +457,9 @@ def test_cli_publish_to_the_embedded_hub(study, tmp_path):
     assert re.search(r"http://127\.0\.0\.1:\d+/collections/cot-compress/", first.output)
     second = runner.invoke(main, ["publish", "--run-dir", str(run_dir.root), "--endpoint", "local"])
     assert second.exit_code == 0, second.output
-    assert second.output.count(": unchanged") == 7  # six repos and the collection
+    assert second.output.count(": unchanged") == 8  # seven repos and the collection
     dry = runner.invoke(main, ["publish", "--run-dir", str(run_dir.root), "--endpoint", "local", "--dry-run"])
-    assert dry.exit_code == 0 and "0 of 6 repo(s) would get a commit." in dry.output
+    assert dry.exit_code == 0 and "0 of 7 repo(s) would get a commit." in dry.output
 
 
 @pytest.mark.parametrize("case", ["missing adapter", "stale metrics", "bad card"])
@@ -505,11 +512,13 @@ def test_dropped_level_deletes_only_what_the_study_pushed(study, hub):
     )
     assert "level_4/test-00000-of-00001.parquet" in files and "NOTES.md" in files
     assert set(commit_requests(hub, mark)) == {
+        fewer.base_repo_id,  # its card lists the adapters
         *(fewer.adapter_repo_id(n) for n in (1, 2, 4)),
         fewer.eval_repo_id,
     }
     items = [(i.item_type, i.item_id) for i in api(hub).get_collection(slug).items]
     assert items == [
+        ("model", fewer.base_repo_id),
         ("model", fewer.adapter_repo_id(1)),
         ("model", fewer.adapter_repo_id(2)),
         ("model", fewer.adapter_repo_id(4)),
@@ -528,7 +537,7 @@ def test_a_failed_push_stops_and_a_rerun_converges(study, hub, monkeypatch):
     with pytest.raises(HubError, match=r"pushing cot-compress/tiny-cot-l3 failed: HTTP 500") as raised:
         publish(config, run_dir, hub)
     assert "\n" not in str(raised.value)
-    assert set(commit_requests(hub)) == {config.adapter_repo_id(1), config.adapter_repo_id(2)}
+    assert set(commit_requests(hub)) == {config.base_repo_id, config.adapter_repo_id(1), config.adapter_repo_id(2)}
 
     mark = len(hub.request_log)
     report = publish(config, run_dir, hub)
@@ -536,7 +545,7 @@ def test_a_failed_push_stops_and_a_rerun_converges(study, hub, monkeypatch):
         *(config.adapter_repo_id(n) for n in (3, 4, 5)),
         config.eval_repo_id,
     }
-    assert [r.status for r in report.repos] == ["unchanged", "unchanged"] + ["committed"] + ["created"] * 3
+    assert [r.status for r in report.repos] == ["unchanged"] * 3 + ["committed"] + ["created"] * 3
     slug = json.loads(run_dir.publish_state.read_text())["collection_slug"]
     assert [i.item_id for i in api(hub).get_collection(slug).items] == [r for _, r in repos(config)]
     assert publish(config, run_dir, hub).commits == 0
@@ -587,4 +596,124 @@ def test_other_training_seeds_go_to_branches_one_commit_each_and_converge(tmp_pa
     mark = len(hub.request_log)
     again = publish(config, run_dir, hub)
     assert again.commits == 0 and writes(hub, mark) == []
-    assert len(again.repos) == 5 and all(r.status == "unchanged" for r in again.repos)
+    # the tiny base, two branches of each of the two adapter repos, the eval dataset
+    assert len(again.repos) == 6 and all(r.status == "unchanged" for r in again.repos)
+    # the eval dataset card names the commit of every adapter that produced its rows, seed branches included
+    text = Path(
+        api(hub).hf_hub_download(config.eval_repo_id, "README.md", repo_type="dataset", cache_dir=tmp_path / "dl")
+    ).read_text()
+    for level in (2, 4):
+        branch_head = api(hub).repo_info(config.adapter_repo_id(level), revision="seed-43").sha
+        assert f"`{config.adapter_repo_id(level)}@{branch_head}`" in text
+
+
+# ---------------------------------------------------------------- what the Hub shows is true (issue 17)
+
+
+def _card_links(text: str) -> list[str]:
+    from markdown_it import MarkdownIt
+
+    links = []
+    for token in MarkdownIt("commonmark").enable(["table"]).parse(text):
+        for child in token.children or []:
+            if child.type == "link_open":
+                links.append(child.attrs["href"])
+            elif child.type == "image":
+                links.append(child.attrs["src"])
+    return links
+
+
+def test_published_metadata_names_what_the_study_is(study, hub, tmp_path):
+    """Synthetic problems: no metadata names GSM8K; the adapters name and pin the published tiny base; the eval
+    dataset names the adapter commits that produced it, rows sorted by id; every card link answers 200."""
+    import urllib.request
+
+    import yaml
+    from huggingface_hub import ModelCard, parse_eval_result_entries
+
+    config, run_dir = study
+    publish(config, run_dir, hub)
+    base_commit = api(hub).repo_info(config.base_repo_id).sha
+    slug = json.loads(run_dir.publish_state.read_text())["collection_slug"]
+    assert api(hub).get_collection(slug).items[0].item_id == config.base_repo_id  # the base first
+    for repo_type, repo_id in repos(config):
+        readme = api(hub).hf_hub_download(repo_id, "README.md", repo_type=repo_type, cache_dir=tmp_path / "dl")
+        text = Path(readme).read_text()
+        front = text.split("---\n")[1]
+        assert "gsm8k" not in front.lower(), f"{repo_id}'s metadata names GSM8K"
+        for link in _card_links(text):
+            # Absolute links point at the hub published to; a relative one (the plot) resolves in its repo.
+            assert link.startswith(hub.endpoint) or "://" not in link, link
+            prefix = "datasets/" if repo_type == "dataset" else ""
+            url = link if "://" in link else f"{hub.endpoint}/{prefix}{repo_id}/resolve/main/{link}"
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+            assert opener.open(url).status == 200, url
+        assert f"collections/{slug}" in text
+    for level in config.levels:
+        repo_id = config.adapter_repo_id(level)
+        card = ModelCard(Path(api(hub).hf_hub_download(repo_id, "README.md", cache_dir=tmp_path / "dl")).read_text())
+        assert card.data.base_model == "cot-compress/tiny-cot-base" and not card.data.datasets
+        assert f"revision `{base_commit}`" in card.text
+        adapter_config = json.loads(
+            Path(api(hub).hf_hub_download(repo_id, "adapter_config.json", cache_dir=tmp_path / "dl")).read_text()
+        )
+        assert (adapter_config["base_model_name_or_path"], adapter_config["revision"]) == (
+            config.base_repo_id,
+            base_commit,
+        )
+        # The eval-results file, read back with huggingface_hub's own parser.
+        path = api(hub).hf_hub_download(repo_id, ".eval_results/tiny-cot-eval.yaml", cache_dir=tmp_path / "dl")
+        [entry] = parse_eval_result_entries(yaml.safe_load(Path(path).read_text()))
+        metrics = json.loads(run_dir.metrics(f"level_{level}").read_text())
+        assert (entry.dataset_id, entry.task_id, entry.value) == (
+            config.eval_repo_id,
+            f"level_{level}",
+            metrics["accuracy"],
+        )
+        assert entry.source_url == f"{hub.endpoint}/datasets/{config.eval_repo_id}"
+        assert f"Level {level}" in entry.notes and "training seed 42" in entry.notes
+
+    eval_card = Path(
+        api(hub).hf_hub_download(config.eval_repo_id, "README.md", repo_type="dataset", cache_dir=tmp_path / "dl")
+    ).read_text()
+    for level in config.levels:
+        commit = api(hub).repo_info(config.adapter_repo_id(level)).sha
+        assert f"`{config.adapter_repo_id(level)}@{commit}`" in eval_card
+    assert f"`{config.base_repo_id}@{base_commit}`" in eval_card
+    import datasets
+
+    ids = datasets.load_dataset(config.eval_repo_id, "level_2", split="test", cache_dir=str(tmp_path / "ds"))["id"]
+    assert ids == sorted(ids)
+    # Once more: the pinned commits are the ones on the Hub, so nothing changes.
+    assert publish(config, run_dir, hub).commits == 0
+
+
+def test_model_info_eval_results_equal_metrics(study, hub):
+    config, run_dir = study
+    publish(config, run_dir, hub)
+    for level in config.levels:
+        info = api(hub).model_info(config.adapter_repo_id(level), expand=["evalResults"])
+        metrics = json.loads(run_dir.metrics(f"level_{level}").read_text())
+        assert [entry.value for entry in info.eval_results or []] == [metrics["accuracy"]]
+
+
+def test_study_lock_records_the_commits_the_stages_read(tmp_path):
+    """study.lock.json pins what training and prepare-data resolved: the base's Hub id and commit, the dataset's."""
+    from fixtures_artifacts import FIXTURE_BASE_SHA
+
+    from eval_artifacts.rundir import write_json
+    from hub_tools.pipeline import write_lock
+
+    qwen = load_config(Path(__file__).parents[1] / "configs" / "qwen3-4b-gsm8k.yaml").with_overrides(
+        run_dir=str(tmp_path / "run")
+    )
+    run_dir = write_fixture_study(tmp_path / "run", config=qwen, n_problems=20)
+    stats = json.loads(run_dir.data_stats.read_text())
+    stats["source"] = {"kind": "hub", "dataset_id": "openai/gsm8k", "sha": "f" * 40, "train_rows": 2000}
+    write_json(run_dir.data_stats, stats)
+    write_lock(qwen, run_dir, {})
+    lock = json.loads(run_dir.lock.read_text())
+    assert lock["resolved"] == {
+        "base_model": {"id": "Qwen/Qwen3-4B-Instruct-2507", "sha": FIXTURE_BASE_SHA},
+        "dataset": {"id": "openai/gsm8k", "sha": "f" * 40},
+    }

@@ -248,7 +248,7 @@ def test_hostile_model_output_is_inert_in_the_published_cards(study, tmp_path):
             metadata = card.data.to_dict()
             assert metadata["license"] == "mit" and "attacker" not in json.dumps(metadata)
             if repo_type == "model":
-                assert metadata["base_model"] == "tiny"
+                assert metadata["base_model"] == "cot-compress/tiny-cot-base"  # the published tiny base
             info = api.repo_info(repo_id, repo_type=repo_type)
             assert info.card_data.to_dict()["license"] == "mit"  # the Hub parsed the same front matter
             html = MarkdownIt("commonmark").enable("table").render(card.text)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = {
     "schema_version", "level", "model", "base_model", "adapter", "hyperparameters", "precision", "quantization", "loss",
     "hardware", "seed", "train_rows", "data_file", "data_sha256", "tokens_seen", "steps", "loss_curve",
-    "wall_time_s", "tokens_per_s", "library_versions",
+    "wall_time_s", "tokens_per_s", "library_versions", "base_model_hub", "epochs_trained",
 }  # fmt: skip
 HYPERPARAMETER_KEYS = {
     "epochs", "max_steps", "learning_rate", "batch_size", "gradient_accumulation_steps", "effective_batch_size",
@@ -64,6 +64,7 @@ def test_train_writes_adapter_and_a_complete_training_json(training_base, tmp_pa
     assert payload["tokens_seen"] == 2 * sum(lengths)
     assert payload["train_rows"] == 24
     assert payload["steps"] == 6  # 24 rows / 8 per step × 2 epochs
+    assert payload["epochs_trained"] == 6 * 8 / 24
     assert payload["data_file"] == "data/level_3/train.jsonl"
     assert payload["data_sha256"] == hashlib.sha256(run_dir.train_file(3).read_bytes()).hexdigest()
     assert payload["loss_curve"][0]["step"] == 1 and [p["step"] for p in payload["loss_curve"]][1:] == [
@@ -91,6 +92,7 @@ def test_train_writes_adapter_and_a_complete_training_json(training_base, tmp_pa
     }
     assert payload["hyperparameters"]["effective_batch_size"] == 8
     assert payload["base_model"] == {"id": str(training_base), "revision": "main"}
+    assert payload["base_model_hub"] == {"id": None, "sha": None}  # a local folder that names no Hub repo
     assert {"torch", "transformers", "peft", "trl", "accelerate"} <= set(payload["library_versions"])
 
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())

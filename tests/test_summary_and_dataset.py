@@ -230,6 +230,18 @@ def test_eval_dataset_configs_types_and_summary(study: RunDir):
     assert [r["model"] for r in table if r["on_frontier"]] == sorted(frontier, key=MODELS.index)
 
 
+def test_eval_dataset_rows_are_sorted_by_id(tmp_path: Path):
+    """Rows appended in batch order are published sorted by (id, seed), the same order in every config."""
+    run_dir = make_run_dir(tmp_path / "run")
+    for model in MODELS:
+        rows = run_dir.samples(model).read_text().splitlines(keepends=True)
+        random.Random(model).shuffle(rows)
+        run_dir.samples(model).write_text("".join(rows))
+    configs = build_eval_dataset(run_dir, models=MODELS)
+    expected = [f"q{i:02d}" for i in range(48)]
+    assert all(configs[model]["test"]["id"] == expected for model in MODELS)
+
+
 def test_eval_dataset_round_trip_restores_the_run_dir(study: RunDir, tmp_path: Path):
     configs = build_eval_dataset(study, models=MODELS)
     # What the Hub stores is Parquet: round-trip one config through it as well.

@@ -217,3 +217,58 @@ def test_tiny_study_with_two_training_seeds_publishes_a_branch_per_extra_seed(tm
             branch = "main" if seed == 42 else f"seed-{seed}"
             assert f"| {seed} | {branch} | {read_metrics(run_dir, model)['accuracy']:.3f} | [{low:.3f}, {high:.3f}] |" in card
         assert "- `seed-43`: training seed 43, accuracy" in card
+
+
+@pytest.mark.slow
+def test_published_tiny_study_loads_from_the_hub_and_reproduces_its_cards(tmp_path, local_hub):
+    """Issue 17: a small tiny study, trained, evaluated and published to the local hub; with an empty cache, every
+    adapter loads with AutoPeftModelForCausalLM from its repo alone (the base comes from ``{prefix}-base`` at
+    the pinned commit) and reproduces its card's example completion in the card's dtype."""
+    import re
+
+    import torch
+    from hubtools import isolated_hf_caches, publish_to
+    from huggingface_hub import HfApi, ModelCard
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval_artifacts.rundir import RunDir
+    from eval_artifacts.study.levels import build_prompt
+    from hub_tools.publishing.commands import Scope
+    from training import evaluate, prepare_data, sft
+
+    config = small_config(tmp_path, pretrain_steps=60).with_overrides(
+        levels=[1, 4],
+        **{"training.max_steps": 20, "training.batch_size": 8, "eval.max_problems": 12, "eval.max_new_tokens": 48},
+    )
+    run_dir = RunDir(config.run_dir)
+    prepare_data.run(config, run_dir)
+    sft.run(config, run_dir)
+    evaluate.run(config, run_dir)
+    publish_to(local_hub.endpoint, config, run_dir, token=local_hub.default_token, scope=Scope.ALL)
+
+    api = HfApi(endpoint=local_hub.endpoint)
+    base_commit = api.repo_info(config.base_repo_id).sha
+    with isolated_hf_caches(tmp_path / "empty-cache"):
+        base = AutoModelForCausalLM.from_pretrained(config.base_repo_id, revision=base_commit)
+        assert base.config.model_type == "qwen3"
+        for level in config.levels:
+            repo_id = config.adapter_repo_id(level)
+            card = ModelCard.load(repo_id)
+            assert card.data.base_model == config.base_repo_id and "gsm8k" not in str(card.data.to_dict()).lower()
+            assert f"at revision `{base_commit}`" in card.text
+            dtype = re.search(r"dtype=torch\.(\w+)", card.text).group(1)
+            model = AutoPeftModelForCausalLM.from_pretrained(repo_id, dtype=getattr(torch, dtype))
+            shown = re.findall(r"```text\n(.*?)\n```", card.text, flags=re.S)
+            if not shown:  # the card shows no example when no correct answer's arithmetic checks out
+                assert "No example output is shown" in card.text
+                continue
+            question, completion = shown[:2]
+            tokenizer = AutoTokenizer.from_pretrained(config.base_repo_id, revision=base_commit)
+            messages = [{"role": "user", "content": build_prompt(level, question)}]
+            inputs = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            output = model.generate(**inputs, max_new_tokens=config.eval.max_new_tokens, do_sample=False)
+            text = tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            assert text.strip() == completion.strip(), (level, text, completion)

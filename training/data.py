@@ -15,9 +15,23 @@ def load_problems(config: StudyConfig, split: str) -> list[Problem]:
     elif data.source == "local":
         problems = load_local_split(data.local_dir, split)
     else:
-        problems = load_hub_split(data.dataset_id, data.config_name, data.revision, split)
+        revision = dataset_revision(config) or data.revision  # what is recorded is what is read
+        problems = load_hub_split(data.dataset_id, data.config_name, revision, split)
     cap = data.max_train_rows if split == "train" else data.max_test_rows
     return problems[:cap] if cap else problems
+
+
+def dataset_revision(config: StudyConfig) -> str | None:
+    """The commit of the study's data: the Hub dataset's sha (asked when first read), a local copy's snapshot
+    sha or its stated ``data.revision`` when that is a sha; None for synthetic data or when nothing says."""
+    from training.models import as_sha, local_snapshot_sha, resolve_revision
+
+    data = config.data
+    if data.source == "synthetic":
+        return None
+    if data.source == "local":
+        return local_snapshot_sha(data.local_dir) or as_sha(data.revision)
+    return resolve_revision(data.dataset_id, data.revision, repo_type="dataset")
 
 
 def synthetic_without_test(config: StudyConfig, n: int, *, split: str) -> list[Problem]:

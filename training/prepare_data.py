@@ -86,11 +86,14 @@ def _existing_stats(run_dir: RunDir) -> dict | None:
 
 
 def _source_description(config: StudyConfig, n_rows: int) -> dict:
+    """What the training data is, with the dataset's commit (``sha``) when there is one to pin."""
+    from training.data import dataset_revision
+
     data = config.data
     if data.source == "synthetic":
         described = {"kind": "synthetic", **data.synthetic.model_dump()}
     elif data.source == "local":
-        described = {"kind": "local", "path": str(data.local_dir)}
+        described = {"kind": "local", "path": str(data.local_dir), "dataset_id": data.dataset_id}
     else:
         described = {
             "kind": "hub",
@@ -98,4 +101,6 @@ def _source_description(config: StudyConfig, n_rows: int) -> dict:
             "config": data.config_name,
             "revision": data.revision,
         }
+    if data.source != "synthetic":
+        described["sha"] = dataset_revision(config)
     return {**described, "train_rows": n_rows}

@@ -34,6 +34,7 @@ from eval_artifacts.rundir import (
     ADAPTER_FILES,
     SCHEMA_VERSION,
     RunDir,
+    epochs_trained,
     file_sha256,
     iter_jsonl,
     library_versions,
@@ -76,6 +77,8 @@ def run(
     check_liger(config.training.liger_kernel)
     # Resolved on first need: an all-up-to-date rerun never builds the tiny base.
     model_path: str | None = None
+    base_hub: dict[str, str | None] = {"id": None, "sha": None}
+    revision: str | None = None
     results: dict[str, dict] = {}
     adapters = [(level, model, seed) for level in levels for model, seed in config.adapter_models(level)]
     for level, model_name, seed in adapters:
@@ -102,15 +105,18 @@ def run(
 
         rows = load_rows(train_file)
         if model_path is None:
-            from training.models import resolve_base_model
+            from training.models import base_model_hub, resolve_base_model
 
             model_path = resolve_base_model(config)
+            base_hub = base_model_hub(config)  # resolved once, when the base is first read
+            # The commit recorded in training.json is the one loaded, even if the branch moves meanwhile.
+            revision = base_hub["sha"] if base_hub["sha"] and model_path == base_hub["id"] else None
         precision = choose_precision()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         model, tokenizer = load_base(
             model_path=model_path,
-            revision=config.base_model.revision,
+            revision=revision or config.base_model.revision,
             quantization=config.base_model.quantization,
             precision=precision,
             gradient_checkpointing=config.training.gradient_checkpointing,
@@ -143,6 +149,7 @@ def run(
             train_rows=len(rows),
             data_file=train_file.relative_to(run_dir.root).as_posix(),
             data_sha256=data_sha256,
+            base_hub=base_hub,
         )
         save_adapter(trainer, adapter_dir)
         if trainer.is_world_process_zero():  # under DDP every rank trains; one writes
@@ -157,6 +164,10 @@ def run(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the next adapter loads its own copy of the base
+    if config.tiny_base and distributed.current().is_main:
+        from training.models import export_tiny_base
+
+        export_tiny_base(config, run_dir)  # the adapters' base, published with them as {prefix}-base
     return results
 
 
@@ -534,8 +545,12 @@ def training_record(
     train_rows: int,
     data_file: str,
     data_sha256: str,
+    base_hub: dict[str, str | None],
 ) -> dict:
-    """The training.json payload of one adapter (fields fixed by the run-dir contract)."""
+    """The training.json payload of one adapter (fields fixed by the run-dir contract).
+
+    ``base_hub`` is the Hub repo and commit the base stands for (``training.models.base_model_hub``).
+    """
     base = recipe(config, seed)
     args = trainer.args
     hyperparameters = {
@@ -545,11 +560,13 @@ def training_record(
         * args.world_size,
         "optimizer": str(getattr(args.optim, "value", args.optim)),
     }
+    steps = trainer.state.global_step
     return {
         "schema_version": SCHEMA_VERSION,
         "level": level,
         "model": model,
         "base_model": base["base_model"],
+        "base_model_hub": base_hub,
         "adapter": base["adapter"],
         "hyperparameters": hyperparameters,
         "precision": precision,
@@ -561,7 +578,8 @@ def training_record(
         "data_file": data_file,
         "data_sha256": data_sha256,
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "steps": trainer.state.global_step,
+        "steps": steps,
+        "epochs_trained": epochs_trained(steps, hyperparameters["effective_batch_size"], train_rows),
         "loss_curve": loss_curve(trainer),
         "wall_time_s": round(outcome.wall_time_s, 3),
         "tokens_per_s": round(outcome.session_tokens / outcome.wall_time_s, 1)

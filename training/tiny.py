@@ -85,6 +85,17 @@ def ensure_tiny_base(config: StudyConfig) -> Path:
     return target
 
 
+def is_build_of(directory: Path, config: StudyConfig) -> bool:
+    """Whether ``directory`` holds a complete tiny base built from ``config``'s settings."""
+    try:
+        build = json.loads((directory / "build.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return build.get("code_version") == CODE_VERSION and build.get("tiny_model") == _tiny_settings(
+        config
+    ).model_dump(mode="json") and build.get("synthetic") == config.data.synthetic.model_dump(mode="json")
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask, not the host's count: more threads than cores
     makes small-matrix training several times slower)."""

@@ -20,8 +20,15 @@ _HUB_NAME_RE = re.compile(r"^(?!.*(--|\.\.))[\w\-.]{1,96}$")
 _SPDX_PLACEHOLDERS = {"", "license", "licence", "unknown", "todo", "tbd", "other-license", "none"}
 
 
+TINY_BASE = "tiny"
+"""``base_model.id`` value that builds the tiny study model."""
 LOCAL_ENDPOINT = "local"
 """``hub.endpoint`` value that starts the embedded Hub-compatible server instead of using a URL."""
+
+
+def is_hub_id(value: str) -> bool:
+    """``owner/name`` that is not an existing local path (a relative folder can look like a repo id)."""
+    return bool(re.fullmatch(r"[\w][\w.-]*/[\w.-]*[\w]", value)) and not Path(value).exists()
 
 
 class _Strict(BaseModel):
@@ -33,6 +40,9 @@ class BaseModelConfig(_Strict):
         description="Hub id of the base model, or a local path. 'tiny' builds the tiny study model."
     )
     revision: str = "main"
+    """The revision of the Hub repo (``id``, or ``hub_id`` for a local base); resolved to a commit sha on first read."""
+    hub_id: str | None = None
+    """For a local base (``id`` a folder): the Hub repo it is a copy of, which published adapters name as their base."""
     quantization: Literal["nf4", "none"] = "none"
     """nf4 loads the base in 4-bit NF4 with double quant through bitsandbytes (CUDA only)."""
 
@@ -67,6 +77,9 @@ class DataConfig(_Strict):
     dataset_id: str = "openai/gsm8k"
     config_name: str = "main"
     revision: str = "main"
+    """Resolved to a commit sha on first read; for a local copy (``local_dir``), the revision it was taken from."""
+    task_id: str = "main"
+    """The benchmark task of ``dataset_id`` that the Hub's eval-results files name (its ``eval.yaml`` task id)."""
     local_dir: Path | None = None
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
     max_train_rows: int | None = Field(None, gt=0)
@@ -246,6 +259,8 @@ class StudyConfig(_Strict):
     def _tiny_needs_settings(self) -> StudyConfig:
         if self.base_model.id == "tiny" and self.tiny_model is None:
             raise ValueError("base_model.id 'tiny' needs a tiny_model section")
+        if self.base_model.hub_id is not None and not is_hub_id(self.base_model.hub_id):
+            raise ValueError(f"base_model.hub_id {self.base_model.hub_id!r} is not a Hub repo id ('owner/name')")
         return self
 
     # ---- derived names, used by every stage so that they cannot disagree ----
@@ -266,6 +281,30 @@ class StudyConfig(_Strict):
         spec = LEVELS[level]
         first, *others = self.training.seeds
         return [(spec.key, first)] + [(spec.seed_key(seed), seed) for seed in others]
+
+    @property
+    def tiny_base(self) -> bool:
+        """The base is the tiny study model, built here and published with the study."""
+        return self.base_model.id == TINY_BASE
+
+    @property
+    def base_repo_id(self) -> str:
+        """Where the study publishes its own base model (the tiny study only)."""
+        return f"{self.hub.namespace}/{self.hub.repo_prefix}-base"
+
+    @property
+    def base_hub_id(self) -> str | None:
+        """The Hub repo that published adapters name as their base: the published tiny base, ``hub_id`` for a
+        local copy, the ``id`` itself when it is a Hub id; None for a local base that names no Hub repo."""
+        if self.tiny_base:
+            return self.base_repo_id
+        if self.base_model.hub_id:
+            return self.base_model.hub_id
+        return self.base_model.id if is_hub_id(self.base_model.id) else None
+
+    @property
+    def synthetic_data(self) -> bool:
+        return self.data.source == "synthetic"
 
     @property
     def model_keys(self) -> list[str]:

@@ -6,7 +6,10 @@ from hub_tools.cards.context import (
     PUBLIC_HUB,
     SAMPLE_COLUMN_DOCS,
     SUMMARY_COLUMN_DOCS,
+    StudyArtifacts,
+    base_revision,
     hub_url,
+    load_artifacts,
 )
 from hub_tools.cards.format import (
     code_block,
@@ -19,7 +22,14 @@ from hub_tools.cards.format import (
     fmt_tokens,
     md_inline,
 )
-from hub_tools.cards.render import RenderedCard, render_collection_notes, render_study_cards, write_cards
+from hub_tools.cards.render import (
+    EVAL_RESULTS_DIR,
+    RenderedCard,
+    eval_results_file,
+    render_collection_notes,
+    render_study_cards,
+    write_cards,
+)
 from hub_tools.cards.sandbox import (
     ADAPTER_TEMPLATE,
     DATASET_TEMPLATE,
@@ -27,26 +37,30 @@ from hub_tools.cards.sandbox import (
     TEMPLATES,
     default_templates_dir,
 )
-from hub_tools.cards.state import collection_url_from_state
+from hub_tools.cards.state import Published, published_from_state
 from hub_tools.cards.validate import NOTE_MAX_CHARS, all_problems, validate_all, validate_card, validate_note
 
 __all__ = [
     "ADAPTER_TEMPLATE",
     "DATASET_TEMPLATE",
+    "EVAL_RESULTS_DIR",
     "EXAMPLE_QUESTION",
     "NOTE_MAX_CHARS",
     "NOTE_TEMPLATE",
     "PLOT_FILE",
     "PUBLIC_HUB",
+    "Published",
     "SAMPLE_COLUMN_DOCS",
     "SUMMARY_COLUMN_DOCS",
     "TEMPLATES",
     "RenderedCard",
+    "StudyArtifacts",
     "all_problems",
+    "base_revision",
     "code_block",
     "code_span",
-    "collection_url_from_state",
     "default_templates_dir",
+    "eval_results_file",
     "fmt_accuracy",
     "fmt_ci",
     "fmt_delta",
@@ -54,7 +68,9 @@ __all__ = [
     "fmt_p",
     "fmt_tokens",
     "hub_url",
+    "load_artifacts",
     "md_inline",
+    "published_from_state",
     "render_collection_notes",
     "render_study_cards",
     "validate_all",

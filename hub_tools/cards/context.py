@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime, timezone
 from typing import Any
 
 from eval_artifacts.arithmetic import chain_checks_out
 from eval_artifacts.hub_dataset import SAMPLE_COLUMNS, SPLIT, SUMMARY_COLUMNS, SUMMARY_CONFIG
 from eval_artifacts.metrics import check_metrics_match_samples, read_metrics
-from eval_artifacts.records import model_level, other_seed_of, read_samples
-from eval_artifacts.rundir import RunDir, read_json
+from eval_artifacts.records import model_kind, model_level, other_seed_of, read_samples
+from eval_artifacts.rundir import RunDir, epochs_trained, iter_jsonl, read_json
 from eval_artifacts.study.config import LOCAL_ENDPOINT, StudyConfig
 from eval_artifacts.study.errors import ArtifactError
 from eval_artifacts.study.levels import LEVELS, STOCK_ANSWER_LINES, build_prompt
@@ -36,6 +35,7 @@ from hub_tools.cards.format import (
     fmt_tokens,
     model_label,
 )
+from hub_tools.cards.state import Published, published_from_state
 
 PUBLIC_HUB = "https://huggingface.co"
 # Cards link the plot relative to their repo, where publishing uploads it under this name.
@@ -57,14 +57,26 @@ class StudyArtifacts:
     stats: dict
     training: dict[int, dict]
     examples: dict[int, dict | None]
+    evaluated_with: dict[str, dict]
+    """Per model: the dtype it was evaluated in and whether the adapter was merged (eval/generation_log.jsonl)."""
+    base_build: dict | None
+    """The tiny base's build.json (``base/``); None for a Hub base."""
+    published: Published
+    """What publishing knows (Hub URL, collection slug, commits); empty before the first publish."""
     # One message per model whose metrics.json disagrees with its samples.jsonl. Collected, not raised:
     # a card rendered from such metrics must still render, so that validation can name the disagreement.
     sample_mismatches: tuple[str, ...]
 
 
-def load_artifacts(config: StudyConfig, run_dir: RunDir) -> StudyArtifacts:
+def load_artifacts(
+    config: StudyConfig, run_dir: RunDir, *, published: Published | None = None
+) -> StudyArtifacts:
     """Read metrics, summary, data stats, training.json and one example output per level, then check
     every model's metrics against its samples.
+
+    Args:
+        published: what the publish under way knows; by default what the last one recorded in
+            ``publish/state.json``, so that ``render-cards`` writes the cards that were pushed.
 
     Raises:
         ArtifactError: an artifact is missing or malformed; the message names the command that makes it.
@@ -95,12 +107,22 @@ def load_artifacts(config: StudyConfig, run_dir: RunDir) -> StudyArtifacts:
     if not run_dir.pareto_png.is_file():
         raise ArtifactError(f"the Pareto plot {run_dir.pareto_png} is missing: rerun `cot-compress evaluate`")
     examples = {level: _example(run_dir, LEVELS[level].key) for level in config.levels}
+    base_build = None
+    if config.tiny_base:
+        base_build = read_json(
+            run_dir.base_dir / "build.json",
+            what="the tiny base model",
+            hint="run `cot-compress train` to build it into the run directory",
+        )
     return StudyArtifacts(
         metrics=metrics,
         summary=summary,
         stats=stats,
         training=training,
         examples=examples,
+        evaluated_with=_evaluated_with(config, run_dir, training),
+        base_build=base_build,
+        published=published if published is not None else published_from_state(config, run_dir),
         sample_mismatches=tuple(
             mismatch for model in config.model_keys if (mismatch := _sample_mismatch(run_dir, model))
         ),
@@ -118,6 +140,27 @@ def _example(run_dir: RunDir, model: str) -> dict | None:
     return next(checked, None)
 
 
+def _evaluated_with(config: StudyConfig, run_dir: RunDir, training: dict[int, dict]) -> dict[str, dict]:
+    """Per model, how it was evaluated: the dtype and whether the adapter was merged into the base weights
+    (the fast engine merges; transformers' generate runs LoRA unmerged), from the generation log. A run dir
+    without a log states the training precision, the dtype the hf engine uses on the same device."""
+    logged: dict[str, dict] = {}
+    if run_dir.generation_log.is_file():
+        for row in iter_jsonl(run_dir.generation_log, what="generation log"):
+            logged[row["model"]] = {"dtype": row["dtype"], "merged": row.get("engine") == "fast"}
+    first = training[config.levels[0]]
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(first["precision"], "float32")
+    return {
+        model: logged.get(model, {"dtype": dtype, "merged": False}) | {"date": _date_of(run_dir.samples(model))}
+        for model in config.model_keys
+    }
+
+
+def _date_of(path) -> str:
+    """The day (UTC) a model's samples were last written: when its evaluation finished."""
+    return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).date().isoformat()
+
+
 def _sample_mismatch(run_dir: RunDir, model: str) -> str | None:
     try:
         check_metrics_match_samples(run_dir, model)
@@ -126,36 +169,36 @@ def _sample_mismatch(run_dir: RunDir, model: str) -> str | None:
     return None
 
 
-def hub_url(config: StudyConfig) -> str:
-    """The Hub the cards link: ``hub.endpoint``, or the public Hub for the embedded local one (so that the
-    cards do not change with the local server's port)."""
+def hub_url(config: StudyConfig, published: Published | None = None) -> str:
+    """The Hub the cards link: the one the study was published to; before that ``hub.endpoint``, or the public
+    Hub for the embedded local one (whose address is known only once it runs)."""
+    if published is not None and published.hub_url:
+        return published.hub_url
     return PUBLIC_HUB if config.hub.endpoint == LOCAL_ENDPOINT else config.hub.endpoint
 
 
-def collections_url(config: StudyConfig, owner_or_slug: str) -> str:
+def collections_url(hub: str, owner_or_slug: str) -> str:
     """A namespace's collections page, or one collection by its slug."""
-    return f"{hub_url(config)}/collections/{owner_or_slug}"
+    return f"{hub}/collections/{owner_or_slug}"
 
 
-def _is_hub_id(value: str) -> bool:
-    return bool(re.fullmatch(r"[\w][\w.-]*/[\w.-]*[\w]", value)) and not Path(value).exists()
-
-
-def study_links(config: StudyConfig, *, collection_url: str | None = None) -> dict[str, Any]:
+def study_links(config: StudyConfig, published: Published) -> dict[str, Any]:
     """Every URL a card may contain, by role.
 
-    The collection's URL is known only once publishing created it; until then the card links the
-    namespace's collections page and names the collection by its title.
+    The study's own repos and collection are linked on the Hub it was published to; the base model and the
+    source dataset, which the study does not publish, on the public Hub. The collection's URL is known only
+    once publishing created it; until then the card links the namespace's collections page.
     """
-    hub = hub_url(config)
-    base = config.base_model.id
+    hub = hub_url(config, published)
+    base = config.base_hub_id
+    slug = published.collection_slug
     return {
         "hub": hub,
-        "collection": collection_url or collections_url(config, config.hub.namespace),
+        "collection": collections_url(hub, slug or config.hub.namespace),
         "eval_dataset": f"{hub}/datasets/{config.eval_repo_id}",
         "adapters": {str(n): f"{hub}/{config.adapter_repo_id(n)}" for n in config.levels},
-        "base_model": f"{hub}/{base}" if _is_hub_id(base) else None,
-        "source_dataset": f"{hub}/datasets/{config.data.dataset_id}",
+        "base_model": None if base is None else f"{hub if config.tiny_base else PUBLIC_HUB}/{base}",
+        "source_dataset": None if config.synthetic_data else f"{PUBLIC_HUB}/datasets/{config.data.dataset_id}",
         "plot": PLOT_FILE,
     }
 
@@ -216,7 +259,7 @@ def _training_seeds(config: StudyConfig, art: StudyArtifacts, level: int) -> dic
     }
 
 
-def training_rows(art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
+def training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
     """The training-details table of one adapter: (setting, value), all from training.json and stats.json."""
     t = art.training[level]
     stats = art.stats["levels"][str(level)]
@@ -225,7 +268,7 @@ def training_rows(art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
     dropped = ", ".join(f"{reason}: {count}" for reason, count in sorted(stats["dropped"].items())) or "none"
     hardware = "CPU" if hw["device"] == "cpu" else f"{hw['gpu_count']} × {hw['gpu_name'] or 'CUDA GPU'}"
     rows = [
-        ("Base model", f"{t['base_model']['id']} (revision {t['base_model']['revision']})"),
+        ("Base model", f"{base_id(config)} (revision {base_revision(config, art)})"),
         (
             "Quantization",
             "4-bit NF4, double quantization (bitsandbytes)" if t["quantization"] == "nf4" else "none",
@@ -249,7 +292,7 @@ def training_rows(art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
             if t["loss"] == "completion_only"
             else "full sequence (prompt and completion)",
         ),
-        ("Epochs", fmt_plain(hp["epochs"])),
+        ("Epochs", fmt_plain(trained_epochs(t))),
         ("Steps", fmt_count(t["steps"])),
         (
             "Learning rate",
@@ -266,13 +309,45 @@ def training_rows(art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
     return rows
 
 
-def _level_info(level: int) -> dict[str, Any]:
+def trained_epochs(training: dict) -> float:
+    """Passes over the data the adapter was trained for (steps × effective batch ÷ rows), as training.json
+    records it; computed the same way for a training.json written before it did."""
+    if "epochs_trained" in training:
+        return training["epochs_trained"]
+    hp = training["hyperparameters"]
+    return epochs_trained(training["steps"], hp["effective_batch_size"], training["train_rows"])
+
+
+def base_id(config: StudyConfig) -> str:
+    """The base model as the cards name it: its Hub id (the published tiny base for the tiny study)."""
+    return config.base_hub_id or config.base_model.id
+
+
+def base_revision(config: StudyConfig, art: StudyArtifacts) -> str:
+    """The base's commit the adapters were trained on: the published tiny base's commit, or the sha training
+    resolved; the configured revision only while neither is known."""
+    if config.tiny_base:
+        return art.published.base_commit or config.base_model.revision
+    trained = art.training[config.levels[0]].get("base_model_hub") or {}
+    return trained.get("sha") or config.base_model.revision
+
+
+def dataset_revision(config: StudyConfig, art: StudyArtifacts) -> str:
+    """The source dataset's commit prepare-data resolved (data/stats.json), else the configured revision."""
+    return (art.stats.get("source") or {}).get("sha") or config.data.revision
+
+
+def _level_info(level: int, art: StudyArtifacts) -> dict[str, Any]:
+    """A level's spec, with the measured reasoning length of its training data beside the spec's label."""
     spec = LEVELS[level]
+    chars = art.stats["levels"][str(level)]["reasoning_chars"]
     return {
         "number": spec.number,
         "name": spec.name,
         "style": spec.style,
         "typical_length": spec.typical_length,
+        "measured_mean": fmt_tokens(chars["mean"]),
+        "measured_median": fmt_median(chars["median"]),
         "example": spec.example,
         "label": model_label(spec.key),
     }
@@ -299,11 +374,11 @@ def _caveats(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
     return {
         "decoding": _decoding(config, art),
         "prompt_baselines": config.eval.prompt_baselines,
-        "sweet_spot": None if spot is None else _level_info(model_level(spot)),
+        "sweet_spot": None if spot is None else _level_info(model_level(spot), art),
         "sweet_spot_tokens": None if spot is None else fmt_tokens(art.metrics[spot]["think_tokens"]["mean"]),
         "margin": fmt_accuracy(config.eval.sweet_spot_margin),
         "alpha": f"{SWEET_SPOT_ALPHA:.2f}",
-        "synthetic_data": config.data.source == "synthetic",
+        "synthetic_data": config.synthetic_data,
         "n_problems": fmt_count(n_problems),
         "truncated": [
             {
@@ -318,9 +393,7 @@ def _caveats(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
     }
 
 
-def study_context(
-    config: StudyConfig, art: StudyArtifacts, *, collection_url: str | None = None
-) -> dict[str, Any]:
+def study_context(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
     """What every template sees: the study, its links, the results, the caveats. Values are card text."""
     base = art.metrics["base"]
     return {
@@ -330,15 +403,17 @@ def study_context(
             "collection_title": config.hub.collection_title,
             "license": config.hub.license,
             "citation": config.hub.citation.strip(),
-            "base_model": config.base_model.id,
-            "base_revision": config.base_model.revision,
+            "base_model": base_id(config),
+            "base_revision": base_revision(config, art),
+            "base_is_tiny": config.tiny_base,
             "eval_repo_id": config.eval_repo_id,
+            "synthetic_data": config.synthetic_data,
             "source_dataset": config.data.dataset_id,
             "source_config": config.data.config_name,
-            "source_revision": config.data.revision,
-            "levels": [_level_info(n) | {"repo_id": config.adapter_repo_id(n)} for n in config.levels],
+            "source_revision": dataset_revision(config, art),
+            "levels": [_level_info(n, art) | {"repo_id": config.adapter_repo_id(n)} for n in config.levels],
         },
-        "links": study_links(config, collection_url=collection_url),
+        "links": study_links(config, art.published),
         "base": {
             "accuracy": fmt_accuracy(base["accuracy"]),
             "accuracy_lenient": fmt_accuracy(base["accuracy_lenient"]),
@@ -387,25 +462,29 @@ def compared_models(config: StudyConfig) -> list[str]:
     return [model for model in table_models(config) if model != "base"]
 
 
-def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int, **links: Any) -> dict[str, Any]:
+def _evaluation(art: StudyArtifacts, model: str) -> dict[str, Any]:
+    evaluated = art.evaluated_with[model]
+    return {"dtype": evaluated["dtype"], "merged": evaluated["merged"]}
+
+
+def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int) -> dict[str, Any]:
     model = LEVELS[level].key
     example = art.examples[level]
-    base_id = config.base_model.id
     return {
-        **study_context(config, art, **links),
-        "level": _level_info(level) | {"repo_id": config.adapter_repo_id(level)},
+        **study_context(config, art),
+        "level": _level_info(level, art) | {"repo_id": config.adapter_repo_id(level)},
         "headline": _headline(config, art, level),
         "results": _table(art, results_columns(art), table_models(config), model),
         "vs_base": _table(art, VS_BASE_COLUMNS, compared_models(config), model),
         "training_seeds": _training_seeds(config, art, level),
-        "training": [{"setting": s, "value": v} for s, v in training_rows(art, level)],
+        "training": [{"setting": s, "value": v} for s, v in training_rows(config, art, level)],
+        "evaluation": _evaluation(art, model),
         "example": None
         if example is None
         else {"question": example["question"], "completion": example["completion"], "id": example["id"]},
         "usage": {
-            "base_id": base_id,
-            "base_is_tiny": base_id == "tiny",
-            "base_revision": config.base_model.revision,
+            "base_id": base_id(config),
+            "base_revision": base_revision(config, art),
             "adapter_id": config.adapter_repo_id(level),
             "question": EXAMPLE_QUESTION,
             "prompt": build_prompt(level, EXAMPLE_QUESTION),
@@ -415,22 +494,63 @@ def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int, **link
     }
 
 
-def dataset_context(config: StudyConfig, art: StudyArtifacts, **links: Any) -> dict[str, Any]:
+def _produced_by(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[str, str]:
+    """Which adapter commit and base revision produced a config's rows (known once the adapters are pushed)."""
+    if model == "base":
+        adapter = "none (stock model)"
+    elif model_kind(model) == "prompt":
+        adapter = "none (stock model, prompt only)"
+    else:
+        commit = art.published.adapter_commits.get(model)
+        adapter = f"{config.adapter_repo_id(model_level(model))}@{commit}" if commit else "not published yet"
+    return {"adapter": adapter, "base": f"{base_id(config)}@{base_revision(config, art)}"}
+
+
+def dataset_context(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
     return {
-        **study_context(config, art, **links),
+        **study_context(config, art),
         "results": _table(art, results_columns(art), config.model_keys, None),
         "configs": [
-            {"name": model, "label": model_label(model), "rows": fmt_count(art.metrics[model]["n_total"])}
-            for model in config.model_keys
-        ]
-        + [
             {
-                "name": SUMMARY_CONFIG,
-                "label": "one row per model: headline metrics",
-                "rows": fmt_count(len(config.model_keys)),
+                "name": model,
+                "label": model_label(model),
+                "rows": fmt_count(art.metrics[model]["n_total"]),
+                "evaluation": _evaluation(art, model),
+                **_produced_by(config, art, model),
             }
+            for model in config.model_keys
         ],
+        "summary_config": {
+            "name": SUMMARY_CONFIG,
+            "label": "one row per model: headline metrics",
+            "rows": fmt_count(len(config.model_keys)),
+        },
+        "join_level": config.model_keys[-1],
         "columns": [{"name": name, "doc": doc} for name, doc in SAMPLE_COLUMN_DOCS.items()],
         "summary_columns": [{"name": name, "doc": doc} for name, doc in SUMMARY_COLUMN_DOCS.items()],
         "split": SPLIT,
+    }
+
+
+def base_context(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
+    """The tiny base's card: what it is, how it was built (build.json), how to load it."""
+    build = art.base_build or {}
+    tiny = build.get("tiny_model", {})
+    curve = build.get("loss_curve") or []
+    return {
+        **study_context(config, art),
+        "model": {
+            "repo_id": config.base_repo_id,
+            "parameters": fmt_count(build.get("parameters", 0)),
+            "vocab_size": fmt_count(build.get("vocab_size", 0)),
+            "layers": fmt_count(tiny.get("num_layers", 0)),
+            "hidden_size": fmt_count(tiny.get("hidden_size", 0)),
+            "pretrain_rows": fmt_count(build.get("pretrain_rows", 0)),
+            "pretrain_steps": fmt_count(tiny.get("pretrain_steps", 0)),
+            "loss_first": fmt_tokens(curve[0]["loss"]) if curve else None,
+            "loss_last": fmt_tokens(curve[-1]["loss"]) if curve else None,
+            "wall_time_s": fmt_tokens(build.get("wall_time_s", 0.0)),
+            "dtype": art.evaluated_with["base"]["dtype"],
+        },
+        "usage": {"question": EXAMPLE_QUESTION, "max_new_tokens": config.eval.max_new_tokens},
     }

@@ -6,21 +6,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
+import yaml
+from huggingface_hub import (
+    DatasetCard,
+    DatasetCardData,
+    EvalResult,
+    EvalResultEntry,
+    ModelCard,
+    ModelCardData,
+    eval_result_entries_to_yaml,
+)
 
 from eval_artifacts.hub_dataset import SPLIT, SUMMARY_CONFIG
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.levels import LEVELS
-from hub_tools.cards.context import StudyArtifacts, adapter_context, dataset_context, load_artifacts
-from hub_tools.cards.format import plain_text
+from hub_tools.cards.context import (
+    StudyArtifacts,
+    adapter_context,
+    base_context,
+    dataset_context,
+    dataset_revision,
+    load_artifacts,
+    study_links,
+)
+from hub_tools.cards.format import fmt_accuracy, plain_text
 from hub_tools.cards.sandbox import (
     ADAPTER_TEMPLATE,
+    BASE_TEMPLATE,
     DATASET_TEMPLATE,
     NOTE_TEMPLATE,
     make_environment,
     render_template,
 )
+
+EVAL_RESULTS_DIR = ".eval_results"
 
 
 @dataclass(frozen=True)
@@ -35,32 +55,85 @@ class RenderedCard:
         return self.repo_id.split("/", 1)[1]
 
 
+def eval_dataset(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[str, str | None]:
+    """Where a model's results live: GSM8K's test split at its pinned commit, or for synthetic problems the
+    study's own eval dataset (its config for the model), which is not a benchmark."""
+    if config.synthetic_data:
+        return {"id": config.eval_repo_id, "name": config.eval_repo_id.split("/")[1], "config": model,
+                "task_id": model, "revision": None}
+    return {"id": config.data.dataset_id, "name": "GSM8K", "config": config.data.config_name,
+            "task_id": config.data.task_id, "revision": dataset_revision(config, art)}
+
+
 def adapter_card_data(config: StudyConfig, art: StudyArtifacts, level: int) -> ModelCardData:
-    accuracy = art.metrics[LEVELS[level].key]["accuracy"]
+    model = LEVELS[level].key
+    accuracy = art.metrics[model]["accuracy"]
+    dataset = eval_dataset(config, art, model)
+    topic = [] if config.synthetic_data else ["gsm8k"]
     return ModelCardData(
-        base_model=config.base_model.id,
+        base_model=config.base_hub_id,
         base_model_relation="adapter",
         library_name="peft",
         pipeline_tag="text-generation",
-        datasets=[config.data.dataset_id, config.eval_repo_id],
+        # The training data only: synthetic problems are on no Hub, so there is none to name.
+        datasets=None if config.synthetic_data else [config.data.dataset_id],
         license=config.hub.license,
         language=["en"],
-        tags=["lora", "peft", "chain-of-thought", "cot-compression", "math", "gsm8k", f"level-{level}"],
+        tags=["lora", "peft", "chain-of-thought", "cot-compression", "math", *topic, f"level-{level}"],
         model_name=config.adapter_repo_id(level),
         eval_results=[
             EvalResult(
                 task_type="text-generation",
-                dataset_type=config.data.dataset_id,
-                dataset_name="GSM8K",
-                dataset_config=config.data.config_name,
+                dataset_type=dataset["id"],
+                dataset_name=dataset["name"],
+                dataset_config=dataset["config"],
                 dataset_split=SPLIT,
-                dataset_revision=config.data.revision,
+                dataset_revision=dataset["revision"],
                 metric_type="accuracy",
                 metric_value=accuracy,
                 metric_name="Accuracy",
             )
         ],
     )
+
+
+def eval_result_entries(config: StudyConfig, art: StudyArtifacts, level: int) -> list[EvalResultEntry]:
+    """The adapter's ``.eval_results/`` entry: its accuracy on the benchmark (or the study's own eval dataset
+    for synthetic problems), with the eval dataset as its source and the setup in the notes."""
+    model = LEVELS[level].key
+    m = art.metrics[model]
+    dataset = eval_dataset(config, art, model)
+    t = art.training[level]
+    links = study_links(config, art.published)
+    evaluated = art.evaluated_with[model]
+    seeds = ", ".join(str(seed) for seed in m["seeds"])
+    notes = (
+        f"Level {level} ({LEVELS[level].name}) LoRA adapter; accuracy = correct final answers / answers "
+        f"({m['n_correct']} / {m['n_total']}), graded strictly against the reference answer (only a finished "
+        f"final answer counts; lenient accuracy {fmt_accuracy(m['accuracy_lenient'])}); greedy decoding, at most "
+        f"{config.eval.max_new_tokens} new tokens, {evaluated['dtype']}"
+        f"{', adapter merged' if evaluated['merged'] else ''}; eval seed(s) {seeds}; training seed {t['seed']}"
+    )
+    return [
+        EvalResultEntry(
+            dataset_id=dataset["id"],
+            task_id=dataset["task_id"],
+            dataset_revision=dataset["revision"],
+            value=m["accuracy"],
+            date=evaluated["date"],
+            source_url=links["eval_dataset"],
+            source_name="Every generated answer",
+            notes=notes,
+        )
+    ]
+
+
+def eval_results_file(config: StudyConfig, art: StudyArtifacts, level: int) -> tuple[str, str]:
+    """``(path in repo, YAML text)`` of the adapter's eval-results file, from huggingface_hub's serializer."""
+    dataset = eval_dataset(config, art, LEVELS[level].key)
+    path = f"{EVAL_RESULTS_DIR}/{dataset['id'].split('/')[1]}.yaml"
+    entries = eval_result_entries_to_yaml(eval_result_entries(config, art, level))
+    return path, yaml.safe_dump(entries, sort_keys=False, allow_unicode=True)
 
 
 def dataset_card_data(config: StudyConfig, art: StudyArtifacts) -> DatasetCardData:
@@ -72,12 +145,23 @@ def dataset_card_data(config: StudyConfig, art: StudyArtifacts) -> DatasetCardDa
         pretty_name=f"{config.title}: evaluation outputs",
         task_categories=["text-generation"],
         size_categories=[size],
-        source_datasets=[config.data.dataset_id],
-        tags=["chain-of-thought", "cot-compression", "gsm8k", "evaluation"],
+        source_datasets=None if config.synthetic_data else [config.data.dataset_id],
+        tags=["chain-of-thought", "cot-compression", *([] if config.synthetic_data else ["gsm8k"]), "evaluation"],
         configs=[
             {"config_name": name, "data_files": [{"split": SPLIT, "path": f"{name}/{SPLIT}-*"}]}
             for name in [*config.model_keys, SUMMARY_CONFIG]
         ],
+    )
+
+
+def base_card_data(config: StudyConfig) -> ModelCardData:
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=config.hub.license,
+        language=["en"],
+        tags=["qwen3", "tiny", "cot-compression", "math", "synthetic-data"],
+        model_name=config.base_repo_id,
     )
 
 
@@ -94,15 +178,14 @@ def render_study_cards(
     run_dir: RunDir,
     *,
     templates_dir: Path | None = None,
-    collection_url: str | None = None,
     artifacts: StudyArtifacts | None = None,
 ) -> dict[str, RenderedCard]:
-    """Render every adapter card and the eval dataset card, keyed by repo name (``{prefix}-l4``).
+    """Render the tiny base's card (tiny study), every adapter card and the eval dataset card, keyed by repo
+    name (``{prefix}-l4``).
 
     Args:
-        collection_url: the collection's URL when publishing already created it (``publish/state.json``);
-            otherwise cards link the namespace's collections page.
-        artifacts: ``run_dir``'s artifacts when the caller already loaded them; read from ``run_dir`` if not.
+        artifacts: ``run_dir``'s artifacts when the caller already loaded them (with what the publish under way
+            knows: ``load_artifacts(published=...)``); read from ``run_dir`` if not.
 
     Raises:
         ArtifactError: an artifact is missing or malformed. TemplateError: a template is missing, misspells
@@ -111,13 +194,15 @@ def render_study_cards(
     art = artifacts if artifacts is not None else load_artifacts(config, run_dir)
     env = make_environment(templates_dir)
     cards: dict[str, RenderedCard] = {}
+    if config.tiny_base:
+        body = render_template(env, BASE_TEMPLATE, base_context(config, art))
+        card = assemble(base_card_data(config), body, repo_id=config.base_repo_id)
+        cards[card.repo_name] = card
     for level in config.levels:
-        body = render_template(
-            env, ADAPTER_TEMPLATE, adapter_context(config, art, level, collection_url=collection_url)
-        )
+        body = render_template(env, ADAPTER_TEMPLATE, adapter_context(config, art, level))
         card = assemble(adapter_card_data(config, art, level), body, repo_id=config.adapter_repo_id(level))
         cards[card.repo_name] = card
-    body = render_template(env, DATASET_TEMPLATE, dataset_context(config, art, collection_url=collection_url))
+    body = render_template(env, DATASET_TEMPLATE, dataset_context(config, art))
     card = assemble(dataset_card_data(config, art), body, repo_id=config.eval_repo_id)
     cards[card.repo_name] = card
     return cards
@@ -130,7 +215,7 @@ def render_collection_notes(
     templates_dir: Path | None = None,
     artifacts: StudyArtifacts | None = None,
 ) -> dict[str, str]:
-    """One note per collection item (L1…Ln, then the eval dataset), keyed by repo id, each one line.
+    """One note per collection item (the tiny base, L1…Ln, then the eval dataset), keyed by repo id, each one line.
 
     Args:
         artifacts: ``run_dir``'s artifacts when the caller already loaded them; read from ``run_dir`` if not.
@@ -138,6 +223,9 @@ def render_collection_notes(
     art = artifacts if artifacts is not None else load_artifacts(config, run_dir)
     env = make_environment(templates_dir)
     notes: dict[str, str] = {}
+    if config.tiny_base:
+        context = base_context(config, art) | {"item": "base", "level": None, "headline": None}
+        notes[config.base_repo_id] = plain_text(render_template(env, NOTE_TEMPLATE, context))
     for level in config.levels:
         context = adapter_context(config, art, level) | {"item": "adapter"}
         notes[config.adapter_repo_id(level)] = plain_text(render_template(env, NOTE_TEMPLATE, context))

@@ -17,7 +17,9 @@ from hub_tools.cards.format import code_block, code_span, md_inline, plain_text
 ADAPTER_TEMPLATE = "adapter_card.md.j2"
 DATASET_TEMPLATE = "eval_dataset_card.md.j2"
 NOTE_TEMPLATE = "collection_note.txt.j2"
-TEMPLATES = (ADAPTER_TEMPLATE, DATASET_TEMPLATE, NOTE_TEMPLATE)
+BASE_TEMPLATE = "base_card.md.j2"
+"""The tiny study's base model card (the tiny study publishes its base as ``{prefix}-base``)."""
+TEMPLATES = (ADAPTER_TEMPLATE, DATASET_TEMPLATE, NOTE_TEMPLATE, BASE_TEMPLATE)
 
 
 def default_templates_dir() -> Path:

@@ -22,6 +22,8 @@ from hub_tools.cards.context import (
     PLOT_FILE,
     StudyArtifacts,
     adapter_context,
+    base_context,
+    base_id,
     collections_url,
     compared_models,
     dataset_context,
@@ -44,7 +46,7 @@ from hub_tools.cards.format import (
     label_model,
     model_label,
 )
-from hub_tools.cards.render import RenderedCard
+from hub_tools.cards.render import RenderedCard, eval_dataset
 
 # The Hub refuses a longer collection item note.
 NOTE_MAX_CHARS = 500
@@ -129,22 +131,20 @@ def _parse_body(body: str) -> _Parsed:
     return parsed
 
 
-def _allowed(config: StudyConfig) -> tuple[set[str], list[str]]:
-    """Repo ids and URL prefixes that count as inside the study."""
-    links = study_links(config)
-    repo_ids = {config.eval_repo_id, config.data.dataset_id, config.base_model.id}
+def _allowed(config: StudyConfig, art: StudyArtifacts) -> tuple[set[str], list[str], str]:
+    """Repo ids and URL prefixes that count as inside the study, and its collections page."""
+    links = study_links(config, art.published)
+    repo_ids = {config.eval_repo_id, config.data.dataset_id, base_id(config)}
     repo_ids |= {config.adapter_repo_id(n) for n in config.levels}
-    exact = [links["eval_dataset"], links["source_dataset"], *links["adapters"].values()]
-    if links["base_model"]:
-        exact.append(links["base_model"])
-    return repo_ids, exact
+    exact = [links["eval_dataset"], *links["adapters"].values()]
+    exact += [link for link in (links["source_dataset"], links["base_model"]) if link]
+    return repo_ids, exact, collections_url(links["hub"], config.hub.namespace).rsplit("/", 1)[0]
 
 
-def _link_problem(url: str, config: StudyConfig, exact: list[str]) -> str | None:
+def _link_problem(url: str, config: StudyConfig, exact: list[str], collections: str) -> str | None:
     if url == PLOT_FILE:
         return None
-    collections = collections_url(config, config.hub.namespace)
-    if url == collections or url.startswith(collections + "/"):
+    if url.startswith(collections + "/"):
         return None
     if any(url == prefix or url.startswith(prefix + "/") for prefix in exact):
         return None
@@ -236,21 +236,21 @@ def _check_text(body: str, parsed: _Parsed) -> list[str]:
     return problems
 
 
-def _check_links(parsed: _Parsed, config: StudyConfig) -> list[str]:
-    repo_ids, exact = _allowed(config)
-    problems = [p for url in parsed.links if (p := _link_problem(url, config, exact))]
+def _check_links(parsed: _Parsed, config: StudyConfig, art: StudyArtifacts) -> list[str]:
+    repo_ids, exact, collections = _allowed(config, art)
+    problems = [p for url in parsed.links if (p := _link_problem(url, config, exact, collections))]
     for span in parsed.code_spans:
         if _REPO_ID.match(span) and span not in repo_ids:
             problems.append(f"repo id {span} is not a repo of this study")
     return problems
 
 
-def _check_snippets(parsed: _Parsed, config: StudyConfig, repo_id: str) -> list[str]:
+def _check_snippets(parsed: _Parsed, config: StudyConfig, art: StudyArtifacts, repo_id: str) -> list[str]:
     """Every python block parses and names only study repos; the first one loads this card's repo."""
     snippets = [code for info, code in parsed.fences if info == "python"]
     if not snippets:
         return ["the card has no python usage snippet"]
-    repo_ids, exact = _allowed(config)
+    repo_ids, exact, collections = _allowed(config, art)
     problems: list[str] = []
     for number, snippet in enumerate(snippets, start=1):
         try:
@@ -262,7 +262,7 @@ def _check_snippets(parsed: _Parsed, config: StudyConfig, repo_id: str) -> list[
             n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
         ]
         for value in strings:
-            if _URL.fullmatch(value) and _link_problem(value, config, exact):
+            if _URL.fullmatch(value) and _link_problem(value, config, exact, collections):
                 problems.append(f"python snippet {number} links {value}, outside the study")
             elif _REPO_ID.match(value) and value not in repo_ids:
                 problems.append(f"python snippet {number} names repo {value}, not a repo of this study")
@@ -271,13 +271,12 @@ def _check_snippets(parsed: _Parsed, config: StudyConfig, repo_id: str) -> list[
     return problems
 
 
-def _check_model_metadata(
-    card: ModelCard, config: StudyConfig, level: int, metrics: dict[str, dict]
-) -> list[str]:
+def _check_model_metadata(card: ModelCard, config: StudyConfig, level: int, art: StudyArtifacts) -> list[str]:
     data = card.data.to_dict()
-    problems = [f"front matter lacks {key!r}" for key in REQUIRED_MODEL_KEYS if not data.get(key)]
+    required = [k for k in REQUIRED_MODEL_KEYS if k != "datasets" or not config.synthetic_data]
+    problems = [f"front matter lacks {key!r}" for key in required if not data.get(key)]
     wanted = {
-        "base_model": config.base_model.id,
+        "base_model": config.base_hub_id,
         "base_model_relation": "adapter",
         "library_name": "peft",
         "pipeline_tag": "text-generation",
@@ -288,14 +287,16 @@ def _check_model_metadata(
         for k, v in wanted.items()
         if data.get(k) and data.get(k) != v
     ]
-    repo_ids, _ = _allowed(config)
+    training_data = set() if config.synthetic_data else {config.data.dataset_id}
     problems += [
-        f"front matter dataset {d} is not a dataset of this study"
+        f"front matter dataset {d} is not the study's training data"
         for d in data.get("datasets") or []
-        if d not in repo_ids
+        if d not in training_data
     ]
     results = card.data.eval_results or []
-    accuracy = metrics[LEVELS[level].key]["accuracy"]
+    model = LEVELS[level].key
+    accuracy = art.metrics[model]["accuracy"]
+    dataset = eval_dataset(config, art, model)
     if not results:
         problems.append("front matter model-index has no eval results")
     for result in results:
@@ -304,10 +305,10 @@ def _check_model_metadata(
             problems.append(
                 f"{where} is {result.metric_value!r}, metrics.json gives {accuracy!r} ({fmt_accuracy(accuracy)})"
             )
-        if result.dataset_type != config.data.dataset_id or result.dataset_revision != config.data.revision:
+        if result.dataset_type != dataset["id"] or result.dataset_revision != dataset["revision"]:
             problems.append(
                 f"{where} names dataset {result.dataset_type}@{result.dataset_revision}, expected "
-                f"{config.data.dataset_id}@{config.data.revision}"
+                f"{dataset['id']}@{dataset['revision']}"
             )
     return problems
 
@@ -389,8 +390,12 @@ def validate_card(
         return [str(error)]
     parsed = _parse_body(card.text)
     problems += _check_text(card.text, parsed)
-    problems += _check_links(parsed, config)
-    problems += _check_snippets(parsed, config, rendered.repo_id)
+    problems += _check_links(parsed, config, art)
+    problems += _check_snippets(parsed, config, art, rendered.repo_id)
+    if config.tiny_base and rendered.repo_id == config.base_repo_id:
+        data = card.data.to_dict()
+        problems += [f"front matter lacks {key!r}" for key in ("license", "library_name") if not data.get(key)]
+        return problems + _check_numbers(parsed, base_context(config, art), set())
     columns = results_columns(art)
     checked: set[int] = set()
     found_results = False
@@ -398,11 +403,11 @@ def validate_card(
         level = next((n for n in config.levels if config.adapter_repo_id(n) == rendered.repo_id), None)
         if level is None:
             return problems + [f"{rendered.repo_id} is not an adapter repo of this study"]
-        problems += _check_model_metadata(card, config, level, art.metrics)
+        problems += _check_model_metadata(card, config, level, art)
         problems += _check_training_seeds(card.text, config, art, level)
         problems += _check_vs_prompt(card.text, art.metrics[LEVELS[level].key])
         context = adapter_context(config, art, level)
-        training = dict(training_rows(art, level))
+        training = dict(training_rows(config, art, level))
         shown = table_models(config)
         seed_models = [model for model, _ in config.adapter_models(level)]
     else:
@@ -483,6 +488,8 @@ def validate_note(
                 problems.append(f"the note does not state its {want} {shown}")
     elif repo_id == config.eval_repo_id:
         context = dataset_context(config, art)
+    elif config.tiny_base and repo_id == config.base_repo_id:
+        context = base_context(config, art)
     else:
         return [f"{repo_id} is not a repo of this study"]
     parsed = _Parsed([], [text], [], [], [], [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,9 +19,9 @@ from hub_tools.publishing.apply import RepoResult, apply_repo, branch_url, finis
 from hub_tools.publishing.plan import RepoPlan, plan_repo
 from hub_tools.publishing.restore import restore_run_dir_from_hub
 from hub_tools.publishing.spec import (
-    README,
+    MAIN,
     RepoSpec,
-    card_collection_url,
+    adapter_branches,
     check_artifacts,
     readme_specs,
     render_cards,
@@ -204,13 +205,17 @@ def publish(
             title=config.hub.collection_title,
             slug=state.collection_slug,
         )
-        rendered, notes = render_cards(
-            config,
-            run_dir,
-            templates_dir=options.templates_dir,
-            collection_url=card_collection_url(config, current.slug if current else None),
+        recorded = cards.published_from_state(config, run_dir)  # what the last publish here named
+        published = cards.Published(
+            hub_url=target.endpoint,
+            collection_slug=current.slug if current else None,
+            base_commit=recorded.base_commit if recorded.hub_url == target.endpoint else None,
+            adapter_commits=recorded.adapter_commits if recorded.hub_url == target.endpoint else {},
         )
-        specs = _specs(config, run_dir, rendered, scope)
+        rendered, notes, art = render_cards(
+            config, run_dir, templates_dir=options.templates_dir, published=published
+        )
+        specs = _specs(config, run_dir, rendered, art, scope)
 
         # -- plan (reads only)
         owned = {spec.key: set() if scope.readmes_only else state.owned(spec.key) for spec in specs}
@@ -227,6 +232,11 @@ def publish(
             )
             for spec in specs
         ]
+        # The cards pin the base's commit and name the adapters' commits: those the Hub holds now, until this
+        # publish makes new ones.
+        heads = _heads(config, plans, published)
+        if heads != published:
+            rendered, published = _rerender(config, run_dir, plans, heads, scope=scope, owned=owned, options=options)
         collection_plan = (
             collections.plan_collection(config, notes, current=current, notes_only=scope.readmes_only)
             if scope.collection
@@ -246,17 +256,33 @@ def publish(
             and not collection_plan.notes_only
             and not options.create_pr
         ):
-            rendered = _collection_first(
-                target, config, run_dir, collection_plan, plans, state=state, owned=owned, options=options
+            if collection_plan.current is None:
+                collection_plan.current = collections.create_collection(target, collection_plan)
+                maybe_crash("publish.collection_created")  # on the Hub, not yet in state.json
+            else:
+                collection_plan.current = collections.retitle_collection(target, collection_plan)
+            state.set_collection(collection_plan.slug, collection_plan.title)
+            published = dataclasses.replace(published, collection_slug=collection_plan.slug)
+            rendered, published = _rerender(
+                config, run_dir, plans, published, scope=scope, owned=owned, options=options
             )
         write_pushed_cards(run_dir, rendered, specs)
-        for plan in plans:  # one commit (or PR) per changed repo
+        for index, plan in enumerate(plans):  # one commit (or PR) per changed repo, in order
             result = apply_repo(target, plan, create_pr=options.create_pr)
             maybe_crash("publish.after_commit", plan.spec.repo_id.split("/")[1])  # state.json not updated yet
             record(state, plan, result, readme_only=scope.readmes_only)
             state.save()
             report.repos.append(result)
             say(result.line())
+            if result.commit:  # later cards name this commit (on a PR, the PR's head)
+                plan.head = result.commit
+                later = _heads(config, plans, published)
+                if later != published:
+                    rendered, published = _rerender(
+                        config, run_dir, plans[index + 1 :], later, scope=scope, owned=owned, options=options
+                    )
+                    write_pushed_cards(run_dir, rendered, specs)
+        state.set_published(published.to_json())
         if collection_plan is not None:
             finish_collection(target, collection_plan, state=state, create_pr=options.create_pr, say=say)
             report.collection_slug = collection_plan.slug
@@ -274,43 +300,55 @@ def publish(
         return report
 
 
-def _collection_first(
-    target: HubTarget,
+def _heads(config: StudyConfig, plans: list[RepoPlan], published: cards.Published) -> cards.Published:
+    """``published`` with the tiny base's and every adapter's commit (each seed's on its own branch) as the
+    plans last saw them."""
+    heads = {(plan.spec.repo_id, plan.spec.branch): plan.head for plan in plans if plan.head}
+    commits = {
+        model: heads[(config.adapter_repo_id(level), branch)]
+        for level in config.levels
+        for (model, _), branch in zip(config.adapter_models(level), adapter_branches(config, level), strict=True)
+        if (config.adapter_repo_id(level), branch) in heads
+    }
+    base = heads.get((config.base_repo_id, MAIN)) if config.tiny_base else None
+    return dataclasses.replace(
+        published,
+        base_commit=base or published.base_commit,
+        adapter_commits={**published.adapter_commits, **commits},
+    )
+
+
+def _rerender(
     config: StudyConfig,
     run_dir: RunDir,
-    collection_plan: collections.CollectionPlan,
     plans: list[RepoPlan],
+    published: cards.Published,
     *,
-    state: PublishState,
+    scope: Scope,
     owned: dict[str, set[str]],
     options: PublishOptions,
-) -> dict[str, cards.RenderedCard]:
-    """Create or retitle the collection, then re-render the cards to link it and re-diff each plan's README.
-
-    Returns the re-rendered cards.
-    """
-    if collection_plan.current is None:
-        collection_plan.current = collections.create_collection(target, collection_plan)
-        maybe_crash("publish.collection_created")  # on the Hub, not yet in state.json
-    else:
-        collection_plan.current = collections.retitle_collection(target, collection_plan)
-    state.set_collection(collection_plan.slug, collection_plan.title)
-    url = card_collection_url(config, collection_plan.slug)
-    rendered, _ = render_cards(config, run_dir, templates_dir=options.templates_dir, collection_url=url)
-    readmes = {spec.key: spec.files[README] for spec in readme_specs(config, rendered=rendered)}
+) -> tuple[dict[str, cards.RenderedCard], cards.Published]:
+    """Render the cards again with what publishing learnt (the collection's slug, new commits) and re-diff
+    ``plans`` (those not applied yet) against the new files. Returns the cards and ``published``."""
+    rendered, _, art = render_cards(config, run_dir, templates_dir=options.templates_dir, published=published)
+    wanted = {spec.key: spec for spec in _specs(config, run_dir, rendered, art, scope)}
     for plan in plans:
-        plan.spec.files[README] = readmes[plan.spec.key]
+        plan.spec.files = wanted[plan.spec.key].files
         if plan.branch_exists:  # a branch still to create adds every file anyway
             plan.diff(owned[plan.spec.key])
-    return rendered
+    return rendered, published
 
 
 def _specs(
-    config: StudyConfig, run_dir: RunDir, rendered: dict[str, cards.RenderedCard], scope: Scope
+    config: StudyConfig,
+    run_dir: RunDir,
+    rendered: dict[str, cards.RenderedCard],
+    art: cards.StudyArtifacts,
+    scope: Scope,
 ) -> list[RepoSpec]:
     if scope.readmes_only:
         return readme_specs(config, rendered=rendered)
-    return repo_specs(config, run_dir, rendered=rendered, adapters=scope.adapters)
+    return repo_specs(config, run_dir, rendered=rendered, artifacts=art, adapters=scope.adapters)
 
 
 def _describe_dry_run(

@@ -25,7 +25,7 @@ def restore_run_dir_from_hub(
 
     Samples come from the eval dataset's configs (metrics, summary and plot are recomputed from them, never
     trusted from the Hub); training.json and the data stats, which the dataset cannot hold, come from the
-    adapter repos.
+    adapter repos, and the tiny base's build.json from its repo.
 
     Args:
         target (`HubTarget`):
@@ -76,6 +76,8 @@ def restore_run_dir_from_hub(
         for (model, _), branch in zip(config.adapter_models(n), adapter_branches(config, n), strict=True)
     ]
     downloads.append((config.adapter_repo_id(config.levels[0]), MAIN, DATA_STATS, run_dir.data_stats))
+    if config.tiny_base:  # how the published base was built, which its card states
+        downloads.append((config.base_repo_id, MAIN, "build.json", run_dir.base_dir / "build.json"))
     for adapter_repo, branch, name, destination in downloads:
         try:
             path = target.api.hf_hub_download(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +16,13 @@ from eval_artifacts.hub_dataset import SPLIT, SUMMARY_CONFIG, build_eval_dataset
 from eval_artifacts.metrics import check_metrics_match_samples
 from eval_artifacts.rundir import ADAPTER_FILES, RunDir
 from eval_artifacts.study.config import StudyConfig
-from eval_artifacts.study.errors import ArtifactError
+from eval_artifacts.study.errors import ArtifactError, ConfigError
 from eval_artifacts.study.levels import LEVELS
 from hub_tools import cards
 from hub_tools import collection as collections
 
 PUSHED_ADAPTER_FILES = (*ADAPTER_FILES, "training.json")  # the weights and how they were trained
+ADAPTER_CONFIG = "adapter_config.json"  # pushed rewritten: see published_adapter_config
 # The study's data stats travel with every adapter: with training.json they are all an adapter card needs
 # beyond the eval dataset, so `regenerate-cards --from-hub` can rebuild the cards from the Hub alone.
 DATA_STATS = "data_stats.json"
@@ -114,21 +116,48 @@ def _readme(text: str) -> LocalFile:
     return LocalFile.from_bytes(README, text.encode())
 
 
+def published_adapter_config(config: StudyConfig, art: cards.StudyArtifacts, path: Path) -> bytes:
+    """The adapter's ``adapter_config.json`` as published: its base named by Hub id and pinned revision, never
+    the local path training loaded it from, so that ``AutoPeftModelForCausalLM`` loads it anywhere."""
+    from peft import PeftConfig
+
+    adapter_config = PeftConfig.from_json_file(str(path))
+    adapter_config["base_model_name_or_path"] = config.base_hub_id
+    adapter_config["revision"] = cards.base_revision(config, art)
+    return (json.dumps(adapter_config, indent=2, sort_keys=True) + "\n").encode()
+
+
 def _adapter_specs(
-    config: StudyConfig, run_dir: RunDir, level: int, readme: str, plot: LocalFile
+    config: StudyConfig,
+    run_dir: RunDir,
+    art: cards.StudyArtifacts,
+    level: int,
+    readme: str,
+    plot: LocalFile,
 ) -> list[RepoSpec]:
     """The level's repo: the first training seed's adapter on ``main``, each other seed's on ``seed-<s>``.
 
-    Every branch carries the same card (which lists every seed's numbers and branch), plot and data stats.
+    Every branch carries the same card (which lists every seed's numbers and branch), plot and data stats;
+    the eval-results file, which the Hub reads from ``main``, only on ``main``: it scores that adapter.
     """
     specs = []
     for model, seed in config.adapter_models(level):
-        files = {name: LocalFile.from_path(name, run_dir.adapter_dir(model) / name) for name in PUSHED_ADAPTER_FILES}
+        directory = run_dir.adapter_dir(model)
+        files = {name: LocalFile.from_path(name, directory / name) for name in PUSHED_ADAPTER_FILES}
+        files[ADAPTER_CONFIG] = LocalFile.from_bytes(
+            ADAPTER_CONFIG, published_adapter_config(config, art, directory / ADAPTER_CONFIG)
+        )
         files[DATA_STATS] = LocalFile.from_path(DATA_STATS, run_dir.data_stats)
         files[README] = _readme(readme)
         files[cards.PLOT_FILE] = plot
-        branch = MAIN if model == LEVELS[level].key else seed_branch(seed)
-        message = f"Publish {config.name} level {level} (training seed {seed}): adapter, card and plot"
+        if model == LEVELS[level].key:
+            branch = MAIN
+            results_path, results_yaml = cards.eval_results_file(config, art, level)
+            files[results_path] = LocalFile.from_bytes(results_path, results_yaml.encode())
+            message = f"Publish {config.name} level {level}: adapter, card, plot and eval results"
+        else:
+            branch = seed_branch(seed)
+            message = f"Publish {config.name} level {level} (training seed {seed}): adapter, card and plot"
         specs.append(RepoSpec(config.adapter_repo_id(level), "model", files, message, branch=branch))
     return specs
 
@@ -136,6 +165,18 @@ def _adapter_specs(
 def adapter_branches(config: StudyConfig, level: int) -> list[str]:
     """The branches of the level's repo that the study publishes: ``main`` first."""
     return [MAIN] + [seed_branch(seed) for _, seed in config.adapter_models(level)[1:]]
+
+
+def _base_spec(config: StudyConfig, run_dir: RunDir, readme: str, plot: LocalFile) -> RepoSpec:
+    """The tiny base as built (weights, tokenizer, chat template, build.json), its card and the study's plot."""
+    files = {
+        path.name: LocalFile.from_path(path.name, path)
+        for path in sorted(run_dir.base_dir.iterdir())
+        if path.is_file() and path.name != README
+    }
+    files[README] = _readme(readme)
+    files[cards.PLOT_FILE] = plot
+    return RepoSpec(config.base_repo_id, "model", files, f"Publish {config.name} base model, card and plot")
 
 
 def _eval_spec(config: StudyConfig, run_dir: RunDir, readme: str, plot: LocalFile) -> RepoSpec:
@@ -162,10 +203,17 @@ def _readmes(config: StudyConfig, rendered: dict[str, cards.RenderedCard]) -> di
 
 
 def repo_specs(
-    config: StudyConfig, run_dir: RunDir, *, rendered: dict[str, cards.RenderedCard], adapters: bool
+    config: StudyConfig,
+    run_dir: RunDir,
+    *,
+    rendered: dict[str, cards.RenderedCard],
+    artifacts: cards.StudyArtifacts,
+    adapters: bool,
 ) -> list[RepoSpec]:
     """
-    The wanted files of every repo a publish pushes: each adapter repo (with ``adapters``), then the eval dataset.
+    The wanted files of every repo a publish pushes: the tiny base and each adapter repo (with ``adapters``),
+    then the eval dataset. The order is the order of the commits: the adapters pin the base's commit, and the
+    eval dataset names the adapters' commits.
 
     Args:
         config (`StudyConfig`):
@@ -174,19 +222,25 @@ def repo_specs(
             The run directory the files are read from (the eval dataset's shards are built from its samples).
         rendered (`dict[str, RenderedCard]`):
             The rendered cards (``render_cards``), pushed as each repo's README.
+        artifacts (`StudyArtifacts`):
+            The artifacts the cards were rendered from (the base revision and eval results come from them).
         adapters (`bool`):
             Whether the adapter repos are part of the push (``publish``) or only the eval dataset (``push-eval``).
 
     Returns:
-        `list[RepoSpec]`: adapters first in level order (each repo's ``main``, then its ``seed-<s>``
-        branches), then the eval dataset.
+        `list[RepoSpec]`: the base (tiny study), adapters in level order (each repo's ``main``, then its
+        ``seed-<s>`` branches), then the eval dataset.
     """
     readmes = _readmes(config, rendered)
     plot = LocalFile.from_path(cards.PLOT_FILE, run_dir.pareto_png)
     specs = []
+    if adapters and config.tiny_base:
+        specs.append(_base_spec(config, run_dir, readmes[config.base_repo_id], plot))
     if adapters:
         for level in config.levels:
-            specs += _adapter_specs(config, run_dir, level, readmes[config.adapter_repo_id(level)], plot)
+            specs += _adapter_specs(
+                config, run_dir, artifacts, level, readmes[config.adapter_repo_id(level)], plot
+            )
     specs.append(_eval_spec(config, run_dir, readmes[config.eval_repo_id], plot))
     return specs
 
@@ -202,11 +256,12 @@ def readme_specs(config: StudyConfig, *, rendered: dict[str, cards.RenderedCard]
             The rendered cards (``render_cards``).
 
     Returns:
-        `list[RepoSpec]`: one per branch (adapters in level order, each repo's ``main`` then its seed
-        branches, then the eval dataset), each with only a README.
+        `list[RepoSpec]`: one per branch (the tiny base, adapters in level order, each repo's ``main`` then its
+        seed branches, then the eval dataset), each with only a README.
     """
     readmes = _readmes(config, rendered)
-    ids = [
+    ids = [(config.base_repo_id, "model", MAIN)] if config.tiny_base else []
+    ids += [
         (config.adapter_repo_id(level), "model", branch)
         for level in config.levels
         for branch in adapter_branches(config, level)
@@ -235,6 +290,15 @@ def check_artifacts(config: StudyConfig, run_dir: RunDir, *, adapters: bool) -> 
         [`ArtifactError`]:
             Naming the first missing or inconsistent artifact and the command that makes it.
     """
+    if adapters and config.base_hub_id is None:
+        raise ConfigError(
+            f"base_model.id {config.base_model.id!r} is a local folder that names no Hub repo, so the published "
+            "adapters could not be loaded: set base_model.hub_id (and base_model.revision) to the Hub repo it is a copy of"
+        )
+    if adapters and config.tiny_base and not (run_dir.base_dir / "build.json").is_file():
+        raise ArtifactError(
+            f"the tiny base model is not in {run_dir.base_dir}: run `cot-compress train` before publishing"
+        )
     if adapters:
         for level in config.levels:
             for model, _ in config.adapter_models(level):
@@ -256,8 +320,12 @@ def check_artifacts(config: StudyConfig, run_dir: RunDir, *, adapters: bool) -> 
 
 
 def render_cards(
-    config: StudyConfig, run_dir: RunDir, *, templates_dir: Path | None, collection_url: str | None
-) -> tuple[dict[str, cards.RenderedCard], dict[str, str]]:
+    config: StudyConfig,
+    run_dir: RunDir,
+    *,
+    templates_dir: Path | None,
+    published: cards.Published | None = None,
+) -> tuple[dict[str, cards.RenderedCard], dict[str, str], cards.StudyArtifacts]:
     """
     Render and validate every card and collection note from the run directory's artifacts.
 
@@ -268,28 +336,23 @@ def render_cards(
             The run directory whose artifacts the cards are rendered from.
         templates_dir (`Path`, *optional*):
             A folder of the user's own templates; `None` for the shipped ones.
-        collection_url (`str`, *optional*):
-            The collection the cards link (``card_collection_url``); `None` while it does not exist.
+        published (`Published`, *optional*):
+            What the publish under way knows (the Hub's URL, the collection's slug, the base's and adapters'
+            commits); `None` for what the last publish recorded in ``publish/state.json``.
 
     Returns:
-        `tuple[dict[str, RenderedCard], dict[str, str]]`: the cards by name, and the collection notes by repo id.
+        `tuple`: the cards by name, the collection notes by repo id, and the artifacts they were rendered from.
 
     Raises:
         [`CardValidationError`]:
             A card or a note fails validation.
     """
-    rendered = cards.render_study_cards(
-        config, run_dir, templates_dir=templates_dir, collection_url=collection_url
-    )
-    notes = cards.render_collection_notes(config, run_dir, templates_dir=templates_dir)
-    cards.validate_all(rendered, config=config, run_dir=run_dir, notes=notes)
+    art = cards.load_artifacts(config, run_dir, published=published)
+    rendered = cards.render_study_cards(config, run_dir, templates_dir=templates_dir, artifacts=art)
+    notes = cards.render_collection_notes(config, run_dir, templates_dir=templates_dir, artifacts=art)
+    cards.validate_all(rendered, config=config, run_dir=run_dir, notes=notes, artifacts=art)
     collections.wanted_items(config, notes)
-    return rendered, notes
-
-
-def card_collection_url(config: StudyConfig, slug: str | None) -> str | None:
-    """The collection link cards carry, on the Hub the cards name (huggingface.co for the local hub)."""
-    return f"{cards.hub_url(config)}/collections/{slug}" if slug else None
+    return rendered, notes, art
 
 
 def write_pushed_cards(

@@ -3,7 +3,8 @@
 Repos are keyed by their full id, so one run dir published to two namespaces of one Hub keeps two sets of
 repos apart; the collection is the one thing a namespace does not name, so it is kept per namespace::
 
-    {"hubs": {"<label>": {"repos": {"<ns>/<name>": {...}}, "collections": {"<ns>": {"slug", "title"}}}},
+    {"hubs": {"<label>": {"repos": {"<ns>/<name>": {...}}, "collections": {"<ns>": {"slug", "title"}},
+                          "cards": {"<ns>": {"hub_url", "collection_slug", "base_commit", "adapter_commits"}}}},
      "collection_slug": "<the last published one>"}
 """
 
@@ -66,8 +67,16 @@ class PublishState:
     def set_collection(self, slug: str, title: str) -> None:
         """Record the study's collection in this namespace of this Hub and save."""
         self.collections[self.namespace] = {"slug": slug, "title": title}
-        # Top level: the last published collection, which `render-cards` links (cards.collection_url_from_state).
+        # Top level: the last published collection, whichever Hub and namespace it went to.
         self.data["collection_slug"] = slug
+        self.save()
+
+    def set_published(self, facts: dict) -> None:
+        """Record what this namespace's cards were rendered with (``cards.Published``), so that `render-cards`
+        renders the same cards again (``cards.published_from_state``), and save."""
+        from hub_tools.cards.state import STATE_KEY
+
+        self.hub.setdefault(STATE_KEY, {})[self.namespace] = facts
         self.save()
 
     def save(self) -> None:
