@@ -50,6 +50,13 @@ class RunDir:
     def training_json(self, level: int) -> Path:
         return self.adapter_dir(level) / "training.json"
 
+    def rl_adapter_dir(self, level: int) -> Path:
+        """The level's SFT adapter continued with GRPO (model ``rl_l<n>``)."""
+        return self.root / "adapters" / f"rl_l{level}"
+
+    def rl_training_json(self, level: int) -> Path:
+        return self.rl_adapter_dir(level) / "training.json"
+
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"

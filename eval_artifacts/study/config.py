@@ -24,6 +24,14 @@ LOCAL_ENDPOINT = "local"
 """``hub.endpoint`` value that starts the embedded Hub-compatible server instead of using a URL."""
 
 
+def _known_levels(value: list[int]) -> list[int]:
+    """The levels, sorted and without repeats; a level the study does not define is an error."""
+    unknown = [n for n in value if n not in LEVELS]
+    if unknown:
+        raise ValueError(f"unknown level(s) {unknown}; levels are {sorted(LEVELS)}")
+    return sorted(set(value))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -133,6 +141,47 @@ class EvalConfig(_Strict):
     """A level is accuracy-preserving when it is not significantly below base, or within this margin of it."""
 
 
+class RewardWeightsConfig(_Strict):
+    """The weights of the RL reward's three terms (each term is logged per step before weighting)."""
+
+    correct: float = Field(1.0, ge=0)
+    """Strict correctness from the evaluation's own grader: 1 or 0."""
+    format: float = Field(0.2, ge=0)
+    """A closed think block followed by a final-answer line: 1 or 0."""
+    length: float = Field(0.5, ge=0)
+    """Subtracted: think tokens past the level's target, as a fraction of the target (capped at 1)."""
+
+
+class RLConfig(_Strict):
+    """The optional length-aware RL stage (TRL GRPO) that continues the SFT adapters of ``levels``."""
+
+    levels: list[int] = Field(default_factory=list)
+    """The levels whose SFT adapter is continued with GRPO; empty (the default) turns the stage off."""
+    max_steps: int = Field(100, gt=0)
+    prompts_per_step: int = Field(8, gt=0)
+    """Training problems per optimizer step; each gets ``num_generations`` completions."""
+    num_generations: int = Field(8, ge=2)
+    """Completions per prompt: GRPO's group, whose mean reward is each completion's baseline."""
+    learning_rate: float = Field(1e-5, gt=0)
+    beta: float = Field(0.04, ge=0)
+    """KL penalty towards the SFT adapter (0 turns it off)."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    reward_weights: RewardWeightsConfig = RewardWeightsConfig()
+    seed: int = 42
+    save_steps: int = Field(50, gt=0)
+
+    @field_validator("levels")
+    @classmethod
+    def _known_levels(cls, value: list[int]) -> list[int]:
+        return _known_levels(value)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.levels)
+
+
 class HubConfig(_Strict):
     endpoint: str = LOCAL_ENDPOINT
     """'local' starts the embedded Hub-compatible server for the run; any URL is used as is."""
@@ -180,6 +229,7 @@ class StudyConfig(_Strict):
     teacher: TeacherConfig = TeacherConfig()
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
+    rl: RLConfig = RLConfig()
     hub: HubConfig
     run_dir: Path
 
@@ -193,9 +243,7 @@ class StudyConfig(_Strict):
     @field_validator("levels")
     @classmethod
     def _known_levels(cls, value: list[int]) -> list[int]:
-        unknown = [n for n in value if n not in LEVELS]
-        if unknown:
-            raise ValueError(f"unknown level(s) {unknown}; levels are {sorted(LEVELS)}")
+        _known_levels(value)
         if len(set(value)) != len(value):
             raise ValueError(f"levels {value} repeat a level")
         return sorted(value)
@@ -204,6 +252,15 @@ class StudyConfig(_Strict):
     def _tiny_needs_settings(self) -> StudyConfig:
         if self.base_model.id == "tiny" and self.tiny_model is None:
             raise ValueError("base_model.id 'tiny' needs a tiny_model section")
+        return self
+
+    @model_validator(mode="after")
+    def _rl_continues_trained_levels(self) -> StudyConfig:
+        missing = [n for n in self.rl.levels if n not in self.levels]
+        if missing:
+            raise ValueError(
+                f"rl.levels {missing} are not in levels {self.levels}: RL continues a level's SFT adapter"
+            )
         return self
 
     # ---- derived names, used by every stage so that they cannot disagree ----

@@ -21,6 +21,11 @@ class Level:
         """The model name used in the run directory and the eval dataset (``level_4``)."""
         return f"level_{self.number}"
 
+    @property
+    def max_chars(self) -> int:
+        """The upper end of ``typical_length`` in characters: the reasoning length a level should not pass."""
+        return int(re.findall(r"\d+", self.typical_length)[-1])
+
 
 LEVELS: dict[int, Level] = {
     level.number: level
