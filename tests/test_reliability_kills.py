@@ -40,12 +40,7 @@ CLI = Path(sys.executable).with_name("cot-compress")
 TIMING = ("wall_time_s", "tokens_per_s")  # the only training.json fields a rerun may change
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def files_under(root: Path) -> dict[str, bytes]:

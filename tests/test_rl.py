@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,7 @@ from eval_artifacts.study.levels import build_response
 from training import data, rl, sft
 from training.tokens import count_tokens
 
+ROOT = Path(__file__).resolve().parents[1]
 RL_SETTINGS = {
     "levels": [5],
     "rl.levels": [5],
@@ -37,12 +41,7 @@ RL_SETTINGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rl_study(base, run_dir, **changes):
@@ -261,3 +260,33 @@ def test_rl_is_skipped_when_its_inputs_hash_matches(straight, after_sft, tmp_pat
     weights = run_dir.adapter_dir(5) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")
     assert rl.up_to_date(run_dir, 5, rl.stage_inputs(config, run_dir, 5)) is None
+
+
+# ---------------------------------------------------------------- the GPU benchmark's CPU smoke mode
+
+
+@pytest.mark.slow
+def test_bench_grpo_smoke_times_generation_inside_each_step(tmp_path):
+    out = tmp_path / "grpo.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.bench_grpo", "--smoke", "--out", str(out)],
+        check=True, cwd=ROOT, timeout=600, capture_output=True,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert (result["mode"], result["steps"], result["steps_timed"]) == (
+        "smoke",
+        3,
+        2,
+    )  # warm-up step left out
+    settings = result["rl"]
+    assert settings["completions_per_step"] == settings["prompts_per_step"] * settings["num_generations"] == 4
+    # Random weights never stop early: each step generates every completion to the token limit.
+    assert result["generated_tokens_per_step"] == 4 * settings["max_new_tokens"]
+    per_step = result["step_time_s"]["per_step"]
+    assert result["step_time_s"]["mean"] == pytest.approx(sum(per_step) / 2, abs=1e-3)
+    assert 0 < result["generation_share_of_step"] < 1
+    generation_s = result["generation_share_of_step"] * sum(per_step)
+    assert result["generation_tokens_per_s"] == pytest.approx(
+        2 * 4 * settings["max_new_tokens"] / generation_s, rel=0.02
+    )
+    assert {"trl", "transformers", "peft"} <= set(result["library_versions"])
