@@ -25,6 +25,7 @@ from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import RewardWeightsConfig
 from eval_artifacts.study.errors import ArtifactError, DataError
 from eval_artifacts.study.levels import build_response
+from hub_tools import pipeline
 from training import data, rl, sft
 from training.tokens import count_tokens
 
@@ -260,6 +261,33 @@ def test_rl_is_skipped_when_its_inputs_hash_matches(straight, after_sft, tmp_pat
     weights = run_dir.adapter_dir(5) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")
     assert rl.up_to_date(run_dir, 5, rl.stage_inputs(config, run_dir, 5)) is None
+
+
+def test_train_and_publish_has_an_rl_stage_only_when_on_and_hashes_its_settings(straight):
+    config, run_dir = straight["config"], straight["run"]
+    stages = {stage.name: stage for stage in pipeline.build_stages()}
+    assert pipeline.STAGES.index("train") < pipeline.STAGES.index("rl") < pipeline.STAGES.index("evaluate")
+    rl_stage, evaluate = stages["rl"], stages["evaluate"]
+    assert rl_stage.applies(config) and not rl_stage.applies(config.with_overrides(**{"rl.levels": []}))
+
+    recorded = {
+        "inputs": pipeline._hash(rl_stage.inputs(config, run_dir)),
+        "outputs": pipeline._hashes(rl_stage.outputs(config, run_dir), run_dir.root),
+    }
+    assert pipeline.stage_is_current(rl_stage, config, run_dir, recorded)
+    for change in ({"rl.learning_rate": 0.02}, {"rl.num_generations": 2}, {"rl.loss_type": "grpo"}):
+        assert not pipeline.stage_is_current(rl_stage, config.with_overrides(**change), run_dir, recorded)
+
+    # A new RL adapter makes the evaluation stale.
+    before = pipeline._hash(evaluate.inputs(config, run_dir))
+    weights = run_dir.rl_adapter_dir(5) / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original + b" ")
+        assert pipeline._hash(evaluate.inputs(config, run_dir)) != before
+        assert not pipeline.stage_is_current(rl_stage, config, run_dir, recorded)
+    finally:
+        weights.write_bytes(original)
 
 
 # ---------------------------------------------------------------- the GPU benchmark's CPU smoke mode
