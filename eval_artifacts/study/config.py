@@ -167,6 +167,8 @@ class RLConfig(_Strict):
     """KL penalty towards the SFT adapter (0 turns it off)."""
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
     temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    """Rollouts sample from the ``top_k`` likeliest tokens only; 0 keeps every token."""
     max_new_tokens: int = Field(256, gt=0)
     reward_weights: RewardWeightsConfig = RewardWeightsConfig()
     seed: int = 42
