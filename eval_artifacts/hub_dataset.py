@@ -47,17 +47,21 @@ class SummaryRow:
     model: str = described("base or level_<n>")
     level: int | None = described("compression level (empty for base)")
     n_total: int = described("graded answers (problems × seeds)")
-    n_correct: int = described("correct answers")
+    n_correct: int = described("correct answers, graded strictly (the samples' correct)")
     accuracy: float = described("n_correct / n_total")
     ci95_low: float = described("lower end of the Wilson 95% interval of accuracy")
     ci95_high: float = described("upper end of the Wilson 95% interval of accuracy")
+    n_correct_lenient: int = described("correct answers by the lenient rule (the samples' correct_lenient)")
+    accuracy_lenient: float = described("n_correct_lenient / n_total")
+    n_no_answer: int = described("answers graded no_answer: finished without a final answer")
+    n_truncated: int = described("answers graded truncated: cut by the token limit before a final answer")
     think_tokens_mean: float = described("mean think tokens")
     think_tokens_median: float = described("median think tokens")
     think_tokens_p90: float = described("90th percentile of think tokens")
     completion_tokens_mean: float = described("mean completion tokens")
     completion_tokens_median: float = described("median completion tokens")
     tokens_per_correct: float | None = described("all completion tokens / n_correct")
-    truncated: int = described("answers that hit the token limit")
+    truncated: int = described("answers that hit the token limit, with or without a final answer")
     delta_vs_base: float | None = described(
         "accuracy minus base accuracy on the same problems (empty for base)"
     )
@@ -92,6 +96,10 @@ def summary_rows(summary: dict) -> list[dict[str, Any]]:
             accuracy=entry["accuracy"],
             ci95_low=entry["ci95"][0],
             ci95_high=entry["ci95"][1],
+            n_correct_lenient=entry["n_correct_lenient"],
+            accuracy_lenient=entry["accuracy_lenient"],
+            n_no_answer=entry["n_no_answer"],
+            n_truncated=entry["n_truncated"],
             think_tokens_mean=entry["think_tokens"]["mean"],
             think_tokens_median=entry["think_tokens"]["median"],
             think_tokens_p90=entry["think_tokens"]["p90"],
@@ -184,7 +192,7 @@ def _check_summary_config(configs: dict[str, datasets.DatasetDict], fresh: dict[
         return
     for row in configs[SUMMARY_CONFIG][SPLIT].to_list():
         metrics = fresh.get(row["model"])
-        for field in ("n_total", "n_correct", "accuracy") if metrics else ():
+        for field in ("n_total", "n_correct", "accuracy", "n_correct_lenient", "accuracy_lenient") if metrics else ():
             if row[field] != metrics[field]:
                 raise ArtifactError(
                     f"eval dataset summary row {row['model']!r} field '{field}' is {row[field]!r} but its samples "

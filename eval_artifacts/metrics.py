@@ -2,7 +2,12 @@
 paired comparison with the stock model (delta with Newcombe's paired CI, exact McNemar p, b and c).
 
 Definitions (the cards quote them):
-- ``ci95``: Wilson score interval, z = 1.959963984540054.
+- ``accuracy`` / ``n_correct``: strict grading (each sample's ``correct``); ``accuracy_lenient`` /
+  ``n_correct_lenient``: the lenient rule (``correct_lenient``), reported beside it. ``n_no_answer`` and
+  ``n_truncated`` count the samples graded ``no_answer`` (finished without a readable final answer) and
+  ``truncated`` (cut by the token limit before one); ``truncated`` counts every output that hit the limit,
+  answered or not.
+- ``ci95``: Wilson score interval of the strict accuracy, z = 1.959963984540054.
 - token stats: ``mean`` = sum / n; ``median`` = the middle value (mean of the two middle values for even n);
   ``p90`` = ``numpy.percentile(values, 90, method="linear")``, i.e. with sorted values x and
   h = 0.9 * (n - 1), p90 = x[floor(h)] + (h - floor(h)) * (x[floor(h) + 1] - x[floor(h)]).
@@ -158,6 +163,7 @@ def _pooled_metrics(samples: list[dict], base_samples: list[dict] | None) -> dic
         raise ArtifactError("no samples to compute metrics from: run `cot-compress evaluate` first")
     n_total = len(samples)
     n_correct = sum(1 for row in samples if row["correct"])
+    n_correct_lenient = sum(1 for row in samples if row["correct_lenient"])
     think = [row["think_tokens"] for row in samples]
     completion = [row["completion_tokens"] for row in samples]
     return {
@@ -165,6 +171,10 @@ def _pooled_metrics(samples: list[dict], base_samples: list[dict] | None) -> dic
         "n_correct": n_correct,
         "accuracy": n_correct / n_total,
         "ci95": list(wilson_ci(n_correct, n_total)),
+        "n_correct_lenient": n_correct_lenient,
+        "accuracy_lenient": n_correct_lenient / n_total,
+        "n_no_answer": sum(1 for row in samples if row["grade_reason"] == "no_answer"),
+        "n_truncated": sum(1 for row in samples if row["grade_reason"] == "truncated"),
         "think_tokens": _token_stats(think),
         "completion_tokens": _token_stats(completion),
         "tokens_per_correct": sum(completion) / n_correct if n_correct else None,
@@ -239,6 +249,10 @@ METRICS_FIELDS = (
     "n_correct",
     "accuracy",
     "ci95",
+    "n_correct_lenient",
+    "accuracy_lenient",
+    "n_no_answer",
+    "n_truncated",
     "think_tokens",
     "completion_tokens",
     "tokens_per_correct",

@@ -18,6 +18,7 @@ from eval_artifacts.rundir import SCHEMA_VERSION, iter_jsonl
 from eval_artifacts.study.errors import ArtifactError
 
 FINISH_REASONS = ("stop", "length")
+GRADE_REASONS = ("correct", "wrong", "no_answer", "truncated")
 MODEL_RE = re.compile(r"^(base|level_([1-9][0-9]*))$")
 """Model names: ``base`` or ``level_<n>``."""
 
@@ -67,9 +68,25 @@ class SampleRecord:
     )
     completion: str = described("everything the model generated")
     reasoning: str | None = described("text strictly inside the think block (empty for base, which has none)")
-    predicted: str | None = described("the extracted final answer (empty when no extractor matched)")
-    extractor: str | None = described("the extractor that found the answer")
-    correct: bool = described("whether predicted equals gold")
+    predicted: str | None = described(
+        "the final answer read by the strict rule (empty when the output gives none), normalised"
+    )
+    extractor: str | None = described(
+        "what read it: hash (#### N), boxed (\\boxed{N}), answer_is (the answer is N), last_number"
+    )
+    correct: bool = described(
+        "strict grading: predicted equals gold; the answer is read only where a finished answer stands (after "
+        "a closed think block for adapters; for base, a marked answer in its last 5 lines), so an unfinished "
+        "output is never correct"
+    )
+    correct_lenient: bool = described(
+        "lenient grading: the last marked answer or, failing one, the last number anywhere in the output "
+        "(the reasoning of an unfinished output included) equals gold"
+    )
+    grade_reason: str = described(
+        "correct, wrong, no_answer (finished without a final answer the strict rule can read) or truncated "
+        "(cut by the token limit before a final answer)"
+    )
     think_tokens: int = described(
         "tokens inside the think block (base: completion tokens before the final-answer line)"
     )
@@ -141,6 +158,20 @@ def _check_values(row: dict, where: str) -> None:
         )
     if row["correct"] and row["predicted"] is None:
         raise ArtifactError(f"{where} field 'correct' is true but 'predicted' is null")
+    reason = grade_reason(predicted=row["predicted"], correct=row["correct"], finish_reason=row["finish_reason"])
+    if row["grade_reason"] != reason:
+        raise ArtifactError(
+            f"{where} field 'grade_reason' is {row['grade_reason']!r} but its predicted, correct and "
+            f"finish_reason mean {reason!r}: regenerate it with `cot-compress evaluate`"
+        )
+
+
+def grade_reason(*, predicted: str | None, correct: bool, finish_reason: str) -> str:
+    """Why a sample is graded as it is (one of ``GRADE_REASONS``): a final answer was read and is right or
+    wrong, or none was, and the output either finished (``no_answer``) or hit the token limit (``truncated``)."""
+    if predicted is not None:
+        return "correct" if correct else "wrong"
+    return "truncated" if finish_reason == "length" else "no_answer"
 
 
 def read_samples(path: Path, *, model: str | None = None) -> list[dict[str, Any]]:

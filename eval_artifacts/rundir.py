@@ -16,7 +16,7 @@ from typing import Any
 from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.study.errors import ArtifactError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class RunDir:

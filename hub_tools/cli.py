@@ -253,7 +253,8 @@ def evaluate_command(config_path, run_dir, data_dir, models, seeds):
     for row in summary["models"]:
         lo, hi = row["ci95"]
         click.echo(
-            f"{row['model']:<8} accuracy {row['accuracy']:.1%} [{lo:.1%}, {hi:.1%}]  "
+            f"{row['model']:<8} accuracy {row['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] "
+            f"(lenient {row['accuracy_lenient']:.1%})  "
             f"think tokens {row['think_tokens']['mean']:.1f}  completion tokens {row['completion_tokens']['mean']:.1f}"
         )
 

@@ -22,8 +22,9 @@ from eval_artifacts.plots import plot_pareto
 from eval_artifacts.records import SampleRecord
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, append_jsonl, write_json
 from eval_artifacts.study.config import StudyConfig
-from eval_artifacts.study.levels import LEVELS, build_prompt, build_response
+from eval_artifacts.study.levels import LEVELS, build_prompt, build_response, parse_response
 from eval_artifacts.summary import write_summary
+from training.gsm8k import grade
 from training.synthetic import generate_problems
 from training.teachers import rule_teacher
 
@@ -38,7 +39,7 @@ class ModelProfile:
     overlap: float = 0.9
     """Share of the right answers taken from problems base gets right (paired structure)."""
     truncated: int = 0
-    """Wrong answers that hit the token limit (finish_reason 'length', no answer extracted)."""
+    """Wrong answers cut by the token limit before their final answer (graded ``truncated``)."""
 
 
 # (accuracy, mean think tokens, median think tokens, truncated per 200) per model.
@@ -118,15 +119,19 @@ def _samples(model: str, level: int | None, problems, profile: ModelProfile, see
     overhead = ANSWER_OVERHEAD["base" if level is None else "level"]
     records = []
     for index, problem in enumerate(problems):
-        predicted = problem.gold if index in right else (None if index in truncated else _wrong(problem.gold))
+        answer = problem.gold if index in right else (None if index in truncated else _wrong(problem.gold))
+        finish = "length" if index in truncated else "stop"
         if level is None:
             body = problem.answer.split("####")[0].strip().replace("<<", "").replace(">>", " ")
-            completion = body if predicted is None else f"{body}\n#### {predicted}"
-            reasoning, prompt = None, problem.question
+            completion = body if answer is None else f"{body}\n#### {answer}"
+            prompt = problem.question
         else:
+            # An output cut by the token limit stops inside its think block.
             reasoning = _reasoning(level, problem)
-            completion = build_response(reasoning, predicted or "")
+            completion = f"<think>\n{reasoning}" if answer is None else build_response(reasoning, answer)
             prompt = build_prompt(level, problem.question)
+        graded = grade(completion, problem.gold, finish_reason=finish, kind="stock" if level is None else "adapter")
+        assert graded.correct == (index in right), (model, problem.id, graded)
         records.append(
             SampleRecord(
                 id=problem.id,
@@ -134,13 +139,15 @@ def _samples(model: str, level: int | None, problems, profile: ModelProfile, see
                 gold=problem.gold,
                 prompt=prompt,
                 completion=completion,
-                reasoning=reasoning,
-                predicted=predicted,
-                extractor=None if predicted is None else "hash",
-                correct=index in right,
+                reasoning=parse_response(completion).reasoning,
+                predicted=graded.predicted,
+                extractor=graded.extractor,
+                correct=graded.correct,
+                correct_lenient=graded.correct_lenient,
+                grade_reason=graded.reason,
                 think_tokens=think[index],
                 completion_tokens=think[index] + overhead,
-                finish_reason="length" if index in truncated else "stop",
+                finish_reason=finish,
                 model=model,
                 level=level,
                 seed=seed,

@@ -32,26 +32,40 @@ def sample_row(
     model: str = "level_2",
     seed: int = 0,
     finish: str = "stop",
+    lenient: bool = False,
 ) -> dict:
-    """One valid samples.jsonl row with these grading and token counts, its text consistent with them.
+    """One valid samples.jsonl row with these grading and token counts, its text consistent with them and
+    graded by ``training.gsm8k.grade``.
 
     The gold answer is 14; a wrong answer that finished says 13, one cut by the token limit says nothing.
+    With ``lenient``, a wrong output's reasoning ends in 14 with no final answer, so only the lenient rule
+    credits it.
     """
+    from training.gsm8k import grade
+
     level = model_level(model)
     question = f"Problem {pid}: Tom has 12 pens, gets 7, gives 5."
-    predicted = "14" if correct else (None if finish == "length" else "13")
+    predicted = "14" if correct else (None if finish == "length" or lenient else "13")
     reasoning = None if level is None else "x" * think
     body = "x" * think if level is None else f"<think>\n{reasoning}\n</think>"
+    text = body if predicted is None else f"{body}\n#### {predicted}"
+    if lenient:
+        reasoning, text = None, ("" if level is None else "<think>\n") + "x" * think + " 14"
+    graded = grade(text, "14", finish_reason=finish, kind="stock" if level is None else "adapter")
+    if graded.correct != correct or graded.correct_lenient != (correct or lenient):
+        raise ValueError(f"sample_row cannot make {pid} correct={correct} lenient={lenient} finish={finish}")
     return SampleRecord(
         id=pid,
         question=question,
         gold="14",
         prompt=question if level is None else build_prompt(level, question),
-        completion=body if predicted is None else f"{body}\n#### {predicted}",
+        completion=text,
         reasoning=reasoning,
-        predicted=predicted,
-        extractor=None if predicted is None else "hash",
-        correct=correct,
+        predicted=graded.predicted,
+        extractor=graded.extractor,
+        correct=graded.correct,
+        correct_lenient=graded.correct_lenient,
+        grade_reason=graded.reason,
         think_tokens=think,
         completion_tokens=completion,
         finish_reason=finish,

@@ -22,10 +22,11 @@ from helpers import tiny_qwen3
 from huggingface_hub import DatasetCard, ModelCard
 from markdown_it import MarkdownIt
 
+from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, read_json, write_json
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import CardValidationError, TemplateError
-from eval_artifacts.study.levels import build_prompt
+from eval_artifacts.study.levels import build_prompt, build_response
 from hub_tools import cards
 from hub_tools.cli import main
 
@@ -139,15 +140,19 @@ def test_adapter_card_content(study):
     text = rendered["tiny-cot-l4"].text
     # This level highlighted, every other row plain.
     assert "| **L4 Ultra-compact (this adapter)** | **0.520** | **[0.451, 0.588]** | **104 / 200** |" in text
-    assert "| L2 Concise | 0.610 | [0.541, 0.675] | 122 / 200 | 49.80 | 47 | 60.80 |" in text
-    assert "| Base (stock model) | 0.620 |" in text
+    assert "| L2 Concise | 0.610 | [0.541, 0.675] | 122 / 200 | 0.610 | 0 | 0 | 49.80 | 47 | 60.80 |" in text
+    # Strict accuracy headlines; the lenient one stands beside it (base's 2 cut outputs end on gold).
+    assert "| Base (stock model) | 0.620 | [0.551, 0.684] | 124 / 200 | 0.630 | 0 | 2 |" in text
+    assert "by the lenient rule, which also credits the last number of unfinished reasoning, it is 0.520 and " \
+        "the stock model's 0.630." in text
+    assert "in its last 5 lines. An output without one is wrong" in text
     assert "![Accuracy against mean think tokens, with the Pareto frontier](pareto.png)" in text
     assert "[cot-compress/tiny-cot-eval](https://huggingface.co/datasets/cot-compress/tiny-cot-eval)" in text
     assert "Typical reasoning length: \\~45 chars" in text
     # Caveats computed from the data: one seed, sweet spot L2 (margin 0.05 in tiny.yaml), truncations.
     assert "1 evaluation seed(s) (0)" in text and "no across-seed spread" in text
     assert "is **L2 Concise** (49.80 mean think tokens)" in text
-    assert "Base (stock model): 2 / 200 outputs hit the 96-token limit" in text
+    assert "Base (stock model): 2 / 200 outputs hit the 96-token limit; 2 / 200 stopped before a final answer" in text
     assert "| Training rows | 1988 kept of 2000 (dropped: no\\_annotations: 12) |" in text
     assert "| Loss | completion only (prompt tokens masked) |" in text
     assert "```bibtex\n@misc{cot-compress-tiny," in text
@@ -221,6 +226,29 @@ def test_changed_metric_fails_validation_naming_the_number(study, study_copy):
     assert any(
         p.startswith("model-index accuracy on openai/gsm8k is 0.555, metrics.json gives 0.575") for p in own
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "column", "shown", "given"),
+    [
+        ("accuracy_lenient", 0.6, "Lenient accuracy", "0.555", "0.600"),
+        ("n_truncated", 7, "Truncated", "0", "7"),
+        ("n_no_answer", 3, "No answer", "0", "3"),
+    ],
+)
+def test_changed_grading_count_fails_validation_naming_the_number(
+    study, study_copy, field, value, column, shown, given
+):
+    _, _, rendered = study
+    config, run_dir = study_copy
+    metrics = read_json(run_dir.metrics("level_3"), what="metrics", hint="")
+    metrics[field] = value
+    write_json(run_dir.metrics("level_3"), metrics)
+    problems = cards.validate_card(rendered["tiny-cot-l4"], config=config, run_dir=run_dir)
+    assert problems[0] == (
+        f"results table row 'L3 Equations' column '{column}' shows {shown}, the artifacts give {given}"
+    )
+    assert f"disagree with their samples at field '{field}'" in problems[-1]
 
 
 def test_card_rendered_from_tampered_metrics_fails_against_samples(study_copy):
@@ -386,6 +414,44 @@ HOSTILE = (
 )
 
 
+def _rewrite_reasoning(run_dir: RunDir, model: str, chains: dict[str, str]) -> None:
+    """Give these samples (by id) another reasoning chain, their grading and final answer unchanged."""
+    path = run_dir.samples(model)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        if row["id"] in chains:
+            row["reasoning"] = chains[row["id"]]
+            row["completion"] = build_response(chains[row["id"]], row["predicted"])
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def test_showcased_example_is_a_correct_answer_whose_arithmetic_checks_out(study, study_copy):
+    _, _, clean = study
+    config, run_dir = study_copy
+    assert "on evaluation problem test-00001," in clean["tiny-cot-l4"].text  # "c=9-7=2", gold 2
+    # Right answer, two arithmetic errors that cancel (9+1 is not 11, 11-8 is not 2): not an example.
+    _rewrite_reasoning(run_dir, "level_4", {"test-00001": "s=9+1=11→c=11-8=2"})
+    text = cards.render_study_cards(config, run_dir)["tiny-cot-l4"].text
+    assert "test-00001" not in text and "s=9+1=11" not in text
+    second = next(
+        row for row in read_samples(run_dir.samples("level_4"))
+        if row["correct"] and row["id"] != "test-00001"
+    )  # fmt: skip
+    assert f"on evaluation problem {second['id']}, a correct answer whose every equation holds" in text
+    assert second["reasoning"] in text
+
+
+def test_card_says_so_when_no_example_checks_out(study_copy):
+    config, run_dir = study_copy
+    wrong = {row["id"]: "a=1+1=3" for row in read_samples(run_dir.samples("level_4")) if row["correct"]}
+    _rewrite_reasoning(run_dir, "level_4", wrong)
+    rendered = cards.render_study_cards(config, run_dir)
+    text = rendered["tiny-cot-l4"].text
+    assert "No example output is shown: no correct answer of this adapter has a chain whose every" in text
+    assert "a=1+1=3" not in text and "Example output of this adapter" not in text
+    assert cards.validate_card(rendered["tiny-cot-l4"], config=config, run_dir=run_dir) == []
+
+
 def test_model_output_and_free_text_render_inert(study, study_copy):
     _, _, clean = study
     config, run_dir = study_copy
@@ -458,7 +524,10 @@ def test_published_level4_numbers(tmp_path):
     text = rendered["qwen3-4b-gsm8k-cot-l4"].text
     low, high = wilson(765, 1319)
     assert f"[{low:.3f}, {high:.3f}]" == "[0.553, 0.606]"
-    row = "| **L4 Ultra-compact (this adapter)** | **0.580** | **[0.553, 0.606]** | **765 / 1319** | **39.05** | **35** |"
+    row = (
+        "| **L4 Ultra-compact (this adapter)** | **0.580** | **[0.553, 0.606]** | **765 / 1319** | **0.580** "
+        "| **0** | **0** | **39.05** | **35** |"
+    )
     assert row in text
     assert (
         "On 1319 evaluation problems it answers 765 / 1319 correctly: accuracy 0.580 (95% CI [0.553, 0.606]) "

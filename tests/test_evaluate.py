@@ -65,15 +65,15 @@ def test_record_grades_and_counts_one_completion(byte_tokenizer):
 
     assert record == {
         "id": "test-00001", "question": problem.question, "gold": "19", "prompt": "P", "completion": text,
-        "reasoning": "12+7=19", "predicted": "19", "extractor": "hash", "correct": True, "think_tokens": 7,
-        "completion_tokens": 11, "finish_reason": "stop", "model": "level_3", "level": 3, "seed": 1,
-        "schema_version": 1,
+        "reasoning": "12+7=19", "predicted": "19", "extractor": "hash", "correct": True,
+        "correct_lenient": True, "grade_reason": "correct", "think_tokens": 7, "completion_tokens": 11,
+        "finish_reason": "stop", "model": "level_3", "level": 3, "seed": 1, "schema_version": 2,
     }  # fmt: skip
     wrong = evaluate.make_record(
         engine,
         problem,
         "P",
-        Generation(0, "Tom has 20.\n#### 20", (1, 2), "length"),
+        Generation(0, "Tom has 20.\n#### 20", (1, 2), "stop"),
         model="base",
         level=None,
         seed=0,
@@ -81,6 +81,28 @@ def test_record_grades_and_counts_one_completion(byte_tokenizer):
     assert (wrong["correct"], wrong["predicted"], wrong["reasoning"], wrong["think_tokens"]) == (
         False, "20", None, len("Tom has 20."),
     )  # fmt: skip
+    assert (wrong["grade_reason"], wrong["correct_lenient"]) == ("wrong", False)
+
+
+@pytest.mark.parametrize(
+    ("text", "finish", "model", "graded"),
+    [
+        # Base is graded by the stock model's rule, a level by the level format's.
+        ("Tom has 12+7 = 19 pens.\n#### 19", "stop", "base", ("19", True, True, "correct")),
+        ("Tom has 12+7 = 19 pens.\n#### 19", "stop", "level_3", (None, False, True, "no_answer")),
+        ("Tom has 12+7 = 19 pens.", "stop", "base", (None, False, True, "no_answer")),
+        ("<think>\n12+7=19", "length", "level_3", (None, False, True, "truncated")),
+        ("Tom has 12+7 = 19", "length", "base", (None, False, True, "truncated")),
+    ],
+)
+def test_record_grades_strictly_and_leniently(byte_tokenizer, text, finish, model, graded):
+    problem = Problem(id="test-00001", question="Tom has 12 pens, gets 7. How many?", answer="", gold="19")
+    generation = Generation(index=0, text=text, token_ids=(1, 2, 3), finish_reason=finish)
+    level = None if model == "base" else 3
+    record = evaluate.make_record(
+        SimpleNamespace(tokenizer=byte_tokenizer), problem, "P", generation, model=model, level=level, seed=0
+    )
+    assert (record["predicted"], record["correct"], record["correct_lenient"], record["grade_reason"]) == graded
 
 
 # ---------------------------------------------------------------- whole-stage tests
@@ -256,7 +278,7 @@ def test_ids_past_the_tokenizer_decode_to_nothing_and_still_count(byte_tokenizer
     """Qwen's embedding has more rows than its tokenizer has tokens; a model can generate those ids."""
     from training.generate import GenerationEngine
 
-    text = "<think>\n3+4=7\n</think>\n#### 7"
+    text = "<think>\n3+4=7\n</think>\n#### 7\n"  # the answer line is complete before the token limit
     ids = byte_tokenizer(text, add_special_tokens=False)["input_ids"]
     beyond = [151_000, len(byte_tokenizer) + 7]
     row = ids[:3] + beyond + ids[3:] + [beyond[0]]

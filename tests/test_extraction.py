@@ -61,6 +61,9 @@ OUTPUT_SHAPES = [
     ("\\boxed{\\frac{1}{4}}", "0.25", "boxed"),
     ("\\boxed{18 \\text{ eggs}}", "18", "boxed"),
     ("\\boxed{\\$1,\\!250}", "1250", "boxed"),
+    ("**Final Answer:**\n**72** clips", "72", "answer_is"),  # the number on the heading's next line
+    ("### Final Answer:\n\n$72", "72", "answer_is"),
+    ("**Final Answer**: 72", "72", "answer_is"),
     ("no digits at all", None, None),
     ("", None, None),
     ("<think>\n</think>\n", None, None),

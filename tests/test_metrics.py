@@ -37,12 +37,12 @@ def random_rows(
     for i in range(n):
         finish = "length" if rng.random() < 0.08 else "stop"
         correct = finish == "stop" and rng.random() < p_correct
+        # Some unfinished outputs end their reasoning on the gold number: only the lenient rule credits them.
+        lenient = not correct and rng.random() < 0.3
         think = rng.randint(think_scale // 3, think_scale * 2)
-        rows.append(
-            sample_row(
-                f"p{i:03d}", correct, think, think + rng.randint(4, 12), model=model, seed=seed, finish=finish
-            )
-        )
+        completion = think + rng.randint(4, 12)
+        grading = {"finish": finish, "lenient": lenient}
+        rows.append(sample_row(f"p{i:03d}", correct, think, completion, model=model, seed=seed, **grading))
     return rows
 
 
@@ -171,8 +171,12 @@ def test_metrics_json_matches_independent_recomputation(run_dir: RunDir):
     k = sum(r["correct"] for r in rows)
     think = [r["think_tokens"] for r in rows]
     comp = [r["completion_tokens"] for r in rows]
-    assert 0 < k < n and sum(r["finish_reason"] == "length" for r in rows) > 0  # the data is not trivial
-    assert stored["schema_version"] == 1 and stored["model"] == "level_2" and stored["level"] == 2
+    reasons = [r["grade_reason"] for r in rows]
+    k_lenient = sum(r["correct_lenient"] for r in rows)
+    # The data is not trivial: every grade reason occurs, and the lenient rule credits more.
+    assert 0 < k < n and sum(r["finish_reason"] == "length" for r in rows) > 0
+    assert set(reasons) == {"correct", "wrong", "no_answer", "truncated"} and k_lenient > k
+    assert stored["schema_version"] == 2 and stored["model"] == "level_2" and stored["level"] == 2
     assert stored["seeds"] == [0]
     assert (stored["n_total"], stored["n_correct"]) == (n, k)
     assert stored["accuracy"] == k / n
@@ -186,6 +190,8 @@ def test_metrics_json_matches_independent_recomputation(run_dir: RunDir):
     assert stored["tokens_per_correct"] == sum(comp) / k
     assert stored["think_tokens_per_correct"] == sum(think) / k
     assert stored["truncated"] == sum(r["finish_reason"] == "length" for r in rows)
+    assert (stored["n_correct_lenient"], stored["accuracy_lenient"]) == (k_lenient, k_lenient / n)
+    assert (stored["n_no_answer"], stored["n_truncated"]) == (reasons.count("no_answer"), reasons.count("truncated"))
 
     a = sum(base[r["id"]] and r["correct"] for r in rows)
     b = sum(base[r["id"]] and not r["correct"] for r in rows)
@@ -303,6 +309,8 @@ def test_truncated_line_missing_field_and_duplicates_are_named(tmp_path: Path):
         ("schema_version", 0, "field 'schema_version' is 0"),
         ("completion_tokens", -1, "field 'completion_tokens' is negative"),
         ("seed", None, "field 'seed' must be int"),
+        ("correct_lenient", None, "field 'correct_lenient' must be bool"),
+        ("grade_reason", "no_answer", "field 'grade_reason' is 'no_answer' but .* mean 'correct'"),
         ("extra", "x", "unknown field 'extra'"),
     ],
 )

@@ -49,9 +49,10 @@ def make_run_dir(root: Path) -> RunDir:
             finish = "length" if rng.random() < 0.05 else "stop"
             correct = finish == "stop" and rng.random() < accuracy
             think = rng.randint(max(scale // 2, 1), scale * 2)
-            rows.append(
-                sample_row(f"q{i:02d}", correct, think, think + rng.randint(3, 9), model=model, finish=finish)
-            )
+            # Every fifth wrong output ends its unfinished reasoning on the gold number: lenient-only credit.
+            lenient = not correct and i % 5 == 0
+            completion = think + rng.randint(3, 9)
+            rows.append(sample_row(f"q{i:02d}", correct, think, completion, model=model, finish=finish, lenient=lenient))
         append_jsonl(rd.samples(model), rows)
     for model in MODELS:
         write_metrics(rd, model, None if model == "base" else int(model[-1]))
@@ -69,7 +70,7 @@ def study(tmp_path_factory) -> RunDir:
 def test_summary_carries_metrics_and_an_independent_frontier(study: RunDir):
     summary = write_summary(study, study="tiny", models=MODELS)
     assert read_summary(study) == summary
-    assert summary["schema_version"] == 1 and summary["study"] == "tiny"
+    assert summary["schema_version"] == 2 and summary["study"] == "tiny"
     assert [entry["model"] for entry in summary["models"]] == MODELS
     metrics = {m: json.loads(study.metrics(m).read_text()) for m in MODELS}
     for entry in summary["models"]:
@@ -80,11 +81,16 @@ def test_summary_carries_metrics_and_an_independent_frontier(study: RunDir):
             "n_correct",
             "accuracy",
             "ci95",
+            "n_correct_lenient",
+            "accuracy_lenient",
+            "n_no_answer",
+            "n_truncated",
             "think_tokens",
             "vs_base",
             "across_seeds",
         ):
             assert entry[key] == source[key]
+        assert entry["n_correct_lenient"] > entry["n_correct"]
     # Frontier recomputed by brute force: nobody at most as many tokens and at least as accurate, one strictly.
     points = {m: (metrics[m]["think_tokens"]["mean"], metrics[m]["accuracy"]) for m in MODELS}
     expected = sorted(
@@ -195,6 +201,11 @@ def test_eval_dataset_configs_types_and_summary(study: RunDir):
     assert base.features == SAMPLE_FEATURES and base.num_rows == 48
     assert base.features["reasoning"] == datasets.Value("string") and set(base["reasoning"]) == {None}
     assert set(base["level"]) == {None}
+    assert base.features["correct_lenient"] == datasets.Value("bool")
+    assert base.features["grade_reason"] == datasets.Value("string")
+    rows = [json.loads(line) for line in study.samples("base").read_text().splitlines()]
+    assert base["correct_lenient"] == [r["correct_lenient"] for r in rows] and True in base["correct_lenient"]
+    assert base["grade_reason"] == [r["grade_reason"] for r in rows] and "no_answer" in base["grade_reason"]
     table = configs["summary"]["test"].to_list()
     assert [r["model"] for r in table] == MODELS
     for r in table:
@@ -204,6 +215,8 @@ def test_eval_dataset_configs_types_and_summary(study: RunDir):
         assert r["think_tokens_p90"] == metrics["think_tokens"]["p90"]
         assert r["completion_tokens_median"] == metrics["completion_tokens"]["median"]
         assert r["truncated"] == metrics["truncated"]
+        for key in ("n_correct_lenient", "accuracy_lenient", "n_no_answer", "n_truncated"):
+            assert r[key] == metrics[key]
         if r["model"] == "base":
             assert r["delta_vs_base"] is None and r["mcnemar_p"] is None and r["level"] is None
         else:
@@ -242,6 +255,15 @@ def test_eval_dataset_inconsistencies_are_refused(study: RunDir, tmp_path: Path)
     with pytest.raises(ArtifactError, match="summary row 'level_3' field 'n_correct'"):
         restore_run_dir_from_eval_dataset(RunDir(tmp_path / "a"), forged)
     assert not (tmp_path / "a").exists()  # checked before anything is written
+    table = configs["summary"]["test"].to_list()
+    table[2]["n_correct_lenient"] -= 1
+    forged = dict(configs, summary=datasets.DatasetDict({"test": datasets.Dataset.from_list(table)}))
+    with pytest.raises(ArtifactError, match="summary row 'level_2' field 'n_correct_lenient'"):
+        restore_run_dir_from_eval_dataset(RunDir(tmp_path / "a"), forged)
+
+    regraded = configs["level_3"]["test"].map(lambda row: {"grade_reason": "wrong"})
+    with pytest.raises(ArtifactError, match="config 'level_3' line 1 field 'grade_reason' is 'wrong'"):
+        samples_from_eval_dataset(dict(configs, level_3=datasets.DatasetDict({"test": regraded})))
 
     doubled = datasets.concatenate_datasets(
         [configs["level_5"]["test"], configs["level_5"]["test"].select([7])]

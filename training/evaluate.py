@@ -30,7 +30,7 @@ from eval_artifacts.study.levels import build_prompt, parse_response
 from training import distributed
 from training.data import load_problems
 from training.generate import Engine, Generation, GenerationEngine, select_backend
-from training.gsm8k import Problem, extract_answer, numbers_equal
+from training.gsm8k import Problem, grade
 from training.tokens import think_tokens
 
 
@@ -326,8 +326,14 @@ def make_record(
     level: int | None,
     seed: int,
 ) -> dict:
-    """The validated sample record of one completion."""
-    predicted, extractor = extract_answer(generation.text)
+    """The validated sample record of one completion, graded by the stock model's final-answer rule for base
+    and by the level format's for every other model (``training.gsm8k.grade``)."""
+    graded = grade(
+        generation.text,
+        problem.gold,
+        finish_reason=generation.finish_reason,
+        kind="stock" if level is None else "adapter",
+    )
     return SampleRecord(
         id=problem.id,
         question=problem.question,
@@ -335,9 +341,11 @@ def make_record(
         prompt=prompt,
         completion=generation.text,
         reasoning=parse_response(generation.text).reasoning,
-        predicted=predicted,
-        extractor=extractor,
-        correct=numbers_equal(predicted, problem.gold),
+        predicted=graded.predicted,
+        extractor=graded.extractor,
+        correct=graded.correct,
+        correct_lenient=graded.correct_lenient,
+        grade_reason=graded.reason,
         think_tokens=think_tokens(engine.tokenizer, generation.text),
         completion_tokens=generation.completion_tokens,
         finish_reason=generation.finish_reason,

@@ -1,53 +1,35 @@
-"""GSM8K: loading, gold answers, calculator annotations, reasoning steps, and answer extraction.
+"""GSM8K: loading, gold answers, calculator annotations, reasoning steps, answer extraction and grading.
 
 Answer extraction is an ordered list of named extractors, as in lm-evaluation-harness: the first one that
 matches wins, its name is recorded with the sample, and no match gives ``None`` instead of an exception.
+Grading (``grade``) reads the final answer strictly, from the part of the output a finished answer lives
+in, and also gives the lenient verdict of ``extract_answer`` on the whole output.
 """
 
 from __future__ import annotations
 
-import ast
 import json
-import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from eval_artifacts.arithmetic import (
+    clean_expression,
+    equation_holds,
+    normalize_number,
+    numbers_equal,
+    plain_equations,
+    safe_eval,
+)
+from eval_artifacts.records import grade_reason
 from eval_artifacts.study.errors import DataError
+from eval_artifacts.study.levels import STOCK_ANSWER_LINES, parse_response
 
 # ---------------------------------------------------------------- numbers
 
 # A leading "-" or the Unicode minus sign (U+2212), which models and LaTeX renderers emit.
 _NUMBER = r"[-−]?\$?\d[\d,]*(?:\.\d+)?|[-−]?\$?\.\d+"
-
-
-def normalize_number(text: str | None) -> str | None:
-    """Canonical text of a number: no '$', ',', '%', trailing zeros or trailing '.'; None if not a number.
-
-    ``"$1,234.50"`` → ``"1234.5"``, ``"-3.0"`` → ``"-3"``, ``"7."`` → ``"7"``.
-    """
-    if text is None:
-        return None
-    cleaned = text.strip().replace(",", "").replace("$", "").replace("%", "").replace("−", "-").rstrip(".")
-    cleaned = cleaned.replace(" ", "")
-    if not cleaned:
-        return None
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def numbers_equal(a: str | None, b: str | None) -> bool:
-    na, nb = normalize_number(a), normalize_number(b)
-    return na is not None and na == nb
 
 
 # ---------------------------------------------------------------- gold answers and annotations
@@ -65,63 +47,6 @@ def parse_gold(answer_text: str) -> str:
     return gold
 
 
-_OPS: dict[type, Callable] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-    ast.Pow: operator.pow,
-}
-
-
-def safe_eval(expression: str) -> Decimal | None:
-    """Evaluate plain arithmetic (numbers, + - * / // % **, parentheses); None for anything else."""
-    text = expression.replace("×", "*").replace("÷", "/").replace("−", "-").replace(",", "").replace("$", "")
-    text = re.sub(r"(?<=\d)\s*x\s*(?=[\d(])", "*", text)
-    text = re.sub(r"(\d+(?:\.\d+)?)%", r"(\1/100)", text)
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError:
-        return None
-
-    def walk(node: ast.AST) -> Decimal:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if (
-            isinstance(node, ast.Constant)
-            and isinstance(node.value, int | float)
-            and not isinstance(node.value, bool)
-        ):
-            return Decimal(str(node.value))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-            value = walk(node.operand)
-            return -value if isinstance(node.op, ast.USub) else value
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            left, right = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 12:
-                raise ValueError("exponent too large")
-            return _OPS[type(node.op)](left, right)
-        raise ValueError(f"unsupported {type(node).__name__}")
-
-    try:
-        return walk(tree)
-    except (ValueError, ArithmeticError, TypeError):
-        return None
-
-
-def values_match(computed: Decimal | None, stated: str) -> bool:
-    """Does arithmetic agree with the value the text states (to the precision the text states)?"""
-    stated_norm = normalize_number(stated)
-    if computed is None or stated_norm is None:
-        return False
-    stated_value = Decimal(stated_norm)
-    decimals = max(0, -stated_value.as_tuple().exponent) if "." in stated_norm else 0
-    tolerance = Decimal(1).scaleb(-decimals) / 2 if decimals else Decimal("0.005")
-    return abs(computed - stated_value) <= max(tolerance, Decimal("1e-9"))
-
-
 # ---------------------------------------------------------------- reasoning steps
 
 
@@ -134,18 +59,6 @@ class Step:
     value: str
     """Normalised stated result: ``24``."""
     arithmetic_ok: bool
-
-
-_PLAIN_EQUATION_RE = re.compile(
-    r"((?:\(?\s*\$?\d[\d,]*(?:\.\d+)?\s*\)?\s*(?:[-+*/×x÷−])\s*)+\(?\s*\$?\d[\d,]*(?:\.\d+)?%?\s*\)?)"
-    r"\s*=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)"
-)
-
-
-def _clean_expression(text: str) -> str:
-    text = text.replace("×", "*").replace("÷", "/").replace("−", "-").replace("$", "").replace(",", "")
-    text = re.sub(r"(?<=\d)\s*x\s*(?=[\d(])", "*", text)
-    return re.sub(r"\s+", "", text)
 
 
 def strip_annotations(text: str) -> str:
@@ -165,16 +78,13 @@ def solution_steps(answer_text: str) -> list[Step]:
             continue
         sentence = " ".join(strip_annotations(line).split())
         annotations = ANNOTATION_RE.findall(line)
-        if annotations:
-            pairs = annotations
-        else:
-            pairs = [(m.group(1), m.group(2)) for m in _PLAIN_EQUATION_RE.finditer(line)]
+        pairs = annotations or plain_equations(line)
         for expression, stated in pairs:
-            expression = _clean_expression(expression)
+            expression = clean_expression(expression)
             value = normalize_number(stated)
             if not expression or value is None:
                 continue
-            arithmetic_ok = values_match(safe_eval(expression), stated)
+            arithmetic_ok = equation_holds(expression, stated)
             # A plain-text match that does not check out is a misread (``1/2 = 1/4`` read as ``= 1``), not a
             # wrong step: annotations are the solution's own claims, free text is only our parse of it.
             if not annotations and not arithmetic_ok:
@@ -187,9 +97,12 @@ def solution_steps(answer_text: str) -> list[Step]:
 
 # "#### 18", also with markdown emphasis or a currency sign before the number ("#### **18** per day").
 _HASH_RE = re.compile(r"####\s*[*_]*\s*(" + _NUMBER + r")")
-# "the answer is" / "Answer:" / "final answer =" and the rest of that line. The connector is required, so
-# the verb ("needs to answer 34-16 = 18 questions") is not taken for an announcement of the answer.
-_ANSWER_IS_RE = re.compile(r"(?:final answer|the answer|answer)\s*(?:is\b|:|=)\s*[:=]?([^\n]*)", re.IGNORECASE)
+# "the answer is" / "Answer:" / "final answer =" and the rest of that line, or the next line when the
+# announcement ends its own ("**Final Answer:**" then "**72**"). The connector is required, so the verb
+# ("needs to answer 34-16 = 18 questions") is not taken for an announcement of the answer.
+_ANSWER_IS_RE = re.compile(
+    r"(?:final answer|the answer|answer)[*_]*\s*(?:is\b|:|=)[*_\s]*[:=]?([^\n]*)", re.IGNORECASE
+)
 # An arithmetic chain at the start of the announced answer: "12 + 6 = 18" means 18, "5 apples" means 5.
 _CHAIN_RE = re.compile(
     r"^[\s*_]*((?:" + _NUMBER + r")(?:\s*(?:[-+*/×÷x=]|−)\s*\$?(?:" + _NUMBER + r"))*)"
@@ -251,21 +164,91 @@ EXTRACTORS: list[tuple[str, Callable[[str], str | None]]] = [
 ]
 
 
+# The extractors that read only an answer the output marks as final.
+MARKED_EXTRACTORS = [(name, extractor) for name, extractor in EXTRACTORS if name != "last_number"]
+
+
+def _first_answer(text: str, extractors: list) -> tuple[str | None, str | None]:
+    for name, extractor in extractors:
+        found = normalize_number(extractor(text))
+        if found is not None:
+            return found, name
+    return None, None
+
+
 def extract_answer(text: str) -> tuple[str | None, str | None]:
     """The normalised answer in a model output and the name of the extractor that found it.
 
     Reasoning inside ``<think>…</think>`` is ignored when the output has a think block and something after it,
     so an intermediate number in the reasoning is never taken for the answer.
     """
-    from eval_artifacts.study.levels import parse_response
-
     parsed = parse_response(text)
     search_in = parsed.after_think if parsed.reasoning is not None and parsed.after_think.strip() else text
-    for name, extractor in EXTRACTORS:
-        found = normalize_number(extractor(search_in))
-        if found is not None:
-            return found, name
-    return None, None
+    return _first_answer(search_in, EXTRACTORS)
+
+
+# ---------------------------------------------------------------- grading
+
+GRADE_KINDS = ("adapter", "stock")
+"""How an output's final answer is read: ``adapter`` (the level format: after a closed think block; also
+for prompt-only baselines, which are asked for that format) or ``stock`` (the stock model's own format)."""
+
+
+@dataclass(frozen=True)
+class Grade:
+    """One output graded against its gold answer, strictly and by the lenient rule."""
+
+    predicted: str | None
+    """The final answer read by the strict rule, normalised; None when the output gives none."""
+    extractor: str | None
+    """The extractor that read it (``hash``, ``boxed``, ``answer_is`` or ``last_number``)."""
+    correct: bool
+    """Strict: ``predicted`` equals gold."""
+    correct_lenient: bool
+    """The lenient rule: ``extract_answer`` on the whole output, whose last number counts even in an
+    unfinished one."""
+    reason: str
+    """``correct``, ``wrong``, ``no_answer`` (finished without a final answer the rule can read) or
+    ``truncated`` (cut by the token limit before one)."""
+
+
+def final_answer_part(completion: str, *, finish_reason: str, kind: str) -> tuple[str, list]:
+    """The text a final answer may be read from, and the extractors allowed to read it.
+
+    - An output cut by the token limit (``finish_reason`` ``length``) loses its last, unfinished line (a cut
+      ``#### 72`` may have been ``#### 720``), and only an answer it marked as final counts (``####``,
+      ``\\boxed{}``, "the answer is").
+    - ``adapter``: only what follows a closed think block; no ``</think>``, no part.
+    - ``stock``: the last ``STOCK_ANSWER_LINES`` non-blank lines (after a think block, if there is one), read
+      only for a marked answer (``#### 72``, ``\\boxed{72}``, "the answer is 72", "Final answer:" with the
+      number on that line or the next). The stock model was not trained on the level format, so this is
+      its own format's final-answer rule, no looser: never the last number of its reasoning.
+    """
+    if kind not in GRADE_KINDS:
+        raise ValueError(f"grade kind must be one of {GRADE_KINDS}, got {kind!r}")
+    cut = finish_reason == "length"
+    text = completion[: completion.rfind("\n") + 1] if cut else completion
+    parsed = parse_response(text)
+    if kind == "adapter":
+        part = parsed.after_think if parsed.reasoning is not None else ""
+        return part, MARKED_EXTRACTORS if cut else EXTRACTORS
+    lines = [line for line in parsed.after_think.splitlines() if line.strip()]
+    return "\n".join(lines[-STOCK_ANSWER_LINES:]), MARKED_EXTRACTORS
+
+
+def grade(completion: str, gold: str, *, finish_reason: str, kind: str) -> Grade:
+    """Grade one output: strictly by ``kind``'s final-answer rule (``final_answer_part``), and leniently.
+
+    ``truncated`` is an output cut by the token limit with no final answer before the cut; ``no_answer``
+    one that finished without a final answer the rule can read (an adapter's unclosed think block, a stock
+    output with no marked answer in its last lines).
+    """
+    part, extractors = final_answer_part(completion, finish_reason=finish_reason, kind=kind)
+    predicted, extractor = _first_answer(part, extractors)
+    lenient, _ = extract_answer(completion)
+    correct = numbers_equal(predicted, gold)
+    reason = grade_reason(predicted=predicted, correct=correct, finish_reason=finish_reason)
+    return Grade(predicted, extractor, correct, numbers_equal(lenient, gold), reason)
 
 
 # ---------------------------------------------------------------- loading

@@ -59,6 +59,9 @@ LEVELS: dict[int, Level] = {
 PROMPT_TEMPLATE = "Solve this using Level {number} ({name}).\nProblem: {question}"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_MARKER = "####"
+STOCK_ANSWER_LINES = 5
+"""The stock model is not trained on the level format: its final answer is a marked one (``#### N``,
+``\\boxed{N}``, "the answer is N") in its last this many non-blank lines, or it gave none."""
 
 _THINK_RE = re.compile(r"<think>\s*(.*?)\s*</think>", re.DOTALL)
 

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eval_artifacts.arithmetic import chain_checks_out
 from eval_artifacts.hub_dataset import SAMPLE_COLUMNS, SPLIT, SUMMARY_COLUMNS, SUMMARY_CONFIG
 from eval_artifacts.metrics import check_metrics_match_samples, read_metrics
 from eval_artifacts.records import model_level, read_samples
 from eval_artifacts.rundir import RunDir, read_json
 from eval_artifacts.study.config import LOCAL_ENDPOINT, StudyConfig
 from eval_artifacts.study.errors import ArtifactError
-from eval_artifacts.study.levels import LEVELS, build_prompt
+from eval_artifacts.study.levels import LEVELS, STOCK_ANSWER_LINES, build_prompt
 from eval_artifacts.summary import SWEET_SPOT_ALPHA, read_summary, sweet_spot
 from hub_tools.cards.format import (
     MODEL_COLUMN,
@@ -51,7 +52,7 @@ class StudyArtifacts:
     summary: dict
     stats: dict
     training: dict[int, dict]
-    examples: dict[int, dict]
+    examples: dict[int, dict | None]
     # One message per model whose metrics.json disagrees with its samples.jsonl. Collected, not raised:
     # a card rendered from such metrics must still render, so that validation can name the disagreement.
     sample_mismatches: tuple[str, ...]
@@ -102,10 +103,15 @@ def load_artifacts(config: StudyConfig, run_dir: RunDir) -> StudyArtifacts:
     )
 
 
-def _example(run_dir: RunDir, model: str) -> dict:
-    """The card's example output: the first correct sample by (seed, id), else the first sample."""
+def _example(run_dir: RunDir, model: str) -> dict | None:
+    """The card's example output: the first correct sample by (seed, id) whose chain's arithmetic checks out
+    (``chain_checks_out``: every equation holds and the chain ends at the answer); None when none does.
+
+    A right answer is not enough: two arithmetic errors can cancel (``s=14+5=18→a=18-8=11``).
+    """
     rows = sorted(read_samples(run_dir.samples(model), model=model), key=lambda r: (r["seed"], r["id"]))
-    return next((row for row in rows if row["correct"]), rows[0])
+    checked = (row for row in rows if row["correct"] and chain_checks_out(row["reasoning"], row["predicted"]))
+    return next(checked, None)
 
 
 def _sample_mismatch(run_dir: RunDir, model: str) -> str | None:
@@ -250,7 +256,11 @@ def _caveats(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
         "synthetic_data": config.data.source == "synthetic",
         "n_problems": fmt_count(n_problems),
         "truncated": [
-            {"label": model_label(model), "count": fmt_fraction(m["truncated"], m["n_total"])}
+            {
+                "label": model_label(model),
+                "count": fmt_fraction(m["truncated"], m["n_total"]),
+                "unanswered": fmt_fraction(m["n_truncated"], m["n_total"]),
+            }
             for model, m in art.metrics.items()
             if m["truncated"]
         ],
@@ -281,11 +291,13 @@ def study_context(
         "links": study_links(config, collection_url=collection_url),
         "base": {
             "accuracy": fmt_accuracy(base["accuracy"]),
+            "accuracy_lenient": fmt_accuracy(base["accuracy_lenient"]),
             "ci95": fmt_ci(base["ci95"]),
             "think_mean": fmt_tokens(base["think_tokens"]["mean"]),
             "n_total": fmt_count(base["n_total"]),
         },
         "caveats": _caveats(config, art),
+        "grading": {"stock_answer_lines": fmt_count(STOCK_ANSWER_LINES)},
     }
 
 
@@ -296,6 +308,7 @@ def _headline(config: StudyConfig, art: StudyArtifacts, level: int) -> dict[str,
         "accuracy": fmt_accuracy(m["accuracy"]),
         "ci95": fmt_ci(m["ci95"]),
         "fraction": fmt_fraction(m["n_correct"], m["n_total"]),
+        "accuracy_lenient": fmt_accuracy(m["accuracy_lenient"]),
         "think_mean": fmt_tokens(m["think_tokens"]["mean"]),
         "think_median": fmt_median(m["think_tokens"]["median"]),
         "completion_mean": fmt_tokens(m["completion_tokens"]["mean"]),
@@ -318,11 +331,9 @@ def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int, **link
         "results": _table(art, results_columns(art), config.model_keys, model),
         "vs_base": _table(art, VS_BASE_COLUMNS, levels, model),
         "training": [{"setting": s, "value": v} for s, v in training_rows(art, level)],
-        "example": {
-            "question": example["question"],
-            "completion": example["completion"],
-            "id": example["id"],
-        },
+        "example": None
+        if example is None
+        else {"question": example["question"], "completion": example["completion"], "id": example["id"]},
         "usage": {
             "base_id": base_id,
             "base_is_tiny": base_id == "tiny",
