@@ -27,6 +27,7 @@ from eval_artifacts.study.errors import ArtifactError, DataError
 from eval_artifacts.study.levels import build_response
 from hub_tools import pipeline
 from training import data, rl, sft
+from training.gsm8k import grade
 from training.tokens import count_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,8 @@ HAND_MADE = [
 def test_correct_and_format_terms_on_hand_made_completions(completion, finish, correct, well_formed):
     terms = rl.reward_terms(completion, GOLD, finish_reason=finish, think=5, target=20)
     assert (terms.correct, terms.format, terms.length) == (correct, well_formed, 0.0)
+    # The reward's correctness is the evaluation's strict grade of the same output.
+    assert terms.correct == grade(completion, GOLD, finish_reason=finish, kind="adapter").correct
 
 
 @pytest.mark.parametrize(

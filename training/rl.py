@@ -7,7 +7,7 @@ trainable (the same LoRA weights keep training; TRL keeps a frozen copy as the K
 adapter_model.safetensors, training.json).
 
 The reward of one completion is ``w_correct·correct + w_format·format − w_length·length``:
-    correct: 1 when the evaluation's own strict grader accepts the answer (an answer after a closed think block);
+    correct: 1 when the evaluation's own strict grader (``gsm8k.grade``, the level format) accepts the answer;
     format:  1 when the completion is a closed think block followed by a ``#### N`` final-answer line;
     length:  think tokens past the level's target, as a fraction of the target, capped at 1. The target is the
              upper end of the level's typical length (``Level.max_chars``) in the base tokenizer's tokens, at
@@ -39,7 +39,7 @@ from eval_artifacts.study.config import RewardWeightsConfig, StudyConfig
 from eval_artifacts.study.errors import ArtifactError, DataError
 from eval_artifacts.study.levels import ANSWER_MARKER, get_level, parse_response
 from training import sft
-from training.gsm8k import extract_answer, numbers_equal
+from training.gsm8k import grade
 from training.tokens import count_tokens, think_tokens
 
 TRAIN_ID_PREFIX = "train-"
@@ -187,19 +187,6 @@ class RewardTerms:
     """The penalty's size in [0, 1]; the reward subtracts it."""
 
 
-def strictly_correct(completion: str, gold: str, *, finish_reason: str) -> bool:
-    """The evaluation's strict rule for an adapter: an answer read only after a closed think block."""
-    parsed = parse_response(completion)
-    if (
-        parsed.reasoning is None
-        or finish_reason == "length"
-        and not _ANSWER_LINE_RE.search(parsed.after_think)
-    ):
-        return False
-    predicted, _ = extract_answer(parsed.after_think)
-    return numbers_equal(predicted, gold)
-
-
 def has_level_format(completion: str) -> bool:
     """A closed think block, then a ``#### N`` final-answer line."""
     parsed = parse_response(completion)
@@ -213,7 +200,7 @@ def length_penalty(think: int, target: int) -> float:
 
 def reward_terms(completion: str, gold: str, *, finish_reason: str, think: int, target: int) -> RewardTerms:
     return RewardTerms(
-        correct=float(strictly_correct(completion, gold, finish_reason=finish_reason)),
+        correct=float(grade(completion, gold, finish_reason=finish_reason, kind="adapter").correct),
         format=float(has_level_format(completion)),
         length=length_penalty(think, target),
     )
