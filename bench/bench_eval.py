@@ -585,7 +585,12 @@ def timed_fast_eval(
     finally:
         engine.close()
     totals = out["totals"]
-    totals.update(engine_init_s=init_s, fused_kernels=engine.fused_status, wall_s=totals["wall_s"] + init_s)
+    totals.update(
+        engine_init_s=init_s,
+        fused_kernels=engine.fused_status,
+        fused_check=engine.fused_check,
+        wall_s=totals["wall_s"] + init_s,
+    )
     totals["tokens_per_s"] = totals["generated_tokens"] / totals["wall_s"]
     return out
 

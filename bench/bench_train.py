@@ -36,6 +36,16 @@ from eval_artifacts.study.config import TrainingConfig, load_config
 from training import sft
 
 ROWS = 2000
+# The study recipe's variants (overrides of its training section), by setup name prefix. "ours" is the
+# recipe as configured; the others add Liger's kernels, and a larger batch with them.
+RECIPES = {
+    "ours": {},
+    "ours_liger": {"liger_kernel": True},
+    "ours_liger_b32": {"liger_kernel": True, "batch_size": 32},
+}
+# Largest relative difference allowed between the loss curves with and without Liger's kernels, step by step
+# (same seed, data order and LoRA init): bf16 rounding differs inside the fused kernels, nothing else.
+LOSS_TOLERANCE = 0.01
 
 
 @dataclass
@@ -49,7 +59,7 @@ class TrainInputs:
     rows: list[dict]
     lengths: list[int]
     shape: dict
-    quantizations: list[str]
+    setups: list[tuple[str, str]]
 
 
 def trl_defaults_trainer(
@@ -81,7 +91,9 @@ def run_setup(
     *, name: str, recipe: str, quantization: str, model_dir: str, rows, training, rows_to_train: int
 ):
     precision = sft.choose_precision()
-    ours = recipe == "ours"
+    ours = recipe != "trl_defaults"
+    if ours:  # the study recipe, with the setup's overrides (Liger's kernels, a batch)
+        training = training.model_copy(update=RECIPES[recipe])
     batch = training.batch_size * training.gradient_accumulation_steps if ours else 8
     max_steps = max(2, rows_to_train // batch)
     model, tokenizer = sft.load_base(
@@ -91,9 +103,12 @@ def run_setup(
     dataset = sft.chat_dataset(rows)
     with tempfile.TemporaryDirectory() as output_dir:
         if ours:
+            # The loss of every step, for the loss-curve comparison (the step clock syncs every step anyway).
+            training = training.model_copy(
+                update={"max_steps": max_steps, "save_steps": 10**9, "logging_steps": 1}
+            )
             trainer = sft.build_trainer(
-                model=model, tokenizer=tokenizer, dataset=dataset,
-                training=training.model_copy(update={"max_steps": max_steps, "save_steps": 10**9}),
+                model=model, tokenizer=tokenizer, dataset=dataset, training=training,
                 precision=precision, output_dir=Path(output_dir),
             )  # fmt: skip
         else:
@@ -108,7 +123,10 @@ def run_setup(
         wall = sft.train(trainer).wall_time_s
     result = {
         "setup": name,
-        "recipe": "study config (configs/qwen3-4b-gsm8k.yaml)" if ours else "TRL SFTConfig defaults",
+        "recipe": f"study config (configs/qwen3-4b-gsm8k.yaml) + {RECIPES[recipe]}"
+        if ours
+        else "TRL SFTConfig defaults",
+        "liger_kernel": training.liger_kernel if ours else False,
         "quantization": quantization,
         "precision": precision,
         "batch_size": batch,
@@ -122,6 +140,7 @@ def run_setup(
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if torch.cuda.is_available()
         else None,
+        "loss_curve": [point["loss"] for point in sft.loss_curve(trainer)] if ours else None,
     }
     del trainer, model
     gc.collect()
@@ -169,8 +188,18 @@ def build_inputs(*, smoke: bool, rows_per_setup: int | None) -> TrainInputs:
         rows=rows,
         lengths=lengths,
         shape=common.SMOKE if smoke else common.QWEN3_4B,
-        quantizations=["none"] if smoke else ["nf4", "none"],
+        setups=setups(smoke),
     )
+
+
+def setups(smoke: bool) -> list[tuple[str, str]]:
+    """(recipe, quantization) in run order. Liger patches transformers' Qwen3 classes for the rest of the
+    process, so every unfused setup runs first. The larger batch only in bf16."""
+    quantizations = ["none"] if smoke else ["nf4", "none"]
+    unfused = [(recipe, q) for q in quantizations for recipe in ("trl_defaults", "ours")]
+    if smoke:  # Liger's kernels need a CUDA GPU
+        return unfused
+    return unfused + [("ours_liger", q) for q in quantizations] + [("ours_liger_b32", "none")]
 
 
 def train_every_setup(inputs: TrainInputs) -> tuple[int, list[dict]]:
@@ -180,16 +209,15 @@ def train_every_setup(inputs: TrainInputs) -> tuple[int, list[dict]]:
         parameters = save_random_model(
             inputs.shape, inputs.tokenizer, Path(model_dir), on_gpu=not inputs.smoke
         )
-        for quantization in inputs.quantizations:
-            for recipe in ("trl_defaults", "ours"):
-                name = f"{recipe}_{'nf4' if quantization == 'nf4' else 'bf16'}"
-                print(f"[bench_train] {name} ...", flush=True)
-                result = run_setup(
-                    name=name, recipe=recipe, quantization=quantization, model_dir=model_dir,
-                    rows=inputs.rows, training=inputs.training, rows_to_train=inputs.rows_to_train,
-                )  # fmt: skip
-                print(f"[bench_train] {json.dumps(result)}", flush=True)
-                results.append(result)
+        for recipe, quantization in inputs.setups:
+            name = f"{recipe}_{'nf4' if quantization == 'nf4' else 'bf16'}"
+            print(f"[bench_train] {name} ...", flush=True)
+            result = run_setup(
+                name=name, recipe=recipe, quantization=quantization, model_dir=model_dir,
+                rows=inputs.rows, training=inputs.training, rows_to_train=inputs.rows_to_train,
+            )  # fmt: skip
+            print(f"[bench_train] {json.dumps(result)}", flush=True)
+            results.append(result)
     return parameters, results
 
 
@@ -209,6 +237,20 @@ def compare_setups(inputs: TrainInputs, parameters: int, results: list[dict]) ->
         for kind in ("nf4", "bf16")
         if f"ours_{kind}" in by_name and by_name[f"trl_defaults_{kind}"]["steady_tokens_per_s"]
     }
+    loss_match = {
+        kind: compare_losses(by_name[f"ours_{kind}"], by_name[f"ours_liger_{kind}"])
+        for kind in ("nf4", "bf16")
+        if f"ours_{kind}" in by_name and f"ours_liger_{kind}" in by_name
+    }
+    liger_speedups = {
+        f"{name}_vs_ours": round(
+            by_name[name]["steady_tokens_per_s"]
+            / by_name[f"ours_{name.rsplit('_', 1)[1]}"]["steady_tokens_per_s"],
+            2,
+        )
+        for name in by_name
+        if name.startswith("ours_liger")
+    }
     return {
         "benchmark": "bench_train",
         "mode": "smoke" if inputs.smoke else "qwen3-4b-shape",
@@ -220,8 +262,24 @@ def compare_setups(inputs: TrainInputs, parameters: int, results: list[dict]) ->
         "dense_bf16_peak_flops": peak,
         "setups": results,
         "speedup_ours_vs_trl_defaults": speedups,
+        "speedup_liger": liger_speedups,
+        "loss_match_liger_vs_unfused": loss_match,
         "library_versions": sft.trained_with(),
         "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def compare_losses(unfused: dict, liger: dict) -> dict:
+    """Step-by-step loss curves of the recipe without and with Liger's kernels, against LOSS_TOLERANCE."""
+    pairs = list(zip(unfused["loss_curve"], liger["loss_curve"], strict=True))
+    relative = [abs(b - a) / abs(a) for a, b in pairs]
+    return {
+        "steps": len(pairs),
+        "max_abs_diff": round(max(abs(b - a) for a, b in pairs), 5),
+        "max_relative_diff": round(max(relative), 5),
+        "mean_relative_diff": round(sum(relative) / len(relative), 5),
+        "tolerance": LOSS_TOLERANCE,
+        "passed": max(relative) <= LOSS_TOLERANCE,
     }
 
 
@@ -230,7 +288,13 @@ def write_payload(payload: dict, out: Path | None) -> None:
     out = common.default_out("bench_train.json", out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({"speedup": payload["speedup_ours_vs_trl_defaults"], "written": str(out)}), flush=True)
+    summary = {
+        "speedup": payload["speedup_ours_vs_trl_defaults"],
+        "liger": payload["speedup_liger"],
+        "loss_match": payload["loss_match_liger_vs_unfused"],
+        "written": str(out),
+    }
+    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

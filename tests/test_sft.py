@@ -230,6 +230,27 @@ def test_nf4_without_cuda_is_a_training_error(training_base, tmp_path):
         sft.run(config, run_dir, levels=[3])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_liger_kernels_without_cuda_are_a_training_error_before_any_data_is_read(training_base, tmp_path):
+    config = sft_study(training_base, tmp_path / "run").with_overrides(**{"training.liger_kernel": True})
+    with pytest.raises(TrainingError, match="training.liger_kernel: false"):
+        sft.run(config, config.run_dir, levels=[3])  # no prepared data: the kernel check comes first
+
+
+def test_what_liger_patches_in_transformers_during_training_is_put_back():
+    # Liger swaps the Qwen3 module's classes for the whole process; evaluation builds models after training.
+    from types import SimpleNamespace
+
+    from helpers import tiny_qwen3
+    from transformers.models.qwen3 import modeling_qwen3
+
+    original = modeling_qwen3.Qwen3MLP, modeling_qwen3.apply_rotary_pos_emb
+    trainer = SimpleNamespace(args=SimpleNamespace(use_liger_kernel=True), model=tiny_qwen3(32))
+    with sft._modeling_module_restored(trainer):
+        modeling_qwen3.Qwen3MLP, modeling_qwen3.apply_rotary_pos_emb = object, len  # what Liger does
+    assert (modeling_qwen3.Qwen3MLP, modeling_qwen3.apply_rotary_pos_emb) == original
+
+
 def test_train_command_prints_one_summary_line_per_level(training_base, tmp_path):
     config = sft_study(training_base, tmp_path / "run", max_steps=2)
     prepared(config, levels=(4, 5))

@@ -17,6 +17,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,7 @@ def run(
     for level in levels:
         get_level(level)
     check_quantization(config.base_model.quantization)  # before any data is read or a base is built
+    check_liger(config.training.liger_kernel)
     # Resolved on first need: an all-up-to-date rerun never builds the tiny base.
     model_path: str | None = None
     results: dict[int, dict] = {}
@@ -196,6 +199,18 @@ def check_quantization(quantization: str) -> None:
         raise TrainingError("NF4 quantization needs bitsandbytes: pip install 'cot-compress[gpu]'")
 
 
+def check_liger(liger_kernel: bool) -> None:
+    """Liger's kernels are Triton kernels: they need a CUDA GPU and liger-kernel."""
+    if not liger_kernel:
+        return
+    if not torch.cuda.is_available():
+        raise TrainingError(
+            "training.liger_kernel is true but no CUDA GPU is visible: set training.liger_kernel: false"
+        )
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise TrainingError("training.liger_kernel needs liger-kernel: pip install 'cot-compress[gpu]'")
+
+
 def load_base(
     *, model_path: str, revision: str, quantization: str, precision: str, gradient_checkpointing: bool
 ):
@@ -255,6 +270,7 @@ def build_trainer(
     """The SFTTrainer of one level: LoRA from the config, loss on the completion or the whole sequence."""
     from peft import LoraConfig
 
+    check_liger(training.liger_kernel)
     args = SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=training.epochs,
@@ -267,6 +283,8 @@ def build_trainer(
         lr_scheduler_type=training.lr_scheduler,
         completion_only_loss=training.completion_only_loss,
         packing=training.packing,
+        # Liger's RMSNorm, SwiGLU and RoPE kernels; TRL keeps its own chunked LM head and loss.
+        use_liger_kernel=training.liger_kernel,
         seed=training.seed,
         data_seed=training.seed,
         logging_steps=training.logging_steps,
@@ -343,14 +361,33 @@ def train(trainer: SFTTrainer, *, resume: bool | Path | None = None) -> TrainOut
     start = _TokensAtStart()
     trainer.add_callback(start)
     began = time.perf_counter()
-    trainer.train(
-        resume_from_checkpoint=str(resume) if isinstance(resume, Path) else (True if resume else None)
-    )
+    with _modeling_module_restored(trainer):
+        trainer.train(
+            resume_from_checkpoint=str(resume) if isinstance(resume, Path) else (True if resume else None)
+        )
     wall = time.perf_counter() - began
     trainer.remove_callback(start)
     return TrainOutcome(
         wall_time_s=wall, session_tokens=int(trainer.state.num_input_tokens_seen - start.tokens)
     )
+
+
+@contextmanager
+def _modeling_module_restored(trainer: SFTTrainer) -> Iterator[None]:
+    """Liger patches the model's transformers module for the whole process (norm and MLP classes, the
+    rotary function), and its MLP has no ``act_fn``, which the fast engine reads. Models built after
+    training (evaluation, in the same process) must be transformers' own, so the module comes back."""
+    if not trainer.args.use_liger_kernel:
+        yield
+        return
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    module = sys.modules[type(model).__module__]
+    saved = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def save_adapter(trainer: SFTTrainer, adapter_dir: Path) -> None:
@@ -444,10 +481,13 @@ def up_to_date(config: StudyConfig, run_dir: RunDir, level: int, data_sha256: st
 
 
 def trained_with() -> dict[str, str]:
-    """The training libraries' versions for training.json (bitsandbytes only when NF4 loaded it)."""
+    """The training libraries' versions for training.json (bitsandbytes when NF4 loaded it, liger-kernel when
+    its kernels were used)."""
     names = ["torch", "transformers", "peft", "trl", "accelerate", "datasets"]
     if "bitsandbytes" in sys.modules:
         names.append("bitsandbytes")
+    if "liger_kernel" in sys.modules:
+        names.append("liger-kernel")
     return {name: version for name, version in library_versions(names).items() if version is not None}
 
 

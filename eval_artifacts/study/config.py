@@ -122,6 +122,9 @@ class TrainingConfig(_Strict):
     """False reproduces the original study: loss over the full sequence."""
     gradient_checkpointing: bool = False
     packing: bool = False
+    liger_kernel: bool = False
+    """Train with Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) through TRL; needs a CUDA GPU and liger-kernel.
+    Same results within bf16 rounding (bench/README.md: the loss curves of both, one seed)."""
     lora: LoraConfig = LoraConfig()
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
