@@ -17,7 +17,7 @@ from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.errors import CardValidationError, HubError
 from eval_artifacts.study.levels import LEVELS
 from hub_tools import cards
-from hub_tools.hub_client import HubTarget, describe, reading, status_of
+from hub_tools.hub_client import HubTarget, describe, reading, status_of, writing
 
 
 @dataclass(frozen=True)
@@ -195,44 +195,88 @@ def plan_collection(
 
 
 def create_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
-    """Create the (empty) collection; its items are added by ``apply_collection``."""
+    """Create the (empty) collection; its items are added by ``apply_collection``.
+
+    ``exists_ok`` makes a repeated create return the collection of that title, so after a lost answer the
+    create is simply sent again (``writing``), unless a read finds the collection already there.
+    """
+    api, token = target.api, target.token
+
+    def create() -> Collection:
+        return api.create_collection(
+            plan.title, namespace=plan.namespace, private=plan.private, exists_ok=True, token=token
+        )
+
     try:
-        return target.api.create_collection(
-            plan.title, namespace=plan.namespace, private=plan.private, exists_ok=True, token=target.token
+        return writing(
+            create,
+            landed=lambda: find_collection(target, namespace=plan.namespace, title=plan.title, slug=None),
         )
     except (HfHubHTTPError, httpx2.TransportError) as error:
         raise HubError(
-            f"creating collection {plan.title!r} failed: {describe(error, target.token)}; rerun publish"
+            f"creating collection {plan.title!r} failed: {describe(error, token)}; rerun publish"
+        ) from None
+
+
+def retitle_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
+    """Give the existing collection the study's title (which changes its slug); the rest is ``apply_collection``'s."""
+    api, token = target.api, target.token
+
+    def landed() -> Collection | None:
+        current = reading(lambda: api.get_collection(plan.slug, token=token))
+        return current if current.title == plan.title else None
+
+    try:
+        return writing(
+            lambda: api.update_collection_metadata(plan.slug, title=plan.title, token=token), landed=landed
+        )
+    except (HfHubHTTPError, httpx2.TransportError) as error:
+        raise HubError(
+            f"retitling collection {plan.slug} failed: {describe(error, token)}; rerun publish to finish it"
         ) from None
 
 
 def apply_collection(target: HubTarget, plan: CollectionPlan) -> Collection:
-    """Bring the collection to the wanted state: create, retitle, add, remove, re-note, reorder."""
+    """Bring the collection to the wanted state: create, retitle, add, remove, re-note, reorder.
+
+    Every step is idempotent once re-planned, so after a lost answer the collection is read again, re-planned,
+    and what is still missing is sent again (``writing``).
+    """
     if plan.current is None:
         plan.current = create_collection(target, plan)
     api, token = target.api, target.token
+
+    def landed() -> Collection | None:
+        plan.current = reading(lambda: api.get_collection(plan.slug, token=token))
+        return None if plan.changed else plan.current
+
     try:
-        slug = plan.slug
-        if plan.title_change:
-            slug = api.update_collection_metadata(slug, title=plan.title, token=token).slug
-        for item in plan.removals():
-            api.delete_collection_item(slug, item.item_object_id, missing_ok=True, token=token)
-        for w in plan.additions():
-            api.add_collection_item(slug, w.item_id, w.item_type, note=w.note, token=token)
-            maybe_crash("collection.item_added")
-        for object_id, w, _ in plan.note_changes():
-            api.update_collection_item(slug, object_id, note=w.note, token=token)
-            maybe_crash("collection.note_updated")
-        if plan.moves():
-            ids = {
-                (i.item_type, i.item_id): i.item_object_id
-                for i in reading(lambda: api.get_collection(slug, token=token)).items
-            }
-            for key, position in plan.moves():
-                api.update_collection_item(slug, ids[key], position=position, token=token)
-                maybe_crash("collection.item_moved")
-        return reading(lambda: api.get_collection(slug, token=token))
+        return writing(lambda: _apply_changes(target, plan), landed=landed)
     except (HfHubHTTPError, httpx2.TransportError) as error:
         raise HubError(
             f"updating collection {plan.title!r} failed: {describe(error, token)}; rerun publish to finish it"
         ) from None
+
+
+def _apply_changes(target: HubTarget, plan: CollectionPlan) -> Collection:
+    api, token = target.api, target.token
+    slug = plan.slug
+    if plan.title_change:
+        slug = api.update_collection_metadata(slug, title=plan.title, token=token).slug
+    for item in plan.removals():
+        api.delete_collection_item(slug, item.item_object_id, missing_ok=True, token=token)
+    for w in plan.additions():
+        api.add_collection_item(slug, w.item_id, w.item_type, note=w.note, exists_ok=True, token=token)
+        maybe_crash("collection.item_added")
+    for object_id, w, _ in plan.note_changes():
+        api.update_collection_item(slug, object_id, note=w.note, token=token)
+        maybe_crash("collection.note_updated")
+    if plan.moves():
+        ids = {
+            (i.item_type, i.item_id): i.item_object_id
+            for i in reading(lambda: api.get_collection(slug, token=token)).items
+        }
+        for key, position in plan.moves():
+            api.update_collection_item(slug, ids[key], position=position, token=token)
+            maybe_crash("collection.item_moved")
+    return reading(lambda: api.get_collection(slug, token=token))

@@ -89,28 +89,73 @@ def status_of(error: BaseException) -> int | None:
 T = TypeVar("T")
 TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
 READ_ATTEMPTS = 3
+WRITE_ATTEMPTS = 3
+
+
+def unwrapped(error: BaseException) -> BaseException:
+    """The HTTP error behind huggingface_hub's ``RuntimeError("Error while uploading ...")`` around LFS failures."""
+    return (error.__cause__ or error) if type(error) is RuntimeError else error
+
+
+def _transient(error: BaseException) -> bool:
+    """A 429, a 5xx, a dropped or timed-out connection; not a refused one (nobody listens: retrying won't help)."""
+    if isinstance(error, httpx2.ConnectError):
+        return False
+    if isinstance(error, HfHubHTTPError):
+        return status_of(error) is None or status_of(error) in TRANSIENT_STATUSES
+    return isinstance(error, httpx2.TransportError)
+
+
+def _back_off(error: BaseException, attempt: int) -> None:
+    """Wait ``Retry-After`` (at most 30 s) if the Hub sent one, else ``attempt`` seconds."""
+    retry_after = getattr(getattr(error, "response", None), "headers", {}).get("Retry-After", "")
+    time.sleep(min(int(retry_after), 30) if retry_after.isdigit() else attempt)
 
 
 def reading(call: Callable[[], T]) -> T:
     """Run a read-only Hub call, retried on a transient failure: 429, 5xx, a dropped or timed-out connection.
 
     huggingface_hub retries uploads but not whoami, repo info, paths-info or collection reads, so one flaky
-    answer would stop a publish. Reads are safe to repeat; writes are never retried here (a commit whose answer
-    was lost may have landed: the next publish reads the Hub and sees it). Waits ``Retry-After`` (at most 30 s)
-    or 1 s, then 2 s.
+    answer would stop a publish. Reads are safe to repeat; writes go through ``writing``, which first reads
+    whether the write landed. Waits ``Retry-After`` (at most 30 s) or 1 s, then 2 s.
     """
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
             return call()
         except (HfHubHTTPError, httpx2.TransportError) as error:
-            refused = isinstance(error, httpx2.ConnectError)  # nobody listens: retrying will not help
-            status = status_of(error) if isinstance(error, HfHubHTTPError) else None
-            transient = not refused and (status is None or status in TRANSIENT_STATUSES)
-            if attempt == READ_ATTEMPTS or not transient:
+            if attempt == READ_ATTEMPTS or not _transient(error):
                 raise
-            retry_after = getattr(getattr(error, "response", None), "headers", {}).get("Retry-After", "")
-            time.sleep(min(int(retry_after), 30) if retry_after.isdigit() else attempt)
+            _back_off(error, attempt)
     raise AssertionError("unreachable")
+
+
+def writing(write: Callable[[], T], *, landed: Callable[[], T | None]) -> T:
+    """Run a write whose answer may be lost, so that it takes effect exactly once.
+
+    After a 429, a 5xx, a 412 or a dropped connection the write may or may not have landed (the Hub can fail
+    after writing, and a lost answer says nothing). So ``landed`` reads the Hub: it returns the write's result
+    when the write is there (or nothing is left to write), None when it is not (then the write is sent again,
+    after ``Retry-After`` or 1 s, then 2 s), and raises ``HubError`` when the Hub holds something else. A 412
+    counts as uncertain because ``landed`` checks the precondition itself, and every write it re-sends still
+    carries its own (a commit's parent), so a real concurrent change is never overwritten.
+
+    Raises the last error when every attempt failed and the last did not land either, and any other error at
+    once.
+    """
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            return write()
+        except (HfHubHTTPError, httpx2.TransportError, RuntimeError) as raised:
+            error = unwrapped(raised)
+            if not (_transient(error) or (isinstance(error, HfHubHTTPError) and status_of(error) == 412)):
+                raise
+            last = raised
+        if attempt < WRITE_ATTEMPTS:
+            _back_off(error, attempt)
+        found = landed()
+        if found is not None:
+            return found
+    raise last
 
 
 @contextmanager

@@ -274,6 +274,7 @@ def prepared(config, levels=(3,)) -> RunDir:
 README = "README.md"
 SLUG = re.compile(r"collections/[\w.-]+/[\w.-]+-[0-9a-f]{24}")
 ENDPOINT = re.compile(r"http://127\.0\.0\.1:\d+")  # cards link the hub they are published to
+COMMIT = re.compile(r"\b[0-9a-f]{40}\b")  # cards, eval results and shards name the commits of the publish
 
 
 def edited_templates(folder: Path) -> Path:
@@ -303,13 +304,30 @@ def head_files(hub, repo_type: str, repo_id: str) -> dict[str, str] | None:
     for path, entry in storage.get_commit(repo_type, repo_id, sha)["tree"].items():
         data = storage.read_blob(entry["sha256"])
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"], path
-        files[path] = mask(data.decode()) if path == README else entry["sha256"]
+        files[path] = comparable(path, data) or entry["sha256"]
     return files
 
 
+def comparable(path: str, data: bytes) -> str | None:
+    """A file that names commits (cards, eval results, configs, the eval dataset's shards) as text with the
+    parts that differ between two publishes of one study (port, collection id, commit ids) masked; None for
+    any other file, which compares by its bytes."""
+    if path.endswith((".md", ".yaml", ".json")):
+        return mask(data.decode())
+    if path.endswith(".parquet"):
+        import io
+
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        return mask(json.dumps(rows, sort_keys=True, default=str))
+    return None
+
+
 def mask(text: str) -> str:
-    """A card with the parts that differ between two hubs (port, collection id) masked."""
-    return ENDPOINT.sub("HUB", SLUG.sub("collections/SLUG", text))
+    """Text with the parts that differ between two publishes of one study (port, collection id, commit ids)
+    masked."""
+    return COMMIT.sub("COMMIT", ENDPOINT.sub("HUB", SLUG.sub("collections/SLUG", text)))
 
 
 def hub_state(hub, config) -> dict:

@@ -105,10 +105,8 @@ def folder_files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def chromium(url: str, tmp: Path, *, screenshot: Path | None = None) -> str:
-    """Open ``url`` in headless Chromium; return the DOM after scripts ran; optionally save a screenshot."""
-    binary = shutil.which("chromium") or str(CHROMIUM)
-    flags = [
+def chromium_flags(tmp: Path) -> list[str]:
+    return [
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -120,16 +118,129 @@ def chromium(url: str, tmp: Path, *, screenshot: Path | None = None) -> str:
         f"--user-data-dir={tmp / 'chromium-profile'}",
         "--window-size=1200,1600",
     ]
-    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+CHROMIUM_ENV = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+def chromium(url: str, tmp: Path, *, screenshot: Path | None = None) -> str:
+    """Open ``url`` in headless Chromium; return the DOM after scripts ran; optionally save a screenshot."""
+    binary = shutil.which("chromium") or str(CHROMIUM)
+    flags = chromium_flags(tmp)
     if screenshot is not None:
         subprocess.run(
             [binary, *flags, f"--screenshot={screenshot}", url],
             check=True,
             capture_output=True,
             timeout=90,
-            env=env,
+            env=CHROMIUM_ENV,
         )
     done = subprocess.run(
-        [binary, *flags, "--dump-dom", url], check=True, capture_output=True, timeout=90, env=env
+        [binary, *flags, "--dump-dom", url], check=True, capture_output=True, timeout=90, env=CHROMIUM_ENV
     )
     return done.stdout.decode()
+
+
+# What a page shows once loaded: its HTTP status and each image with the width the browser decoded.
+PAGE_REPORT = """JSON.stringify({
+  status: performance.getEntriesByType("navigation")[0].responseStatus,
+  images: [...document.images].map(i => ({src: i.currentSrc || i.src, naturalWidth: i.naturalWidth}))
+})"""
+
+
+# The navigation committed (about:blank is complete too) and the load event fired.
+LOADED = "location.href !== 'about:blank' && document.readyState === 'complete'"
+
+
+class DevTools:
+    """Headless Chromium driven through the DevTools protocol over a pipe (``--remote-debugging-pipe``: the
+    browser reads NUL-terminated JSON commands on fd 3 and answers on fd 4), so no driver package is needed."""
+
+    def __init__(self, tmp: Path, timeout: float = 60.0):
+        import fcntl
+
+        self.timeout, self.next_id, self.buffer = timeout, 0, b""
+        commands_r, self.commands = os.pipe()
+        self.answers, answers_w = os.pipe()
+        # Moved to fds >= 10 so that the shell's redirections onto 3 and 4 cannot clobber one with the other
+        # (a shell, not preexec_fn, because the hub's server thread is running in this process).
+        child_r, child_w = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (commands_r, answers_w))
+        os.close(commands_r)
+        os.close(answers_w)
+        binary = shutil.which("chromium") or str(CHROMIUM)
+        onto_3_and_4 = f'exec "$0" "$@" 3<&{child_r} 4>&{child_w} {child_r}<&- {child_w}>&-'
+        browser = [binary, *chromium_flags(tmp), "--remote-debugging-pipe", "about:blank"]
+        self.process = subprocess.Popen(
+            ["bash", "-c", onto_3_and_4, *browser],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(child_r, child_w),
+            env=CHROMIUM_ENV,
+        )
+        os.close(child_r)
+        os.close(child_w)
+
+    def _receive(self) -> dict:
+        import json
+        import select
+
+        while b"\0" not in self.buffer:
+            ready, _, _ = select.select([self.answers], [], [], self.timeout)
+            chunk = os.read(self.answers, 1 << 16) if ready else b""
+            if not chunk:
+                raise TimeoutError("Chromium did not answer over the DevTools pipe")
+            self.buffer += chunk
+        message, self.buffer = self.buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        """One command; its result (events arriving meanwhile are skipped)."""
+        import json
+
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        while True:
+            answer = self._receive()
+            if answer.get("id") == self.next_id:
+                if "error" in answer:
+                    raise RuntimeError(f"DevTools {method}: {answer['error']}")
+                return answer["result"]
+
+    def page_report(self, url: str) -> dict:
+        """Open ``url`` in a new tab, wait for its load event (images loaded or failed), and report it."""
+        import json
+        import time
+
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        self.send("Page.navigate", {"url": url}, session)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.evaluate(LOADED, session):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not finish loading within {self.timeout:.0f} s")
+            time.sleep(0.05)
+        report = json.loads(self.evaluate(PAGE_REPORT, session))
+        self.send("Target.closeTarget", {"targetId": target})
+        return report
+
+    def evaluate(self, expression: str, session: str):
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
+        return result["result"].get("value")
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close")
+        except (OSError, TimeoutError, RuntimeError):
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.commands)
+        os.close(self.answers)

@@ -128,3 +128,100 @@ def test_pages_in_headless_chromium(site, tmp_path):
     collection_dom = chromium(hub.collection_url(slug), tmp_path, screenshot=collection_shot)
     assert "Level 4: 73.6% accuracy at 11 think tokens" in collection_dom
     assert collection_shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_card_relative_links_and_images_resolve_in_the_repo_as_on_the_hub(local_hub):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=local_hub.endpoint, token=local_hub.default_token)
+    card = (
+        b"# Links\n![plot](pareto.png) ![sub](./img/a%20b.png) [config](adapter_config.json#L2) "
+        b"[site](/cot-compress) [web](https://example.com/x.png) [anchor](#links) [above](../other/x)\n"
+    )
+    for repo_type, prefix in (("model", ""), ("dataset", "datasets/")):
+        repo_id = f"cot-compress/links-{repo_type}"
+        api.create_repo(repo_id, repo_type=repo_type)
+        api.upload_file(repo_id=repo_id, repo_type=repo_type, path_in_repo="README.md", path_or_fileobj=card)
+        html = httpx2.get(local_hub.url_for(repo_type, repo_id)).text
+        repo = f"{local_hub.endpoint}/{prefix}{repo_id}"
+        assert f'<img src="{repo}/resolve/main/pareto.png" alt="plot"' in html
+        assert f'<img src="{repo}/resolve/main/img/a%20b.png" alt="sub"' in html
+        assert f'href="{repo}/blob/main/adapter_config.json#L2"' in html
+        for kept in ("/cot-compress", "https://example.com/x.png", "#links", "../other/x"):
+            assert f'href="{kept}"' in html
+
+
+@pytest.fixture
+def published_study(local_hub, fixture_run, tmp_path):
+    """The fixture study (levels 1-2) published to the local hub with the real clients."""
+    from helpers import repos
+    from hubtools import publish_to
+
+    from eval_artifacts.rundir import RunDir
+    from eval_artifacts.study.config import load_config
+    from hub_tools.publishing.commands import Scope
+
+    run_dir = RunDir(tmp_path / "run")
+    shutil.copytree(fixture_run, run_dir.root)
+    config = load_config().with_overrides(run_dir=str(run_dir.root), levels=[1, 2])
+    report = publish_to(
+        local_hub.endpoint,
+        config,
+        run_dir,
+        token=local_hub.default_token,
+        scope=Scope.ALL,
+        echo=lambda line: None,
+    )
+    return local_hub, run_dir, repos(config), report.collection_url
+
+
+def test_the_hubs_page_urls_answer_200(published_study):
+    """/{repo}, /datasets/{repo}, /collections/{slug}, /{repo}/blob|tree|resolve/...: the URLs the Hub uses."""
+    hub, run_dir, repos, collection_url = published_study
+    assert httpx2.get(collection_url).status_code == 200
+    namespace = repos[0][1].split("/")[0]
+    for owner_page in (f"{hub.endpoint}/{namespace}", f"{hub.endpoint}/collections/{namespace}"):
+        listing = httpx2.get(owner_page)  # the Hub's profile and collections-of-a-user pages
+        assert listing.status_code == 200 and collection_url.split("/collections/")[1] in listing.text
+    assert httpx2.get(f"{hub.endpoint}/collections/nobody").status_code == 404
+    for repo_type, repo_id in repos:
+        repo = hub.url_for(repo_type, repo_id)
+        for url in (repo, f"{repo}/tree/main", f"{repo}/blob/main/README.md", f"{repo}/blob/main/pareto.png"):
+            page = httpx2.get(url)
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), url
+        plot = httpx2.get(f"{repo}/resolve/main/pareto.png")
+        assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
+        assert plot.content == run_dir.pareto_png.read_bytes()
+        assert "# " in httpx2.get(f"{repo}/blob/main/README.md").text  # the card's text, shown as text
+        assert httpx2.get(f"{repo}/blob/main/missing.txt").status_code == 404
+    model = hub.url_for(*repos[0])
+    assert httpx2.get(f"{model}/resolve/main/adapter_config.json").headers["content-type"] == (
+        "application/octet-stream"  # only images get their type: no repo file runs in the pages' origin
+    )
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and shutil.which("chromium") is None,
+    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; CI installs it)",
+)
+def test_pareto_plot_loads_on_every_page_in_headless_chromium(published_study, tmp_path):
+    from hubtools import DevTools
+
+    hub, run_dir, repos, collection_url = published_study
+    png = run_dir.pareto_png.read_bytes()
+    width = int.from_bytes(png[16:20], "big")  # the IHDR width of the plot the study made
+    browser = DevTools(tmp_path)
+    try:
+        for repo_type, repo_id in repos:
+            repo = hub.url_for(repo_type, repo_id)
+            for url in (repo, f"{repo}/blob/main/pareto.png"):
+                report = browser.page_report(url)
+                assert report["status"] == 200, url
+                plots = [i for i in report["images"] if i["src"].endswith("/pareto.png")]
+                assert plots and all(i["naturalWidth"] == width for i in plots), (url, report)
+                assert all(i["naturalWidth"] > 0 for i in report["images"]), (url, report)  # nothing broken
+        for url in (collection_url, hub.endpoint + "/"):  # pages without the plot: nothing broken either
+            report = browser.page_report(url)
+            assert report["status"] == 200 and all(i["naturalWidth"] > 0 for i in report["images"])
+    finally:
+        browser.close()

@@ -401,3 +401,71 @@ def test_configure_clients_patches_and_restores(local_hub):
         restore()
     assert before == (huggingface_hub.constants.ENDPOINT, hf_api.api.endpoint, datasets.config.HF_ENDPOINT)
     assert before[0] == local_hub.endpoint == os.environ["HF_ENDPOINT"]
+
+
+def test_eval_results_files_read_back_as_on_the_hub(local_hub, api):
+    """``model_info(expand=["evalResults"])``: one parsed item per entry of a valid ``.eval_results/*.yaml``,
+    ``{filename, error}`` for an invalid file (which the client skips); the repo page shows both."""
+    import yaml
+    from huggingface_hub import CommitOperationAdd, EvalResultEntry, eval_result_entries_to_yaml
+
+    written = [
+        EvalResultEntry(
+            dataset_id="cot-compress/tiny-cot-eval",
+            task_id="level_4",
+            value=58.5,
+            dataset_revision="0123456789abcdef0123456789abcdef01234567",
+            date="2026-11-26",
+            source_url=f"{local_hub.endpoint}/datasets/cot-compress/tiny-cot-eval",
+            source_name="Eval details",
+            notes="Level 4, strict grading, greedy, 1 training seed",
+        ),
+        EvalResultEntry(dataset_id="openai/gsm8k", task_id="main", value=61),
+    ]
+    files = {
+        ".eval_results/study.yaml": yaml.safe_dump(eval_result_entries_to_yaml(written)),
+        # hand-written: an unquoted YAML date is a date too
+        ".eval_results/by-hand.yaml": "- dataset: {id: openai/gsm8k, task_id: main}\n  value: 0.5\n"
+        "  date: 2026-11-27\n",
+        ".eval_results/no-task.yaml": "- dataset: {id: openai/gsm8k}\n  value: 58.0\n",
+        ".eval_results/broken.yaml": "- dataset: {id: [unclosed\n",
+        ".eval_results/text-value.yaml": "- dataset: {id: openai/gsm8k, task_id: main}\n  value: high\n",
+        ".eval_results/not-a-list.yaml": "dataset: {id: openai/gsm8k, task_id: main}\nvalue: 1\n",
+        ".eval_results/source-without-url.yaml": (
+            "- dataset: {id: openai/gsm8k, task_id: main}\n  value: 1\n  source: {name: x}\n"
+        ),
+        "notes/not-eval-results.yaml": "- not: read\n",
+    }
+    repo_id = "cot-compress/evals"
+    api.create_repo(repo_id)
+    api.create_commit(
+        repo_id,
+        [CommitOperationAdd(path_in_repo=p, path_or_fileobj=t.encode()) for p, t in files.items()],
+        commit_message="Eval results",
+    )
+    assert api.model_info(repo_id).eval_results is None  # only when asked for
+    by_hand = EvalResultEntry(dataset_id="openai/gsm8k", task_id="main", value=0.5, date="2026-11-27")
+    assert api.model_info(repo_id, expand=["evalResults"]).eval_results == [by_hand, *written]
+
+    raw = httpx2.get(f"{local_hub.endpoint}/api/models/{repo_id}?expand=evalResults").json()["evalResults"]
+    invalid = {item["filename"]: item["error"] for item in raw if "error" in item}
+    assert set(invalid) == {
+        ".eval_results/no-task.yaml",
+        ".eval_results/broken.yaml",
+        ".eval_results/text-value.yaml",
+        ".eval_results/not-a-list.yaml",
+        ".eval_results/source-without-url.yaml",
+    }
+    assert "task_id" in invalid[".eval_results/no-task.yaml"]
+    assert "'value'" in invalid[".eval_results/text-value.yaml"]
+    valid = [item for item in raw if "error" not in item]
+    assert [item["filename"] for item in valid] == [".eval_results/by-hand.yaml"] + [
+        ".eval_results/study.yaml"
+    ] * 2
+    assert all(item["verified"] is False and item["pullRequest"] is None for item in valid)
+    assert valid[1]["data"] == eval_result_entries_to_yaml(written)[0]
+
+    page = httpx2.get(local_hub.url_for("model", repo_id)).text
+    section = page.split('id="eval-results"', 1)[1].split("</table>", 1)[0]
+    assert section.count("<tr") == 1 + len(raw)  # the header, then one row per item
+    assert ">58.5<" in section and "Level 4, strict grading" in section and section.count("invalid:") == 5

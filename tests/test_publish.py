@@ -12,6 +12,7 @@ import re
 import shutil
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -22,7 +23,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import ArtifactError, CardValidationError, HubError
-from hub_tools.cards import render_collection_notes
+from hub_tools.cards import collection_url_from_state, render_collection_notes
 from hub_tools.cli import main
 from hub_tools.local_hub import configure_clients, running_hub
 from hub_tools.publishing import commands as publish_module
@@ -161,6 +162,58 @@ def test_full_publish_then_unchanged_republish(study, hub, tmp_path):
     assert writes(hub, mark) == []
     assert sum(e["bytes_in"] for e in hub.request_log[mark:] if e["method"] == "PUT") == 0
     assert all(r.status == "unchanged" for r in again.repos)
+
+
+def test_one_run_dir_publishes_to_two_namespaces_of_one_hub(study, tmp_path):
+    """State is kept per (Hub, namespace): each namespace gets its own repos and collection, and converges."""
+    config, run_dir = study
+    lab = config.with_overrides(**{"hub.namespace": "cot-lab"})
+    with running_hub(tmp_path / "hub-data", orgs={"cot-lab": [config.hub.namespace]}) as hub:
+        configure_clients(hub.endpoint)
+        assert publish(config, run_dir, hub).commits == len(repos(config))
+        assert publish(lab, run_dir, hub).commits == len(repos(lab))
+        state = json.loads(run_dir.publish_state.read_text())["hubs"][hub.endpoint]
+        slugs = {ns: entry["slug"] for ns, entry in state["collections"].items()}
+        assert set(slugs) == {"cot-compress", "cot-lab"} and slugs["cot-lab"].startswith("cot-lab/")
+        for study_config in (config, lab):
+            collection = api(hub).get_collection(slugs[study_config.hub.namespace])
+            assert [i.item_id for i in collection.items] == [r for _, r in repos(study_config)]
+            for repo_type, repo_id in repos(study_config):
+                assert hub.commit_count(repo_type, repo_id) == 2
+                readme = api(hub).hf_hub_download(
+                    repo_id, "README.md", repo_type=repo_type, cache_dir=tmp_path / "dl"
+                )
+                assert f"collections/{slugs[study_config.hub.namespace]}" in Path(readme).read_text()
+        for study_config in (config, lab):  # render-cards links the collection of the config's namespace
+            on_hub = study_config.with_overrides(**{"hub.endpoint": hub.endpoint})
+            url = collection_url_from_state(on_hub, run_dir)
+            assert url.endswith(f"/collections/{slugs[study_config.hub.namespace]}")
+        # each converges on its own: a republish to either namespace writes nothing
+        for study_config in (config, lab, config):
+            mark = len(hub.request_log)
+            assert publish(study_config, run_dir, hub).commits == 0
+            assert commit_requests(hub, mark) == {}
+        assert len(list(api(hub).list_collections(owner="cot-lab"))) == 1
+        assert len(list(api(hub).list_collections(owner="cot-compress"))) == 1
+
+
+def test_a_state_file_with_one_collection_per_hub_is_still_read(study, hub):
+    """publish/state.json written before namespaces (``hubs.<hub>.collection``): the rerun finds that collection."""
+    config, run_dir = study
+    publish(config, run_dir, hub)
+    state = json.loads(run_dir.publish_state.read_text())
+    entry = state["hubs"][hub.endpoint]
+    entry["collection"] = entry.pop("collections")[config.hub.namespace]
+    run_dir.publish_state.write_text(json.dumps(state))
+    api(hub).update_collection_metadata(entry["collection"]["slug"], title="Renamed by hand")
+    publish(config, run_dir, hub)  # the cards link the retitled collection's new slug
+    (collection,) = api(hub).list_collections(owner=config.hub.namespace)
+    assert collection.slug.endswith(entry["collection"]["slug"].rsplit("-", 1)[1])  # found by slug, retitled
+    assert collection.title == config.hub.collection_title
+    assert json.loads(run_dir.publish_state.read_text())["hubs"][hub.endpoint]["collections"] == {
+        config.hub.namespace: {"slug": collection.slug, "title": collection.title}
+    }
+    assert publish(config, run_dir, hub).commits == 0
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(study, hub, tmp_path):
@@ -465,9 +518,12 @@ def test_dropped_level_deletes_only_what_the_study_pushed(study, hub):
     assert api(hub).repo_exists(config.adapter_repo_id(5))  # repos are never deleted
 
 
-def test_a_failed_push_stops_and_a_rerun_converges(study, hub):
+def test_a_failed_push_stops_and_a_rerun_converges(study, hub, monkeypatch):
+    from hub_tools import hub_client
+
     config, run_dir = study
-    hub.faults.add("POST", r"/tiny-cot-l3/commit/", status=500)
+    monkeypatch.setattr(hub_client, "time", SimpleNamespace(sleep=lambda seconds: None))
+    hub.faults.add("POST", r"/tiny-cot-l3/commit/", status=500, times=hub_client.WRITE_ATTEMPTS)
     with pytest.raises(HubError, match=r"pushing cot-compress/tiny-cot-l3 failed: HTTP 500") as raised:
         publish(config, run_dir, hub)
     assert "\n" not in str(raised.value)

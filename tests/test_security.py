@@ -105,15 +105,18 @@ FAILURES = {
         "cannot write to namespace 'stranger'",
     ),
     "403 on commit": ({"fault": ("POST", r"/commit/", {"status": 403})}, "HTTP 403"),
-    "412 on commit": ({"fault": ("POST", r"/commit/", {"status": 412})}, "changed on the Hub since planning"),
+    "412 on commit, 3 times": (
+        {"fault": ("POST", r"/commit/", {"status": 412, "times": 3})},
+        "changed on the Hub since planning",
+    ),
     "401 for the token": ({"token": SECRET + "x"}, "was rejected"),
     "500 on whoami, 3 times": (
         {"fault": ("GET", r"whoami", {"status": 500, "times": 3})},
         "cannot check the token",
     ),
-    "connection dropped on commit": (
-        {"fault": ("POST", r"/commit/", {"drop": True})},
-        "pushing cot-compress/",
+    "connection dropped on repo info, 3 times": (
+        {"fault": ("GET", r"^/api/models/", {"drop": True, "times": 3})},
+        "cannot read cot-compress/",
     ),
     "500 on repo info, 3 times": (
         {"fault": ("GET", r"^/api/models/", {"status": 500, "times": 3})},
@@ -126,7 +129,7 @@ FAILURES = {
 def test_error_text_never_holds_the_token(study, tmp_path, caplog, monkeypatch, case):
     from hub_tools import hub_client
 
-    monkeypatch.setattr(hub_client, "time", SimpleNamespace(sleep=lambda seconds: None))  # read retries
+    monkeypatch.setattr(hub_client, "time", SimpleNamespace(sleep=lambda seconds: None))  # retries
     config_path, run = study
     setup, expected = FAILURES[case]
     caplog.set_level("DEBUG")

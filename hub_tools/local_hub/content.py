@@ -20,6 +20,7 @@ from hub_tools.local_hub.protocol import (
     DEFAULT_GITATTRIBUTES,
     LFS_SIZE_THRESHOLD,
     ApiError,
+    image_media_type,
     lfs_patterns,
     matches_any,
 )
@@ -238,9 +239,10 @@ def resolve_file(call: Call, repo_type: str, repo_id: str, revision: str, path: 
     if span:
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     headers["Content-Length"] = str(end - start + 1)
+    media_type = image_media_type(path) or "application/octet-stream"
     if call.method == "HEAD":
-        return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+        return Response(status_code=status, headers=headers, media_type=media_type)
     with open(call.storage.blob_path(entry["sha256"]), "rb") as handle:
         handle.seek(start)
         data = handle.read(end - start + 1)
-    return Response(data, status_code=status, headers=headers, media_type="application/octet-stream")
+    return Response(data, status_code=status, headers=headers, media_type=media_type)

@@ -1,5 +1,9 @@
 """Fault injection: make the next N requests of a route fail, stall or lose their connection.
 
+A status fault answers instead of serving (nothing is written), unless ``served``: then the request is served
+and its answer replaced by the status, as when the Hub fails after writing. A dropped connection is always
+served first.
+
 A plan is a list of rules; each request takes the first rule whose method and path regex match and that still
 has uses left. Rules can be given at start (``FaultPlan([...])``, as ``Fault`` objects or plain dicts) and
 added to a running hub (``hub.faults.add(...)``).
@@ -22,6 +26,7 @@ class Fault:
     status: int | None = None  # answer this status instead of serving (500, 503, 429, ...)
     retry_after: int | None = None  # seconds, sent as Retry-After (429/503)
     drop: bool = False  # send the headers and half the body, then close the connection
+    served: bool = False  # with a status: serve the request first (the write lands), then answer the status
     delay: float = 0.0  # seconds to wait before answering
     hits: int = field(default=0, init=False)
 
@@ -30,6 +35,8 @@ class Fault:
             raise ValueError("a Fault needs a status, drop=True or a delay, otherwise it does nothing")
         if self.status is not None and not 400 <= self.status <= 599:
             raise ValueError(f"a Fault status must be an HTTP error (400-599), got {self.status}")
+        if self.served and self.status is None:
+            raise ValueError("a served Fault needs the status it answers after serving")
         self._regex = re.compile(self.path)
 
     def matches(self, method: str, path: str) -> bool:

@@ -18,6 +18,10 @@ REPO_TYPES = ("model", "dataset", "space")
 RESERVED_NAMESPACES = {"api", "datasets", "spaces", "models", "collections", "lfs-upload", "lfs-verify"}
 REPO_NAME_RE = re.compile(r"^[\w\-.]{1,96}$")
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
+# Served with their image type so that browsers show them; every other file stays application/octet-stream, so
+# that no file of a repo (HTML, SVG) can run in the hub's pages' origin.
+IMAGE_MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+                     ".webp": "image/webp"}  # fmt: skip
 FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 
 # What the Hub writes into a new repo's .gitattributes; the preupload decision reads it back from the repo.
@@ -66,6 +70,12 @@ def git_blob_oid(data: bytes) -> str:
 def lfs_pointer(sha256: str, size: int) -> bytes:
     """The git-lfs pointer text stored in git in place of an LFS file."""
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def image_media_type(path: str) -> str | None:
+    """The image type a browser needs to show ``path``, or None if it is not a raster image."""
+    suffix = path[path.rfind(".") :].lower() if "." in path.rsplit("/", 1)[-1] else ""
+    return IMAGE_MEDIA_TYPES.get(suffix)
 
 
 def split_front_matter(text: str) -> tuple[str | None, str]:

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 
 from starlette.responses import Response
 
+from hub_tools.local_hub import eval_results
 from hub_tools.local_hub.context import Call, json_response
 from hub_tools.local_hub.protocol import (
     RESERVED_NAMESPACES,
@@ -40,6 +41,16 @@ def card_data(call: Call, tree: dict) -> dict | None:
         return parse_card_data(call.storage.read_blob(entry["sha256"]).decode("utf-8", "replace"))
     except ValueError:
         return None
+
+
+def eval_result_items(call: Call, tree: dict) -> list[dict]:
+    """The repo's ``.eval_results/*.yaml`` files as the Hub's ``evalResults`` items (see ``eval_results.py``)."""
+    files = {
+        path: call.storage.read_blob(entry["sha256"]).decode("utf-8", "replace")
+        for path, entry in tree.items()
+        if eval_results.is_eval_results_file(path)
+    }
+    return eval_results.eval_result_items(files)
 
 
 def tree_entry(path: str, entry: dict) -> dict:
@@ -220,6 +231,8 @@ def repo_info(call: Call, repo_type: str, repo_id: str, revision: str = "main") 
         info["cardData"] = data
     if repo_type == "model":
         info["modelId"] = repo_id
+        if "evalResults" in call.query.get("expand", []):
+            info["evalResults"] = eval_result_items(call, tree)
         for key in ("library_name", "pipeline_tag"):
             if data and isinstance(data.get(key), str):
                 info[key] = data[key]

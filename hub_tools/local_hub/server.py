@@ -53,6 +53,8 @@ def route(call: Call) -> Response:
         return content.lfs_verify(call, s[1])
     if m in ("GET", "HEAD") and (s == [] or (len(s) == 3 and s[0] == "collections")):
         return page(call, pages.index_page) if not s else page(call, pages.collection_page, s[1], s[2])
+    if m in ("GET", "HEAD") and (len(s) == 1 or (len(s) == 2 and s[0] == "collections")):
+        return page(call, pages.index_page, s[-1])  # an owner's profile and collections pages
     repo_type = "model"
     if s[:1] and s[0] in PREFIXES and len(s) >= 3:
         repo_type, s = PREFIXES[s[0]], s[1:]
@@ -62,7 +64,11 @@ def route(call: Call) -> Response:
         return content.resolve_file(call, repo_type, f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
     if len(s) == 2 and m in ("GET", "HEAD"):
         return page(call, pages.repo_page, repo_type, f"{s[0]}/{s[1]}")
-    if len(s) == 4 and m in ("GET", "HEAD") and s[2] in ("commit", "discussions", "tree"):
+    if len(s) >= 5 and s[2] == "blob" and m in ("GET", "HEAD"):
+        return page(call, pages.blob_page, repo_type, f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
+    if len(s) >= 4 and s[2] == "tree" and m in ("GET", "HEAD"):
+        return page(call, pages.repo_page, repo_type, f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
+    if len(s) == 4 and m in ("GET", "HEAD") and s[2] in ("commit", "discussions"):
         revision = f"refs/pr/{s[3]}" if s[2] == "discussions" else s[3]
         return page(call, pages.repo_page, repo_type, f"{s[0]}/{s[1]}", revision)
     raise ApiError(
@@ -226,10 +232,12 @@ def create_app(state: HubState) -> Starlette:
         fault = state.faults.take(request.method, raw_path)
         if fault is not None and fault.delay:
             await asyncio.sleep(fault.delay)
-        if fault is not None and fault.status is not None:
+        if fault is not None and fault.status is not None and not fault.served:
             response = fault_response(fault)
         else:
             response = await run_in_threadpool(serve_one, state, request, raw_path, body)
+            if fault is not None and fault.served:
+                response = fault_response(fault)
         record = {
             "method": request.method,
             "path": raw_path,

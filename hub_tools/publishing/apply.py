@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.hf_api import RepoFile
 
 from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.study.errors import HubError
 from hub_tools import collection as collections
-from hub_tools.hub_client import HubTarget, describe, reading, status_of
+from hub_tools.hub_client import HubTarget, describe, reading, status_of, unwrapped, writing
 from hub_tools.publishing.plan import RepoPlan
 from hub_tools.publishing.state import PublishState
 
@@ -41,7 +42,10 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
     Create the repo if needed, then one commit (or one PR) holding every change of the plan.
 
     The commit names ``parent_commit`` = the head read when planning, so a concurrent change fails cleanly
-    instead of being overwritten; an unchanged repo gets no request at all.
+    instead of being overwritten; an unchanged repo gets no request at all. When a write's answer is lost (a
+    dropped connection, a 5xx or 429, a 412), the Hub is read to see whether it landed (``hub_client.writing``):
+    a bare repo is the one we created, and a head whose parent is the planned head and whose files are the
+    plan's is our commit; otherwise, with the branch still at the planned head, the write is sent again.
 
     Args:
         target (`HubTarget`):
@@ -63,16 +67,10 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
     url = target.repo_url(spec.repo_type, spec.repo_id)
     if not plan.changed:
         return RepoResult(spec.repo_id, spec.repo_type, url, "unchanged", commit=plan.head)
+    new_pr = create_pr and not plan.pr_num
     try:
         if not plan.exists:
-            try:
-                api.create_repo(spec.repo_id, repo_type=spec.repo_type, private=plan.private, token=token)
-            except HfHubHTTPError as error:
-                if status_of(error) == 409:
-                    raise HubError(
-                        f"{spec.repo_id} was created on the Hub since planning: rerun publish"
-                    ) from None
-                raise
+            _create_repo(target, plan)
             maybe_crash("publish.repo_created", spec.repo_id.split("/")[1])
             plan.head = reading(
                 lambda: api.repo_info(spec.repo_id, repo_type=spec.repo_type, token=token)
@@ -82,33 +80,100 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
             for p in plan.add + plan.change
         ] + [CommitOperationDelete(path_in_repo=p) for p in plan.delete]
         maybe_crash("publish.before_commit", spec.repo_id.split("/")[1])
-        info = api.create_commit(
-            spec.repo_id,
-            operations,
-            commit_message=spec.message,
-            repo_type=spec.repo_type,
-            revision=plan.revision if plan.pr_num else None,
-            create_pr=create_pr and not plan.pr_num,
-            parent_commit=plan.head,
-            token=token,
-        )
+
+        def commit() -> tuple[str, str | None]:
+            info = api.create_commit(
+                spec.repo_id,
+                operations,
+                commit_message=spec.message,
+                repo_type=spec.repo_type,
+                revision=plan.revision if plan.pr_num else None,
+                create_pr=new_pr,
+                parent_commit=plan.head,
+                token=token,
+            )
+            return info.oid, info.pr_url
+
+        if new_pr:  # a lost answer may have opened the PR, and a new PR has no parent to check: no retry
+            oid, pr_url = commit()
+        else:
+            oid, pr_url = writing(commit, landed=lambda: _own_commit(target, plan))
     except HubError:
         raise
-    except (HfHubHTTPError, httpx2.TransportError, RuntimeError) as error:
-        # huggingface_hub wraps LFS upload errors in RuntimeError("Error while uploading ...")
-        if type(error) is RuntimeError:
-            error = error.__cause__ or error
+    except (HfHubHTTPError, httpx2.TransportError, RuntimeError) as raised:
+        error = unwrapped(raised)
+        if not isinstance(error, HfHubHTTPError | httpx2.TransportError):
+            raise
+        if status_of(error) == 409 and not plan.exists:
+            raise HubError(f"{spec.repo_id} was created on the Hub since planning: rerun publish") from None
         if _commit_conflict(error):
-            raise HubError(
-                f"{spec.repo_id} changed on the Hub since planning (its head is no longer {plan.head[:10]}): "
-                "nothing was committed to it; rerun publish"
-            ) from None
+            raise _changed_since_planning(plan) from None
         raise HubError(f"pushing {spec.repo_id} failed: {describe(error, token)}; rerun publish") from None
     if create_pr:
-        pr_url = info.pr_url or f"{url}/discussions/{plan.pr_num}"
-        return RepoResult(spec.repo_id, spec.repo_type, url, "pull request", plan.touched, info.oid, pr_url)
+        pr_url = pr_url or f"{url}/discussions/{plan.pr_num}"
+        return RepoResult(spec.repo_id, spec.repo_type, url, "pull request", plan.touched, oid, pr_url)
     status = "committed" if plan.exists else "created"
-    return RepoResult(spec.repo_id, spec.repo_type, url, status, plan.touched, info.oid)
+    return RepoResult(spec.repo_id, spec.repo_type, url, status, plan.touched, oid)
+
+
+def _create_repo(target: HubTarget, plan: RepoPlan) -> None:
+    """Create the planned repo; after a lost answer, a bare repo (only ``.gitattributes``) is the one we made."""
+    spec, api, token = plan.spec, target.api, target.token
+
+    def create() -> bool:
+        api.create_repo(spec.repo_id, repo_type=spec.repo_type, private=plan.private, token=token)
+        return True
+
+    def landed() -> bool | None:
+        try:
+            info = reading(lambda: api.repo_info(spec.repo_id, repo_type=spec.repo_type, token=token))
+        except RepositoryNotFoundError:
+            return None
+        if {s.rfilename for s in info.siblings or []} - {".gitattributes"}:
+            raise HubError(f"{spec.repo_id} was created on the Hub since planning: rerun publish")
+        return True
+
+    writing(create, landed=landed)
+
+
+def _own_commit(target: HubTarget, plan: RepoPlan) -> tuple[str, None] | None:
+    """
+    After a commit whose answer was lost: whether it landed, read from the branch head.
+
+    Returns:
+        `tuple[str, None] | None`: (the commit's id, no PR URL) when the head is our commit: its parent is the
+        planned head, its title our message, and it holds every file of the plan with the planned content and
+        none of the deleted ones; None when the branch is still at the planned head (nothing landed).
+
+    Raises:
+        [`HubError`]:
+            The branch moved to a commit that is not ours: someone else changed the repo.
+    """
+    spec, api, token = plan.spec, target.api, target.token
+    repo = {"repo_type": spec.repo_type, "token": token}
+    head = reading(lambda: api.repo_info(spec.repo_id, revision=plan.revision, **repo)).sha
+    if head == plan.head:
+        return None
+    history = reading(lambda: api.list_repo_commits(spec.repo_id, revision=head, **repo))
+    entries = reading(lambda: api.get_paths_info(spec.repo_id, plan.touched, revision=head, **repo))
+    found = {e.path: e for e in entries if isinstance(e, RepoFile)}
+    ours = (
+        len(history) >= 2
+        and history[1].commit_id == plan.head
+        and history[0].title == spec.message
+        and all(p in found and spec.files[p].matches(found[p]) for p in plan.add + plan.change)
+        and not any(p in found for p in plan.delete)
+    )
+    if not ours:
+        raise _changed_since_planning(plan)
+    return head, None
+
+
+def _changed_since_planning(plan: RepoPlan) -> HubError:
+    return HubError(
+        f"{plan.spec.repo_id} changed on the Hub since planning (its head is no longer {plan.head[:10]}): "
+        "nothing was committed to it; rerun publish"
+    )
 
 
 def _commit_conflict(error: BaseException) -> bool:

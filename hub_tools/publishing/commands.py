@@ -197,7 +197,7 @@ def publish(
         if options.from_hub:
             restore_run_dir_from_hub(target, config, run_dir, echo=echo)
         check_artifacts(config, run_dir, adapters=scope.adapters)
-        state = PublishState(run_dir, label=target.label)
+        state = PublishState(run_dir, label=target.label, namespace=config.hub.namespace)
         current = collections.find_collection(
             target,
             namespace=config.hub.namespace,
@@ -238,14 +238,15 @@ def publish(
             _describe_dry_run(report, target, plans, collection_plan, create_pr=options.create_pr, say=say)
             return report
 
-        # -- apply. A new collection comes first, so that the cards can link it from their first commit.
+        # -- apply. A new or retitled collection comes first (a title makes the slug), so that the cards
+        # link its final URL from their first commit.
         if (
             collection_plan is not None
-            and collection_plan.current is None
+            and (collection_plan.current is None or collection_plan.title_change)
             and not collection_plan.notes_only
             and not options.create_pr
         ):
-            rendered = _create_collection_first(
+            rendered = _collection_first(
                 target, config, run_dir, collection_plan, plans, state=state, owned=owned, options=options
             )
         write_pushed_cards(run_dir, rendered, specs)
@@ -273,7 +274,7 @@ def publish(
         return report
 
 
-def _create_collection_first(
+def _collection_first(
     target: HubTarget,
     config: StudyConfig,
     run_dir: RunDir,
@@ -284,12 +285,15 @@ def _create_collection_first(
     owned: dict[str, set[str]],
     options: PublishOptions,
 ) -> dict[str, cards.RenderedCard]:
-    """Create the collection, then re-render the cards to link it and re-diff each plan's README.
+    """Create or retitle the collection, then re-render the cards to link it and re-diff each plan's README.
 
     Returns the re-rendered cards.
     """
-    collection_plan.current = collections.create_collection(target, collection_plan)
-    maybe_crash("publish.collection_created")  # on the Hub, not yet in state.json
+    if collection_plan.current is None:
+        collection_plan.current = collections.create_collection(target, collection_plan)
+        maybe_crash("publish.collection_created")  # on the Hub, not yet in state.json
+    else:
+        collection_plan.current = collections.retitle_collection(target, collection_plan)
     state.set_collection(collection_plan.slug, collection_plan.title)
     url = card_collection_url(config, collection_plan.slug)
     rendered, _ = render_cards(config, run_dir, templates_dir=options.templates_dir, collection_url=url)
