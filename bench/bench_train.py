@@ -109,7 +109,7 @@ def run_setup(
             )
             trainer = sft.build_trainer(
                 model=model, tokenizer=tokenizer, dataset=dataset, training=training,
-                precision=precision, output_dir=Path(output_dir),
+                seed=training.seeds[0], precision=precision, output_dir=Path(output_dir),
             )  # fmt: skip
         else:
             trainer = trl_defaults_trainer(

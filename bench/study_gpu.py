@@ -287,10 +287,10 @@ def stage_figures(command: dict, run_dir: RunDir) -> dict:
 
 
 def train_figures(run_dir: RunDir) -> dict:
-    levels = {}
+    adapters = {}  # one per (level, training seed)
     for path in sorted(run_dir.root.glob("adapters/level_*/training.json")):
         payload = read_json(path, what="training.json", hint="")
-        levels[payload["level"]] = {
+        adapters[payload["model"]] = {
             "steps": payload["steps"],
             "tokens_seen": payload["tokens_seen"],
             "train_wall_s": payload["wall_time_s"],
@@ -299,13 +299,13 @@ def train_figures(run_dir: RunDir) -> dict:
             "quantization": payload["quantization"],
             "precision": payload["precision"],
         }
-    tokens = sum(level["tokens_seen"] for level in levels.values())
-    seconds = sum(level["train_wall_s"] for level in levels.values())
-    peaks = [level["peak_gpu_memory_gib"] for level in levels.values() if level["peak_gpu_memory_gib"]]
+    tokens = sum(adapter["tokens_seen"] for adapter in adapters.values())
+    seconds = sum(adapter["train_wall_s"] for adapter in adapters.values())
+    peaks = [adapter["peak_gpu_memory_gib"] for adapter in adapters.values() if adapter["peak_gpu_memory_gib"]]
     return {
         "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
         "peak_gpu_memory_gib": max(peaks) if peaks else None,
-        "levels": levels,
+        "adapters": adapters,
     }
 
 

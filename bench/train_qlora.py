@@ -176,6 +176,7 @@ def train_recipe(
         tokenizer=tokenizer,
         dataset=sft.chat_dataset(rows),
         training=training,
+        seed=training.seeds[0],
         precision=precision,
         output_dir=output_dir,
     )

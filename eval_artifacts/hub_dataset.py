@@ -24,16 +24,20 @@ from eval_artifacts.metrics import (
     write_metrics,
 )
 from eval_artifacts.records import (
+    MODEL_NAMES,
     MODEL_RE,
     SAMPLE_COLUMNS,
     Column,
     columns_of,
     described,
+    model_kind,
     read_samples,
+    row_key,
     validate_record,
 )
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.errors import ArtifactError
+from eval_artifacts.study.levels import LEVELS
 from eval_artifacts.summary import build_summary
 
 SPLIT = "test"
@@ -44,13 +48,18 @@ SUMMARY_CONFIG = "summary"
 class SummaryRow:
     """One row of the ``summary`` config: a model's headline numbers, flattened for a table."""
 
-    model: str = described("base or level_<n>")
+    model: str = described("base, level_<n>, level_<n>_seed<s> or prompt_l<n>")
+    kind: str = described("base, adapter, or prompt (prompt-only baseline: base model, level prompt, no adapter)")
     level: int | None = described("compression level (empty for base)")
-    n_total: int = described("graded answers (problems × seeds)")
+    training_seed: int | None = described("the adapter's training seed (empty for base and prompt-only)")
+    n_problems: int = described("problems evaluated")
+    samples_per_problem: int = described("draws per problem (evaluation seeds × samples; 1 when greedy)")
+    n_total: int = described("graded answers (problems × draws)")
     n_correct: int = described("correct answers, graded strictly (the samples' correct)")
-    accuracy: float = described("n_correct / n_total")
-    ci95_low: float = described("lower end of the Wilson 95% interval of accuracy")
-    ci95_high: float = described("upper end of the Wilson 95% interval of accuracy")
+    accuracy: float = described("strict accuracy: mean over problems of each problem's mean correctness")
+    ci95_low: float = described("lower end of the 95% interval of accuracy (see ci_method)")
+    ci95_high: float = described("upper end of the 95% interval of accuracy (see ci_method)")
+    ci_method: str = described("wilson (one draw per problem) or wilson_clustered (by problem, at n_eff)")
     n_correct_lenient: int = described("correct answers by the lenient rule (the samples' correct_lenient)")
     accuracy_lenient: float = described("n_correct_lenient / n_total")
     n_no_answer: int = described("answers graded no_answer: finished without a final answer")
@@ -65,7 +74,12 @@ class SummaryRow:
     delta_vs_base: float | None = described(
         "accuracy minus base accuracy on the same problems (empty for base)"
     )
-    mcnemar_p: float | None = described("exact McNemar p against base (empty for base)")
+    test_vs_base: str | None = described("paired test against base: mcnemar_exact or paired_t (empty for base)")
+    p_value_vs_base: float | None = described("p of the paired test against base (empty for base)")
+    delta_vs_prompt: float | None = described(
+        "adapters: accuracy minus their level's prompt-only baseline on the same problems"
+    )
+    p_value_vs_prompt: float | None = described("adapters: p of the paired test against the prompt-only baseline")
     on_frontier: bool = described("on the Pareto frontier of accuracy against mean think tokens")
 
 
@@ -88,14 +102,20 @@ def summary_rows(summary: dict) -> list[dict[str, Any]]:
     rows = []
     for entry in summary["models"]:
         vs_base = entry["vs_base"] or {}
+        vs_prompt = entry["vs_prompt"] or {}
         row = SummaryRow(
             model=entry["model"],
+            kind=entry["kind"],
             level=entry["level"],
+            training_seed=entry["training_seed"],
+            n_problems=entry["n_problems"],
+            samples_per_problem=entry["samples_per_problem"],
             n_total=entry["n_total"],
             n_correct=entry["n_correct"],
             accuracy=entry["accuracy"],
             ci95_low=entry["ci95"][0],
             ci95_high=entry["ci95"][1],
+            ci_method=entry["ci_method"],
             n_correct_lenient=entry["n_correct_lenient"],
             accuracy_lenient=entry["accuracy_lenient"],
             n_no_answer=entry["n_no_answer"],
@@ -108,7 +128,10 @@ def summary_rows(summary: dict) -> list[dict[str, Any]]:
             tokens_per_correct=entry["tokens_per_correct"],
             truncated=entry["truncated"],
             delta_vs_base=vs_base.get("delta"),
-            mcnemar_p=vs_base.get("mcnemar_p"),
+            test_vs_base=vs_base.get("test"),
+            p_value_vs_base=vs_base.get("p_value"),
+            delta_vs_prompt=vs_prompt.get("delta"),
+            p_value_vs_prompt=vs_prompt.get("p_value"),
             on_frontier=entry["on_frontier"],
         )
         rows.append(dataclasses.asdict(row))
@@ -150,25 +173,25 @@ def samples_from_eval_dataset(configs: dict[str, datasets.DatasetDict]) -> dict[
         if name == SUMMARY_CONFIG:
             continue
         if not MODEL_RE.match(name):
-            raise ArtifactError(f"eval dataset config {name!r} is not a model name ('base' or 'level_<n>')")
+            raise ArtifactError(f"eval dataset config {name!r} is not a model name ({MODEL_NAMES})")
         if SPLIT not in dataset_dict:
             raise ArtifactError(
                 f"eval dataset config {name!r} has no {SPLIT!r} split: push the eval dataset again"
             )
         rows = []
-        seen: set[tuple[str, int]] = set()
+        seen: set[tuple[str, int, int]] = set()
         for number, raw in enumerate(dataset_dict[SPLIT].to_list(), start=1):
             row = validate_record(raw, path=f"eval dataset config {name!r}", line=number)
             if row["model"] != name:
                 raise ArtifactError(
                     f"eval dataset config {name!r} row {number} is for model {row['model']!r}: push the eval dataset again"
                 )
-            if (row["id"], row["seed"]) in seen:
+            if row_key(row) in seen:
                 raise ArtifactError(
-                    f"eval dataset config {name!r} row {number} duplicates id {row['id']!r} seed {row['seed']}: "
-                    "push the eval dataset again"
+                    f"eval dataset config {name!r} row {number} duplicates id {row['id']!r} seed {row['seed']} "
+                    f"sample {row['sample']}: push the eval dataset again"
                 )
-            seen.add((row["id"], row["seed"]))
+            seen.add(row_key(row))
             rows.append(row)
         samples[name] = rows
     if not samples:
@@ -219,6 +242,9 @@ def restore_run_dir_from_eval_dataset(run_dir: RunDir, configs: dict[str, datase
             model=model,
             level=model_level(model),
             base_samples=None if model == "base" else samples["base"],
+            prompt_samples=samples.get(LEVELS[model_level(model)].prompt_key)
+            if model_kind(model) == "adapter"
+            else None,
         )
         for model in models
     }

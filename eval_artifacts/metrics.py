@@ -1,5 +1,9 @@
-"""Metrics computed only from samples.jsonl: accuracy with its Wilson CI, token statistics, and the
-paired comparison with the stock model (delta with Newcombe's paired CI, exact McNemar p, b and c).
+"""Metrics computed only from samples.jsonl: accuracy with its confidence interval, token statistics, and the
+paired comparisons with the stock model and with the level's prompt-only baseline.
+
+The statistical unit is the problem, never the row (Miller 2024, "Adding Error Bars to Evals", arXiv
+2411.00640). A model has d draws per problem (evaluation seeds × ``eval.sampling.samples_per_problem``; 1
+when greedy), and every problem has the same d.
 
 Definitions (the cards quote them):
 - ``accuracy`` / ``n_correct``: strict grading (each sample's ``correct``); ``accuracy_lenient`` /
@@ -7,15 +11,30 @@ Definitions (the cards quote them):
   ``n_truncated`` count the samples graded ``no_answer`` (finished without a readable final answer) and
   ``truncated`` (cut by the token limit before one); ``truncated`` counts every output that hit the limit,
   answered or not.
-- ``ci95``: Wilson score interval of the strict accuracy, z = 1.959963984540054.
-- token stats: ``mean`` = sum / n; ``median`` = the middle value (mean of the two middle values for even n);
+- ``accuracy`` is the mean over problems of each problem's mean correctness (= n_correct / n_total, since
+  every problem has d draws). ``n_problems`` = P, ``samples_per_problem`` = d.
+- ``ci95`` (``ci_method``): the Wilson score interval (z = 1.959963984540054) at the effective sample size
+  n_eff = p(1 - p) / SE², where SE² = (1 / P²) Σ_i (m_i - p)² is the problem-clustered variance of the
+  accuracy p from the per-problem means m_i, and n_eff is capped at the number of draws P·d. With one draw
+  per problem (greedy) m_i is 0 or 1, SE² = p(1 - p) / P and n_eff = P: the plain Wilson interval
+  (``ci_method: wilson``). With several draws (``ci_method: wilson_clustered``) draws that agree add
+  nothing: k identical draws per problem give exactly the one-draw interval. SE = 0 (every m_i equal) gives
+  n_eff = P when p is 0 or 1, else P·d.
+- token stats: over all draws (the same as over per-problem means, every problem having d draws):
+  ``mean`` = sum / n; ``median`` = the middle value (mean of the two middle values for even n);
   ``p90`` = ``numpy.percentile(values, 90, method="linear")``, i.e. with sorted values x and
   h = 0.9 * (n - 1), p90 = x[floor(h)] + (h - floor(h)) * (x[floor(h) + 1] - x[floor(h)]).
 - ``tokens_per_correct``: total completion tokens / n_correct (None when nothing is correct); it charges
   the tokens of wrong answers to the right ones, which is what a user pays per right answer.
-- ``vs_base``: pairs each sample with base's sample of the same problem id (and seed, pooled over seeds).
-  ``b`` = base right & model wrong, ``c`` = base wrong & model right, ``delta`` = (c - b) / n_paired =
-  model accuracy - base accuracy on the paired problems.
+- ``vs_base`` (and ``vs_prompt`` for an adapter: against the base model given the same level's prompt),
+  paired per problem on the per-problem means of the problems both evaluated. ``b`` = problems where the
+  other model does better, ``c`` = problems where this one does better, ``delta`` = mean of the
+  per-problem differences = this accuracy - the other's on the paired problems. ``test``:
+  - ``mcnemar_exact`` when every per-problem mean of both is 0 or 1 (greedy; or draws that all agree):
+    exact McNemar p on (b, c) and Newcombe's paired score interval for delta;
+  - ``paired_t`` otherwise: one-sample t-test of the per-problem differences against 0, and
+    delta ± t(0.975, P - 1) · sd / √P (sd with ddof = 1); p = 1 when every difference is 0 (0 when
+    they are all one non-zero value).
 """
 
 from __future__ import annotations
@@ -26,11 +45,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, ttest_1samp
+from scipy.stats import t as student_t
 
-from eval_artifacts.records import model_level, read_samples
+from eval_artifacts.records import model_kind, model_level, model_sort_key, read_samples
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
 from eval_artifacts.study.errors import ArtifactError
+from eval_artifacts.study.levels import LEVELS
 
 Z95 = 1.959963984540054
 """The 97.5% standard normal quantile: a two-sided 95% interval."""
@@ -45,13 +66,19 @@ def wilson_ci(k: int, n: int, z: float = Z95) -> tuple[float, float]:
         raise ValueError(f"wilson_ci needs 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return (0.0, 1.0)
-    p = k / n
+    return wilson_interval(k / n, n, z)
+
+
+def wilson_interval(p: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` at a (possibly effective, non-integer) sample size ``n``."""
+    if not 0 <= p <= 1 or n <= 0:
+        raise ValueError(f"wilson_interval needs 0 <= p <= 1 and n > 0, got p={p}, n={n}")
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     # The exact bounds at the ends are 0 and 1; the formula leaves rounding noise there.
-    low = 0.0 if k == 0 else max(0.0, centre - half)
-    high = 1.0 if k == n else min(1.0, centre + half)
+    low = 0.0 if p == 0 else max(0.0, centre - half)
+    high = 1.0 if p == 1 else min(1.0, centre + half)
     return (low, high)
 
 
@@ -111,66 +138,129 @@ def _token_stats(values: list[int]) -> dict[str, float]:
     }
 
 
-# ---------------------------------------------------------------- one seed / pooled
+# ---------------------------------------------------------------- per problem
 
 
-def _base_rows_for_seed(base_samples: list[dict], seed: int) -> list[dict]:
-    """Base rows to pair with one seed: base's rows of that seed, or base's only seed.
-
-    Base is greedy, so a single base seed is the natural partner of every model seed.
-    """
-    base_seeds = sorted({row["seed"] for row in base_samples})
-    if seed in base_seeds:
-        return [row for row in base_samples if row["seed"] == seed]
-    if len(base_seeds) == 1:
-        return base_samples
-    raise ArtifactError(
-        f"base samples have seeds {base_seeds} but not seed {seed}: evaluate base with --seeds {seed}"
-    )
+def problem_means(samples: list[dict]) -> dict[str, float]:
+    """Each problem's mean correctness over its draws (evaluation seeds × samples)."""
+    right: dict[str, list[int]] = {}
+    for row in samples:
+        counts = right.setdefault(row["id"], [0, 0])
+        counts[0] += bool(row["correct"])
+        counts[1] += 1
+    return {problem: k / n for problem, (k, n) in right.items()}
 
 
-def _paired_table(samples: list[dict], base_samples: list[dict]) -> tuple[int, int, int, int]:
-    """The 2x2 table (a, b, c, d) of samples paired with base on (id, seed)."""
-    counts = {(True, True): 0, (True, False): 0, (False, True): 0, (False, False): 0}
-    for seed in sorted({row["seed"] for row in samples}):
-        base_right = {row["id"]: row["correct"] for row in _base_rows_for_seed(base_samples, seed)}
-        for row in samples:
-            if row["seed"] == seed and row["id"] in base_right:
-                counts[(base_right[row["id"]], row["correct"])] += 1
-    # (base correct, model correct): a = both, b = base only, c = model only, d = neither.
-    return counts[(True, True)], counts[(True, False)], counts[(False, True)], counts[(False, False)]
-
-
-def _vs_base(samples: list[dict], base_samples: list[dict]) -> dict[str, Any]:
-    a, b, c, d = _paired_table(samples, base_samples)
-    n_paired = a + b + c + d
-    if n_paired == 0:
+def draws_per_problem(samples: list[dict]) -> int:
+    """d, the draws of every problem; an ``ArtifactError`` when problems have different numbers of draws."""
+    counts: dict[str, int] = {}
+    for row in samples:
+        counts[row["id"]] = counts.get(row["id"], 0) + 1
+    distinct = sorted(set(counts.values()))
+    if len(distinct) != 1:
         raise ArtifactError(
-            "no sample shares a problem id with the base samples: evaluate base on the same problems"
+            f"{samples[0]['model']}: problems have {distinct[0]} to {distinct[-1]} draws each; every problem needs "
+            "the same: rerun `cot-compress evaluate` to complete the missing ones"
         )
+    return distinct[0]
+
+
+def clustered_ci(samples: list[dict]) -> tuple[list[float], str]:
+    """The accuracy's 95% interval clustered by problem, and its ``ci_method`` (module docstring)."""
+    means = list(problem_means(samples).values())
+    n_problems, draws = len(means), len(samples)
+    p = sum(1 for row in samples if row["correct"]) / draws
+    if draws == n_problems:  # one draw per problem: the means are the 0/1 outcomes themselves
+        return list(wilson_ci(sum(1 for row in samples if row["correct"]), draws)), "wilson"
+    variance = sum((m - p) ** 2 for m in means) / n_problems**2
+    if variance == 0:
+        n_eff = float(n_problems if p in (0.0, 1.0) else draws)
+    else:
+        n_eff = min(p * (1 - p) / variance, float(draws))
+    return list(wilson_interval(p, n_eff)), "wilson_clustered"
+
+
+def paired_comparison(samples: list[dict], other_samples: list[dict], *, other: str) -> dict[str, Any]:
+    """This model against ``other``, paired per problem on per-problem means (module docstring).
+
+    Raises:
+        ArtifactError: the two share no problem.
+    """
+    mine, theirs = problem_means(samples), problem_means(other_samples)
+    paired = sorted(mine.keys() & theirs.keys())
+    if not paired:
+        raise ArtifactError(
+            f"no sample shares a problem id with the {other} samples: evaluate {other} on the same problems"
+        )
+    differences = [mine[i] - theirs[i] for i in paired]
+    b = sum(1 for d in differences if d < 0)
+    c = sum(1 for d in differences if d > 0)
+    n = len(paired)
+    if all(mine[i] in (0.0, 1.0) and theirs[i] in (0.0, 1.0) for i in paired):
+        a = sum(1 for i in paired if mine[i] == theirs[i] == 1.0)
+        return {
+            "test": "mcnemar_exact",
+            "delta": (c - b) / n,
+            "ci95": list(paired_delta_ci(a=a, b=b, c=c, d=n - a - b - c)),
+            "p_value": mcnemar_exact_p(b, c),
+            "b": b,
+            "c": c,
+            "n_paired": n,
+        }
+    delta = sum(differences) / n
+    sd = float(np.std(differences, ddof=1)) if n > 1 else 0.0
+    if sd == 0:
+        p_value, half = (1.0 if delta == 0 else 0.0), 0.0
+    else:
+        p_value = float(ttest_1samp(differences, 0.0).pvalue)
+        half = float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     return {
-        "delta": (c - b) / n_paired,
-        "ci95": list(paired_delta_ci(a=a, b=b, c=c, d=d)),
-        "mcnemar_p": mcnemar_exact_p(b, c),
+        "test": "paired_t",
+        "delta": delta,
+        "ci95": [max(-1.0, delta - half), min(1.0, delta + half)],
+        "p_value": p_value,
         "b": b,
         "c": c,
-        "n_paired": n_paired,
+        "n_paired": n,
     }
 
 
-def _pooled_metrics(samples: list[dict], base_samples: list[dict] | None) -> dict[str, Any]:
+def compute_model_metrics(
+    samples: list[dict],
+    *,
+    model: str,
+    level: int | None,
+    base_samples: list[dict] | None,
+    prompt_samples: list[dict] | None = None,
+) -> dict[str, Any]:
+    """The metrics.json payload of one model; ``base_samples=None`` for base itself, ``prompt_samples`` (the
+    level's prompt-only baseline) for an adapter whose baseline was evaluated.
+
+    Raises:
+        ArtifactError: no samples, problems with different numbers of draws, or nothing to pair with.
+    """
     if not samples:
         raise ArtifactError("no samples to compute metrics from: run `cot-compress evaluate` first")
+    draws = draws_per_problem(samples)
     n_total = len(samples)
     n_correct = sum(1 for row in samples if row["correct"])
     n_correct_lenient = sum(1 for row in samples if row["correct_lenient"])
     think = [row["think_tokens"] for row in samples]
     completion = [row["completion_tokens"] for row in samples]
+    ci95, ci_method = clustered_ci(samples)
     return {
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "level": level,
+        "training_seed": samples[0]["training_seed"],
+        "seeds": sorted({row["seed"] for row in samples}),
+        "n_problems": n_total // draws,
+        "samples_per_problem": draws,
         "n_total": n_total,
         "n_correct": n_correct,
         "accuracy": n_correct / n_total,
-        "ci95": list(wilson_ci(n_correct, n_total)),
+        "ci95": ci95,
+        "ci_method": ci_method,
         "n_correct_lenient": n_correct_lenient,
         "accuracy_lenient": n_correct_lenient / n_total,
         "n_no_answer": sum(1 for row in samples if row["grade_reason"] == "no_answer"),
@@ -180,61 +270,10 @@ def _pooled_metrics(samples: list[dict], base_samples: list[dict] | None) -> dic
         "tokens_per_correct": sum(completion) / n_correct if n_correct else None,
         "think_tokens_per_correct": sum(think) / n_correct if n_correct else None,
         "truncated": sum(1 for row in samples if row["finish_reason"] == "length"),
-        "vs_base": None if base_samples is None else _vs_base(samples, base_samples),
-    }
-
-
-def compute_metrics(samples: list[dict], *, base_samples: list[dict] | None) -> dict[str, Any]:
-    """The DESIGN.md metrics of one model for ONE seed; ``base_samples=None`` for base itself.
-
-    Raises:
-        ArtifactError: no samples, several seeds, or nothing to pair with base.
-    """
-    seeds = sorted({row["seed"] for row in samples})
-    if len(seeds) > 1:
-        raise ArtifactError(f"compute_metrics takes one seed, got seeds {seeds}: use compute_model_metrics")
-    return _pooled_metrics(samples, base_samples)
-
-
-def _mean_sd(values: list[float]) -> dict[str, float | None]:
-    mean = sum(values) / len(values)
-    sd = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return {"mean": mean, "sd": sd}
-
-
-def compute_model_metrics(
-    samples: list[dict], *, model: str, level: int | None, base_samples: list[dict] | None
-) -> dict[str, Any]:
-    """The metrics.json payload of one model over any number of seeds.
-
-    Headline fields are the one seed's metrics, or, for several seeds, pooled over all (id, seed) rows
-    (vs_base paired on (id, seed)). ``across_seeds`` gives mean and sample sd (ddof=1; sd None for one
-    seed) of the per-seed accuracy and mean token counts. ``per_seed`` keeps every seed's metrics.
-
-    The pooled Wilson CI counts every (problem, seed) as a trial, so with several seeds it reflects
-    problem sampling only; ``across_seeds.accuracy.sd`` is the seed-to-seed spread to report beside it.
-    """
-    seeds = sorted({row["seed"] for row in samples})
-    per_seed = [
-        {
-            "seed": seed,
-            **compute_metrics([r for r in samples if r["seed"] == seed], base_samples=base_samples),
-        }
-        for seed in seeds
-    ]
-    headline = _pooled_metrics(samples, base_samples)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model": model,
-        "level": level,
-        "seeds": seeds,
-        **headline,
-        "across_seeds": {
-            "accuracy": _mean_sd([m["accuracy"] for m in per_seed]),
-            "think_tokens_mean": _mean_sd([m["think_tokens"]["mean"] for m in per_seed]),
-            "completion_tokens_mean": _mean_sd([m["completion_tokens"]["mean"] for m in per_seed]),
-        },
-        "per_seed": per_seed,
+        "vs_base": None if base_samples is None else paired_comparison(samples, base_samples, other="base"),
+        "vs_prompt": None
+        if prompt_samples is None
+        else paired_comparison(samples, prompt_samples, other=f"prompt_l{level}"),
     }
 
 
@@ -244,11 +283,15 @@ METRICS_FIELDS = (
     "schema_version",
     "model",
     "level",
+    "training_seed",
     "seeds",
+    "n_problems",
+    "samples_per_problem",
     "n_total",
     "n_correct",
     "accuracy",
     "ci95",
+    "ci_method",
     "n_correct_lenient",
     "accuracy_lenient",
     "n_no_answer",
@@ -259,8 +302,7 @@ METRICS_FIELDS = (
     "think_tokens_per_correct",
     "truncated",
     "vs_base",
-    "across_seeds",
-    "per_seed",
+    "vs_prompt",
 )
 
 
@@ -270,7 +312,21 @@ def _recompute(run_dir: RunDir, model: str, level: int | None) -> dict[str, Any]
         if row["level"] != level:
             raise ArtifactError(f"samples of {model} have level {row['level']!r}, expected {level!r}")
     base = None if model == "base" else read_samples(run_dir.samples("base"), model="base")
-    return compute_model_metrics(samples, model=model, level=level, base_samples=base)
+    return compute_model_metrics(
+        samples, model=model, level=level, base_samples=base, prompt_samples=prompt_baseline(run_dir, model, samples)
+    )
+
+
+def prompt_baseline(run_dir: RunDir, model: str, samples: list[dict]) -> list[dict] | None:
+    """The samples of an adapter's prompt-only baseline (``prompt_l<n>``) when they cover every problem of the
+    adapter; None for other models, or when the baseline was not (fully) evaluated."""
+    if model_kind(model) != "adapter":
+        return None
+    path = run_dir.samples(LEVELS[model_level(model)].prompt_key)
+    if not path.is_file():
+        return None
+    prompt = read_samples(path)
+    return prompt if {row["id"] for row in samples} <= {row["id"] for row in prompt} else None
 
 
 def write_metrics(run_dir: RunDir, model: str, level: int | None) -> dict[str, Any]:
@@ -357,5 +413,5 @@ def check_metrics_match_samples(run_dir: RunDir, model: str) -> None:
 
 
 def sort_models(values: Iterable[str]) -> list[str]:
-    """Model names in study order: base first, then levels by number."""
-    return sorted(set(values), key=lambda name: model_level(name) or 0)
+    """Model names in study order (``records.model_sort_key``)."""
+    return sorted(set(values), key=model_sort_key)

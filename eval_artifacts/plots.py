@@ -1,4 +1,5 @@
-"""``eval/pareto.png``: accuracy against mean think tokens, Wilson CI bars, the frontier, base marked.
+"""``eval/pareto.png``: accuracy against mean think tokens, CI bars, the frontier, base and the prompt-only
+baselines marked apart from the adapters (other training seeds' adapters are not drawn: the cards give them).
 
 Output is byte-for-byte deterministic for the same summary (no timestamp or software metadata, fixed
 dpi, fixed SVG hash salt), because publishing uploads only files whose content changed.
@@ -15,8 +16,9 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from eval_artifacts.records import model_level
+from eval_artifacts.records import model_kind, model_level
 from eval_artifacts.study.errors import ArtifactError
+from eval_artifacts.summary import on_the_plot
 
 DPI = 150
 _FORMATS = {".png": "png", ".svg": "svg"}
@@ -24,14 +26,24 @@ _RC = {"svg.hashsalt": "cot-compress", "svg.fonttype": "path", "path.simplify": 
 
 
 def point_label(model: str) -> str:
-    """``base`` stays ``base``; ``level_3`` becomes ``L3``."""
+    """``base`` stays ``base``; ``level_3`` becomes ``L3``; ``prompt_l3`` becomes ``P3`` (prompt only)."""
     level = model_level(model)
-    return model if level is None else f"L{level}"
+    if level is None:
+        return model
+    return f"P{level}" if model_kind(model) == "prompt" else f"L{level}"
+
+
+# kind -> (marker, size, colour, face colour, legend label)
+_STYLES = {
+    "base": ("s", 8, "tab:red", "white", "base (stock model)"),
+    "adapter": ("o", 6, "tab:blue", "tab:blue", "LoRA adapters"),
+    "prompt": ("^", 6, "tab:orange", "white", "prompt only (base + level prompt, no adapter)"),
+}
 
 
 def render_pareto(summary: dict, *, fmt: str = "png") -> bytes:
     """Draw the Pareto plot of a summary and return the encoded image."""
-    rows = summary["models"]
+    rows = [row for row in summary["models"] if on_the_plot(row["model"])]
     frontier = summary["frontier"]
     by_model = {row["model"]: row for row in rows}
     with matplotlib.rc_context(_RC):
@@ -52,30 +64,29 @@ def render_pareto(summary: dict, *, fmt: str = "png") -> bytes:
             zorder=1,
             label="Pareto frontier",
         )
-        first_level = next((row["model"] for row in rows if row["model"] != "base"), None)
+        labelled: set[str] = set()
         for row in rows:
             x, y = row["think_tokens"]["mean"], row["accuracy"]
             low, high = row["ci95"]
-            is_base = row["model"] == "base"
+            marker, size, colour, face, label = _STYLES[row["kind"]]
             axes.errorbar(
                 [x],
                 [y],
                 yerr=[[y - low], [high - y]],
-                fmt="s" if is_base else "o",
-                markersize=8 if is_base else 6,
-                color="tab:red" if is_base else "tab:blue",
-                markerfacecolor="white" if is_base else "tab:blue",
+                fmt=marker,
+                markersize=size,
+                color=colour,
+                markerfacecolor=face,
                 capsize=3,
-                label="base (stock model)"
-                if is_base
-                else ("LoRA adapters" if row["model"] == first_level else None),
+                label=None if row["kind"] in labelled else label,
             )
+            labelled.add(row["kind"])
             axes.annotate(
                 point_label(row["model"]), (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9
             )
         axes.margins(x=0.1, y=0.1)  # room for the labels right of the outermost points
         axes.set_xlabel("mean think tokens per problem")
-        axes.set_ylabel("accuracy (Wilson 95% CI)")
+        axes.set_ylabel("accuracy (95% CI)")
         axes.set_title(f"{summary['study']}: accuracy vs reasoning length")
         axes.grid(True, alpha=0.3)
         axes.legend(loc="lower right", fontsize=8)

@@ -1,8 +1,8 @@
-"""The per-sample record: one line of ``eval/<model>/samples.jsonl`` per (problem, seed).
+"""The per-sample record: one line of ``eval/<model>/samples.jsonl`` per (problem, seed, sample).
 
 Every downstream number is computed from these rows, so reading them is strict: a missing or mistyped
-field, an unknown field, or a second row for the same (id, seed) is an ``ArtifactError`` that names the
-file, the line and the field.
+field, an unknown field, or a second row for the same (id, seed, sample) is an ``ArtifactError`` that names
+the file, the line and the field.
 """
 
 from __future__ import annotations
@@ -19,13 +19,44 @@ from eval_artifacts.study.errors import ArtifactError
 
 FINISH_REASONS = ("stop", "length")
 GRADE_REASONS = ("correct", "wrong", "no_answer", "truncated")
-MODEL_RE = re.compile(r"^(base|level_([1-9][0-9]*))$")
-"""Model names: ``base`` or ``level_<n>``."""
+MODEL_RE = re.compile(r"^(?:base|level_(?P<level>[1-9][0-9]*)(?:_seed(?P<seed>[0-9]+))?|prompt_l(?P<prompt>[1-9][0-9]*))$")
+"""Model names: ``base``; ``level_<n>`` (the published adapter, first training seed); ``level_<n>_seed<s>``
+(the adapter of another training seed); ``prompt_l<n>`` (base given level n's prompt, no adapter)."""
+MODEL_NAMES = "'base', 'level_<n>', 'level_<n>_seed<s>' or 'prompt_l<n>'"
+
+
+def _parse_model(model: str) -> re.Match:
+    match = MODEL_RE.match(model)
+    if match is None:
+        raise ArtifactError(f"{model!r} is not a model name: model names are {MODEL_NAMES}")
+    return match
+
+
+def model_kind(model: str) -> str:
+    """``base``, ``adapter`` (``level_<n>``, ``level_<n>_seed<s>``) or ``prompt`` (``prompt_l<n>``)."""
+    match = _parse_model(model)
+    return "adapter" if match["level"] else ("prompt" if match["prompt"] else "base")
 
 
 def model_level(model: str) -> int | None:
-    """``base`` -> None, ``level_3`` -> 3."""
-    return None if model == "base" else int(model.removeprefix("level_"))
+    """``base`` -> None, ``level_3`` -> 3, ``level_3_seed43`` -> 3, ``prompt_l3`` -> 3."""
+    match = _parse_model(model)
+    number = match["level"] or match["prompt"]
+    return None if number is None else int(number)
+
+
+def other_seed_of(model: str) -> int | None:
+    """The training seed a name carries: ``level_3_seed43`` -> 43; None for every other name (the
+    published ``level_<n>`` is the first training seed's, which only the config knows)."""
+    seed = _parse_model(model)["seed"]
+    return None if seed is None else int(seed)
+
+
+def model_sort_key(model: str) -> tuple:
+    """Study order: base, published adapters, prompt-only baselines, then other training seeds' adapters."""
+    kind, level, seed = model_kind(model), model_level(model) or 0, other_seed_of(model)
+    group = {"base": 0, "adapter": 1 if seed is None else 3, "prompt": 2}[kind]
+    return (group, level, seed or 0)
 
 
 def described(doc: str, **kwargs: Any) -> Any:
@@ -92,9 +123,14 @@ class SampleRecord:
     )
     completion_tokens: int = described("generated tokens up to and including end of sequence")
     finish_reason: str = described("stop (end of sequence) or length (hit the token limit)")
-    model: str = described("base or level_<n>")
+    model: str = described(
+        "base, level_<n> (published adapter), level_<n>_seed<s> (adapter of training seed s) or prompt_l<n> "
+        "(base model with level n's prompt, no adapter)"
+    )
     level: int | None = described("compression level (empty for base)")
+    training_seed: int | None = described("the adapter's training seed (empty for base and prompt_l<n>)")
     seed: int = described("evaluation seed")
+    sample: int = described("index of the draw for this problem and evaluation seed (0 when greedy)")
     schema_version: int = described("record schema version", default=SCHEMA_VERSION)
 
     def to_row(self) -> dict[str, Any]:
@@ -148,14 +184,24 @@ def _check_values(row: dict, where: str) -> None:
         raise ArtifactError(
             f"{where} field 'finish_reason' must be one of {FINISH_REASONS}, got {row['finish_reason']!r}"
         )
-    match = MODEL_RE.match(row["model"])
-    if match is None:
-        raise ArtifactError(f"{where} field 'model' must be 'base' or 'level_<n>', got {row['model']!r}")
-    expected_level = None if match.group(2) is None else int(match.group(2))
+    if MODEL_RE.match(row["model"]) is None:
+        raise ArtifactError(f"{where} field 'model' must be {MODEL_NAMES}, got {row['model']!r}")
+    expected_level = model_level(row["model"])
     if row["level"] != expected_level:
         raise ArtifactError(
             f"{where} field 'level' is {row['level']!r} but model {row['model']!r} means {expected_level!r}"
         )
+    is_adapter = model_kind(row["model"]) == "adapter"
+    named_seed = other_seed_of(row["model"])
+    if (row["training_seed"] is not None) != is_adapter or (
+        named_seed is not None and row["training_seed"] != named_seed
+    ):
+        expected = "null" if not is_adapter else (named_seed if named_seed is not None else "an int")
+        raise ArtifactError(
+            f"{where} field 'training_seed' is {row['training_seed']!r} but model {row['model']!r} means {expected}"
+        )
+    if row["sample"] < 0:
+        raise ArtifactError(f"{where} field 'sample' is negative ({row['sample']})")
     if row["correct"] and row["predicted"] is None:
         raise ArtifactError(f"{where} field 'correct' is true but 'predicted' is null")
     reason = grade_reason(predicted=row["predicted"], correct=row["correct"], finish_reason=row["finish_reason"])
@@ -174,6 +220,11 @@ def grade_reason(*, predicted: str | None, correct: bool, finish_reason: str) ->
     return "truncated" if finish_reason == "length" else "no_answer"
 
 
+def row_key(row: dict) -> tuple[str, int, int]:
+    """What identifies a sample row within its model: (problem id, evaluation seed, draw)."""
+    return (row["id"], row["seed"], row["sample"])
+
+
 def read_samples(path: Path, *, model: str | None = None) -> list[dict[str, Any]]:
     """Read and validate every row of a samples.jsonl file.
 
@@ -183,13 +234,13 @@ def read_samples(path: Path, *, model: str | None = None) -> list[dict[str, Any]
 
     Raises:
         ArtifactError: the file is missing, a line is not JSON (a truncated tail), a row breaks the
-            schema, rows of several models are mixed, or an (id, seed) pair appears twice.
+            schema, rows of several models are mixed, or an (id, seed, sample) key appears twice.
     """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"samples not found at {path}: run `cot-compress evaluate` for this model first")
     rows: list[dict[str, Any]] = []
-    seen: dict[tuple[str, int], int] = {}
+    seen: dict[tuple[str, int, int], int] = {}
     for number, raw in enumerate(iter_jsonl(path, what="samples"), start=1):
         row = validate_record(raw, path=path, line=number)
         expected = model if model is not None else (rows[0]["model"] if rows else row["model"])
@@ -197,10 +248,11 @@ def read_samples(path: Path, *, model: str | None = None) -> list[dict[str, Any]
             raise ArtifactError(
                 f"sample record {path} line {number} is for model {row['model']!r}, the file holds {expected!r}"
             )
-        key = (row["id"], row["seed"])
+        key = row_key(row)
         if key in seen:
             raise ArtifactError(
                 f"sample record {path} line {number} duplicates id {row['id']!r} seed {row['seed']} "
+                f"sample {row['sample']} "
                 f"(first at line {seen[key]}): delete the file and rerun `cot-compress evaluate`"
             )
         seen[key] = number

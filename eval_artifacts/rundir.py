@@ -44,15 +44,17 @@ class RunDir:
     def data_stats(self) -> Path:
         return self.data_dir / "stats.json"
 
-    def adapter_dir(self, level: int) -> Path:
-        return self.root / "adapters" / f"level_{level}"
+    def adapter_dir(self, adapter: int | str) -> Path:
+        """``adapters/<model>/`` of an adapter model (``level_4``, ``level_4_seed43``); a level number names
+        the level's published adapter, ``adapters/level_<n>/``."""
+        return self.root / "adapters" / (f"level_{adapter}" if isinstance(adapter, int) else adapter)
 
-    def training_json(self, level: int) -> Path:
-        return self.adapter_dir(level) / "training.json"
+    def training_json(self, adapter: int | str) -> Path:
+        return self.adapter_dir(adapter) / "training.json"
 
     def rl_adapter_dir(self, level: int) -> Path:
         """The level's SFT adapter continued with GRPO (model ``rl_l<n>``)."""
-        return self.root / "adapters" / f"rl_l{level}"
+        return self.adapter_dir(f"rl_l{level}")
 
     def rl_training_json(self, level: int) -> Path:
         return self.rl_adapter_dir(level) / "training.json"

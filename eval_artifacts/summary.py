@@ -1,37 +1,91 @@
-"""``eval/summary.json``: every model's headline metrics, its Pareto-frontier membership, and the pick of
-the cheapest level that keeps base accuracy (the "sweet spot" the cards point to)."""
+"""``eval/summary.json``: every model's headline metrics and kind (base, adapter, prompt-only baseline), its
+Pareto-frontier membership, each level's spread across training seeds, and the pick of the cheapest level
+that keeps base accuracy (the "sweet spot" the cards point to)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from eval_artifacts.metrics import METRICS_FIELDS, read_metrics
 from eval_artifacts.pareto import pareto_frontier
+from eval_artifacts.records import model_kind, model_level, other_seed_of
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
 from eval_artifacts.study.errors import ArtifactError
 
-# A summary row is a model's metrics.json without its per-seed detail and provenance, plus its frontier flag.
-_METRICS_LEFT_OUT = ("schema_version", "seeds", "think_tokens_per_correct", "per_seed")
-SUMMARY_MODEL_FIELDS = (*(name for name in METRICS_FIELDS if name not in _METRICS_LEFT_OUT), "on_frontier")
+# A summary row is a model's metrics.json without its provenance, plus its kind and frontier flag.
+_METRICS_LEFT_OUT = ("schema_version", "seeds", "think_tokens_per_correct")
+SUMMARY_MODEL_FIELDS = (
+    *(name for name in METRICS_FIELDS if name not in _METRICS_LEFT_OUT),
+    "kind",
+    "on_frontier",
+)
+
+
+def on_the_plot(model: str) -> bool:
+    """Base, the published adapters and the prompt-only baselines; other training seeds' adapters are
+    summarised per level (``training_seeds``) instead of crowding the frontier."""
+    return other_seed_of(model) is None
+
+
+def mean_sd(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample sd (ddof = 1; None for a single value)."""
+    return {
+        "mean": sum(values) / len(values),
+        "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+    }
+
+
+def training_seed_spread(metrics: dict[str, dict]) -> list[dict[str, Any]]:
+    """Per level with adapters in ``metrics``: its adapters (published first), their training seeds, and the
+    mean ± sd across them of accuracy and of mean think tokens."""
+    by_level: dict[int, list[str]] = {}
+    for model in metrics:
+        if model_kind(model) == "adapter":
+            by_level.setdefault(model_level(model), []).append(model)
+    spread = []
+    for level, models in sorted(by_level.items()):
+        models.sort(key=lambda name: (other_seed_of(name) is not None, other_seed_of(name) or 0))
+        spread.append(
+            {
+                "level": level,
+                "models": models,
+                "training_seeds": [metrics[m]["training_seed"] for m in models],
+                "accuracy": mean_sd([metrics[m]["accuracy"] for m in models]),
+                "think_tokens_mean": mean_sd([metrics[m]["think_tokens"]["mean"] for m in models]),
+            }
+        )
+    return spread
 
 
 def build_summary(run_dir: RunDir, *, study: str, models: list[str]) -> dict[str, Any]:
     """Read each model's metrics.json and assemble the summary, models in the order given.
 
-    The frontier is taken over all listed models (base included) on (mean think tokens, accuracy).
+    The frontier is taken on (mean think tokens, accuracy) over base, the published adapters and the
+    prompt-only baselines (``on_the_plot``).
     """
     if not models:
         raise ArtifactError("build_summary needs at least one model: evaluate base and the levels first")
     metrics = {model: read_metrics(run_dir, model) for model in models}
-    frontier = pareto_frontier({m: (p["think_tokens"]["mean"], p["accuracy"]) for m, p in metrics.items()})
+    frontier = pareto_frontier(
+        {m: (p["think_tokens"]["mean"], p["accuracy"]) for m, p in metrics.items() if on_the_plot(m)}
+    )
     rows = [
         {
-            **{name: metrics[model][name] for name in SUMMARY_MODEL_FIELDS[:-1]},
+            **{name: metrics[model][name] for name in SUMMARY_MODEL_FIELDS[:-2]},
+            "kind": model_kind(model),
             "on_frontier": model in frontier,
         }
         for model in models
     ]
-    return {"schema_version": SCHEMA_VERSION, "study": study, "models": rows, "frontier": frontier}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "study": study,
+        "models": rows,
+        "frontier": frontier,
+        "training_seeds": training_seed_spread(metrics),
+    }
 
 
 def write_summary(run_dir: RunDir, *, study: str, models: list[str]) -> dict[str, Any]:
@@ -45,7 +99,7 @@ def read_summary(run_dir: RunDir) -> dict[str, Any]:
     """Read ``eval/summary.json``; a missing field or wrong schema is an ``ArtifactError``."""
     path = run_dir.summary
     summary = read_json(path, what="summary", hint="run `cot-compress evaluate` to write it")
-    for name in ("schema_version", "study", "models", "frontier"):
+    for name in ("schema_version", "study", "models", "frontier", "training_seeds"):
         if not isinstance(summary, dict) or name not in summary:
             raise ArtifactError(f"summary {path} is missing field '{name}': rerun `cot-compress evaluate`")
     if summary["schema_version"] != SCHEMA_VERSION:
@@ -69,15 +123,16 @@ SWEET_SPOT_ALPHA = 0.05
 def sweet_spot(summary: dict, *, margin: float, alpha: float = SWEET_SPOT_ALPHA) -> str | None:
     """The level with the fewest mean think tokens that keeps base accuracy; None when no level does.
 
-    A level keeps base accuracy when it is not significantly below base (McNemar p >= alpha, or not
-    below at all) or when it is at most ``margin`` below base. Ties on tokens go to the more accurate.
+    Only the published adapters compete. A level keeps base accuracy when it is not significantly below base
+    (paired p >= alpha, or not below at all) or when it is at most ``margin`` below base. Ties on tokens go
+    to the more accurate.
     """
     kept = []
     for row in summary["models"]:
         vs_base = row["vs_base"]
-        if row["model"] == "base" or vs_base is None:
+        if model_kind(row["model"]) != "adapter" or not on_the_plot(row["model"]) or vs_base is None:
             continue
-        not_worse = vs_base["mcnemar_p"] >= alpha or vs_base["delta"] >= 0
+        not_worse = vs_base["p_value"] >= alpha or vs_base["delta"] >= 0
         if not_worse or vs_base["delta"] >= -margin:
             kept.append(row)
     if not kept:

@@ -253,7 +253,7 @@ def evaluate_command(config_path, run_dir, data_dir, models, seeds):
     for row in summary["models"]:
         lo, hi = row["ci95"]
         click.echo(
-            f"{row['model']:<8} accuracy {row['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] "
+            f"{row['model']:<14} accuracy {row['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] "
             f"(lenient {row['accuracy_lenient']:.1%})  "
             f"think tokens {row['think_tokens']['mean']:.1f}  completion tokens {row['completion_tokens']['mean']:.1f}"
         )
@@ -277,6 +277,7 @@ def train_and_publish_command(config_path, run_dir, endpoint, namespace, data_di
     from eval_artifacts.rundir import RunDir
     from eval_artifacts.study.config import LOCAL_ENDPOINT
     from eval_artifacts.summary import read_summary
+    from hub_tools.cards.format import branch_of
     from hub_tools.pipeline import run_stages
     from hub_tools.publishing.commands import PublishOptions, Scope, open_target, publish
 
@@ -301,16 +302,19 @@ def train_and_publish_command(config_path, run_dir, endpoint, namespace, data_di
         # The embedded hub stopped with the run; local URLs are those of `hub serve` below once it runs.
         return f"http://127.0.0.1:{LOCAL_PAGES_PORT}{url.removeprefix(report.endpoint)}" if local else url
 
-    urls = {result.repo_id: shown(result.url) for result in report.repos}
+    urls = {(result.repo_id, result.branch): shown(result.url) for result in report.repos}
     click.echo("")
-    click.echo(f"{'model':<10} {'accuracy [95% CI]':<26} {'think tokens':>12}  repo")
+    click.echo(f"{'model':<16} {'accuracy [95% CI]':<26} {'think tokens':>12}  repo")
     for row in read_summary(study)["models"]:
         lo, hi = row["ci95"]
-        repo_id = config.adapter_repo_id(row["level"]) if row["level"] else config.base_model.id
-        url = urls.get(repo_id, repo_id)
+        if row["kind"] == "adapter":
+            repo_id = config.adapter_repo_id(row["level"])
+            where = urls.get((repo_id, branch_of(row["model"])), repo_id)
+        else:  # the stock model, alone or given a level's prompt
+            where = config.base_model.id + (" (prompt only)" if row["kind"] == "prompt" else "")
         accuracy = f"{row['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
-        click.echo(f"{row['model']:<10} {accuracy:<26} {row['think_tokens']['mean']:>12.2f}  {url}")
-    eval_url = urls.get(config.eval_repo_id, config.eval_repo_id)
+        click.echo(f"{row['model']:<16} {accuracy:<26} {row['think_tokens']['mean']:>12.2f}  {where}")
+    eval_url = urls.get((config.eval_repo_id, "main"), config.eval_repo_id)
     click.echo(f"eval dataset: {eval_url}")
     if local and report.collection_url:
         click.echo(f"collection:   {shown(report.collection_url)}")

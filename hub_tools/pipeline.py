@@ -47,10 +47,15 @@ def _data_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
     return [run_dir.data_stats] + [run_dir.train_file(level) for level in config.levels]
 
 
+def _adapter_models(config: StudyConfig) -> list[str]:
+    """Every adapter of the study: one per (level, training seed)."""
+    return [model for level in config.levels for model, _ in config.adapter_models(level)]
+
+
 def _adapter_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
     paths = []
-    for level in config.levels:
-        paths += [run_dir.training_json(level), run_dir.adapter_dir(level) / "adapter_model.safetensors"]
+    for model in _adapter_models(config):
+        paths += [run_dir.training_json(model), run_dir.adapter_dir(model) / "adapter_model.safetensors"]
     return paths
 
 
@@ -159,7 +164,7 @@ def build_stages(templates_dir: Path | None = None) -> list[Stage]:
                 "templates": _templates_hash(templates_dir),
                 "eval": _hashes(_eval_outputs(c, r), r.root),
                 "training": _hashes(
-                    [r.training_json(level) for level in c.levels]
+                    [r.training_json(m) for m in _adapter_models(c)]
                     + [r.rl_training_json(level) for level in c.rl.levels]
                     + [r.data_stats],
                     r.root,

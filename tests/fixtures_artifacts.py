@@ -19,7 +19,7 @@ from pathlib import Path
 
 from eval_artifacts.metrics import write_metrics
 from eval_artifacts.plots import plot_pareto
-from eval_artifacts.records import SampleRecord
+from eval_artifacts.records import SampleRecord, model_kind, model_level, other_seed_of
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, append_jsonl, write_json
 from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.levels import LEVELS, build_prompt, build_response, parse_response
@@ -57,8 +57,21 @@ SEED_SHIFT = [0, 3, -2, 4, -1]
 """Per-seed change of n_correct, so several seeds have a real spread."""
 
 
+PROMPT_ONLY_SHAPE = {1: (0.6, 150.2, 140, 2), 2: (0.55, 120.4, 110, 1), 3: (0.5, 90.6, 85, 1), 4: (0.45, 80.1, 70, 1), 5: (0.4, 60.3, 55, 0)}
+"""Prompt-only baselines: the stock model asked for a level's style shortens its reasoning far less."""
+TRAINING_SEED_SHIFT = {43: (-0.015, 1.1), 44: (0.01, 0.95)}
+"""Other training seeds' adapters: accuracy change and think-token factor against the published one."""
+
+
 def default_profile(model: str, n_problems: int) -> ModelProfile:
-    accuracy, mean, median, truncated = DEFAULT_SHAPE[model]
+    kind, level, seed = model_kind(model), model_level(model), other_seed_of(model)
+    if kind == "prompt":
+        accuracy, mean, median, truncated = PROMPT_ONLY_SHAPE[level]
+    else:
+        accuracy, mean, median, truncated = DEFAULT_SHAPE["base" if level is None else f"level_{level}"]
+    if seed is not None:
+        change, factor = TRAINING_SEED_SHIFT.get(seed, (0.005 * (seed % 5) - 0.01, 1.0))
+        accuracy, mean, median = accuracy + change, mean * factor, round(median * factor)
     return ModelProfile(
         n_correct=round(accuracy * n_problems),
         think_total=round(mean * n_problems),
@@ -109,7 +122,7 @@ def _correct_set(n: int, k: int, base_right: set[int] | None, overlap: float, rn
     return set(chosen)
 
 
-def _samples(model: str, level: int | None, problems, profile: ModelProfile, seed: int, base_right):
+def _samples(model: str, level: int | None, problems, profile: ModelProfile, seed: int, base_right, first_seed: int):
     rng = random.Random(f"{model}:{seed}")
     n = len(problems)
     right = _correct_set(n, profile.n_correct, base_right, profile.overlap, rng)
@@ -150,13 +163,17 @@ def _samples(model: str, level: int | None, problems, profile: ModelProfile, see
                 finish_reason=finish,
                 model=model,
                 level=level,
+                training_seed=None
+                if model_kind(model) != "adapter"
+                else (first_seed if other_seed_of(model) is None else other_seed_of(model)),
                 seed=seed,
+                sample=0,
             ).to_row()
         )
     return records, right
 
 
-def _training_json(config: StudyConfig, level: int, train_rows: int) -> dict:
+def _training_json(config: StudyConfig, level: int, train_rows: int, model: str, seed: int) -> dict:
     t = config.training
     gpu = config.base_model.quantization == "nf4"
     steps = t.max_steps if t.max_steps > 0 else round(t.epochs * train_rows / t.batch_size)
@@ -165,6 +182,7 @@ def _training_json(config: StudyConfig, level: int, train_rows: int) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "level": level,
+        "model": model,
         "base_model": {"id": config.base_model.id, "revision": config.base_model.revision},
         "adapter": {
             "method": "LoRA",
@@ -191,7 +209,7 @@ def _training_json(config: StudyConfig, level: int, train_rows: int) -> dict:
         "hardware": {"device": "cuda", "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 1}
         if gpu
         else {"device": "cpu", "gpu_name": None, "gpu_count": 0},
-        "seed": t.seed,
+        "seed": seed,
         "train_rows": train_rows,
         "data_file": f"data/level_{level}/train.jsonl",
         "data_sha256": f"{level:x}" * 64,
@@ -204,7 +222,7 @@ def _training_json(config: StudyConfig, level: int, train_rows: int) -> dict:
     }
 
 
-def _write_adapter_weights(directory: Path, config: StudyConfig, level: int) -> None:
+def _write_adapter_weights(directory: Path, config: StudyConfig, level: int, seed: int) -> None:
     """A small but loadable-looking PEFT adapter: adapter_config.json and LoRA A/B tensors."""
     import torch
     from safetensors.torch import save_file
@@ -223,7 +241,7 @@ def _write_adapter_weights(directory: Path, config: StudyConfig, level: int) -> 
     (directory / "adapter_config.json").write_text(
         json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8"
     )
-    generator = torch.Generator().manual_seed(level)
+    generator = torch.Generator().manual_seed(level if seed == config.first_training_seed else level * 1000 + seed)
     tensors = {
         f"base_model.model.model.layers.0.self_attn.{name}.lora_{part}.weight": torch.randn(
             (r, 16) if part == "A" else (16, r), generator=generator
@@ -269,14 +287,15 @@ def write_fixture_study(
                 "median": [301.0, 118.0, 71.0, 45.0, 9.0][level - 1],
             },
         }
-        write_json(run_dir.training_json(level), _training_json(config, level, kept))
-        _write_adapter_weights(run_dir.adapter_dir(level), config, level)
+        for model, seed in config.adapter_models(level):
+            write_json(run_dir.training_json(model), _training_json(config, level, kept, model, seed))
+            _write_adapter_weights(run_dir.adapter_dir(model), config, level, seed)
     stats["source"]["train_rows"] = train_total
     write_json(run_dir.data_stats, stats)
 
     base_right: dict[int, set[int]] = {}
     for model in config.model_keys:
-        level = None if model == "base" else int(model.removeprefix("level_"))
+        level = model_level(model)
         profile = (profiles or {}).get(model) or default_profile(model, n_problems)
         path = run_dir.samples(model)
         path.unlink(missing_ok=True)
@@ -288,11 +307,14 @@ def write_fixture_study(
                 overlap=profile.overlap,
                 truncated=profile.truncated,
             )
-            rows, right = _samples(model, level, problems, shifted, seed, base_right.get(seed))
+            rows, right = _samples(
+                model, level, problems, shifted, seed, base_right.get(seed), config.first_training_seed
+            )
             if model == "base":
                 base_right[seed] = right
             append_jsonl(path, rows)
-        write_metrics(run_dir, model, level)
+    for model in config.model_keys:  # once every model's samples are there: adapters pair with their baselines
+        write_metrics(run_dir, model, model_level(model))
     summary = write_summary(run_dir, study=config.name, models=config.model_keys)
     plot_pareto(summary, run_dir.pareto_png)
     return run_dir

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from eval_artifacts.records import SampleRecord, model_level
+from eval_artifacts.records import SampleRecord, model_kind, model_level, other_seed_of
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.levels import build_prompt
@@ -31,6 +31,7 @@ def sample_row(
     *,
     model: str = "level_2",
     seed: int = 0,
+    sample: int = 0,
     finish: str = "stop",
     lenient: bool = False,
 ) -> dict:
@@ -71,8 +72,18 @@ def sample_row(
         finish_reason=finish,
         model=model,
         level=level,
+        training_seed=training_seed_of(model),
         seed=seed,
+        sample=sample,
     ).to_row()
+
+
+def training_seed_of(model: str, first: int = 42) -> int | None:
+    """The training seed a sample row of ``model`` carries: ``first`` for a published adapter."""
+    if model_kind(model) != "adapter":
+        return None
+    named = other_seed_of(model)
+    return first if named is None else named
 
 
 # ---------------------------------------------------------------- tiny models

@@ -8,11 +8,13 @@ regenerate them with ``UPDATE_GOLDEN=1 pytest tests/test_cards.py`` and review t
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import os
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,7 @@ def test_written_card_reads_back_metadata_and_eval_results(study):
         "level_3",
         "level_4",
         "level_5",
+        *[f"prompt_l{n}" for n in range(1, 6)],
         "summary",
     ]
     assert dataset["license"] == "mit"
@@ -149,8 +152,16 @@ def test_adapter_card_content(study):
     assert "![Accuracy against mean think tokens, with the Pareto frontier](pareto.png)" in text
     assert "[cot-compress/tiny-cot-eval](https://huggingface.co/datasets/cot-compress/tiny-cot-eval)" in text
     assert "Typical reasoning length: \\~45 chars" in text
-    # Caveats computed from the data: one seed, sweet spot L2 (margin 0.05 in tiny.yaml), truncations.
-    assert "1 evaluation seed(s) (0)" in text and "no across-seed spread" in text
+    # Caveats computed from the data: greedy, one training seed, sweet spot L2 (margin 0.05), truncations.
+    assert "evaluation seed(s)" not in text and "Decoding: greedy. Greedy decoding draws nothing" in text
+    assert "Trained with one seed (42): the spread across training seeds was not measured" in text
+    # The prompt-only baselines: rows of their own, and this adapter's paired delta against its level's.
+    assert "| P4 Ultra-compact, prompt only | 0.450 | [0.383, 0.519] | 90 / 200 |" in text
+    assert (
+        "Against its prompt-only baseline (the stock model given the same Level 4 prompt, no adapter), paired on "
+        "the same problems, this adapter's accuracy differs by +0.070 (95% CI [-0.010, 0.148], exact McNemar p "
+        "0.109)" in text
+    )
     assert "is **L2 Concise** (49.80 mean think tokens)" in text
     assert "Base (stock model): 2 / 200 outputs hit the 96-token limit; 2 / 200 stopped before a final answer" in text
     assert "| Training rows | 1988 kept of 2000 (dropped: no\\_annotations: 12) |" in text
@@ -258,10 +269,11 @@ def test_card_rendered_from_tampered_metrics_fails_against_samples(study_copy):
     write_json(run_dir.metrics("level_5"), metrics)
     rendered = cards.render_study_cards(config, run_dir)
     problems = cards.validate_card(rendered["tiny-cot-l5"], config=config, run_dir=run_dir)
-    assert len(problems) == 1
+    # summary.json (written from the untampered metrics) no longer agrees either.
+    assert len(problems) == 2 and "training-seed spread of level 5 disagrees" in problems[0]
     assert (
         "disagree with their samples at field 'think_tokens.mean' (stored 4.1, samples give 5.3"
-        in problems[0]
+        in problems[1]
     )
 
 
@@ -544,18 +556,38 @@ def test_published_level4_numbers(tmp_path):
     assert "| Hardware | 1 × NVIDIA H100 80GB HBM3 |" in text
 
 
-def test_several_seeds_add_the_spread_column(tmp_path):
+def test_training_seeds_give_mean_sd_each_seeds_ci_paired_tests_and_branches(tmp_path):
     config = load_config(QWEN_CONFIG).with_overrides(run_dir=str(tmp_path))
-    assert config.eval.seeds == [0, 1, 2]
+    assert (config.training.seeds, config.eval.seeds, config.eval.sampling) == ([42, 43, 44], [0], None)
     run_dir = write_fixture_study(tmp_path, config=config, n_problems=60)
     rendered = cards.render_study_cards(config, run_dir)
     text = rendered["qwen3-4b-gsm8k-cot-l2"].text
-    assert "| Accuracy sd across seeds |" in text
-    assert "3 evaluation seed(s) (0, 1, 2). Accuracy is pooled over seeds" in text
-    assert "On 60 evaluation problems × 3 seeds it answers " in text
-    metrics = read_json(run_dir.metrics("level_2"), what="metrics", hint="")
-    assert f"| {cards.fmt_sd(metrics['across_seeds']['accuracy']['sd'])} |" in text
+    seeds = {s: read_json(run_dir.metrics(m), what="metrics", hint="") for m, s in config.adapter_models(2)}
+    # The published adapter is the first seed's: the headline and model-index are its numbers.
+    assert f"accuracy {seeds[42]['accuracy']:.3f} (95% CI" in text
+    assert ModelCard(text).data.eval_results[0].metric_value == seeds[42]["accuracy"]
+    accuracies = [seeds[s]["accuracy"] for s in (42, 43, 44)]
+    think = [seeds[s]["think_tokens"]["mean"] for s in (42, 43, 44)]
+    mean, sd = statistics.mean(accuracies), statistics.stdev(accuracies)
+    assert sd > 0 and f"accuracy is {mean:.3f} ± {sd:.3f}" in text
+    assert f"mean think tokens {statistics.mean(think):.2f} ± {statistics.stdev(think):.2f}" in text
+    for seed, m in seeds.items():
+        low, high = wilson(m["n_correct"], m["n_total"])
+        branch = "main" if seed == 42 else f"seed-{seed}"
+        vs, vp = m["vs_base"], m["vs_prompt"]
+        cells = [f"{m['accuracy']:.3f}", f"[{low:.3f}, {high:.3f}]", f"{m['think_tokens']['mean']:.2f}"]
+        cells += [f"{vs['delta']:+.3f}", cards.fmt_p(vs["p_value"]), f"{vp['delta']:+.3f}", cards.fmt_p(vp["p_value"])]
+        assert f"| {seed} | {branch} | " + " | ".join(cells) + " |" in text.replace("**", "")
+        if seed != 42:
+            assert f"- `seed-{seed}`: training seed {seed}, accuracy {m['accuracy']:.3f} (95% CI [{low:.3f}, {high:.3f}])" in text
+    assert "evaluation seed(s)" not in text and "L2 Concise, seed 43" not in text.split("## Training seeds")[0]
     assert cards.all_problems(rendered, config=config, run_dir=run_dir) == []
+
+    # A card whose spread was edited by hand is caught against the seeds' metrics.
+    edited = text.replace(f"accuracy is {mean:.3f} ± {sd:.3f}", f"accuracy is {mean:.3f} ± {sd / 2:.3f}")
+    card = dataclasses.replace(rendered["qwen3-4b-gsm8k-cot-l2"], text=edited)
+    problems = cards.validate_card(card, config=config, run_dir=run_dir)
+    assert any(f"does not state the accuracy across training seeds, {mean:.3f} ± {sd:.3f}" in p for p in problems)
 
 
 # ---------------------------------------------------------------- the command

@@ -33,6 +33,9 @@ def test_default_is_the_embedded_tiny_study():
 
 def test_real_study_settings():
     config = load_config(Path(__file__).parents[1] / "configs" / "qwen3-4b-gsm8k.yaml")
+    # Greedy: one evaluation seed; variance measured across training seeds; prompt-only baselines on.
+    assert (config.training.seeds, config.eval.seeds, config.eval.sampling) == ([42, 43, 44], [0], None)
+    assert config.eval.prompt_baselines and load_config(None).eval.prompt_baselines
     assert config.base_model.id == "Qwen/Qwen3-4B-Instruct-2507"
     assert config.base_model.quantization == "nf4"
     assert (config.data.dataset_id, config.data.config_name) == ("openai/gsm8k", "main")
@@ -73,6 +76,11 @@ BAD_CONFIGS = [
     ("hub.endpoint", "ftp://example", "'hub.endpoint'"),
     ("hub.namespace", _DELETE, "missing key 'hub.namespace'"),
     ("eval.seeds", [], "'eval.seeds'"),
+    ("eval.seeds", [0, 1], "greedy decoding repeat one identical run"),
+    ("training.seeds", [42, 42], "repeat a seed"),
+    ("training.seeds", [], "'training.seeds'"),
+    ("training.seed", 42, "unknown key 'training.seed'"),
+    ("eval.sampling", {"temperature": 0}, "'eval.sampling.temperature'"),
     ("eval.max_new_tokens", -1, "'eval.max_new_tokens'"),
     ("base_model.quantization", "int3", "'base_model.quantization'"),
     ("eval.backend", "vllm", "'eval.backend'"),
@@ -96,6 +104,34 @@ def test_bad_config_is_one_line_exit_2(tmp_path, key, value, message):
     assert lines[0].startswith("error: ")
     assert str(path) in lines[0]
     assert message in lines[0]
+
+
+@pytest.mark.parametrize("command", [["prepare-data"], ["evaluate", "--seeds", "0,1"]])
+def test_greedy_decoding_with_two_evaluation_seeds_stops_with_one_line(tmp_path, command):
+    """Issue 16: greedy draws nothing, so eval seeds [0, 1] would only narrow the error bars falsely."""
+    path = tmp_path / "study.yaml"
+    data = _tiny() if command[0] == "evaluate" else _set(_tiny(), "eval.seeds", [0, 1])
+    path.write_text(yaml.safe_dump(data))
+    args = [*command, "--config", str(path), "--run-dir", str(tmp_path / "run")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "eval.seeds [0, 1] with greedy decoding" in line
+    assert "training.seeds" in line and "eval.sampling" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_sampling_allows_several_evaluation_seeds_and_names_the_models():
+    config = load_config(None).with_overrides(
+        **{"eval.seeds": [0, 1], "eval.sampling": {"temperature": 0.7, "samples_per_problem": 4}},
+        **{"training.seeds": [42, 7], "levels": [2, 4]},
+    )
+    assert config.eval.samples_per_problem == 4 and config.first_training_seed == 42
+    assert config.adapter_models(4) == [("level_4", 42), ("level_4_seed7", 7)]
+    assert config.model_keys == [
+        "base", "level_2", "level_4", "prompt_l2", "prompt_l4", "level_2_seed7", "level_4_seed7",
+    ]  # fmt: skip
+    assert load_config(None).eval.samples_per_problem == 1
 
 
 def test_all_problems_reported_at_once(tmp_path):

@@ -232,21 +232,24 @@ def test_merge_is_idempotent_and_keeps_existing_records_first(study, tmp_path):
     run_dir = RunDir(tmp_path)
     path = run_dir.samples("base")
     path.parent.mkdir(parents=True)
-    row = {"id": "a", "seed": 0, "x": 1}
+    row = {"id": "a", "seed": 0, "sample": 0, "x": 1}
     path.write_text(json.dumps(row) + "\n")
     shard = path.with_name("samples.rank1-of-2.jsonl")
     shard.write_text(
-        "".join(json.dumps(r) + "\n" for r in ({"id": "c", "seed": 0}, {"id": "a", "seed": 0, "x": 2}))
+        "".join(
+            json.dumps(r) + "\n"
+            for r in ({"id": "c", "seed": 0, "sample": 0}, {"id": "a", "seed": 0, "sample": 0, "x": 2})
+        )
         + '{"id": "d", "se'  # torn tail
     )
-    path.with_name("samples.rank0-of-2.jsonl").write_text(json.dumps({"id": "b", "seed": 0}) + "\n")
+    path.with_name("samples.rank0-of-2.jsonl").write_text(json.dumps({"id": "b", "seed": 0, "sample": 0}) + "\n")
     order = {"b": 0, "c": 1}
 
     added = evaluate.merge_shards(run_dir, "base", order=lambda r: order[r["id"]])
 
     assert added == 2
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
-        row, {"id": "b", "seed": 0}, {"id": "c", "seed": 0},
+        row, {"id": "b", "seed": 0, "sample": 0}, {"id": "c", "seed": 0, "sample": 0},
     ]  # fmt: skip
     assert sorted(p.name for p in path.parent.iterdir()) == ["samples.jsonl"]
     merged = path.read_bytes()

@@ -22,6 +22,7 @@ from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, iter_jsonl, read_json
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import ArtifactError, ConfigError
+from eval_artifacts.study.levels import build_baseline_prompt
 from hub_tools.cli import main
 from training import evaluate
 from training.generate import Generation
@@ -61,13 +62,16 @@ def test_record_grades_and_counts_one_completion(byte_tokenizer):
     generation = Generation(index=0, text=text, token_ids=tuple(range(11)), finish_reason="stop")
     engine = SimpleNamespace(tokenizer=byte_tokenizer)
 
-    record = evaluate.make_record(engine, problem, "P", generation, model="level_3", level=3, seed=1)
+    record = evaluate.make_record(
+        engine, problem, "P", generation, model="level_3", level=3, training_seed=42, seed=1, sample=2
+    )
 
     assert record == {
         "id": "test-00001", "question": problem.question, "gold": "19", "prompt": "P", "completion": text,
         "reasoning": "12+7=19", "predicted": "19", "extractor": "hash", "correct": True,
         "correct_lenient": True, "grade_reason": "correct", "think_tokens": 7, "completion_tokens": 11,
-        "finish_reason": "stop", "model": "level_3", "level": 3, "seed": 1, "schema_version": 2,
+        "finish_reason": "stop", "model": "level_3", "level": 3, "training_seed": 42, "seed": 1, "sample": 2,
+        "schema_version": 2,
     }  # fmt: skip
     wrong = evaluate.make_record(
         engine,
@@ -76,6 +80,7 @@ def test_record_grades_and_counts_one_completion(byte_tokenizer):
         Generation(0, "Tom has 20.\n#### 20", (1, 2), "stop"),
         model="base",
         level=None,
+        training_seed=None,
         seed=0,
     )
     assert (wrong["correct"], wrong["predicted"], wrong["reasoning"], wrong["think_tokens"]) == (
@@ -100,7 +105,14 @@ def test_record_grades_strictly_and_leniently(byte_tokenizer, text, finish, mode
     generation = Generation(index=0, text=text, token_ids=(1, 2, 3), finish_reason=finish)
     level = None if model == "base" else 3
     record = evaluate.make_record(
-        SimpleNamespace(tokenizer=byte_tokenizer), problem, "P", generation, model=model, level=level, seed=0
+        SimpleNamespace(tokenizer=byte_tokenizer),
+        problem,
+        "P",
+        generation,
+        model=model,
+        level=level,
+        training_seed=None if level is None else 42,
+        seed=0,
     )
     assert (record["predicted"], record["correct"], record["correct_lenient"], record["grade_reason"]) == graded
 
@@ -120,17 +132,19 @@ def study(generation_base, tmp_path_factory):
             "data.synthetic.n_test": 30,
             "eval.batch_size": 2,
             "eval.max_new_tokens": 8,
+            "eval.prompt_baselines": False,  # on in one test below, which evaluates it
         }
     )
     return SimpleNamespace(config=config, adapter=adapter, root=root)
 
 
-def new_run_dir(study, name: str) -> RunDir:
+def new_run_dir(study, name: str, adapters: tuple[str, ...] = ("level_1",)) -> RunDir:
     run_dir = RunDir(study.root / name)
-    target = run_dir.adapter_dir(1)
-    target.mkdir(parents=True)
-    for file in study.adapter.iterdir():
-        (target / file.name).write_bytes(file.read_bytes())
+    for model in adapters:
+        target = run_dir.adapter_dir(model)
+        target.mkdir(parents=True)
+        for file in study.adapter.iterdir():
+            (target / file.name).write_bytes(file.read_bytes())
     return run_dir
 
 
@@ -175,19 +189,56 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(study):
     assert resumed.summary.is_file() and resumed.pareto_png.stat().st_size > 0
 
 
-def test_rerun_of_a_complete_eval_generates_nothing(study, monkeypatch):
+SAMPLED = {"eval.seeds": [0, 1], "eval.sampling": {"temperature": 1.5, "samples_per_problem": 2}}
+
+
+def test_sampled_draws_are_reproducible_and_a_complete_rerun_generates_nothing(study, monkeypatch):
     run_dir = new_run_dir(study, "complete")
-    config = study.config.with_overrides(run_dir=str(run_dir.root))
-    evaluate.run(config, run_dir, models=["base"], seeds=[0, 1])
+    config = study.config.with_overrides(run_dir=str(run_dir.root), **SAMPLED)
+    evaluate.run(config, run_dir, models=["base"])
     before = run_dir.samples("base").read_bytes()
-    assert {r["seed"] for r in read_samples(run_dir.samples("base"))} == {0, 1}
+    rows = read_samples(run_dir.samples("base"))
+    assert {(r["seed"], r["sample"]) for r in rows} == {(0, 0), (0, 1), (1, 0), (1, 1)} and len(rows) == 120
+    by_draw = {(r["id"], r["seed"], r["sample"]): r["completion"] for r in rows}
+    assert any(by_draw[(i, 0, 0)] != by_draw[(i, 0, 1)] for i, _, _ in by_draw)  # draws, not copies
+    metrics = read_json(run_dir.metrics("base"), what="m", hint="")
+    assert (metrics["n_problems"], metrics["samples_per_problem"], metrics["ci_method"]) == (30, 4, "wilson_clustered")
 
     def fail(*args, **kwargs):
         raise AssertionError("nothing should be generated")
 
     monkeypatch.setattr("training.generate.GenerationEngine.generate_batch", fail)
-    evaluate.run(config, run_dir, models=["base"], seeds=[0, 1])
+    evaluate.run(config, run_dir, models=["base"])
     assert run_dir.samples("base").read_bytes() == before
+    monkeypatch.undo()
+
+    # A run that lost its last draw's rows draws them again exactly: each batch is seeded on its own.
+    kept = [line for line in before.decode().splitlines() if '"seed": 1, "sample": 1' not in line]
+    run_dir.samples("base").write_text("\n".join(kept) + "\n")
+    evaluate.run(config, run_dir, models=["base"])
+    assert sorted(run_dir.samples("base").read_bytes().splitlines()) == sorted(before.splitlines())
+
+
+def test_training_seeds_and_the_prompt_only_baseline_are_evaluated_like_the_others(study):
+    config = study.config.with_overrides(**{"training.seeds": [42, 43], "eval.prompt_baselines": True})
+    run_dir = new_run_dir(study, "seeds", adapters=("level_1", "level_1_seed43"))
+    summary = evaluate.run(config.with_overrides(run_dir=str(run_dir.root)), run_dir)
+
+    assert [row["model"] for row in summary["models"]] == ["base", "level_1", "prompt_l1", "level_1_seed43"]
+    assert [row["kind"] for row in summary["models"]] == ["base", "adapter", "prompt", "adapter"]
+    prompt = read_samples(run_dir.samples("prompt_l1"))
+    adapter = read_samples(run_dir.samples("level_1"))
+    # The level's prompt with its style and answer format spelled out, for a model that never saw "Level 1".
+    assert [r["prompt"] for r in prompt] == [build_baseline_prompt(1, r["question"]) for r in adapter]
+    assert all(r["prompt"].startswith(a["prompt"].split("\n")[0]) for r, a in zip(prompt, adapter, strict=True))
+    assert "<think>" in prompt[0]["prompt"] and "####" in prompt[0]["prompt"]
+    assert {r["training_seed"] for r in prompt} == {None} and {r["training_seed"] for r in adapter} == {42}
+    assert {r["training_seed"] for r in read_samples(run_dir.samples("level_1_seed43"))} == {43}
+    assert [r["completion"] for r in prompt] != [r["completion"] for r in adapter]
+    level_1 = read_json(run_dir.metrics("level_1"), what="m", hint="")
+    assert level_1["vs_prompt"]["n_paired"] == 30 and level_1["training_seed"] == 42
+    [spread] = summary["training_seeds"]
+    assert spread["models"] == ["level_1", "level_1_seed43"] and spread["training_seeds"] == [42, 43]
 
 
 def test_a_half_done_model_is_left_out_of_the_summary(study):
@@ -199,7 +250,11 @@ def test_a_half_done_model_is_left_out_of_the_summary(study):
     rows = run_dir.samples("base").read_text().splitlines()[:10]
     level_1.write_text(
         "".join(
-            row.replace('"model": "base", "level": null', '"model": "level_1", "level": 1') + "\n"
+            row.replace(
+                '"model": "base", "level": null, "training_seed": null',
+                '"model": "level_1", "level": 1, "training_seed": 42',
+            )
+            + "\n"
             for row in rows
         )
     )
@@ -286,7 +341,9 @@ def test_ids_past_the_tokenizer_decode_to_nothing_and_still_count(byte_tokenizer
 
     generation = GenerationEngine.to_generation(engine, 0, row)
     problem = Problem(id="test-00002", question="3 and 4?", answer="", gold="7")
-    record = evaluate.make_record(engine, problem, "P", generation, model="level_3", level=3, seed=0)
+    record = evaluate.make_record(
+        engine, problem, "P", generation, model="level_3", level=3, training_seed=42, seed=0
+    )
 
     assert generation.text == text and generation.finish_reason == "length"
     assert record["completion_tokens"] == len(ids) + 3 and record["think_tokens"] == len("3+4=7")

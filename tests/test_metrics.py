@@ -14,7 +14,6 @@ from scipy.stats import binomtest
 
 from eval_artifacts.metrics import (
     check_metrics_match_samples,
-    compute_metrics,
     compute_model_metrics,
     mcnemar_exact_p,
     paired_delta_ci,
@@ -201,68 +200,97 @@ def test_metrics_json_matches_independent_recomputation(run_dir: RunDir):
     assert (vs["b"], vs["c"], vs["n_paired"]) == (b, c, n)
     assert vs["delta"] == (c - b) / n
     assert vs["delta"] == pytest.approx(stored["accuracy"] - sum(base.values()) / n, abs=1e-12)
-    assert vs["mcnemar_p"] == pytest.approx(_exact_two_sided(b, c), rel=1e-12)
+    assert vs["test"] == "mcnemar_exact"
+    assert vs["p_value"] == pytest.approx(_exact_two_sided(b, c), rel=1e-12)
     assert vs["ci95"] == pytest.approx(_newcombe10(a, b, c, d), rel=1e-12)
-    assert stored["across_seeds"]["accuracy"] == {"mean": k / n, "sd": None}
-    assert stored["per_seed"] == [
-        {"seed": 0, **{key: stored[key] for key in stored["per_seed"][0] if key != "seed"}}
-    ]
+    assert (stored["n_problems"], stored["samples_per_problem"], stored["ci_method"]) == (n, 1, "wilson")
+    assert stored["training_seed"] == 42 and stored["vs_prompt"] is None
 
     base_metrics = read_metrics(run_dir, "base")
     assert base_metrics["vs_base"] is None and base_metrics["level"] is None
     check_metrics_match_samples(run_dir, "level_2")  # consistent: no error
 
 
-def test_seeds_aggregate_pooled_and_across_seed_sd(tmp_path: Path):
-    rd = RunDir(tmp_path / "runs" / "tiny")
-    base = random_rows("base", seed=0, n=30, p_correct=0.6, think_scale=50, rng_seed=11)
-    append_jsonl(rd.samples("base"), base)
-    per_seed = {
-        s: random_rows("level_3", seed=s, n=30, p_correct=0.3 + 0.15 * s, think_scale=20, rng_seed=20 + s)
-        for s in (0, 1, 2)
-    }
-    append_jsonl(rd.samples("level_3"), [r for s in (2, 0, 1) for r in per_seed[s]])  # out of seed order
-    payload = write_metrics(rd, "level_3", 3)
-
-    assert payload["seeds"] == [0, 1, 2]
-    assert [m["seed"] for m in payload["per_seed"]] == [0, 1, 2]
-    accs = [sum(r["correct"] for r in per_seed[s]) / 30 for s in (0, 1, 2)]
-    assert [m["accuracy"] for m in payload["per_seed"]] == accs
-    assert payload["n_total"] == 90 and payload["n_correct"] == sum(
-        r["correct"] for s in per_seed for r in per_seed[s]
-    )
-    mean = sum(accs) / 3
-    sd = math.sqrt(sum((x - mean) ** 2 for x in accs) / 2)
-    assert payload["across_seeds"]["accuracy"]["mean"] == pytest.approx(mean, rel=1e-12)
-    assert payload["across_seeds"]["accuracy"]["sd"] == pytest.approx(sd, rel=1e-12) and sd > 0
-    think_means = [sum(r["think_tokens"] for r in per_seed[s]) / 30 for s in (0, 1, 2)]
-    assert payload["across_seeds"]["think_tokens_mean"]["mean"] == pytest.approx(
-        sum(think_means) / 3, rel=1e-12
-    )
-    all_think = [r["think_tokens"] for s in per_seed for r in per_seed[s]]
-    assert payload["think_tokens"]["median"] == _median(all_think)
-    # Base ran one greedy seed: every model seed pairs with it, so b and c add up over the seeds.
-    base_right = {r["id"]: r["correct"] for r in base}
-    b = sum(base_right[r["id"]] and not r["correct"] for s in per_seed for r in per_seed[s])
-    c = sum(not base_right[r["id"]] and r["correct"] for s in per_seed for r in per_seed[s])
-    assert (payload["vs_base"]["b"], payload["vs_base"]["c"], payload["vs_base"]["n_paired"]) == (b, c, 90)
-    assert [m["vs_base"]["b"] for m in payload["per_seed"]] and sum(
-        m["vs_base"]["b"] for m in payload["per_seed"]
-    ) == b
-
-
-def test_base_with_other_seeds_pairs_on_id_and_seed():
-    base = [sample_row("p1", True, 9, 12, model="base", seed=s) for s in (0, 1)] + [
-        sample_row("p2", s == 1, 9, 12, model="base", seed=s) for s in (0, 1)
+def _sampled(rows: list[dict], draws: list[list[bool]], *, model: str) -> list[dict]:
+    """Each problem of ``rows`` drawn len(draws[i]) times: sample j correct as draws[i][j]."""
+    return [
+        sample_row(r["id"], ok, r["think_tokens"], r["completion_tokens"], model=model, sample=j)
+        for r, outcomes in zip(rows, draws, strict=True)
+        for j, ok in enumerate(outcomes)
     ]
-    level = [sample_row("p1", False, 3, 6, seed=s) for s in (0, 1)] + [sample_row("p2", True, 3, 6, seed=s) for s in (0, 1)]
-    payload = compute_model_metrics(level, model="level_2", level=2, base_samples=base)
-    # seed 0: p1 base right/model wrong (b), p2 base wrong/model right (c); seed 1: p1 b, p2 both right.
-    assert (payload["vs_base"]["b"], payload["vs_base"]["c"]) == (2, 1)
-    with pytest.raises(ArtifactError, match="seed 5"):
-        compute_metrics([sample_row("p1", True, 3, 6, seed=5)], base_samples=base)
-    with pytest.raises(ArtifactError, match="one seed"):
-        compute_metrics(level, base_samples=base)
+
+
+def test_k_identical_draws_give_exactly_the_single_runs_ci_and_paired_test():
+    """Issue 16: duplicates must not narrow the error bars nor sharpen the paired test."""
+    base = random_rows("base", seed=0, n=200, p_correct=0.6, think_scale=50, rng_seed=7)
+    level = random_rows("level_4", seed=0, n=200, p_correct=0.27, think_scale=15, rng_seed=8)
+    single = compute_model_metrics(level, model="level_4", level=4, base_samples=base)
+    for k in (2, 3, 8):
+        copies = _sampled(level, [[r["correct"]] * k for r in level], model="level_4")
+        base_copies = _sampled(base, [[r["correct"]] * k for r in base], model="base")
+        pooled = compute_model_metrics(copies, model="level_4", level=4, base_samples=base_copies)
+        assert (pooled["n_total"], pooled["samples_per_problem"], pooled["n_problems"]) == (200 * k, k, 200)
+        assert pooled["ci_method"] == "wilson_clustered"
+        assert pooled["accuracy"] == single["accuracy"]
+        assert pooled["ci95"] == pytest.approx(single["ci95"], abs=1e-15)
+        assert pooled["vs_base"] == single["vs_base"]  # McNemar on the same b, c: not p 3.65e-45
+
+
+def test_sampled_ci_is_clustered_by_problem_and_paired_test_is_on_problem_means():
+    rng = random.Random(3)
+    base = random_rows("base", seed=0, n=40, p_correct=0.6, think_scale=50, rng_seed=9)
+    level = random_rows("level_3", seed=0, n=40, p_correct=0.5, think_scale=20, rng_seed=10)
+    k = 4
+    draws = [[rng.random() < (0.9 if i % 3 else 0.2) for _ in range(k)] for i in range(40)]
+    rows = _sampled(level, draws, model="level_3")
+    payload = compute_model_metrics(rows, model="level_3", level=3, base_samples=base)
+
+    means = [sum(d) / k for d in draws]
+    p = sum(means) / 40
+    assert payload["accuracy"] == pytest.approx(p, abs=1e-15)
+    se2 = sum((m - p) ** 2 for m in means) / 40**2
+    n_eff = min(p * (1 - p) / se2, 40 * k)
+    denom = 1 + Z**2 / n_eff
+    centre = (p + Z**2 / (2 * n_eff)) / denom
+    half = Z / denom * math.sqrt(p * (1 - p) / n_eff + Z**2 / (4 * n_eff**2))
+    assert payload["ci95"] == pytest.approx([centre - half, centre + half], rel=1e-12)
+    # Never narrower than treating the 160 rows as independent, never wider than one draw per problem.
+    assert payload["ci95"][1] - payload["ci95"][0] >= (_wilson(round(p * 160), 160)[1] - _wilson(round(p * 160), 160)[0]) - 1e-12
+
+    diffs = [m - float(b["correct"]) for m, b in zip(means, base, strict=True)]
+    mean = sum(diffs) / 40
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 39)
+    from scipy.stats import t
+
+    vs = payload["vs_base"]
+    assert vs["test"] == "paired_t" and vs["delta"] == pytest.approx(mean, abs=1e-15)
+    half = t.ppf(0.975, 39) * sd / math.sqrt(40)
+    assert vs["ci95"] == pytest.approx([mean - half, mean + half], rel=1e-12)
+    statistic = mean / (sd / math.sqrt(40))
+    assert vs["p_value"] == pytest.approx(2 * t.sf(abs(statistic), 39), rel=1e-9)
+    assert (vs["b"], vs["c"]) == (sum(x < 0 for x in diffs), sum(x > 0 for x in diffs))
+
+
+def test_adapter_metrics_pair_with_their_levels_prompt_only_baseline(tmp_path: Path):
+    rd = RunDir(tmp_path / "runs" / "tiny")
+    append_jsonl(rd.samples("base"), random_rows("base", seed=0, n=30, p_correct=0.6, think_scale=50, rng_seed=1))
+    prompt = random_rows("prompt_l3", seed=0, n=30, p_correct=0.3, think_scale=20, rng_seed=2)
+    level = random_rows("level_3", seed=0, n=30, p_correct=0.5, think_scale=20, rng_seed=3)
+    append_jsonl(rd.samples("level_3"), level)
+    assert write_metrics(rd, "level_3", 3)["vs_prompt"] is None  # no baseline evaluated
+    append_jsonl(rd.samples("prompt_l3"), prompt)
+    payload = write_metrics(rd, "level_3", 3)
+    right = {r["id"]: r["correct"] for r in prompt}
+    b = sum(right[r["id"]] and not r["correct"] for r in level)
+    c = sum(not right[r["id"]] and r["correct"] for r in level)
+    assert payload["vs_prompt"]["delta"] == (c - b) / 30 and (payload["vs_prompt"]["b"], payload["vs_prompt"]["c"]) == (b, c)
+    assert write_metrics(rd, "prompt_l3", 3)["vs_prompt"] is None and payload["training_seed"] == 42
+
+
+def test_problems_with_different_numbers_of_draws_are_refused():
+    rows = [sample_row("p1", True, 3, 6, sample=0), sample_row("p1", False, 3, 6, sample=1), sample_row("p2", True, 3, 6)]
+    with pytest.raises(ArtifactError, match="1 to 2 draws"):
+        compute_model_metrics(rows, model="level_2", level=2, base_samples=None)
 
 
 # ---------------------------------------------------------------- bad input
@@ -288,13 +316,16 @@ def test_truncated_line_missing_field_and_duplicates_are_named(tmp_path: Path):
             for r in [sample_row("p1", True, 5, 9), sample_row("p2", True, 5, 9), sample_row("p1", False, 6, 9)]
         )
     )
-    with pytest.raises(ArtifactError, match="line 3 duplicates id 'p1' seed 0 .first at line 1"):
+    with pytest.raises(ArtifactError, match="line 3 duplicates id 'p1' seed 0 sample 0 .first at line 1"):
         read_samples(path)
-    # The same id under another seed is a different sample.
+    # The same id under another seed, or another draw, is a different sample.
     path.write_text(
-        "".join(json.dumps(r) + "\n" for r in [sample_row("p1", True, 5, 9), sample_row("p1", False, 6, 9, seed=1)])
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [sample_row("p1", True, 5, 9), sample_row("p1", False, 6, 9, seed=1), sample_row("p1", True, 5, 9, sample=1)]
+        )
     )
-    assert len(read_samples(path)) == 2
+    assert len(read_samples(path)) == 3
 
 
 @pytest.mark.parametrize(
@@ -309,6 +340,8 @@ def test_truncated_line_missing_field_and_duplicates_are_named(tmp_path: Path):
         ("schema_version", 0, "field 'schema_version' is 0"),
         ("completion_tokens", -1, "field 'completion_tokens' is negative"),
         ("seed", None, "field 'seed' must be int"),
+        ("sample", -1, "field 'sample' is negative"),
+        ("training_seed", None, "field 'training_seed' is None but model 'level_2' means an int"),
         ("correct_lenient", None, "field 'correct_lenient' must be bool"),
         ("grade_reason", "no_answer", "field 'grade_reason' is 'no_answer' but .* mean 'correct'"),
         ("extra", "x", "unknown field 'extra'"),
@@ -342,7 +375,7 @@ def test_metrics_disagreeing_with_samples_name_the_field(run_dir: RunDir):
     write_metrics(run_dir, "level_2", 2)
     append_jsonl(run_dir.samples("level_2"), [sample_row("p999", True, 4, 8)])
     append_jsonl(run_dir.samples("base"), [sample_row("p999", False, 40, 48, model="base")])
-    with pytest.raises(ArtifactError, match="field 'n_total' .stored 57, samples give 58"):
+    with pytest.raises(ArtifactError, match="field 'n_problems' .stored 57, samples give 58"):
         check_metrics_match_samples(run_dir, "level_2")
 
     payload = json.loads(path.read_text())
@@ -358,4 +391,4 @@ def test_level_needs_base_samples_and_samples_are_required(tmp_path: Path):
     with pytest.raises(ArtifactError, match="samples not found at .*base"):
         write_metrics(rd, "level_1", 1)
     with pytest.raises(ArtifactError, match="no samples"):
-        compute_metrics([], base_samples=None)
+        compute_model_metrics([], model="level_1", level=1, base_samples=None)

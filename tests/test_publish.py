@@ -26,6 +26,7 @@ from eval_artifacts.study.errors import ArtifactError, CardValidationError, HubE
 from hub_tools.cards import collection_url_from_state, render_collection_notes
 from hub_tools.cli import main
 from hub_tools.local_hub import configure_clients, running_hub
+from hub_tools.publishing import apply as apply_module
 from hub_tools.publishing import commands as publish_module
 from hub_tools.publishing.commands import Scope
 
@@ -38,7 +39,7 @@ ADAPTER_FILES = {
     "data_stats.json",
     "pareto.png",
 }
-EVAL_CONFIGS = ["base", "level_1", "level_2", "level_3", "level_4", "level_5", "summary"]
+EVAL_CONFIGS = ["base", *(f"level_{n}" for n in range(1, 6)), *(f"prompt_l{n}" for n in range(1, 6)), "summary"]
 # Requests that never change anything on the Hub (paths-info and validate-yaml are POSTs that only read).
 READ_ONLY = re.compile(r"^(GET|HEAD) |^POST /api/(validate-yaml|(models|datasets)/.+/paths-info/.+)$")
 
@@ -460,7 +461,7 @@ def test_preflight_failures_write_nothing(study, hub, tmp_path, case):
     options = {}
     if case == "missing adapter":
         (run_dir.adapter_dir(3) / "adapter_model.safetensors").unlink()
-        expected = (ArtifactError, "level 3 has no adapter_model.safetensors")
+        expected = (ArtifactError, "level_3 has no adapter_model.safetensors")
     elif case == "stale metrics":
         metrics = json.loads(run_dir.metrics("level_2").read_text())
         metrics["accuracy"] += 0.01
@@ -539,3 +540,51 @@ def test_a_failed_push_stops_and_a_rerun_converges(study, hub, monkeypatch):
     slug = json.loads(run_dir.publish_state.read_text())["collection_slug"]
     assert [i.item_id for i in api(hub).get_collection(slug).items] == [r for _, r in repos(config)]
     assert publish(config, run_dir, hub).commits == 0
+
+
+def test_other_training_seeds_go_to_branches_one_commit_each_and_converge(tmp_path, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    config = load_config().with_overrides(
+        run_dir=str(tmp_path / "run"), levels=[2, 4], **{"training.seeds": [42, 43]}
+    )
+    run_dir = write_fixture_study(tmp_path / "run", config=config, n_problems=40)
+    real_crash = apply_module.maybe_crash
+
+    def interrupted(point, detail=None, **kwargs):  # killed once L4's branch exists, before its commit
+        if (point, detail) == ("publish.branch_created", "tiny-cot-l4"):
+            raise KeyboardInterrupt
+        real_crash(point, detail, **kwargs)
+
+    monkeypatch.setattr(apply_module, "maybe_crash", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        publish(config, run_dir, hub)
+    monkeypatch.setattr(apply_module, "maybe_crash", real_crash)
+    lines: list[str] = []
+    dry = publish(config, run_dir, hub, dry_run=True, echo=lines.append)
+    assert [(r.repo_id, r.branch, r.status) for r in dry.repos if r.status != "unchanged"] == [
+        ("cot-compress/tiny-cot-l4", "seed-43", "would change"),
+        ("cot-compress/tiny-cot-eval", "main", "would create"),
+    ]
+    report = publish(config, run_dir, hub)
+    assert report.commits == 2
+
+    for level in (2, 4):
+        repo_id = config.adapter_repo_id(level)
+        refs = api(hub).list_repo_refs(repo_id)
+        assert sorted(branch.name for branch in refs.branches) == ["main", "seed-43"]
+        # the initial commit, main's, then the branch's one commit (after the interruption too)
+        assert hub.commit_count("model", repo_id, "seed-43") == 3 and hub.commit_count("model", repo_id) == 2
+        for branch, model in (("main", f"level_{level}"), ("seed-43", f"level_{level}_seed43")):
+            weights = api(hub).hf_hub_download(
+                repo_id, "adapter_model.safetensors", revision=branch, cache_dir=tmp_path / "dl"
+            )
+            assert Path(weights).read_bytes() == (run_dir.adapter_dir(model) / "adapter_model.safetensors").read_bytes()
+            trained = api(hub).hf_hub_download(repo_id, "training.json", revision=branch, cache_dir=tmp_path / "dl")
+            assert json.loads(Path(trained).read_text())["seed"] == (42 if branch == "main" else 43)
+            card = api(hub).hf_hub_download(repo_id, "README.md", revision=branch, cache_dir=tmp_path / "dl")
+            assert "- `seed-43`: training seed 43, accuracy" in Path(card).read_text()
+
+    mark = len(hub.request_log)
+    again = publish(config, run_dir, hub)
+    assert again.commits == 0 and writes(hub, mark) == []
+    assert len(again.repos) == 5 and all(r.status == "unchanged" for r in again.repos)

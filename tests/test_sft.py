@@ -28,7 +28,7 @@ from training import prepare_data, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = {
-    "schema_version", "level", "base_model", "adapter", "hyperparameters", "precision", "quantization", "loss",
+    "schema_version", "level", "model", "base_model", "adapter", "hyperparameters", "precision", "quantization", "loss",
     "hardware", "seed", "train_rows", "data_file", "data_sha256", "tokens_seen", "steps", "loss_curve",
     "wall_time_s", "tokens_per_s", "library_versions",
 }  # fmt: skip
@@ -38,7 +38,7 @@ HYPERPARAMETER_KEYS = {
 }  # fmt: skip
 
 
-def adapter_weights(run_dir: RunDir, level: int) -> dict[str, torch.Tensor]:
+def adapter_weights(run_dir: RunDir, level: int | str) -> dict[str, torch.Tensor]:
     return load_file(run_dir.adapter_dir(level) / "adapter_model.safetensors")
 
 
@@ -48,7 +48,7 @@ def test_train_writes_adapter_and_a_complete_training_json(training_base, tmp_pa
     config = config.with_overrides(**{"data.max_train_rows": 24})
     run_dir = prepared(config)
 
-    payload = sft.run(config, run_dir.root, levels=[3])[3]
+    payload = sft.run(config, run_dir.root, levels=[3])["level_3"]
 
     adapter_dir = run_dir.adapter_dir(3)
     assert sorted(p.name for p in adapter_dir.iterdir()) == [
@@ -106,7 +106,7 @@ def test_loss_falls_and_completion_only_masks_the_prompt(training_base, tmp_path
     # The issue's criterion: the loss falls by at least 30% from the first logged step to the last.
     config = sft_study(training_base, tmp_path / "run", max_steps=16, logging_steps=4, learning_rate=0.03)
     run_dir = prepared(config)
-    payload = sft.run(config, run_dir, levels=[3])[3]
+    payload = sft.run(config, run_dir, levels=[3])["level_3"]
     curve = payload["loss_curve"]
     assert [point["step"] for point in curve] == [1, 4, 8, 12, 16]
     assert curve[-1]["loss"] <= 0.7 * curve[0]["loss"]
@@ -120,7 +120,7 @@ def test_loss_falls_and_completion_only_masks_the_prompt(training_base, tmp_path
         )  # fmt: skip
         trainer = sft.build_trainer(
             model=model, tokenizer=tokenizer, dataset=sft.chat_dataset(rows), training=training,
-            precision="fp32", output_dir=tmp_path / "unused",
+            seed=training.seeds[0], precision="fp32", output_dir=tmp_path / "unused",
         )  # fmt: skip
         example = trainer.train_dataset[0]
         prompt = tokenizer.apply_chat_template(
@@ -136,23 +136,23 @@ def test_loss_falls_and_completion_only_masks_the_prompt(training_base, tmp_path
 def test_rerun_skips_an_up_to_date_adapter_and_retrains_on_change(training_base, tmp_path, capsys):
     config = sft_study(training_base, tmp_path / "run", max_steps=2)
     run_dir = prepared(config)
-    first = sft.run(config, run_dir, levels=[3])[3]
+    first = sft.run(config, run_dir, levels=[3])["level_3"]
     stamp = (run_dir.adapter_dir(3) / "adapter_model.safetensors").stat().st_mtime_ns
 
-    assert sft.run(config, run_dir, levels=[3])[3] == first
-    assert "level 3: adapter up to date" in capsys.readouterr().out
+    assert sft.run(config, run_dir, levels=[3])["level_3"] == first
+    assert "level_3: adapter up to date" in capsys.readouterr().out
     assert (run_dir.adapter_dir(3) / "adapter_model.safetensors").stat().st_mtime_ns == stamp
 
     changed = config.with_overrides(**{"training.learning_rate": 0.02})
-    assert sft.run(changed, run_dir, levels=[3])[3]["hyperparameters"]["learning_rate"] == 0.02
-    assert sft.run(changed, run_dir, levels=[3], force=True)[3]["wall_time_s"] > 0
+    assert sft.run(changed, run_dir, levels=[3])["level_3"]["hyperparameters"]["learning_rate"] == 0.02
+    assert sft.run(changed, run_dir, levels=[3], force=True)["level_3"]["wall_time_s"] > 0
     assert "skipped" not in capsys.readouterr().out
 
     with run_dir.train_file(3).open("a") as handle:
         handle.write(
             json.dumps({"id": "x", "prompt": "p", "completion": "<think>\n1\n</think>\n#### 1"}) + "\n"
         )
-    assert sft.run(changed, run_dir, levels=[3])[3]["train_rows"] == 65
+    assert sft.run(changed, run_dir, levels=[3])["level_3"]["train_rows"] == 65
 
 
 class _Killed(Exception):
@@ -162,7 +162,7 @@ class _Killed(Exception):
 def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(training_base, tmp_path, monkeypatch):
     config = sft_study(training_base, tmp_path / "straight", max_steps=8, save_steps=4)
     straight = prepared(config)
-    expected = sft.run(config, straight, levels=[3])[3]
+    expected = sft.run(config, straight, levels=[3])["level_3"]
 
     killed_config = config.with_overrides(run_dir=str(tmp_path / "killed"))
     killed = prepared(killed_config)
@@ -187,7 +187,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(training_base, 
     assert not run_dir_has_adapter(killed, 3)
 
     monkeypatch.setattr(sft, "build_trainer", build)
-    resumed = sft.run(killed_config, killed, levels=[3], resume=True)[3]
+    resumed = sft.run(killed_config, killed, levels=[3], resume=True)["level_3"]
 
     got, want = adapter_weights(killed, 3), adapter_weights(straight, 3)
     assert got.keys() == want.keys()
@@ -199,7 +199,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(training_base, 
         [p["loss"] for p in expected["loss_curve"]]
     )
     assert not (killed.adapter_dir(3) / "checkpoints").exists()
-    assert sft.run(killed_config, killed, levels=[3], resume=True)[3] == resumed  # finished levels are skipped
+    assert sft.run(killed_config, killed, levels=[3], resume=True)["level_3"] == resumed  # finished levels are skipped
 
 
 def run_dir_has_adapter(run_dir: RunDir, level: int) -> bool:
@@ -214,6 +214,25 @@ def test_keep_checkpoints_keeps_the_last_ones(training_base, tmp_path):
     sft.run(config, run_dir, levels=[3])
     kept = sorted(p.name for p in (run_dir.adapter_dir(3) / "checkpoints").iterdir())
     assert kept == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_one_adapter_per_training_seed_each_skipped_when_up_to_date(training_base, tmp_path, capsys):
+    config = sft_study(training_base, tmp_path / "run", max_steps=2, seeds=[42, 43])
+    run_dir = prepared(config)
+
+    trained = sft.run(config, run_dir, levels=[3])
+
+    assert list(trained) == ["level_3", "level_3_seed43"]
+    assert [trained[m]["seed"] for m in trained] == [42, 43] and trained["level_3_seed43"]["model"] == "level_3_seed43"
+    assert json.loads(run_dir.training_json("level_3_seed43").read_text()) == trained["level_3_seed43"]
+    published, other = adapter_weights(run_dir, 3), adapter_weights(run_dir, "level_3_seed43")
+    assert any(not torch.equal(published[name], other[name]) for name in published)  # another initialisation
+    capsys.readouterr()
+    assert sft.run(config, run_dir, levels=[3]) == trained
+    assert capsys.readouterr().out.count("adapter up to date") == 2
+    # Training the same recipe on another first seed does not reuse seed 42's adapter under level_3.
+    swapped = config.with_overrides(**{"training.seeds": [43, 42]})
+    assert sft.run(swapped, run_dir, levels=[3])["level_3"]["seed"] == 43
 
 
 def test_missing_data_names_prepare_data(training_base, tmp_path):
@@ -259,8 +278,8 @@ def test_train_command_prints_one_summary_line_per_level(training_base, tmp_path
 
     result = CliRunner().invoke(main, ["train", "--config", str(config_file), "--levels", "4,5"])
     assert result.exit_code == 0, result.output
-    summaries = [line for line in result.output.splitlines() if line.startswith("level ")]
-    assert [line.split(":")[0] for line in summaries] == ["level 4", "level 5"]
+    summaries = [line for line in result.output.splitlines() if line.startswith("level_")]
+    assert [line.split(":")[0] for line in summaries] == ["level_4 (seed 42)", "level_5 (seed 42)"]
     assert all("2 steps" in line and "tokens/s" in line for line in summaries)
 
     missing = CliRunner().invoke(main, ["train", "--config", str(config_file), "--levels", "1"])
@@ -299,7 +318,7 @@ def test_tiny_study_trains_every_level_and_think_tokens_fall_from_l1_to_l5(tmp_p
 
     trained = sft.run(config, run_dir)
 
-    assert sorted(trained) == [1, 2, 3, 4, 5]
+    assert sorted(trained) == [f"level_{n}" for n in range(1, 6)]
     for level, payload in trained.items():
         curve = payload["loss_curve"]
         assert curve[-1]["loss"] <= 0.7 * curve[0]["loss"], (level, curve[0], curve[-1])
@@ -310,3 +329,22 @@ def test_tiny_study_trains_every_level_and_think_tokens_fall_from_l1_to_l5(tmp_p
         assert len(samples) == config.data.synthetic.n_test
         means.append(sum(sample["think_tokens"] for sample in samples) / len(samples))
     assert all(earlier > later for earlier, later in zip(means, means[1:], strict=False)), means
+
+    # Issue 16: the default run evaluates the prompt-only baselines like the others; summary.json, the
+    # results tables and every adapter card carry them, each card its paired delta against its own level's.
+    from eval_artifacts.metrics import read_metrics
+    from eval_artifacts.summary import read_summary
+    from hub_tools import cards
+
+    summary = read_summary(run_dir)
+    prompt_rows = [row for row in summary["models"] if row["kind"] == "prompt"]
+    assert [row["model"] for row in prompt_rows] == [f"prompt_l{n}" for n in range(1, 6)]
+    rendered = cards.render_study_cards(config, run_dir)
+    cards.validate_all(rendered, config=config, run_dir=run_dir)
+    for level in config.levels:
+        text = rendered[f"tiny-cot-l{level}"].text
+        assert f"| P{level} " in text and ", prompt only |" in text
+        vs_prompt = read_metrics(run_dir, f"level_{level}")["vs_prompt"]
+        assert vs_prompt["n_paired"] == config.data.synthetic.n_test
+        assert f"differs by {cards.fmt_delta(vs_prompt['delta'])} (95% CI {cards.fmt_ci(vs_prompt['ci95'])}" in text
+    assert "| `prompt_l5` | P5 Minimal, prompt only |" in rendered["tiny-cot-eval"].text

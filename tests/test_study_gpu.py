@@ -12,6 +12,7 @@ import yaml
 
 from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, read_json
+from eval_artifacts.study.config import load_config
 from training.synthetic import generate_problems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,19 +67,20 @@ def test_smoke_runs_every_stage_of_the_study_through_the_cli(tmp_path):
     stages = run["stages"]
     assert list(stages) == ["prepare-data", "train", "evaluate", "render-cards", "publish"]
     assert all(stage["ran"] and stage["wall_s"] >= 0 for stage in stages.values())
-    assert stages["publish"]["commits"] == 6  # five adapters and the eval dataset
+    # five adapters on main, ten more on the branches seed-43 and seed-44, and the eval dataset
+    assert stages["publish"]["commits"] == 16
 
-    # Figures recomputed from the run directory's own records.
+    # Figures recomputed from the run directory's own records: an adapter per (level, training seed).
     run_dir = RunDir(work / "run-none")
-    payloads = [read_json(run_dir.training_json(level), what="", hint="") for level in range(1, 6)]
+    config = load_config(work / "study-none.yaml")
+    adapters = [model for n in config.levels for model, _ in config.adapter_models(n)]
+    assert len(adapters) == 15 and len(stages["train"]["adapters"]) == 15
+    payloads = [read_json(run_dir.training_json(model), what="", hint="") for model in adapters]
     tokens, seconds = sum(p["tokens_seen"] for p in payloads), sum(p["wall_time_s"] for p in payloads)
     assert stages["train"]["tokens_per_s"] == round(tokens / seconds, 1)
-    samples = [
-        row
-        for model in ["base"] + [f"level_{n}" for n in range(1, 6)]
-        for row in read_samples(run_dir.samples(model))
-    ]
-    assert len(samples) == 6 * 3 * 8  # six models, the study's three seeds, eight problems
+    samples = [row for model in config.model_keys for row in read_samples(run_dir.samples(model))]
+    # base, 15 adapters and 5 prompt-only baselines, one greedy evaluation seed, eight problems
+    assert len(samples) == 21 * 8
     assert stages["evaluate"]["generated_tokens"] == sum(row["completion_tokens"] for row in samples)
     assert stages["evaluate"]["engine"] == ["hf"] and stages["evaluate"]["cuda_graphs"] == [False]
 

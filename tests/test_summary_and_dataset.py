@@ -86,10 +86,13 @@ def test_summary_carries_metrics_and_an_independent_frontier(study: RunDir):
             "n_no_answer",
             "n_truncated",
             "think_tokens",
+            "ci_method",
             "vs_base",
-            "across_seeds",
+            "vs_prompt",
+            "training_seed",
         ):
             assert entry[key] == source[key]
+        assert entry["kind"] == ("base" if entry["model"] == "base" else "adapter")
         assert entry["n_correct_lenient"] > entry["n_correct"]
     # Frontier recomputed by brute force: nobody at most as many tokens and at least as accurate, one strictly.
     points = {m: (metrics[m]["think_tokens"]["mean"], metrics[m]["accuracy"]) for m in MODELS}
@@ -113,7 +116,7 @@ def test_summary_needs_every_metrics_file(tmp_path: Path):
 
 
 def _entry(model: str, tokens: float, accuracy: float, delta: float | None, p: float | None) -> dict:
-    vs_base = None if delta is None else {"delta": delta, "mcnemar_p": p}
+    vs_base = None if delta is None else {"delta": delta, "p_value": p}
     return {"model": model, "think_tokens": {"mean": tokens}, "accuracy": accuracy, "vs_base": vs_base}
 
 
@@ -218,10 +221,11 @@ def test_eval_dataset_configs_types_and_summary(study: RunDir):
         for key in ("n_correct_lenient", "accuracy_lenient", "n_no_answer", "n_truncated"):
             assert r[key] == metrics[key]
         if r["model"] == "base":
-            assert r["delta_vs_base"] is None and r["mcnemar_p"] is None and r["level"] is None
+            assert r["delta_vs_base"] is None and r["p_value_vs_base"] is None and r["level"] is None
         else:
             assert r["delta_vs_base"] == metrics["vs_base"]["delta"]
-            assert r["mcnemar_p"] == metrics["vs_base"]["mcnemar_p"]
+            assert r["p_value_vs_base"] == metrics["vs_base"]["p_value"]
+            assert r["test_vs_base"] == "mcnemar_exact" and r["kind"] == "adapter"
     frontier = build_summary(study, study="tiny", models=MODELS)["frontier"]
     assert [r["model"] for r in table if r["on_frontier"]] == sorted(frontier, key=MODELS.index)
 

@@ -155,3 +155,65 @@ def test_tiny_base_solves_at_least_40_percent_of_the_test_set():
         f"problems; build {build_s:.0f} s"
     )
     assert len(problems) == 200 and accuracy >= 0.40
+
+
+@pytest.mark.slow  # ~1-2 min on 2 cores: 4 adapters, 7 models evaluated, published to the embedded hub
+def test_tiny_study_with_two_training_seeds_publishes_a_branch_per_extra_seed(tmp_path, monkeypatch):
+    """Issue 16: ``training.seeds: [42, 43]`` gives 2 adapters per level, branches ``seed-43`` on the local hub,
+    and cards with the mean ± sd across seeds and each seed's CI."""
+    import yaml
+    from click.testing import CliRunner
+    from huggingface_hub import HfApi
+
+    from eval_artifacts.metrics import read_metrics
+    from eval_artifacts.rundir import RunDir
+    from hub_tools.cli import main
+    from hub_tools.local_hub import configure_clients, running_hub
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("COT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    # A base small enough to build in seconds: what is under test is the seeds' plumbing, not accuracy.
+    config = small_config(tmp_path).with_overrides(
+        levels=[1, 4],
+        **{
+            "training.seeds": [42, 43],
+            "training.max_steps": 6,
+            "data.synthetic.n_train": 200,
+            "data.synthetic.n_test": 30,
+            "eval.max_new_tokens": 24,
+        },
+    )
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+
+    result = CliRunner().invoke(main, ["train-and-publish", "--config", str(path)])
+
+    assert result.exit_code == 0, result.output
+    run_dir = RunDir(config.run_dir)
+    for level in config.levels:
+        models = [model for model, _ in config.adapter_models(level)]
+        assert models == [f"level_{level}", f"level_{level}_seed43"]
+        assert all((run_dir.adapter_dir(m) / "adapter_model.safetensors").is_file() for m in models)
+        assert [read_metrics(run_dir, m)["training_seed"] for m in models] == [42, 43]
+    assert "level_4_seed43" in result.output and "prompt_l4" in result.output
+
+    with running_hub(run_dir.hub_data_dir) as hub:
+        undo = configure_clients(hub.endpoint)
+        try:
+            api = HfApi(endpoint=hub.endpoint)
+            for level in config.levels:
+                repo_id = config.adapter_repo_id(level)
+                assert sorted(b.name for b in api.list_repo_refs(repo_id).branches) == ["main", "seed-43"]
+                assert hub.commit_count("model", repo_id, "seed-43") == 3  # initial, main's, the branch's
+        finally:
+            undo()
+    for level in config.levels:
+        card = run_dir.card(config.adapter_repo_id(level).split("/")[1]).read_text().replace("**", "")
+        accuracies = [read_metrics(run_dir, m)["accuracy"] for m, _ in config.adapter_models(level)]
+        mean, sd = sum(accuracies) / 2, abs(accuracies[0] - accuracies[1]) / 2**0.5
+        assert f"accuracy is {mean:.3f} ± {sd:.3f}" in card
+        for model, seed in config.adapter_models(level):
+            low, high = read_metrics(run_dir, model)["ci95"]
+            branch = "main" if seed == 42 else f"seed-{seed}"
+            assert f"| {seed} | {branch} | {read_metrics(run_dir, model)['accuracy']:.3f} | [{low:.3f}, {high:.3f}] |" in card
+        assert "- `seed-43`: training seed 43, accuracy" in card

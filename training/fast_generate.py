@@ -42,7 +42,7 @@ from training.fused_kernels import (
     fused_rms_norm,
     fused_silu_mul,
 )
-from training.generate import Generation, GenerationEngine
+from training.generate import SAMPLING_FALLBACK, Generation, GenerationEngine
 
 
 @dataclass(frozen=True)
@@ -845,9 +845,16 @@ class FastGenerationEngine:
             ]
 
     def generate_batch(
-        self, prompts: list[str], *, adapter: str | None, max_new_tokens: int
+        self, prompts: list[str], *, adapter: str | None, max_new_tokens: int, sampling: None = None
     ) -> list[Generation]:
-        """Greedy completions of ``prompts`` in order (one or more internal batches)."""
+        """Greedy completions of ``prompts`` in order (one or more internal batches).
+
+        Raises:
+            ConfigError: ``sampling`` was given: this engine decodes greedily only (``select_backend`` picks
+                the hf engine for sampled evaluations).
+        """
+        if sampling is not None:
+            raise ConfigError(SAMPLING_FALLBACK)
         results: list[Generation | None] = [None] * len(prompts)
         for batch in self.generate(prompts, adapter=adapter, max_new_tokens=max_new_tokens):
             for generation in batch:

@@ -1,8 +1,8 @@
-"""Batched greedy generation: one loaded base serves the stock model and every LoRA adapter.
+"""Batched generation, greedy or sampled: one loaded base serves the stock model and every LoRA adapter.
 
 Prompts are user messages rendered with the tokenizer's chat template, sorted by length and cut into
-left-padded batches (so little compute goes to padding), and decoded greedily until ``<|im_end|>`` / EOS
-or ``max_new_tokens``. Adapters are loaded once into a ``PeftModel`` and switched per batch; the stock
+left-padded batches (so little compute goes to padding), and decoded greedily (or sampled, with
+``eval.sampling``) until ``<|im_end|>`` / EOS or ``max_new_tokens``. Adapters are loaded once into a ``PeftModel`` and switched per batch; the stock
 model runs with adapters disabled, so no second copy of the base is held.
 
 ``GenerationEngine`` is the plain-transformers backend; ``training.fast_generate.FastGenerationEngine``
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from eval_artifacts.study.config import SamplingConfig
 from eval_artifacts.study.errors import ArtifactError, ConfigError
 
 if TYPE_CHECKING:
@@ -82,9 +83,15 @@ class Engine(Protocol):
         """``plan_batches`` over the prompts' token counts."""
 
     def generate_batch(
-        self, prompts: list[str], *, adapter: str | None, max_new_tokens: int
+        self,
+        prompts: list[str],
+        *,
+        adapter: str | None,
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
     ) -> list[Generation]:
-        """Greedy completions of ``prompts`` in order, with ``adapter`` active (``None``: the stock model)."""
+        """Completions of ``prompts`` in order, with ``adapter`` active (``None``: the stock model): greedy, or
+        one draw each with ``sampling`` (from torch's global generator, which the caller seeds)."""
 
     def describe(self) -> dict:
         """What decodes, for the generation log: engine, device, dtype, CUDA graphs, fused kernels."""
@@ -93,20 +100,36 @@ class Engine(Protocol):
         """Free the model and any caches, so the next stage finds the GPU empty."""
 
 
-def select_backend(requested: Literal["auto", "hf", "fast"]) -> str:
+SAMPLING_FALLBACK = (
+    "eval.sampling is on and the fast engine decodes greedily only: sampling with the hf engine "
+    "(slower on a GPU; set eval.backend: hf to silence this)"
+)
+
+
+def select_backend(requested: Literal["auto", "hf", "fast"], *, sampling: bool = False) -> str:
     """The backend for ``eval.backend``: ``fast`` (static KV cache + CUDA graphs, ``training.fast_generate``)
-    on a CUDA GPU when asked for or when ``auto``; ``hf`` otherwise.
+    on a CUDA GPU when asked for or when ``auto``; ``hf`` otherwise. The fast engine decodes greedily only,
+    so with ``sampling`` ``auto`` falls back to ``hf`` and says so on stderr.
 
     Raises:
-        ConfigError: ``fast`` was asked for without a CUDA GPU.
+        ConfigError: ``fast`` was asked for without a CUDA GPU, or with sampling.
     """
+    import sys
+
     import torch
 
+    if requested == "fast" and sampling:
+        raise ConfigError(
+            "eval.backend 'fast' decodes greedily only and eval.sampling is on: set eval.backend to 'auto' or "
+            "'hf' to sample with the hf engine, or remove eval.sampling"
+        )
     if requested == "fast" and not torch.cuda.is_available():
         raise ConfigError("eval.backend 'fast' needs a CUDA GPU: set eval.backend to 'auto' or 'hf'")
-    if requested == "fast" or (requested == "auto" and torch.cuda.is_available()):
-        return "fast"
-    return "hf"
+    if requested == "auto" and torch.cuda.is_available():
+        if not sampling:
+            return "fast"
+        print(SAMPLING_FALLBACK, file=sys.stderr)
+    return "fast" if requested == "fast" else "hf"
 
 
 class GenerationEngine:
@@ -181,9 +204,15 @@ class GenerationEngine:
 
     # ---- generation ----
     def generate_batch(
-        self, prompts: list[str], *, adapter: str | None, max_new_tokens: int
+        self,
+        prompts: list[str],
+        *,
+        adapter: str | None,
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
     ) -> list[Generation]:
-        """Greedy completions of one batch, with ``adapter`` active (``None``: the stock model)."""
+        """Completions of one batch, with ``adapter`` active (``None``: the stock model): greedy, or one draw
+        each with ``sampling`` (from torch's global generator, which the caller seeds)."""
         import torch
         from transformers import GenerationConfig
 
@@ -196,11 +225,21 @@ class GenerationEngine:
         encoded = self.tokenizer(
             [self.render(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
         ).to(self.device)
+        drawn = (
+            {"do_sample": False}
+            if sampling is None
+            else {
+                "do_sample": True,
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "top_k": sampling.top_k,  # 0: no top-k cut
+            }
+        )
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
-            do_sample=False,
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
+            **drawn,
         )
         with context, torch.inference_mode():
             output = self.model.generate(**encoded, generation_config=config)

@@ -1,12 +1,15 @@
-"""Stage 2, train: one LoRA adapter per level with TRL's SFTTrainer, resumable, with full provenance.
+"""Stage 2, train: one LoRA adapter per (level, training seed) with TRL's SFTTrainer, resumable, with full
+provenance.
 
-Per level, top to bottom: read ``data/level_<n>/train.jsonl`` → a prompt/completion dataset in chat form →
-the base model (4-bit NF4 on CUDA when the config asks) → ``SFTTrainer`` with a PEFT LoRA config →
-``adapters/level_<n>/`` (adapter_config.json, adapter_model.safetensors, training.json).
+Per adapter, top to bottom: read ``data/level_<n>/train.jsonl`` → a prompt/completion dataset in chat form →
+the base model (4-bit NF4 on CUDA when the config asks) → ``SFTTrainer`` with a PEFT LoRA config, seeded with
+the training seed → ``adapters/<model>/`` (adapter_config.json, adapter_model.safetensors, training.json),
+where ``<model>`` is ``level_<n>`` for the first of ``training.seeds`` (the published adapter) and
+``level_<n>_seed<s>`` for the others.
 
-A level whose adapter is already there, trained on the same data with the same recipe, is skipped, so
-rerunning the pipeline is cheap. Checkpoints go to ``adapters/level_<n>/checkpoints/`` and are removed after
-a successful finish unless ``training.keep_checkpoints`` is set.
+An adapter already there, trained on the same data with the same recipe and seed, is skipped, so rerunning
+the pipeline is cheap. Checkpoints go to ``adapters/<model>/checkpoints/`` and are removed after a successful
+finish unless ``training.keep_checkpoints`` is set.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def run(
     levels: list[int] | None = None,
     resume: bool = False,
     force: bool = False,
-) -> dict[int, dict]:
-    """Train the adapters of ``levels`` (default: the config's) and return their training.json payloads.
+) -> dict[str, dict]:
+    """Train the adapters of ``levels`` (default: the config's), one per training seed, and return their
+    training.json payloads by model name (``level_<n>``, ``level_<n>_seed<s>``).
 
     Args:
         resume: continue each level from its last checkpoint; levels without one start from the beginning.
@@ -72,27 +76,29 @@ def run(
     check_liger(config.training.liger_kernel)
     # Resolved on first need: an all-up-to-date rerun never builds the tiny base.
     model_path: str | None = None
-    results: dict[int, dict] = {}
-    for level in levels:
+    results: dict[str, dict] = {}
+    adapters = [(level, model, seed) for level in levels for model, seed in config.adapter_models(level)]
+    for level, model_name, seed in adapters:
         train_file = run_dir.train_file(level)
         if not train_file.is_file():
             raise ArtifactError(
                 f"no SFT data for level {level} at {train_file}: run `cot-compress prepare-data --config C` first"
             )
         data_sha256 = file_sha256(train_file)
-        checkpoints = checkpoints_dir(run_dir, level)
-        done = up_to_date(config, run_dir, level, data_sha256)
-        # A level killed mid-training has no training.json (removed when training starts), so it is never
-        # "done": --resume reaches it, and skips the levels that finished.
+        adapter_dir = run_dir.adapter_dir(model_name)
+        checkpoints = checkpoints_dir(run_dir, model_name)
+        done = up_to_date(config, run_dir, model_name, seed, data_sha256)
+        # An adapter killed mid-training has no training.json (removed when training starts), so it is never
+        # "done": --resume reaches it, and skips the adapters that finished.
         if done is not None and not force:
-            _say(f"level {level}: adapter up to date in {run_dir.adapter_dir(level)}, skipped")
+            _say(f"{model_name}: adapter up to date in {adapter_dir}, skipped")
             if not config.training.keep_checkpoints:  # left by a run killed just after writing training.json
                 shutil.rmtree(checkpoints, ignore_errors=True)
-            results[level] = done
+            results[model_name] = done
             continue
         resume_from = last_checkpoint(checkpoints, before_step=config.training.max_steps) if resume else None
         if resume and resume_from is None:
-            _say(f"level {level}: no checkpoint under {checkpoints}, training from the start")
+            _say(f"{model_name}: no checkpoint under {checkpoints}, training from the start")
 
         rows = load_rows(train_file)
         if model_path is None:
@@ -114,13 +120,14 @@ def run(
             tokenizer=tokenizer,
             dataset=chat_dataset(rows),
             training=config.training,
+            seed=seed,
             precision=precision,
             output_dir=checkpoints,
         )
         if trainer.is_world_process_zero():
             # An adapter without training.json is never "up to date", so a run killed while retraining
             # cannot leave new weights beside an old record.
-            run_dir.training_json(level).unlink(missing_ok=True)
+            run_dir.training_json(model_name).unlink(missing_ok=True)
             if resume_from is None:  # stale checkpoints of an older run must not become "last"
                 shutil.rmtree(checkpoints, ignore_errors=True)
         outcome = train(trainer, resume=resume_from)
@@ -128,6 +135,8 @@ def run(
         payload = training_record(
             config=config,
             level=level,
+            model=model_name,
+            seed=seed,
             trainer=trainer,
             outcome=outcome,
             precision=precision,
@@ -135,19 +144,19 @@ def run(
             data_file=train_file.relative_to(run_dir.root).as_posix(),
             data_sha256=data_sha256,
         )
-        save_adapter(trainer, run_dir.adapter_dir(level))
+        save_adapter(trainer, adapter_dir)
         if trainer.is_world_process_zero():  # under DDP every rank trains; one writes
-            write_json(run_dir.training_json(level), payload)
+            write_json(run_dir.training_json(model_name), payload)
             if not config.training.keep_checkpoints:
                 shutil.rmtree(checkpoints, ignore_errors=True)
-            _say(summary_line(payload, run_dir.adapter_dir(level)))
+            _say(summary_line(payload, adapter_dir))
         trainer.accelerator.wait_for_everyone()
-        results[level] = payload
+        results[model_name] = payload
         trainer.accelerator.free_memory()  # the accelerator holds the model and optimizer, too
         del trainer, model
         gc.collect()
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the next level loads its own copy of the base
+            torch.cuda.empty_cache()  # the next adapter loads its own copy of the base
     return results
 
 
@@ -264,10 +273,12 @@ def build_trainer(
     tokenizer,
     dataset: Dataset,
     training: TrainingConfig,
+    seed: int,
     precision: str,
     output_dir: Path,
 ) -> SFTTrainer:
-    """The SFTTrainer of one level: LoRA from the config, loss on the completion or the whole sequence."""
+    """The SFTTrainer of one adapter: LoRA from the config, loss on the completion or the whole sequence,
+    ``seed`` for the LoRA initialisation, the data order and dropout."""
     from peft import LoraConfig
 
     check_liger(training.liger_kernel)
@@ -285,8 +296,8 @@ def build_trainer(
         packing=training.packing,
         # Liger's RMSNorm, SwiGLU and RoPE kernels; TRL keeps its own chunked LM head and loss.
         use_liger_kernel=training.liger_kernel,
-        seed=training.seed,
-        data_seed=training.seed,
+        seed=seed,
+        data_seed=seed,
         logging_steps=training.logging_steps,
         logging_first_step=True,  # the loss curve starts at the untrained loss
         save_steps=training.save_steps,
@@ -304,7 +315,7 @@ def build_trainer(
         target_modules=training.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    set_seed(training.seed)  # the LoRA weights are initialised inside the trainer's constructor
+    set_seed(seed)  # the LoRA weights are initialised inside the trainer's constructor
     return _StudySFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
     )
@@ -406,8 +417,8 @@ def save_adapter(trainer: SFTTrainer, adapter_dir: Path) -> None:
 
 
 # ---- provenance ----
-def checkpoints_dir(run_dir: RunDir, level: int) -> Path:
-    return run_dir.adapter_dir(level) / "checkpoints"
+def checkpoints_dir(run_dir: RunDir, adapter: int | str) -> Path:
+    return run_dir.adapter_dir(adapter) / "checkpoints"
 
 
 def last_checkpoint(directory: Path, *, before_step: int = -1) -> Path | None:
@@ -428,8 +439,9 @@ def last_checkpoint(directory: Path, *, before_step: int = -1) -> Path | None:
     return directory / f"{PREFIX_CHECKPOINT_DIR}-{usable[-1]}" if usable else None
 
 
-def recipe(config: StudyConfig) -> dict:
-    """Everything in training.json that the config decides; a matching adapter need not be retrained."""
+def recipe(config: StudyConfig, seed: int) -> dict:
+    """Everything in training.json that the config and the training seed decide; a matching adapter need not
+    be retrained."""
     training = config.training
     lora = training.lora
     return {
@@ -453,16 +465,19 @@ def recipe(config: StudyConfig) -> dict:
         },
         "quantization": config.base_model.quantization,
         "loss": "completion_only" if training.completion_only_loss else "full_sequence",
-        "seed": training.seed,
+        "seed": seed,
     }
 
 
-def up_to_date(config: StudyConfig, run_dir: RunDir, level: int, data_sha256: str) -> dict | None:
-    """The existing training.json when the adapter was trained on this data with this recipe, else None."""
+def up_to_date(
+    config: StudyConfig, run_dir: RunDir, adapter: int | str, seed: int, data_sha256: str
+) -> dict | None:
+    """The existing training.json when the adapter was trained on this data with this recipe and seed, else
+    None."""
     import json
 
-    path = run_dir.training_json(level)
-    if not path.is_file() or not all((run_dir.adapter_dir(level) / name).is_file() for name in ADAPTER_FILES):
+    path = run_dir.training_json(adapter)
+    if not path.is_file() or not all((run_dir.adapter_dir(adapter) / name).is_file() for name in ADAPTER_FILES):
         return None
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
@@ -476,7 +491,7 @@ def up_to_date(config: StudyConfig, run_dir: RunDir, level: int, data_sha256: st
         for key, value in payload.get("hyperparameters", {}).items()
         if key not in _RUNTIME_HYPERPARAMETERS
     }
-    expected = recipe(config)
+    expected = recipe(config, seed)
     return payload if all(recorded.get(key) == value for key, value in expected.items()) else None
 
 
@@ -526,6 +541,8 @@ def training_record(
     *,
     config: StudyConfig,
     level: int,
+    model: str,
+    seed: int,
     trainer: SFTTrainer,
     outcome: TrainOutcome,
     precision: str,
@@ -533,8 +550,8 @@ def training_record(
     data_file: str,
     data_sha256: str,
 ) -> dict:
-    """The training.json payload of one level (fields fixed by the run-dir contract)."""
-    base = recipe(config)
+    """The training.json payload of one adapter (fields fixed by the run-dir contract)."""
+    base = recipe(config, seed)
     args = trainer.args
     hyperparameters = {
         **base["hyperparameters"],
@@ -546,6 +563,7 @@ def training_record(
     return {
         "schema_version": SCHEMA_VERSION,
         "level": level,
+        "model": model,
         "base_model": base["base_model"],
         "adapter": base["adapter"],
         "hyperparameters": hyperparameters,
@@ -578,6 +596,6 @@ def summary_line(payload: dict, adapter_dir: Path) -> str:
     curve = payload["loss_curve"]
     losses = f"loss {curve[0]['loss']:.3f} → {curve[-1]['loss']:.3f}" if curve else "no loss logged"
     return (
-        f"level {payload['level']}: {payload['steps']} steps, {losses}, {payload['tokens_per_s']:,.0f} tokens/s, "
+        f"{payload['model']} (seed {payload['seed']}): {payload['steps']} steps, {losses}, {payload['tokens_per_s']:,.0f} tokens/s, "
         f"{payload['wall_time_s']:.1f} s → {adapter_dir}"
     )

@@ -126,12 +126,31 @@ class TrainingConfig(_Strict):
     """Train with Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) through TRL; needs a CUDA GPU and liger-kernel.
     Same results within bf16 rounding (bench/README.md: the loss curves of both, one seed)."""
     lora: LoraConfig = LoraConfig()
-    seed: int = 42
+    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    """Training seeds: one adapter per (level, seed). The first seed's adapter is the published one (``main``);
+    the others measure training-seed variance and go to branches ``seed-<s>`` of the level's repo."""
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(200, gt=0)
     save_total_limit: int = Field(2, gt=0)
     keep_checkpoints: bool = False
     """Keep ``adapters/level_<n>/checkpoints/`` after a successful finish (they can be large)."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"training seeds {value} repeat a seed")
+        return value
+
+
+class SamplingConfig(_Strict):
+    """Sampled decoding: ``samples_per_problem`` draws per problem and evaluation seed."""
+
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    """0 keeps every token (no top-k cut)."""
+    samples_per_problem: int = Field(1, gt=0)
 
 
 class EvalConfig(_Strict):
@@ -142,6 +161,26 @@ class EvalConfig(_Strict):
     backend: Literal["auto", "hf", "fast"] = "auto"
     sweet_spot_margin: float = Field(0.0, ge=0, le=1)
     """A level is accuracy-preserving when it is not significantly below base, or within this margin of it."""
+    sampling: SamplingConfig | None = None
+    """None (the default) decodes greedily: one output per problem, nothing drawn."""
+    prompt_baselines: bool = False
+    """Also evaluate the base model given each level's prompt, no adapter (models ``prompt_l<n>``)."""
+
+    @model_validator(mode="after")
+    def _greedy_draws_once(self) -> EvalConfig:
+        if self.sampling is None and len(self.seeds) > 1:
+            raise ValueError(
+                f"eval.seeds {self.seeds} with greedy decoding repeat one identical run: greedy draws nothing, "
+                "so extra evaluation seeds only narrow the error bars falsely. Measure seed variance with "
+                "training.seeds (one adapter per seed), or set eval.sampling to draw samples; "
+                "else keep one evaluation seed (eval.seeds: [0])"
+            )
+        return self
+
+    @property
+    def samples_per_problem(self) -> int:
+        """Draws per problem and evaluation seed: 1 when greedy."""
+        return 1 if self.sampling is None else self.sampling.samples_per_problem
 
 
 class RewardWeightsConfig(_Strict):
@@ -277,9 +316,24 @@ class StudyConfig(_Strict):
         return f"{self.hub.namespace}/{self.hub.repo_prefix}-eval"
 
     @property
+    def first_training_seed(self) -> int:
+        """The seed of the published adapters (``level_<n>``, the repos' ``main``)."""
+        return self.training.seeds[0]
+
+    def adapter_models(self, level: int) -> list[tuple[str, int]]:
+        """(model name, training seed) of every adapter of ``level``: the published one first."""
+        spec = LEVELS[level]
+        first, *others = self.training.seeds
+        return [(spec.key, first)] + [(spec.seed_key(seed), seed) for seed in others]
+
+    @property
     def model_keys(self) -> list[str]:
-        """Every evaluated model: base first, then the levels in order."""
-        return ["base"] + [LEVELS[n].key for n in self.levels]
+        """Every evaluated model: base, the published adapters, the prompt-only baselines (when on), then the
+        adapters of the other training seeds, each group in level order."""
+        keys = ["base"] + [LEVELS[n].key for n in self.levels]
+        if self.eval.prompt_baselines:
+            keys += [LEVELS[n].prompt_key for n in self.levels]
+        return keys + [name for n in self.levels for name, _ in self.adapter_models(n)[1:]]
 
     def with_overrides(self, **changes: object) -> StudyConfig:
         """A copy with top-level or dotted (``hub.namespace``) fields replaced, validated again."""
@@ -345,5 +399,7 @@ def _validate(data: dict, *, source: str) -> StudyConfig:
                 problems.append(f"missing key '{key}'")
             else:
                 message = item["msg"].removeprefix("Value error, ")
-                problems.append(f"'{key}': {message} (got {item.get('input')!r})")
+                got = item.get("input")
+                # A section's own check names its keys itself; echoing the whole section would bury it.
+                problems.append(f"'{key}': {message}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
         raise ConfigError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems)) from None

@@ -18,8 +18,17 @@ class Level:
 
     @property
     def key(self) -> str:
-        """The model name used in the run directory and the eval dataset (``level_4``)."""
+        """The model name of the level's published adapter (the first training seed's): ``level_4``."""
         return f"level_{self.number}"
+
+    def seed_key(self, training_seed: int) -> str:
+        """The model name of the adapter trained with another training seed: ``level_4_seed43``."""
+        return f"{self.key}_seed{training_seed}"
+
+    @property
+    def prompt_key(self) -> str:
+        """The model name of the level's prompt-only baseline (base model, level prompt, no adapter)."""
+        return f"prompt_l{self.number}"
 
     @property
     def max_chars(self) -> int:
@@ -76,6 +85,33 @@ def get_level(number: int) -> Level:
 def build_prompt(level: int, question: str) -> str:
     spec = get_level(level)
     return PROMPT_TEMPLATE.format(number=spec.number, name=spec.name, question=question.strip())
+
+
+BASELINE_PROMPT_TEMPLATE = (
+    "Solve this using Level {number} ({name}). Reasoning style: {style} ({typical_length}), for example "
+    "`{example}`.\n"
+    "Write the reasoning inside {think_open}…{think_close}, then the final answer on its own line as "
+    "`{marker} <number>`.\n"
+    "Problem: {question}"
+)
+"""The prompt-only baseline's user message. The stock model has never seen what "Level 4" means, so the
+level's style, length and answer format are spelled out, as Chain of Draft does: the baseline measures
+what asking buys, and the adapter's delta against it measures what training buys on top."""
+
+
+def build_baseline_prompt(level: int, question: str) -> str:
+    spec = get_level(level)
+    return BASELINE_PROMPT_TEMPLATE.format(
+        number=spec.number,
+        name=spec.name,
+        style=spec.style,
+        typical_length=spec.typical_length,
+        example=spec.example,
+        think_open=THINK_OPEN,
+        think_close=THINK_CLOSE,
+        marker=ANSWER_MARKER,
+        question=question.strip(),
+    )
 
 
 def build_response(reasoning: str, answer: str) -> str:

@@ -16,7 +16,6 @@ from hub_tools.cards.format import (
     fmt_delta,
     fmt_median,
     fmt_p,
-    fmt_sd,
     fmt_tokens,
     md_inline,
 )
@@ -53,7 +52,6 @@ __all__ = [
     "fmt_delta",
     "fmt_median",
     "fmt_p",
-    "fmt_sd",
     "fmt_tokens",
     "hub_url",
     "md_inline",

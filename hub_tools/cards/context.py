@@ -10,22 +10,26 @@ from typing import Any
 from eval_artifacts.arithmetic import chain_checks_out
 from eval_artifacts.hub_dataset import SAMPLE_COLUMNS, SPLIT, SUMMARY_COLUMNS, SUMMARY_CONFIG
 from eval_artifacts.metrics import check_metrics_match_samples, read_metrics
-from eval_artifacts.records import model_level, read_samples
+from eval_artifacts.records import model_level, other_seed_of, read_samples
 from eval_artifacts.rundir import RunDir, read_json
 from eval_artifacts.study.config import LOCAL_ENDPOINT, StudyConfig
 from eval_artifacts.study.errors import ArtifactError
 from eval_artifacts.study.levels import LEVELS, STOCK_ANSWER_LINES, build_prompt
 from eval_artifacts.summary import SWEET_SPOT_ALPHA, read_summary, sweet_spot
 from hub_tools.cards.format import (
+    CI_METHODS,
     MODEL_COLUMN,
     RESULT_COLUMNS,
-    SEED_COLUMNS,
+    TEST_NAMES,
+    TRAINING_SEED_COLUMNS,
     VS_BASE_COLUMNS,
+    branch_of,
     fmt_accuracy,
     fmt_ci,
     fmt_count,
     fmt_delta,
     fmt_fraction,
+    fmt_mean_sd,
     fmt_median,
     fmt_p,
     fmt_plain,
@@ -175,8 +179,41 @@ def _table(
 
 
 def results_columns(art: StudyArtifacts) -> dict[str, Any]:
-    seeds = max(len(m["seeds"]) for m in art.metrics.values())
-    return {**RESULT_COLUMNS, **(SEED_COLUMNS if seeds >= 2 else {})}
+    return RESULT_COLUMNS
+
+
+def table_models(config: StudyConfig) -> list[str]:
+    """An adapter card's results table: base, the published adapters and the prompt-only baselines (the other
+    training seeds' adapters have their own table)."""
+    return [model for model in config.model_keys if other_seed_of(model) is None]
+
+
+def seed_spread(art: StudyArtifacts, level: int) -> dict[str, Any]:
+    """The level's ``training_seeds`` entry of summary.json."""
+    return next(entry for entry in art.summary["training_seeds"] if entry["level"] == level)
+
+
+def _training_seeds(config: StudyConfig, art: StudyArtifacts, level: int) -> dict[str, Any]:
+    spread = seed_spread(art, level)
+    models = spread["models"]
+    return {
+        "count": len(models),
+        "seeds": ", ".join(fmt_count(seed) for seed in spread["training_seeds"]),
+        "first": fmt_count(config.first_training_seed),
+        "accuracy": fmt_mean_sd(spread["accuracy"], fmt_accuracy),
+        "think_mean": fmt_mean_sd(spread["think_tokens_mean"], fmt_tokens),
+        "table": _table(art, TRAINING_SEED_COLUMNS, models, LEVELS[level].key),
+        "branches": [
+            {
+                "name": branch_of(model),
+                "seed": fmt_count(art.metrics[model]["training_seed"]),
+                "accuracy": fmt_accuracy(art.metrics[model]["accuracy"]),
+                "ci95": fmt_ci(art.metrics[model]["ci95"]),
+                "think_mean": fmt_tokens(art.metrics[model]["think_tokens"]["mean"]),
+            }
+            for model in models[1:]
+        ],
+    }
 
 
 def training_rows(art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
@@ -241,14 +278,27 @@ def _level_info(level: int) -> dict[str, Any]:
     }
 
 
-def _caveats(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
-    seeds = sorted({s for m in art.metrics.values() for s in m["seeds"]})
-    spot = sweet_spot(art.summary, margin=config.eval.sweet_spot_margin, alpha=SWEET_SPOT_ALPHA)
-    n_problems = art.metrics["base"]["n_total"] // max(1, len(art.metrics["base"]["seeds"]))
+def _decoding(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
+    """How the answers were drawn, and the interval method the metrics used."""
+    sampling = config.eval.sampling
+    base = art.metrics["base"]
     return {
-        "seeds": ", ".join(str(s) for s in seeds),
-        "n_seeds": len(seeds),
-        "across_seed_sd": len(seeds) >= 2,
+        "sampled": sampling is not None,
+        "temperature": None if sampling is None else fmt_plain(sampling.temperature),
+        "top_p": None if sampling is None else fmt_plain(sampling.top_p),
+        "top_k": None if sampling is None else fmt_count(sampling.top_k),
+        "draws": fmt_count(base["samples_per_problem"]),
+        "eval_seeds": ", ".join(fmt_count(seed) for seed in base["seeds"]),
+        "ci_method": CI_METHODS[base["ci_method"]],
+    }
+
+
+def _caveats(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
+    spot = sweet_spot(art.summary, margin=config.eval.sweet_spot_margin, alpha=SWEET_SPOT_ALPHA)
+    n_problems = art.metrics["base"]["n_problems"]
+    return {
+        "decoding": _decoding(config, art),
+        "prompt_baselines": config.eval.prompt_baselines,
         "sweet_spot": None if spot is None else _level_info(model_level(spot)),
         "sweet_spot_tokens": None if spot is None else fmt_tokens(art.metrics[spot]["think_tokens"]["mean"]),
         "margin": fmt_accuracy(config.eval.sweet_spot_margin),
@@ -301,7 +351,18 @@ def study_context(
     }
 
 
-def _headline(config: StudyConfig, art: StudyArtifacts, level: int) -> dict[str, str]:
+def _comparison(comparison: dict | None) -> dict[str, str] | None:
+    if comparison is None:
+        return None
+    return {
+        "delta": fmt_delta(comparison["delta"]),
+        "ci95": fmt_ci(comparison["ci95"]),
+        "p": fmt_p(comparison["p_value"]),
+        "test": TEST_NAMES[comparison["test"]],
+    }
+
+
+def _headline(config: StudyConfig, art: StudyArtifacts, level: int) -> dict[str, Any]:
     model = LEVELS[level].key
     m = art.metrics[model]
     return {
@@ -314,22 +375,29 @@ def _headline(config: StudyConfig, art: StudyArtifacts, level: int) -> dict[str,
         "completion_mean": fmt_tokens(m["completion_tokens"]["mean"]),
         "delta": fmt_delta(m["vs_base"]["delta"]),
         "delta_ci95": fmt_ci(m["vs_base"]["ci95"]),
-        "mcnemar_p": fmt_p(m["vs_base"]["mcnemar_p"]),
+        "p": fmt_p(m["vs_base"]["p_value"]),
+        "test": TEST_NAMES[m["vs_base"]["test"]],
+        "vs_prompt": _comparison(m["vs_prompt"]),
         "on_frontier": next(r["on_frontier"] for r in art.summary["models"] if r["model"] == model),
     }
 
 
+def compared_models(config: StudyConfig) -> list[str]:
+    """The comparison-with-base table: published adapters, then prompt-only baselines."""
+    return [model for model in table_models(config) if model != "base"]
+
+
 def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int, **links: Any) -> dict[str, Any]:
     model = LEVELS[level].key
-    levels = [LEVELS[n].key for n in config.levels]
     example = art.examples[level]
     base_id = config.base_model.id
     return {
         **study_context(config, art, **links),
         "level": _level_info(level) | {"repo_id": config.adapter_repo_id(level)},
         "headline": _headline(config, art, level),
-        "results": _table(art, results_columns(art), config.model_keys, model),
-        "vs_base": _table(art, VS_BASE_COLUMNS, levels, model),
+        "results": _table(art, results_columns(art), table_models(config), model),
+        "vs_base": _table(art, VS_BASE_COLUMNS, compared_models(config), model),
+        "training_seeds": _training_seeds(config, art, level),
         "training": [{"setting": s, "value": v} for s, v in training_rows(art, level)],
         "example": None
         if example is None

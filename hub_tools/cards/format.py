@@ -6,7 +6,7 @@ import html
 import re
 from typing import Any
 
-from eval_artifacts.records import model_level
+from eval_artifacts.records import model_kind, model_level, other_seed_of
 from eval_artifacts.study.levels import LEVELS
 
 
@@ -45,8 +45,27 @@ def fmt_p(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def fmt_sd(value: float | None) -> str:
-    return "n/a (one seed)" if value is None else f"{value:.3f}"
+def fmt_mean_sd(spread: dict, fmt: Any) -> str:
+    """``0.512 ± 0.014``: a mean and its sample sd across training seeds, each through ``fmt``."""
+    return f"{fmt(spread['mean'])} ± {'n/a' if spread['sd'] is None else fmt(spread['sd'])}"
+
+
+TEST_NAMES = {"mcnemar_exact": "exact McNemar", "paired_t": "paired t on per-problem means"}
+CI_METHODS = {
+    "wilson": "Wilson",
+    "wilson_clustered": "Wilson at the problem-clustered effective sample size",
+}
+
+
+def branch_of(model: str) -> str:
+    """The Hub branch an adapter is published on: ``main`` (first training seed) or ``seed-<s>``."""
+    seed = other_seed_of(model)
+    return "main" if seed is None else f"seed-{seed}"
+
+
+def _compared(key: str, field: str, fmt: Any) -> Any:
+    """A comparison cell: ``m[key][field]`` through ``fmt``, ``n/a`` when there is no such comparison."""
+    return lambda m: "n/a" if m[key] is None else fmt(m[key][field])
 
 
 def fmt_plain(value: float) -> str:
@@ -58,7 +77,7 @@ def fmt_plain(value: float) -> str:
 # table from these and the validator parses the table back and compares through the same functions.
 RESULT_COLUMNS: dict[str, Any] = {
     "Accuracy": lambda m: fmt_accuracy(m["accuracy"]),
-    "95% CI (Wilson)": lambda m: fmt_ci(m["ci95"]),
+    "95% CI": lambda m: fmt_ci(m["ci95"]),
     "Correct / total": lambda m: fmt_fraction(m["n_correct"], m["n_total"]),
     "Lenient accuracy": lambda m: fmt_accuracy(m["accuracy_lenient"]),
     "No answer": lambda m: fmt_count(m["n_no_answer"]),
@@ -67,33 +86,50 @@ RESULT_COLUMNS: dict[str, Any] = {
     "Think tokens (median)": lambda m: fmt_median(m["think_tokens"]["median"]),
     "Completion tokens (mean)": lambda m: fmt_tokens(m["completion_tokens"]["mean"]),
 }
-SEED_COLUMNS: dict[str, Any] = {
-    "Accuracy sd across seeds": lambda m: fmt_sd(m["across_seeds"]["accuracy"]["sd"])
-}
 VS_BASE_COLUMNS: dict[str, Any] = {
     "Δ accuracy vs base": lambda m: fmt_delta(m["vs_base"]["delta"]),
     "95% CI of Δ": lambda m: fmt_ci(m["vs_base"]["ci95"]),
-    "McNemar p": lambda m: fmt_p(m["vs_base"]["mcnemar_p"]),
-    "Base right, level wrong": lambda m: fmt_count(m["vs_base"]["b"]),
-    "Base wrong, level right": lambda m: fmt_count(m["vs_base"]["c"]),
+    "p": lambda m: fmt_p(m["vs_base"]["p_value"]),
+    "Test": lambda m: TEST_NAMES[m["vs_base"]["test"]],
+    "Problems base does better": lambda m: fmt_count(m["vs_base"]["b"]),
+    "Problems it does better": lambda m: fmt_count(m["vs_base"]["c"]),
+}
+# One row per adapter of a level (one per training seed), in the adapter card's training-seeds table.
+TRAINING_SEED_COLUMNS: dict[str, Any] = {
+    "Training seed": lambda m: fmt_count(m["training_seed"]),
+    "Branch": lambda m: branch_of(m["model"]),
+    "Accuracy": lambda m: fmt_accuracy(m["accuracy"]),
+    "95% CI": lambda m: fmt_ci(m["ci95"]),
+    "Think tokens (mean)": lambda m: fmt_tokens(m["think_tokens"]["mean"]),
+    "Δ vs base": lambda m: fmt_delta(m["vs_base"]["delta"]),
+    "p vs base": lambda m: fmt_p(m["vs_base"]["p_value"]),
+    "Δ vs prompt only": _compared("vs_prompt", "delta", fmt_delta),
+    "p vs prompt only": _compared("vs_prompt", "p_value", fmt_p),
 }
 MODEL_COLUMN = "Model"
 
 
 def model_label(model: str) -> str:
-    """``Base (stock model)`` or ``L4 Ultra-compact``; the validator maps labels back with ``label_model``."""
+    """``Base (stock model)``, ``L4 Ultra-compact``, ``L4 Ultra-compact, seed 43`` (another training seed's
+    adapter) or ``P4 Ultra-compact, prompt only``; the validator maps labels back with ``label_model``."""
     number = model_level(model)
     if number is None:
         return "Base (stock model)"
     level = LEVELS[number]
-    return f"L{level.number} {level.name}"
+    if model_kind(model) == "prompt":
+        return f"P{level.number} {level.name}, prompt only"
+    seed = other_seed_of(model)
+    return f"L{level.number} {level.name}" + ("" if seed is None else f", seed {seed}")
 
 
 def label_model(label: str) -> str | None:
-    match = re.match(r"^L(\d+)\b", label)
+    # From the label's digits, not LEVELS: ``L9`` or ``L04`` must map to no model of the study.
+    match = re.match(r"^([LP])(\d+)\b.*?(?:, seed (\d+))?$", label)
     if match:
-        # From the label's digits, not LEVELS: ``L9`` or ``L04`` must map to no model of the study.
-        return f"level_{match.group(1)}"
+        letter, number, seed = match.groups()
+        if letter == "P":
+            return f"prompt_l{number}"
+        return f"level_{number}" + ("" if seed is None else f"_seed{seed}")
     return "base" if label.startswith("Base") else None
 
 

@@ -17,21 +17,29 @@ from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.errors import ArtifactError, CardValidationError
 from eval_artifacts.study.levels import LEVELS
+from eval_artifacts.summary import mean_sd
 from hub_tools.cards.context import (
     PLOT_FILE,
     StudyArtifacts,
     adapter_context,
     collections_url,
+    compared_models,
     dataset_context,
     load_artifacts,
     results_columns,
+    seed_spread,
     study_links,
+    table_models,
     training_rows,
 )
 from hub_tools.cards.format import (
     MODEL_COLUMN,
+    TRAINING_SEED_COLUMNS,
     VS_BASE_COLUMNS,
     fmt_accuracy,
+    fmt_ci,
+    fmt_delta,
+    fmt_mean_sd,
     fmt_tokens,
     label_model,
     model_label,
@@ -316,6 +324,43 @@ def _check_dataset_metadata(card: DatasetCard, config: StudyConfig) -> list[str]
     return problems
 
 
+def _check_training_seeds(text: str, config: StudyConfig, art: StudyArtifacts, level: int) -> list[str]:
+    """The level's spread across training seeds, recomputed from each seed's metrics.json, must be what
+    summary.json holds and what the card states."""
+    models = [model for model, _ in config.adapter_models(level)]
+    missing = [model for model in models if model not in art.metrics]
+    if missing:
+        return [f"no metrics for {missing[0]}: rerun `cot-compress evaluate`"]
+    accuracy = mean_sd([art.metrics[m]["accuracy"] for m in models])
+    think = mean_sd([art.metrics[m]["think_tokens"]["mean"] for m in models])
+    spread = seed_spread(art, level)
+    problems = []
+    if spread["models"] != models or spread["accuracy"] != accuracy or spread["think_tokens_mean"] != think:
+        problems.append(
+            f"summary.json's training-seed spread of level {level} disagrees with the seeds' metrics.json: "
+            "rerun `cot-compress evaluate`"
+        )
+    if len(models) > 1:
+        for what, value in (
+            ("accuracy", fmt_mean_sd(accuracy, fmt_accuracy)),
+            ("mean think tokens", fmt_mean_sd(think, fmt_tokens)),
+        ):
+            if value not in text:
+                problems.append(f"the card does not state the {what} across training seeds, {value}")
+    return problems
+
+
+def _check_vs_prompt(text: str, metrics: dict) -> list[str]:
+    """An adapter whose prompt-only baseline was evaluated must state its paired delta against it."""
+    vs_prompt = metrics["vs_prompt"]
+    if vs_prompt is None:
+        return []
+    stated = f"{fmt_delta(vs_prompt['delta'])} (95% CI {fmt_ci(vs_prompt['ci95'])}"
+    if stated not in text:
+        return [f"the card does not state its delta against its prompt-only baseline, {stated})"]
+    return []
+
+
 def validate_card(
     rendered: RenderedCard,
     *,
@@ -326,8 +371,10 @@ def validate_card(
     """Every problem of one rendered card, checked against ``artifacts`` (read from ``run_dir`` if not given).
 
     Checks: front matter parses with the required keys and values; no placeholder text, raw HTML or
-    empty cells; every results/comparison/training table cell and model-index value equals the artifact
-    value through the shared formatting; decimals and counts in prose are artifact values; metrics.json
+    empty cells; every results/comparison/training-seeds/training table cell and model-index value equals the
+    artifact value through the shared formatting; an adapter card states its delta against its prompt-only
+    baseline and its spread across training seeds as recomputed from each seed's metrics; decimals and
+    counts in prose are artifact values; metrics.json
     agrees with samples.jsonl; every link and repo id is inside the study; the usage snippet parses.
     """
     problems: list[str] = []
@@ -345,8 +392,6 @@ def validate_card(
     problems += _check_links(parsed, config)
     problems += _check_snippets(parsed, config, rendered.repo_id)
     columns = results_columns(art)
-    expected_results = _expected(art.metrics, columns, config.model_keys)
-    levels = [LEVELS[n].key for n in config.levels]
     checked: set[int] = set()
     found_results = False
     if rendered.repo_type == "model":
@@ -354,24 +399,36 @@ def validate_card(
         if level is None:
             return problems + [f"{rendered.repo_id} is not an adapter repo of this study"]
         problems += _check_model_metadata(card, config, level, art.metrics)
+        problems += _check_training_seeds(card.text, config, art, level)
+        problems += _check_vs_prompt(card.text, art.metrics[LEVELS[level].key])
         context = adapter_context(config, art, level)
         training = dict(training_rows(art, level))
+        shown = table_models(config)
+        seed_models = [model for model, _ in config.adapter_models(level)]
     else:
         problems += _check_dataset_metadata(card, config)
         context = dataset_context(config, art)
         training = {}
+        shown = config.model_keys
+        seed_models = []
+    expected_results = _expected(art.metrics, columns, shown)
     for index, (header, rows) in enumerate(parsed.tables):
         names = [_cell(h) for h in header]
-        if names[:1] == [MODEL_COLUMN] and "Accuracy" in names:
+        if names[:1] == [MODEL_COLUMN] and "Training seed" in names:
+            problems += _check_table(
+                names, rows, _expected(art.metrics, TRAINING_SEED_COLUMNS, seed_models), "training-seeds table"
+            )
+        elif names[:1] == [MODEL_COLUMN] and "Accuracy" in names:
             found_results = True
-            missing = [
-                model_label(m) for m in config.model_keys if m not in {label_model(_cell(r[0])) for r in rows}
-            ]
+            missing = [model_label(m) for m in shown if m not in {label_model(_cell(r[0])) for r in rows}]
             problems += [f"results table lacks the row of {label}" for label in missing]
             problems += _check_table(names, rows, expected_results, "results table")
         elif names[:1] == [MODEL_COLUMN] and any(n in VS_BASE_COLUMNS for n in names):
             problems += _check_table(
-                names, rows, _expected(art.metrics, VS_BASE_COLUMNS, levels), "comparison table"
+                names,
+                rows,
+                _expected(art.metrics, VS_BASE_COLUMNS, compared_models(config)),
+                "comparison table",
             )
         elif names == ["Setting", "Value"] and training:
             for row in rows:

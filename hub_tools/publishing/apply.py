@@ -15,6 +15,7 @@ from eval_artifacts.study.errors import HubError
 from hub_tools import collection as collections
 from hub_tools.hub_client import HubTarget, describe, reading, status_of, unwrapped, writing
 from hub_tools.publishing.plan import RepoPlan
+from hub_tools.publishing.spec import MAIN, RepoSpec
 from hub_tools.publishing.state import PublishState
 
 
@@ -29,17 +30,26 @@ class RepoResult:
     files: list[str] = field(default_factory=list)
     commit: str | None = None
     pr_url: str | None = None
+    branch: str = MAIN
 
     def line(self) -> str:
-        """The report line: repo, status, files touched, the PR, then the repo's URL."""
+        """The report line: repo (and branch off main), status, files touched, the PR, then the URL."""
         files = f" ({', '.join(self.files)})" if self.files else ""
         extra = f" -> {self.pr_url}" if self.pr_url else ""
-        return f"{self.repo_id}: {self.status}{files}{extra}\n  {self.url}"
+        branch = "" if self.branch == MAIN else f"@{self.branch}"
+        return f"{self.repo_id}{branch}: {self.status}{files}{extra}\n  {self.url}"
+
+
+def branch_url(target: HubTarget, spec: RepoSpec) -> str:
+    """The repo's page, or its branch's (``…/tree/seed-43``) off main."""
+    url = target.repo_url(spec.repo_type, spec.repo_id)
+    return url if spec.branch == MAIN else f"{url}/tree/{spec.branch}"
 
 
 def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoResult:
     """
-    Create the repo if needed, then one commit (or one PR) holding every change of the plan.
+    Create the repo (or the branch, from ``main``) if needed, then one commit (or one PR) holding every change
+    of the plan.
 
     The commit names ``parent_commit`` = the head read when planning, so a concurrent change fails cleanly
     instead of being overwritten; an unchanged repo gets no request at all. When a write's answer is lost (a
@@ -64,12 +74,18 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
             which repo, and rerunning converges.
     """
     spec, api, token = plan.spec, target.api, target.token
-    url = target.repo_url(spec.repo_type, spec.repo_id)
+    url = branch_url(target, spec)
     if not plan.changed:
-        return RepoResult(spec.repo_id, spec.repo_type, url, "unchanged", commit=plan.head)
+        return RepoResult(spec.repo_id, spec.repo_type, url, "unchanged", commit=plan.head, branch=spec.branch)
     new_pr = create_pr and not plan.pr_num
     try:
-        if not plan.exists:
+        if not plan.branch_exists:  # the repo exists by now: its main was applied first
+            api.create_branch(spec.repo_id, branch=spec.branch, repo_type=spec.repo_type, token=token, exist_ok=True)
+            maybe_crash("publish.branch_created", spec.repo_id.split("/")[1])
+            plan.head = reading(
+                lambda: api.repo_info(spec.repo_id, repo_type=spec.repo_type, revision=spec.branch, token=token)
+            ).sha
+        elif not plan.exists:
             _create_repo(target, plan)
             maybe_crash("publish.repo_created", spec.repo_id.split("/")[1])
             plan.head = reading(
@@ -87,7 +103,7 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
                 operations,
                 commit_message=spec.message,
                 repo_type=spec.repo_type,
-                revision=plan.revision if plan.pr_num else None,
+                revision=None if plan.revision == MAIN else plan.revision,
                 create_pr=new_pr,
                 parent_commit=plan.head,
                 token=token,
@@ -111,9 +127,11 @@ def apply_repo(target: HubTarget, plan: RepoPlan, *, create_pr: bool) -> RepoRes
         raise HubError(f"pushing {spec.repo_id} failed: {describe(error, token)}; rerun publish") from None
     if create_pr:
         pr_url = pr_url or f"{url}/discussions/{plan.pr_num}"
-        return RepoResult(spec.repo_id, spec.repo_type, url, "pull request", plan.touched, oid, pr_url)
-    status = "committed" if plan.exists else "created"
-    return RepoResult(spec.repo_id, spec.repo_type, url, status, plan.touched, oid)
+        return RepoResult(
+            spec.repo_id, spec.repo_type, url, "pull request", plan.touched, oid, pr_url, spec.branch
+        )
+    status = "committed" if plan.exists and plan.branch_exists else "created"
+    return RepoResult(spec.repo_id, spec.repo_type, url, status, plan.touched, oid, branch=spec.branch)
 
 
 def _create_repo(target: HubTarget, plan: RepoPlan) -> None:
@@ -196,7 +214,7 @@ def record(state: PublishState, plan: RepoPlan, result: RepoResult, *, readme_on
         readme_only (`bool`):
             The plan held only the README: the other files recorded before are still ours.
     """
-    entry = state.repo(plan.spec.repo_id)
+    entry = state.repo(plan.spec.key)
     entry["repo_type"] = plan.spec.repo_type
     hashes = {path: f.sha256 for path, f in plan.spec.files.items()}
     entry["files"] = {**entry.get("files", {}), **hashes} if readme_only else hashes

@@ -14,7 +14,7 @@ from eval_artifacts.study.config import StudyConfig
 from hub_tools import cards
 from hub_tools import collection as collections
 from hub_tools.hub_client import HubTarget, check_write_access, open_hub
-from hub_tools.publishing.apply import RepoResult, apply_repo, finish_collection, record
+from hub_tools.publishing.apply import RepoResult, apply_repo, branch_url, finish_collection, record
 from hub_tools.publishing.plan import RepoPlan, plan_repo
 from hub_tools.publishing.restore import restore_run_dir_from_hub
 from hub_tools.publishing.spec import (
@@ -213,14 +213,14 @@ def publish(
         specs = _specs(config, run_dir, rendered, scope)
 
         # -- plan (reads only)
-        owned = {spec.repo_id: set() if scope.readmes_only else state.owned(spec.repo_id) for spec in specs}
+        owned = {spec.key: set() if scope.readmes_only else state.owned(spec.key) for spec in specs}
         plans = [
             plan_repo(
                 target,
                 spec,
                 private=config.hub.private,
-                owned=owned[spec.repo_id],
-                pr=state.pr(spec.repo_id),
+                owned=owned[spec.key],
+                pr=state.pr(spec.key),
                 create_pr=options.create_pr,
                 may_create=not scope.readmes_only,
                 fetch_readme=options.dry_run,
@@ -297,10 +297,11 @@ def _collection_first(
     state.set_collection(collection_plan.slug, collection_plan.title)
     url = card_collection_url(config, collection_plan.slug)
     rendered, _ = render_cards(config, run_dir, templates_dir=options.templates_dir, collection_url=url)
-    readmes = {spec.repo_id: spec.files[README] for spec in readme_specs(config, rendered=rendered)}
+    readmes = {spec.key: spec.files[README] for spec in readme_specs(config, rendered=rendered)}
     for plan in plans:
-        plan.spec.files[README] = readmes[plan.spec.repo_id]
-        plan.diff(owned[plan.spec.repo_id])
+        plan.spec.files[README] = readmes[plan.spec.key]
+        if plan.branch_exists:  # a branch still to create adds every file anyway
+            plan.diff(owned[plan.spec.key])
     return rendered
 
 
@@ -323,11 +324,14 @@ def _describe_dry_run(
 ) -> None:
     say(f"Dry run against {target.endpoint}: nothing will be pushed.")
     for plan in plans:
-        url = target.repo_url(plan.spec.repo_type, plan.spec.repo_id)
+        url = branch_url(target, plan.spec)
         for line in plan.describe(url):
             say(line)
-        status = "would create" if not plan.exists else ("would change" if plan.changed else "unchanged")
-        report.repos.append(RepoResult(plan.spec.repo_id, plan.spec.repo_type, url, status, plan.touched))
+        new = not plan.exists or not plan.branch_exists
+        status = "would create" if new else ("would change" if plan.changed else "unchanged")
+        report.repos.append(
+            RepoResult(plan.spec.repo_id, plan.spec.repo_type, url, status, plan.touched, branch=plan.spec.branch)
+        )
     if collection_plan is not None:
         for line in collection_plan.describe():
             say(line)

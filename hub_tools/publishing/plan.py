@@ -8,23 +8,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
 from eval_artifacts.study.errors import HubError
 from hub_tools.hub_client import HubTarget, describe, reading
-from hub_tools.publishing.spec import README, RepoSpec
+from hub_tools.publishing.spec import MAIN, README, RepoSpec
 
 
 @dataclass
 class RepoPlan:
-    """What one repo needs to reach its spec, and the head the diff was computed against."""
+    """What one branch of one repo needs to reach its spec, and the head the diff was computed against."""
 
     spec: RepoSpec
     private: bool  # visibility for a repo we create
     exists: bool
-    head: str | None  # the commit the diff was computed against (None: repo not created yet)
-    revision: str = "main"  # "refs/pr/N" when committing onto a PR we opened earlier
+    head: str | None  # the commit the diff was computed against (None: repo or branch not created yet)
+    revision: str = MAIN  # the spec's branch, or "refs/pr/N" when committing onto a PR we opened earlier
+    branch_exists: bool = True  # False: the spec's branch is created (from main) before its commit
     pr_num: int | None = None
     add: list[str] = field(default_factory=list)
     change: list[str] = field(default_factory=list)
@@ -58,9 +59,12 @@ class RepoPlan:
         where = f" on PR #{self.pr_num}" if self.pr_num else ""
         if not self.exists:
             state = f"new, {'private' if self.private else 'public'}"
+        elif not self.branch_exists:
+            state = f"new branch from {MAIN}"
         else:
             state = "changed" if self.changed else "unchanged"
-        lines = [f"{self.spec.repo_type} {self.spec.repo_id} ({state}{where}) {url}"]
+        branch = "" if self.spec.branch == MAIN else f" branch {self.spec.branch}"
+        lines = [f"{self.spec.repo_type} {self.spec.repo_id}{branch} ({state}{where}) {url}"]
         for path in self.add:
             lines.append(f"  + {path} ({_size(self.spec.files[path].size)})")
         for path in self.change:
@@ -133,7 +137,10 @@ def plan_repo(
     fetch_readme: bool,
 ) -> RepoPlan:
     """
-    Compare ``spec`` with the repo on the Hub; reads only (repo info, refs, paths-info, README).
+    Compare ``spec`` with its branch of the repo on the Hub; reads only (repo info, refs, paths-info, README).
+
+    A branch other than ``main`` that does not exist yet is planned with every file added: it is created from
+    ``main`` when applied (after ``main``'s own commit), then gets one commit.
 
     Args:
         target (`HubTarget`):
@@ -149,7 +156,7 @@ def plan_repo(
         create_pr (`bool`):
             Whether the changes go to a PR rather than to ``main``.
         may_create (`bool`):
-            Whether a missing repo is planned for creation rather than an error.
+            Whether a missing repo (or seed branch) is planned for creation rather than an error.
         fetch_readme (`bool`):
             Download the Hub's README when it differs, for the dry run's diff.
 
@@ -170,13 +177,36 @@ def plan_repo(
                     f"{spec.repo_type} repo {spec.repo_id} does not exist on {target.endpoint}: "
                     "run `cot-compress publish` first"
                 ) from None
-            return RepoPlan(spec, private, exists=False, head=None, add=sorted(spec.files))
-        plan = RepoPlan(spec, private, exists=True, head=info.sha)
-        if bool(info.private) != private:
+            return RepoPlan(
+                spec,
+                private,
+                exists=False,
+                head=None,
+                revision=spec.branch,
+                branch_exists=spec.branch == MAIN,
+                add=sorted(spec.files),
+            )
+        plan = RepoPlan(spec, private, exists=True, head=info.sha, revision=spec.branch)
+        if bool(info.private) != private and spec.branch == MAIN:
             plan.warnings.append(
                 f"  warning: {spec.repo_id} is {'private' if info.private else 'public'} but the config says "
                 f"{'private' if private else 'public'}: visibility left as it is; change it on the Hub if you mean it"
             )
+        if spec.branch != MAIN:
+            try:
+                plan.head = reading(
+                    lambda: api.repo_info(
+                        spec.repo_id, repo_type=spec.repo_type, revision=spec.branch, token=token
+                    )
+                ).sha
+            except RevisionNotFoundError:
+                if not may_create:
+                    raise HubError(
+                        f"{spec.repo_id} has no branch {spec.branch} on {target.endpoint}: "
+                        "run `cot-compress publish` first"
+                    ) from None
+                plan.branch_exists, plan.head, plan.add = False, None, sorted(spec.files)
+                return plan
         found = _open_pr(target, spec, pr) if create_pr else None
         if found is not None:
             plan.pr_num, plan.head = found

@@ -14,7 +14,7 @@ from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.errors import ArtifactError, HubError
 from eval_artifacts.summary import write_summary
 from hub_tools.hub_client import HubTarget, describe
-from hub_tools.publishing.spec import DATA_STATS
+from hub_tools.publishing.spec import DATA_STATS, MAIN, adapter_branches
 
 
 def restore_run_dir_from_hub(
@@ -71,15 +71,20 @@ def restore_run_dir_from_hub(
         )
     plot_pareto(write_summary(run_dir, study=config.name, models=config.model_keys), run_dir.pareto_png)
     downloads = [
-        (config.adapter_repo_id(n), "training.json", run_dir.training_json(n)) for n in config.levels
+        (config.adapter_repo_id(n), branch, "training.json", run_dir.training_json(model))
+        for n in config.levels
+        for (model, _), branch in zip(config.adapter_models(n), adapter_branches(config, n), strict=True)
     ]
-    downloads.append((config.adapter_repo_id(config.levels[0]), DATA_STATS, run_dir.data_stats))
-    for adapter_repo, name, destination in downloads:
+    downloads.append((config.adapter_repo_id(config.levels[0]), MAIN, DATA_STATS, run_dir.data_stats))
+    for adapter_repo, branch, name, destination in downloads:
         try:
-            path = target.api.hf_hub_download(adapter_repo, name, cache_dir=cache, token=token)
+            path = target.api.hf_hub_download(
+                adapter_repo, name, revision=branch, cache_dir=cache, token=token
+            )
         except HfHubHTTPError as error:
             raise HubError(
-                f"cannot download {name} of {adapter_repo}: {describe(error, token)}; run `cot-compress publish`"
+                f"cannot download {name} of {adapter_repo} (branch {branch}): {describe(error, token)}; "
+                "run `cot-compress publish`"
             ) from None
         destination.parent.mkdir(parents=True, exist_ok=True)
         destination.write_bytes(Path(path).read_bytes())

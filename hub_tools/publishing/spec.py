@@ -16,6 +16,7 @@ from eval_artifacts.metrics import check_metrics_match_samples
 from eval_artifacts.rundir import ADAPTER_FILES, RunDir
 from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.errors import ArtifactError
+from eval_artifacts.study.levels import LEVELS
 from hub_tools import cards
 from hub_tools import collection as collections
 
@@ -67,14 +68,28 @@ class LocalFile:
         return self.git_sha1 is not None and remote.blob_id == self.git_sha1
 
 
+MAIN = "main"
+
+
+def seed_branch(training_seed: int) -> str:
+    """The branch of an adapter repo that holds another training seed's adapter: ``seed-43``."""
+    return f"seed-{training_seed}"
+
+
 @dataclass
 class RepoSpec:
-    """The wanted state of one repo."""
+    """The wanted state of one branch of one repo (``main``, or an adapter repo's ``seed-<s>``)."""
 
     repo_id: str
     repo_type: str  # "model" | "dataset"
     files: dict[str, LocalFile]
     message: str
+    branch: str = MAIN
+
+    @property
+    def key(self) -> str:
+        """Where ``publish/state.json`` records this branch: the repo id, ``@<branch>`` after it off main."""
+        return self.repo_id if self.branch == MAIN else f"{self.repo_id}@{self.branch}"
 
 
 def shard_path(config_name: str) -> str:
@@ -99,13 +114,28 @@ def _readme(text: str) -> LocalFile:
     return LocalFile.from_bytes(README, text.encode())
 
 
-def _adapter_spec(config: StudyConfig, run_dir: RunDir, level: int, readme: str, plot: LocalFile) -> RepoSpec:
-    files = {name: LocalFile.from_path(name, run_dir.adapter_dir(level) / name) for name in PUSHED_ADAPTER_FILES}
-    files[DATA_STATS] = LocalFile.from_path(DATA_STATS, run_dir.data_stats)
-    files[README] = _readme(readme)
-    files[cards.PLOT_FILE] = plot
-    message = f"Publish {config.name} level {level}: adapter, card and plot"
-    return RepoSpec(config.adapter_repo_id(level), "model", files, message)
+def _adapter_specs(
+    config: StudyConfig, run_dir: RunDir, level: int, readme: str, plot: LocalFile
+) -> list[RepoSpec]:
+    """The level's repo: the first training seed's adapter on ``main``, each other seed's on ``seed-<s>``.
+
+    Every branch carries the same card (which lists every seed's numbers and branch), plot and data stats.
+    """
+    specs = []
+    for model, seed in config.adapter_models(level):
+        files = {name: LocalFile.from_path(name, run_dir.adapter_dir(model) / name) for name in PUSHED_ADAPTER_FILES}
+        files[DATA_STATS] = LocalFile.from_path(DATA_STATS, run_dir.data_stats)
+        files[README] = _readme(readme)
+        files[cards.PLOT_FILE] = plot
+        branch = MAIN if model == LEVELS[level].key else seed_branch(seed)
+        message = f"Publish {config.name} level {level} (training seed {seed}): adapter, card and plot"
+        specs.append(RepoSpec(config.adapter_repo_id(level), "model", files, message, branch=branch))
+    return specs
+
+
+def adapter_branches(config: StudyConfig, level: int) -> list[str]:
+    """The branches of the level's repo that the study publishes: ``main`` first."""
+    return [MAIN] + [seed_branch(seed) for _, seed in config.adapter_models(level)[1:]]
 
 
 def _eval_spec(config: StudyConfig, run_dir: RunDir, readme: str, plot: LocalFile) -> RepoSpec:
@@ -148,16 +178,15 @@ def repo_specs(
             Whether the adapter repos are part of the push (``publish``) or only the eval dataset (``push-eval``).
 
     Returns:
-        `list[RepoSpec]`: one per repo, adapters first in level order.
+        `list[RepoSpec]`: adapters first in level order (each repo's ``main``, then its ``seed-<s>``
+        branches), then the eval dataset.
     """
     readmes = _readmes(config, rendered)
     plot = LocalFile.from_path(cards.PLOT_FILE, run_dir.pareto_png)
     specs = []
     if adapters:
-        specs += [
-            _adapter_spec(config, run_dir, level, readmes[config.adapter_repo_id(level)], plot)
-            for level in config.levels
-        ]
+        for level in config.levels:
+            specs += _adapter_specs(config, run_dir, level, readmes[config.adapter_repo_id(level)], plot)
     specs.append(_eval_spec(config, run_dir, readmes[config.eval_repo_id], plot))
     return specs
 
@@ -173,15 +202,20 @@ def readme_specs(config: StudyConfig, *, rendered: dict[str, cards.RenderedCard]
             The rendered cards (``render_cards``).
 
     Returns:
-        `list[RepoSpec]`: one per repo (adapters in level order, then the eval dataset), each with only a README.
+        `list[RepoSpec]`: one per branch (adapters in level order, each repo's ``main`` then its seed
+        branches, then the eval dataset), each with only a README.
     """
     readmes = _readmes(config, rendered)
-    ids = [(config.adapter_repo_id(level), "model") for level in config.levels]
-    ids.append((config.eval_repo_id, "dataset"))
+    ids = [
+        (config.adapter_repo_id(level), "model", branch)
+        for level in config.levels
+        for branch in adapter_branches(config, level)
+    ]
+    ids.append((config.eval_repo_id, "dataset", MAIN))
     message = f"Regenerate the {config.name} card"
     return [
-        RepoSpec(repo_id, repo_type, {README: _readme(readmes[repo_id])}, message)
-        for repo_id, repo_type in ids
+        RepoSpec(repo_id, repo_type, {README: _readme(readmes[repo_id])}, message, branch=branch)
+        for repo_id, repo_type, branch in ids
     ]
 
 
@@ -203,12 +237,13 @@ def check_artifacts(config: StudyConfig, run_dir: RunDir, *, adapters: bool) -> 
     """
     if adapters:
         for level in config.levels:
-            for name in PUSHED_ADAPTER_FILES:
-                if not (run_dir.adapter_dir(level) / name).is_file():
-                    raise ArtifactError(
-                        f"level {level} has no {name} in {run_dir.adapter_dir(level)}: "
-                        f"run `cot-compress train --levels {level}` before publishing"
-                    )
+            for model, _ in config.adapter_models(level):
+                for name in PUSHED_ADAPTER_FILES:
+                    if not (run_dir.adapter_dir(model) / name).is_file():
+                        raise ArtifactError(
+                            f"{model} has no {name} in {run_dir.adapter_dir(model)}: "
+                            f"run `cot-compress train --levels {level}` before publishing"
+                        )
     for model in config.model_keys:
         if not run_dir.samples(model).is_file():
             raise ArtifactError(
