@@ -57,6 +57,13 @@ class RunDir:
     def training_json(self, adapter: int | str) -> Path:
         return self.adapter_dir(adapter) / "training.json"
 
+    def rl_adapter_dir(self, level: int) -> Path:
+        """The level's SFT adapter continued with GRPO (model ``rl_l<n>``)."""
+        return self.adapter_dir(f"rl_l{level}")
+
+    def rl_training_json(self, level: int) -> Path:
+        return self.rl_adapter_dir(level) / "training.json"
+
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"

@@ -147,6 +147,20 @@ def train_command(config_path, run_dir, levels, resume, force):
     sft.run(config, config.run_dir, levels=parse_int_list(levels, "--levels"), resume=resume, force=force)
 
 
+@main.command("rl")
+@CONFIG_OPTION
+@RUN_DIR_OPTION
+@click.option("--levels", default=None, help="Comma-separated levels (default: the config's rl.levels).")
+@click.option("--resume", is_flag=True, help="Continue each level from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Retrain levels whose RL adapter is already up to date.")
+def rl_command(config_path, run_dir, levels, resume, force):
+    """Continue each rl.levels SFT adapter with GRPO into adapters/rl_l<n>/ (with training.json)."""
+    from training import rl
+
+    config = load_study(config_path, run_dir)
+    rl.run(config, config.run_dir, levels=parse_int_list(levels, "--levels"), resume=resume, force=force)
+
+
 # ---- publishing: publish, push-eval, regenerate-cards (hub_tools/publishing/)
 def publishing_options(command):
     """The options every publishing command takes."""

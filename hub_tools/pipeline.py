@@ -17,7 +17,7 @@ from pathlib import Path
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, file_sha256, library_versions, read_json, write_json
 from eval_artifacts.study.config import StudyConfig
 
-STAGES = ("prepare-data", "train", "evaluate", "render-cards")
+STAGES = ("prepare-data", "train", "rl", "evaluate", "render-cards")
 LIBRARIES = ("cot-compress", "torch", "transformers", "peft", "trl", "datasets", "huggingface_hub", "accelerate")
 
 
@@ -28,6 +28,8 @@ class Stage:
     """Whatever the stage's result depends on, as JSON-able data (hashed)."""
     outputs: Callable[[StudyConfig, RunDir], list[Path]]
     run: Callable[[StudyConfig, RunDir], object]
+    applies: Callable[[StudyConfig], bool] = lambda config: True
+    """Whether the study has this stage at all (the RL stage only when ``rl.levels`` names a level)."""
 
 
 def _hash(payload: object) -> str:
@@ -54,6 +56,13 @@ def _adapter_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
     paths = []
     for model in _adapter_models(config):
         paths += [run_dir.training_json(model), run_dir.adapter_dir(model) / "adapter_model.safetensors"]
+    return paths
+
+
+def _rl_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
+    paths = []
+    for level in config.rl.levels:
+        paths += [run_dir.rl_training_json(level), run_dir.rl_adapter_dir(level) / "adapter_model.safetensors"]
     return paths
 
 
@@ -87,6 +96,12 @@ def _run_train(config: StudyConfig, run_dir: RunDir) -> None:
     from training import sft
 
     sft.run(config, run_dir)
+
+
+def _run_rl(config: StudyConfig, run_dir: RunDir) -> None:
+    from training import rl
+
+    rl.run(config, run_dir)
 
 
 def _run_evaluate(config: StudyConfig, run_dir: RunDir) -> None:
@@ -125,11 +140,18 @@ def build_stages(templates_dir: Path | None = None) -> list[Stage]:
             _run_train,
         ),
         Stage(
+            "rl",
+            lambda c, r: {"rl": c.rl.model_dump(mode="json"), "adapters": _hashes(_adapter_outputs(c, r), r.root)},
+            _rl_outputs,
+            _run_rl,
+            applies=lambda c: c.rl.enabled,
+        ),
+        Stage(
             "evaluate",
             lambda c, r: {
                 "eval": c.eval.model_dump(mode="json"),
                 "data": c.data.model_dump(mode="json"),
-                "adapters": _hashes(_adapter_outputs(c, r), r.root),
+                "adapters": _hashes(_adapter_outputs(c, r) + _rl_outputs(c, r), r.root),
             },
             _eval_outputs,
             _run_evaluate,
@@ -141,7 +163,12 @@ def build_stages(templates_dir: Path | None = None) -> list[Stage]:
                 "title": c.title,
                 "templates": _templates_hash(templates_dir),
                 "eval": _hashes(_eval_outputs(c, r), r.root),
-                "training": _hashes([r.training_json(m) for m in _adapter_models(c)] + [r.data_stats], r.root),
+                "training": _hashes(
+                    [r.training_json(m) for m in _adapter_models(c)]
+                    + [r.rl_training_json(level) for level in c.rl.levels]
+                    + [r.data_stats],
+                    r.root,
+                ),
             },
             _card_outputs,
             lambda c, r: _run_render(c, r, templates_dir),
@@ -250,6 +277,8 @@ def run_stages(
     recorded_stages = dict(read_lock(run_dir).get("stages", {}))
     ran: list[str] = []
     for stage in build_stages(templates_dir):
+        if not stage.applies(config):
+            continue
         if stage.name not in force_stages and stage_is_current(
             stage, config, run_dir, recorded_stages.get(stage.name)
         ):

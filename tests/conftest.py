@@ -78,3 +78,15 @@ def training_base(tmp_path_factory):
     from helpers import build_training_base
 
     return build_training_base(tmp_path_factory.mktemp("training_base"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: forked children must not enter their parent's OpenMP regions, and
+    interrupted and uninterrupted runs must reduce floats in the same order to match."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import shutil
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -372,3 +373,47 @@ def imported_names(path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
     return names
+
+
+# ---------------------------------------------------------------- kills
+
+
+def killed_at(point: str, work: Callable[[], object]) -> None:
+    """Run ``work`` in a forked child with the kill point armed; it must die of SIGKILL there."""
+    import os
+    import signal
+    import traceback
+
+    from eval_artifacts import faultpoints
+
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 0
+        try:
+            os.environ[faultpoints.ENV] = point
+            faultpoints._reached.clear()
+            signal.alarm(300)  # a child stuck on a lock forked mid-use dies of SIGALRM: a failure, not a hang
+            work()
+        except BaseException:
+            traceback.print_exc()
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
+        f"{point} was never reached (exit status {status})"
+    )
+
+
+def checkpoint_kill_hook() -> None:
+    """In the child: the kill point right after the Trainer wrote a checkpoint (sft.py has no hook of its own)."""
+    from transformers import Trainer
+
+    from eval_artifacts import faultpoints
+
+    save = Trainer._save_checkpoint
+
+    def save_then_maybe_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        faultpoints.maybe_crash("train.checkpoint_saved")
+
+    Trainer._save_checkpoint = save_then_maybe_die

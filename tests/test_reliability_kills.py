@@ -19,15 +19,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from fixtures_artifacts import write_fixture_study
-from helpers import build_training_base, edited_templates, hub_state, repos
+from helpers import build_training_base, checkpoint_kill_hook, edited_templates, hub_state, killed_at, repos
 from hubtools import clients_for, isolated_hf_caches, publish_to
 from safetensors.torch import load_file
 
@@ -42,32 +40,7 @@ CLI = Path(sys.executable).with_name("cot-compress")
 TIMING = ("wall_time_s", "tokens_per_s")  # the only training.json fields a rerun may change
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def killed_at(point: str, work: Callable[[], object]) -> None:
-    """Run ``work`` in a forked child with the kill point armed; it must die of SIGKILL there."""
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 0
-        try:
-            os.environ[faultpoints.ENV] = point
-            faultpoints._reached.clear()
-            signal.alarm(300)  # a child stuck on a lock forked mid-use dies of SIGALRM: a failure, not a hang
-            work()
-        except BaseException:
-            traceback.print_exc()
-            code = 3
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
-        f"{point} was never reached (exit status {status})"
-    )
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def files_under(root: Path) -> dict[str, bytes]:
@@ -174,19 +147,6 @@ def test_prepare_data_killed(straight, tmp_path, point):
 
 def weights(run_dir: RunDir, level: int) -> dict[str, torch.Tensor]:
     return load_file(run_dir.adapter_dir(level) / "adapter_model.safetensors")
-
-
-def checkpoint_kill_hook() -> None:
-    """In the child: the kill point right after the Trainer wrote a checkpoint (sft.py has no hook of its own)."""
-    from transformers import Trainer
-
-    save = Trainer._save_checkpoint
-
-    def save_then_maybe_die(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        faultpoints.maybe_crash("train.checkpoint_saved")
-
-    Trainer._save_checkpoint = save_then_maybe_die
 
 
 @pytest.mark.parametrize(

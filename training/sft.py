@@ -264,14 +264,18 @@ def load_base(
     return model, tokenizer
 
 
-class _StudySFTTrainer(SFTTrainer):
-    """SFTTrainer without its side effects: the project owns README.md, and nothing phones home."""
+class WithoutSideEffects:
+    """Mixed into a TRL trainer: the project owns README.md, and nothing phones home."""
 
     def create_model_card(self, *args, **kwargs) -> None:
         return None
 
     def _send_telemetry(self) -> None:
         return None
+
+
+class _StudySFTTrainer(WithoutSideEffects, SFTTrainer):
+    pass
 
 
 def build_trainer(
@@ -307,20 +311,13 @@ def build_trainer(
         data_seed=seed,
         logging_steps=training.logging_steps,
         logging_first_step=True,  # the loss curve starts at the untrained loss
-        save_strategy="steps",
         save_steps=training.save_steps,
         save_total_limit=training.save_total_limit,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
         include_num_input_tokens_seen="non_padding",  # real tokens, summed over DDP ranks
-        dataloader_pin_memory=torch.cuda.is_available(),
         # Every LoRA weight sits on a linear layer of every forward pass, so DDP need not search the graph for
         # unused parameters each step (transformers' default without gradient checkpointing).
         ddp_find_unused_parameters=False,
-        # Without it, accelerate ignores torchrun's ranks on a CPU-only machine: each rank trains alone.
-        use_cpu=not torch.cuda.is_available(),
-        report_to=[],
-        push_to_hub=False,
+        **runtime_arguments(precision),
     )
     lora = LoraConfig(
         r=training.lora.r,
@@ -335,15 +332,33 @@ def build_trainer(
     )
 
 
+def runtime_arguments(precision: str) -> dict:
+    """The trainer arguments every stage shares: precision, device, checkpoints by steps, no reporting."""
+    return {
+        "save_strategy": "steps",
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        # Without it, accelerate ignores torchrun's ranks on a CPU-only machine: each rank trains alone.
+        "use_cpu": not torch.cuda.is_available(),
+        "report_to": [],
+        "push_to_hub": False,
+    }
+
+
 def _warmup_and_checkpointing(training: TrainingConfig) -> dict:
     """The arguments whose names changed across transformers 5.x (GPU images lag behind PyPI)."""
     fields = SFTConfig.__dataclass_fields__
-    checkpointing = (
-        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    )
     # Newer versions take a warmup ratio as a float ``warmup_steps`` below 1 and dropped ``warmup_ratio``.
     warmup = "warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"
-    return {checkpointing: training.gradient_checkpointing, warmup: training.warmup_ratio}
+    return {**checkpointing_argument(SFTConfig, training.gradient_checkpointing), warmup: training.warmup_ratio}
+
+
+def checkpointing_argument(config_class: type, enabled: bool) -> dict:
+    """Gradient checkpointing under the name this transformers calls it (renamed ``activation_checkpointing``)."""
+    fields = config_class.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled}
 
 
 # ---- training ----

@@ -31,6 +31,14 @@ def is_hub_id(value: str) -> bool:
     return bool(re.fullmatch(r"[\w][\w.-]*/[\w.-]*[\w]", value)) and not Path(value).exists()
 
 
+def _known_levels(value: list[int]) -> list[int]:
+    """The levels, sorted and without repeats; a level the study does not define is an error."""
+    unknown = [n for n in value if n not in LEVELS]
+    if unknown:
+        raise ValueError(f"unknown level(s) {unknown}; levels are {sorted(LEVELS)}")
+    return sorted(set(value))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -188,6 +196,49 @@ class EvalConfig(_Strict):
         return 1 if self.sampling is None else self.sampling.samples_per_problem
 
 
+class RewardWeightsConfig(_Strict):
+    """The weights of the RL reward's three terms (each term is logged per step before weighting)."""
+
+    correct: float = Field(1.0, ge=0)
+    """Strict correctness from the evaluation's own grader: 1 or 0."""
+    format: float = Field(0.2, ge=0)
+    """A closed think block followed by a final-answer line: 1 or 0."""
+    length: float = Field(0.5, ge=0)
+    """Subtracted: think tokens past the level's target, as a fraction of the target (capped at 1)."""
+
+
+class RLConfig(_Strict):
+    """The optional length-aware RL stage (TRL GRPO) that continues the SFT adapters of ``levels``."""
+
+    levels: list[int] = Field(default_factory=list)
+    """The levels whose SFT adapter is continued with GRPO; empty (the default) turns the stage off."""
+    max_steps: int = Field(100, gt=0)
+    prompts_per_step: int = Field(8, gt=0)
+    """Training problems per optimizer step; each gets ``num_generations`` completions."""
+    num_generations: int = Field(8, ge=2)
+    """Completions per prompt: GRPO's group, whose mean reward is each completion's baseline."""
+    learning_rate: float = Field(1e-5, gt=0)
+    beta: float = Field(0.04, ge=0)
+    """KL penalty towards the SFT adapter (0 turns it off)."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    """Rollouts sample from the ``top_k`` likeliest tokens only; 0 keeps every token."""
+    max_new_tokens: int = Field(256, gt=0)
+    reward_weights: RewardWeightsConfig = RewardWeightsConfig()
+    seed: int = 42
+    save_steps: int = Field(50, gt=0)
+
+    @field_validator("levels")
+    @classmethod
+    def _known_levels(cls, value: list[int]) -> list[int]:
+        return _known_levels(value)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.levels)
+
+
 class HubConfig(_Strict):
     endpoint: str = LOCAL_ENDPOINT
     """'local' starts the embedded Hub-compatible server for the run; any URL is used as is."""
@@ -235,6 +286,7 @@ class StudyConfig(_Strict):
     teacher: TeacherConfig = TeacherConfig()
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
+    rl: RLConfig = RLConfig()
     hub: HubConfig
     run_dir: Path
 
@@ -248,9 +300,7 @@ class StudyConfig(_Strict):
     @field_validator("levels")
     @classmethod
     def _known_levels(cls, value: list[int]) -> list[int]:
-        unknown = [n for n in value if n not in LEVELS]
-        if unknown:
-            raise ValueError(f"unknown level(s) {unknown}; levels are {sorted(LEVELS)}")
+        _known_levels(value)
         if len(set(value)) != len(value):
             raise ValueError(f"levels {value} repeat a level")
         return sorted(value)
@@ -261,6 +311,15 @@ class StudyConfig(_Strict):
             raise ValueError("base_model.id 'tiny' needs a tiny_model section")
         if self.base_model.hub_id is not None and not is_hub_id(self.base_model.hub_id):
             raise ValueError(f"base_model.hub_id {self.base_model.hub_id!r} is not a Hub repo id ('owner/name')")
+        return self
+
+    @model_validator(mode="after")
+    def _rl_continues_trained_levels(self) -> StudyConfig:
+        missing = [n for n in self.rl.levels if n not in self.levels]
+        if missing:
+            raise ValueError(
+                f"rl.levels {missing} are not in levels {self.levels}: RL continues a level's SFT adapter"
+            )
         return self
 
     # ---- derived names, used by every stage so that they cannot disagree ----

@@ -30,6 +30,11 @@ class Level:
         """The model name of the level's prompt-only baseline (base model, level prompt, no adapter)."""
         return f"prompt_l{self.number}"
 
+    @property
+    def max_chars(self) -> int:
+        """The upper end of ``typical_length`` in characters: the reasoning length a level should not pass."""
+        return int(re.findall(r"\d+", self.typical_length)[-1])
+
 
 LEVELS: dict[int, Level] = {
     level.number: level

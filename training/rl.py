@@ -1,0 +1,466 @@
+"""Stage 2b, rl (optional): each chosen level's SFT adapter continued with TRL's GRPO and a length-aware reward.
+
+Per level in ``rl.levels``, top to bottom: the level's SFT rows (``data/level_<n>/train.jsonl``, the training
+split only) → GRPO prompts with their gold answers → the base model with the level's SFT adapter loaded
+trainable (the same LoRA weights keep training; TRL keeps a frozen copy as the KL reference) →
+``GRPOTrainer`` with three reward terms → ``adapters/rl_l<n>/`` (adapter_config.json,
+adapter_model.safetensors, training.json).
+
+The reward of one completion is ``w_correct·correct + w_format·format − w_length·length``:
+    correct: 1 when the evaluation's own strict grader (``gsm8k.grade``, the level format) accepts the answer;
+    format:  1 when the completion is a closed think block followed by a ``#### N`` final-answer line;
+    length:  think tokens past the level's target, as a fraction of the target, capped at 1. The target is the
+             upper end of the level's typical length (``Level.max_chars``) in the base tokenizer's tokens, at
+             the tokens-per-character rate of the level's own SFT reasoning.
+Each term is logged at every step (``rewards/<term>/mean``) and copied into training.json's ``log``.
+
+A level whose RL adapter was trained from the same inputs (the hash of the RL settings, the base model, the SFT
+adapter's weights and the level's data) is skipped. Checkpoints go to ``adapters/rl_l<n>/checkpoints/``;
+``resume=True`` continues a killed run from its last one.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from eval_artifacts.rundir import ADAPTER_FILES, SCHEMA_VERSION, RunDir, file_sha256, read_json, write_json
+from eval_artifacts.study.config import RewardWeightsConfig, StudyConfig
+from eval_artifacts.study.errors import ArtifactError, DataError
+from eval_artifacts.study.levels import ANSWER_MARKER, get_level, parse_response
+from training import sft
+from training.gsm8k import grade
+from training.tokens import count_tokens, think_tokens
+
+TRAIN_ID_PREFIX = "train-"
+"""Problem ids of the training split (``training.gsm8k.problems_from_rows``); RL reads no other."""
+TERMS = ("correct", "format", "length")
+_ANSWER_LINE_RE = re.compile(rf"^\s*{re.escape(ANSWER_MARKER)}\s*\S", re.MULTILINE)
+
+
+def run(
+    config: StudyConfig,
+    run_dir: RunDir | str | Path,
+    *,
+    levels: list[int] | None = None,
+    resume: bool = False,
+    force: bool = False,
+) -> dict[int, dict]:
+    """Continue the SFT adapters of ``levels`` (default: ``rl.levels``) with GRPO; return their training.json.
+
+    Args:
+        resume: continue each level from its last checkpoint; levels without one start from the beginning.
+        force: retrain levels whose RL adapter is already up to date.
+
+    Raises:
+        ArtifactError: a level has no SFT adapter or SFT data (run ``cot-compress train`` first).
+        DataError: a row of the SFT data is not a training-split problem.
+    """
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    levels = levels or config.rl.levels
+    for level in levels:
+        get_level(level)
+    sft.check_quantization(config.base_model.quantization)
+    model_path: str | None = None
+    results: dict[int, dict] = {}
+    for level in levels:
+        rows = training_rows(run_dir, level)
+        inputs = stage_inputs(config, run_dir, level)
+        out_dir, checkpoints = run_dir.rl_adapter_dir(level), run_dir.rl_adapter_dir(level) / "checkpoints"
+        done = up_to_date(run_dir, level, inputs)
+        if done is not None and not force:
+            sft._say(f"rl level {level}: adapter up to date in {out_dir}, skipped")
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            results[level] = done
+            continue
+        resume_from = sft.last_checkpoint(checkpoints, before_step=config.rl.max_steps) if resume else None
+        if resume and resume_from is None:
+            sft._say(f"rl level {level}: no checkpoint under {checkpoints}, training from the start")
+
+        if model_path is None:
+            from training.models import resolve_base_model
+
+            model_path = resolve_base_model(config)
+        precision = sft.choose_precision()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        base, tokenizer = sft.load_base(
+            model_path=model_path,
+            revision=config.base_model.revision,
+            quantization=config.base_model.quantization,
+            precision=precision,
+            gradient_checkpointing=config.training.gradient_checkpointing,
+        )
+        policy = continued_adapter(base, run_dir.adapter_dir(level))
+        design = RewardDesign.for_level(level, tokenizer, rows, weights=config.rl.reward_weights)
+        trainer = build_trainer(
+            policy=policy,
+            tokenizer=tokenizer,
+            dataset=prompt_dataset(rows),
+            config=config,
+            design=design,
+            precision=precision,
+            output_dir=checkpoints,
+        )
+        if trainer.is_world_process_zero():
+            # Without training.json an adapter is never up to date, so a kill mid-training cannot pass old
+            # weights off as new; stale checkpoints of an older run must not become "last" either.
+            run_dir.rl_training_json(level).unlink(missing_ok=True)
+            if resume_from is None:
+                shutil.rmtree(checkpoints, ignore_errors=True)
+        outcome = sft.train(trainer, resume=resume_from)
+
+        payload = training_record(
+            config=config,
+            level=level,
+            trainer=trainer,
+            design=design,
+            inputs=inputs,
+            outcome=outcome,
+            precision=precision,
+            train_rows=len(rows),
+        )
+        sft.save_adapter(trainer, out_dir)
+        if trainer.is_world_process_zero():
+            write_json(run_dir.rl_training_json(level), payload)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            sft._say(summary_line(payload, out_dir))
+        trainer.accelerator.wait_for_everyone()
+        results[level] = payload
+        trainer.accelerator.free_memory()
+        del trainer, policy, base
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
+
+
+# ---- data: the training split only ----
+def training_rows(run_dir: RunDir, level: int) -> list[dict]:
+    """The level's SFT rows (problems of the training split, with their gold answers).
+
+    Raises:
+        ArtifactError: no SFT data for the level.
+        DataError: a row is not a training-split problem; RL must never see a test problem.
+    """
+    path = run_dir.train_file(level)
+    if not path.is_file():
+        raise ArtifactError(
+            f"no SFT data for level {level} at {path}: run `cot-compress prepare-data --config C` first"
+        )
+    rows = sft.load_rows(path)
+    for number, row in enumerate(rows, start=1):
+        if not str(row.get("id", "")).startswith(TRAIN_ID_PREFIX) or not isinstance(row.get("answer"), str):
+            raise DataError(
+                f"{path} row {number} (id {row.get('id')!r}) is not a training-split problem with an answer: "
+                "RL trains on the training split only; rerun `cot-compress prepare-data --config C`"
+            )
+    return rows
+
+
+def prompt_dataset(rows: list[dict]) -> Dataset:
+    """GRPO's prompts in chat form, each with its problem id and gold answer (passed to the reward)."""
+    return Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": row["prompt"]}], "id": row["id"], "gold": row["answer"]}
+            for row in rows
+        ]
+    )
+
+
+# ---- the reward ----
+@dataclass(frozen=True)
+class RewardTerms:
+    correct: float
+    format: float
+    length: float
+    """The penalty's size in [0, 1]; the reward subtracts it."""
+
+
+def has_level_format(completion: str) -> bool:
+    """A closed think block, then a ``#### N`` final-answer line."""
+    parsed = parse_response(completion)
+    return parsed.reasoning is not None and _ANSWER_LINE_RE.search(parsed.after_think) is not None
+
+
+def length_penalty(think: int, target: int) -> float:
+    """Think tokens past ``target`` as a fraction of it, capped at 1 (0 at or under the target)."""
+    return min(1.0, max(0, think - target) / target)
+
+
+def reward_terms(completion: str, gold: str, *, finish_reason: str, think: int, target: int) -> RewardTerms:
+    return RewardTerms(
+        correct=float(grade(completion, gold, finish_reason=finish_reason, kind="adapter").correct),
+        format=float(has_level_format(completion)),
+        length=length_penalty(think, target),
+    )
+
+
+@dataclass(frozen=True)
+class RewardDesign:
+    """What training.json records of the reward, and the weights GRPO sums the terms with."""
+
+    level: int
+    target_chars: int
+    tokens_per_char: float
+    target_think_tokens: int
+    weights: RewardWeightsConfig
+
+    @classmethod
+    def for_level(
+        cls, level: int, tokenizer, rows: list[dict], *, weights: RewardWeightsConfig
+    ) -> RewardDesign:
+        """The level's target length in the base tokenizer's tokens, at the rate of its SFT reasoning."""
+        chars = sum(len(row.get("reasoning") or "") for row in rows)
+        tokens = sum(count_tokens(tokenizer, row.get("reasoning") or "") for row in rows)
+        rate = tokens / chars if chars else 1.0
+        target_chars = get_level(level).max_chars
+        return cls(
+            level=level,
+            target_chars=target_chars,
+            tokens_per_char=round(rate, 4),
+            target_think_tokens=max(1, math.ceil(target_chars * rate)),
+            weights=weights,
+        )
+
+    def reward_weights(self) -> list[float]:
+        """GRPO's weights, in the order of ``reward_functions``; the length term's values are negative."""
+        return [self.weights.correct, self.weights.format, self.weights.length]
+
+    def record(self) -> dict:
+        return {
+            "formula": "w_correct*correct + w_format*format - w_length*length",
+            "terms": {
+                "correct": "1 if the evaluation's strict grader accepts the answer after a closed think block",
+                "format": "1 if a closed think block is followed by a '#### N' final-answer line",
+                "length": "min(1, max(0, think_tokens - target) / target); subtracted",
+            },
+            "weights": self.weights.model_dump(),
+            "target_chars": self.target_chars,
+            "tokens_per_char": self.tokens_per_char,
+            "target_think_tokens": self.target_think_tokens,
+        }
+
+
+def reward_functions(design: RewardDesign, tokenizer, eos_token_ids: list[int]) -> list:
+    """One GRPO reward function per term, named after it (TRL logs ``rewards/<name>/mean`` per step)."""
+
+    def terms_of(completions, completion_ids, gold) -> list[RewardTerms]:
+        texts = [_text(completion) for completion in completions]
+        return [
+            reward_terms(
+                text,
+                answer,
+                finish_reason="stop" if ids and ids[-1] in eos_token_ids else "length",
+                think=think_tokens(tokenizer, text),
+                target=design.target_think_tokens,
+            )
+            for text, ids, answer in zip(texts, completion_ids, gold, strict=True)
+        ]
+
+    def correct(completions, completion_ids, gold, **kwargs) -> list[float]:
+        return [terms.correct for terms in terms_of(completions, completion_ids, gold)]
+
+    def format(completions, completion_ids, gold, **kwargs) -> list[float]:  # noqa: A001 - TRL logs the name
+        return [terms.format for terms in terms_of(completions, completion_ids, gold)]
+
+    def length(completions, completion_ids, gold, **kwargs) -> list[float]:
+        texts = [_text(completion) for completion in completions]
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:  # TRL versions without it still train; the log lacks think tokens then
+            log_metric("think_tokens", sum(think_tokens(tokenizer, t) for t in texts) / len(texts))
+        return [-terms.length for terms in terms_of(completions, completion_ids, gold)]
+
+    return [correct, format, length]
+
+
+def _text(completion) -> str:
+    """A completion as text: conversational completions are a list holding the assistant's message."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+# ---- model and trainer ----
+def continued_adapter(base, sft_adapter_dir: Path):
+    """The base with the level's SFT LoRA loaded trainable: RL continues those weights, adds no new adapter."""
+    from peft import PeftModel
+
+    if not all((sft_adapter_dir / name).is_file() for name in ADAPTER_FILES):
+        raise ArtifactError(
+            f"no SFT adapter in {sft_adapter_dir}: run `cot-compress train --config C` before the RL stage"
+        )
+    return PeftModel.from_pretrained(base, sft_adapter_dir, is_trainable=True)
+
+
+class _StudyGRPOTrainer(sft.WithoutSideEffects, GRPOTrainer):
+    pass
+
+
+def build_trainer(
+    *,
+    policy,
+    tokenizer,
+    dataset: Dataset,
+    config: StudyConfig,
+    design: RewardDesign,
+    precision: str,
+    output_dir: Path,
+) -> GRPOTrainer:
+    rl = config.rl
+    args = GRPOConfig(
+        output_dir=str(output_dir),
+        max_steps=rl.max_steps,
+        learning_rate=rl.learning_rate,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=rl.prompts_per_step * rl.num_generations,  # completions per step
+        gradient_accumulation_steps=1,
+        num_generations=rl.num_generations,
+        max_completion_length=rl.max_new_tokens,
+        temperature=rl.temperature,
+        top_k=rl.top_k,
+        beta=rl.beta,
+        loss_type=rl.loss_type,
+        reward_weights=design.reward_weights(),
+        **sft.checkpointing_argument(GRPOConfig, config.training.gradient_checkpointing),
+        seed=rl.seed,
+        data_seed=rl.seed,
+        logging_steps=1,  # every step's reward terms go into training.json
+        save_steps=rl.save_steps,
+        save_total_limit=2,
+        **sft.runtime_arguments(precision),
+    )
+    # The reward reads a completion's finish from its last id; which ids end one, the trainer decides.
+    eos_token_ids: list[int] = []
+    trainer = _StudyGRPOTrainer(
+        model=policy,
+        reward_funcs=reward_functions(design, tokenizer, eos_token_ids),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    eos_token_ids.extend(trainer.eos_token_ids)
+    return trainer
+
+
+# ---- provenance and skipping ----
+def stage_inputs(config: StudyConfig, run_dir: RunDir, level: int) -> dict:
+    """Everything the RL adapter of ``level`` depends on; its hash decides whether the level is retrained."""
+    sft_weights = run_dir.adapter_dir(level) / "adapter_model.safetensors"
+    if not sft_weights.is_file():
+        raise ArtifactError(
+            f"no SFT adapter for level {level} in {sft_weights.parent}: run `cot-compress train --config C` first"
+        )
+    return {
+        "level": level,
+        "base_model": {"id": config.base_model.id, "revision": config.base_model.revision},
+        "tiny_model": config.tiny_model.model_dump() if config.tiny_model else None,
+        "quantization": config.base_model.quantization,
+        "rl": config.rl.model_dump(mode="json", exclude={"levels"}),
+        "sft_adapter_sha256": file_sha256(sft_weights),
+        "data_sha256": file_sha256(run_dir.train_file(level)),
+    }
+
+
+def inputs_sha256(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def up_to_date(run_dir: RunDir, level: int, inputs: dict) -> dict | None:
+    """The existing training.json when the RL adapter was trained from exactly these inputs, else None."""
+    path = run_dir.rl_training_json(level)
+    if not path.is_file() or not all((run_dir.rl_adapter_dir(level) / n).is_file() for n in ADAPTER_FILES):
+        return None
+    try:
+        payload = read_json(path, what="RL training record", hint="delete it to retrain")
+    except ArtifactError:
+        return None
+    return payload if payload.get("inputs_sha256") == inputs_sha256(inputs) else None
+
+
+def step_log(trainer: GRPOTrainer) -> list[dict]:
+    """Per step: the weighted total reward, each term's mean, think tokens, completion length and KL."""
+    names = {
+        "reward": "reward",
+        **{f"rewards/{term}/mean": term for term in TERMS},
+        "think_tokens": "think_tokens",
+        "completions/mean_length": "completion_tokens",
+        "kl": "kl",
+        "loss": "loss",
+    }
+    rows = []
+    for entry in trainer.state.log_history:
+        if "reward" not in entry:
+            continue
+        row = {"step": entry["step"]}
+        for key, name in names.items():
+            if key in entry:
+                value = float(entry[key])
+                # The length function returns the penalty negated; the log shows the penalty's size.
+                row[name] = round(0.0 - value if name == "length" else value, 6)
+        rows.append(row)
+    return rows
+
+
+def training_record(
+    *,
+    config: StudyConfig,
+    level: int,
+    trainer: GRPOTrainer,
+    design: RewardDesign,
+    inputs: dict,
+    outcome: sft.TrainOutcome,
+    precision: str,
+    train_rows: int,
+) -> dict:
+    """The training.json of ``adapters/rl_l<n>/``."""
+    rl = config.rl
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": f"rl_l{level}",
+        "level": level,
+        "method": "GRPO",
+        "continued_from": {
+            "adapter": f"adapters/level_{level}",
+            "adapter_sha256": inputs["sft_adapter_sha256"],
+        },
+        "base_model": inputs["base_model"],
+        "quantization": inputs["quantization"],
+        "hyperparameters": {
+            "max_steps": rl.max_steps,
+            "prompts_per_step": rl.prompts_per_step,
+            "num_generations": rl.num_generations,
+            "learning_rate": rl.learning_rate,
+            "beta": rl.beta,
+            "loss_type": rl.loss_type,
+            "temperature": rl.temperature,
+            "top_k": rl.top_k,
+            "max_new_tokens": rl.max_new_tokens,
+        },
+        "reward": design.record(),
+        "precision": precision,
+        "hardware": sft.hardware(trainer),
+        "seed": rl.seed,
+        "train_rows": train_rows,
+        "data_file": f"data/level_{level}/train.jsonl",
+        "data_sha256": inputs["data_sha256"],
+        "inputs_sha256": inputs_sha256(inputs),
+        "steps": trainer.state.global_step,
+        "log": step_log(trainer),
+        "wall_time_s": round(outcome.wall_time_s, 3),
+        "library_versions": sft.trained_with(),
+    }
+
+
+def summary_line(payload: dict, adapter_dir: Path) -> str:
+    log = payload["log"]
+    rewards = f"reward {log[0]['reward']:.3f} → {log[-1]['reward']:.3f}" if log else "no reward logged"
+    return f"rl level {payload['level']}: {payload['steps']} steps, {rewards}, {payload['wall_time_s']:.1f} s → {adapter_dir}"
