@@ -82,6 +82,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens (default 256)")
     parser.add_argument("--runs", default=None, help="comma-separated: nf4,bf16 (smoke: none)")
     parser.add_argument(
+        "--training-seeds", default=None, help="comma-separated training.seeds (default: the config's)"
+    )
+    parser.add_argument(
         "--work", type=Path, default=None, help="where the base and run dirs go (default: temp)"
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default $OUT or bench/results)")
@@ -135,6 +138,7 @@ def train_and_publish(
         train_rows=options.train_rows,
         problems=options.problems,
         max_new_tokens=options.max_new_tokens,
+        training_seeds=options.training_seeds,
     )
     result["changed"][quantization] = changed
     command = run_cli(["train-and-publish", "--config", str(config_path)], log)
@@ -191,11 +195,14 @@ def write_config(
     train_rows: int,
     problems: int,
     max_new_tokens: int,
+    training_seeds: str | None = None,
 ) -> tuple[Path, dict]:
     """The shipped study config with only these keys changed; returns its path and the changes."""
     config = yaml.safe_load(STUDY_CONFIG.read_text())
     changed = {
         "base_model.id": str(base),
+        # The random weights stand in for this repo's shape; publish needs a Hub id to name as the base.
+        "base_model.hub_id": config["base_model"]["id"],
         "base_model.quantization": quantization,
         "data.source": "local",
         "data.local_dir": str(data_dir.resolve()),
@@ -205,6 +212,8 @@ def write_config(
         "hub.endpoint": "local",
         "run_dir": str(run_dir),
     }
+    if training_seeds:
+        changed["training.seeds"] = [int(seed) for seed in training_seeds.split(",")]
     for dotted, value in changed.items():
         *parents, key = dotted.split(".")
         node = config

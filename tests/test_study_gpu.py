@@ -17,7 +17,7 @@ from training.synthetic import generate_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANGED_KEYS = {
-    "base_model.id", "base_model.quantization", "data.source", "data.local_dir", "data.max_train_rows",
+    "base_model.id", "base_model.hub_id", "base_model.quantization", "data.source", "data.local_dir", "data.max_train_rows",
     "eval.max_problems", "eval.max_new_tokens", "hub.endpoint", "run_dir",
 }  # fmt: skip
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from eval_artifacts.study.config import SamplingConfig
 from eval_artifacts.study.errors import ArtifactError, ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the config (pydantic) stays out of the GPU benchmarks' imports
     from transformers import PreTrainedTokenizerBase
+
+    from eval_artifacts.study.config import SamplingConfig
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
