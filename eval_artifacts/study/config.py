@@ -326,6 +326,10 @@ class StudyConfig(_Strict):
     def adapter_repo_id(self, level: int) -> str:
         return f"{self.hub.namespace}/{self.hub.repo_prefix}-l{level}"
 
+    def rl_repo_id(self, level: int) -> str:
+        """The repo of the level's SFT adapter continued with GRPO (model ``rl_l<n>``)."""
+        return f"{self.adapter_repo_id(level)}-rl"
+
     @property
     def eval_repo_id(self) -> str:
         return f"{self.hub.namespace}/{self.hub.repo_prefix}-eval"
