@@ -159,6 +159,12 @@ def card_repo_id(config: StudyConfig, level: int, rl: bool) -> str:
     return config.rl_repo_id(level) if rl else config.adapter_repo_id(level)
 
 
+def adapter_repo_of(config: StudyConfig, model: str) -> str:
+    """The repo an adapter model is published in: ``level_<n>`` and its seeds' in ``{prefix}-l<n>``, ``rl_l<n>``
+    in ``{prefix}-l<n>-rl``."""
+    return card_repo_id(config, model_level(model), is_rl(model))
+
+
 def _example(run_dir: RunDir, model: str) -> dict | None:
     """The card's example output: the first correct sample by (seed, id) whose chain's arithmetic checks out
     (``chain_checks_out``: every equation holds and the chain ends at the answer); None when none does.
@@ -596,8 +602,7 @@ def _produced_by(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[s
         adapter = "none (stock model, prompt only)"
     else:
         commit = art.published.adapter_commits.get(model)
-        repo_id = card_repo_id(config, model_level(model), is_rl(model))
-        adapter = f"{repo_id}@{commit}" if commit else "not published yet"
+        adapter = f"{adapter_repo_of(config, model)}@{commit}" if commit else "not published yet"
     return {"adapter": adapter, "base": f"{base_id(config)}@{base_revision(config, art)}"}
 
 
