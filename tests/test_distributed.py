@@ -27,7 +27,7 @@ from eval_artifacts.rundir import RunDir, read_json
 from eval_artifacts.study.config import load_config
 from training import evaluate
 
-MODELS = ("base", "level_1")
+MODELS = ("base", "level_1", "prompt_l1")  # the tiny config evaluates prompt-only baselines too
 
 
 def launch(command: list[str], *, processes: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
@@ -220,8 +220,10 @@ def test_kill_during_the_merge_then_rerun_generates_nothing_and_converges(study)
     killed.wait(timeout=300)
     assert killed.returncode != 0
     assert list(run_dir.eval_dir.glob("level_1/samples.rank*"))  # merged, shards not yet removed
-    before = {model: len(run_dir.samples(model).read_bytes().splitlines()) for model in MODELS}
+    merged = ("base", "level_1")  # the prompt-only baseline, merged after level_1, still has only its shards
+    before = {model: len(run_dir.samples(model).read_bytes().splitlines()) for model in merged}
     assert before == {"base": 30, "level_1": 30}
+    assert list(run_dir.eval_dir.glob("prompt_l1/samples.rank*")) and not run_dir.samples("prompt_l1").exists()
 
     finish(launch(eval_command(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
 
@@ -284,7 +286,7 @@ def test_train_with_two_processes_writes_one_adapter_and_counts_every_rank(train
         "adapter_model.safetensors",
         "training.json",
     ]
-    assert out.count("level 3: ") == 1  # one summary line, from rank 0
+    assert out.count("level_3 (seed 42): ") == 1  # one summary line, from rank 0
     payload = json.loads(run_dir.training_json(3).read_text())
     assert payload["hardware"] == {"device": "cpu", "gpu_name": None, "gpu_count": 0, "world_size": 2, "peak_gpu_memory_gib": None}
     assert payload["hyperparameters"]["effective_batch_size"] == 8  # 4 per rank × 2 ranks
