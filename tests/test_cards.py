@@ -30,6 +30,7 @@ from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import CardValidationError, TemplateError
 from eval_artifacts.study.levels import build_prompt, build_response
 from hub_tools import cards
+from hub_tools.cards.format import label_model, model_label
 from hub_tools.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -609,6 +610,9 @@ def test_rl_adapter_and_its_sft_sibling_both_show_sft_against_sft_plus_rl(tmp_pa
         "tiny-cot-l3", "tiny-cot-l3-rl", "tiny-cot-l4", "tiny-cot-l4-rl",
     ]  # fmt: skip
     assert "tiny-cot-l2-rl" not in names
+    assert [label_model(model_label(m) + this) for m in ("rl_l4", "level_4") for this in ("", " (this adapter)")] == [
+        "rl_l4", "rl_l4", "level_4", "level_4",
+    ]  # fmt: skip
     sft_m = read_json(run_dir.metrics("level_4"), what="metrics", hint="")
     rl_m = read_json(run_dir.metrics("rl_l4"), what="metrics", hint="")
     # The paired comparison recomputed here from the two models' samples (greedy: exact McNemar).
