@@ -449,6 +449,7 @@ def study_context(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
             "source_config": config.data.config_name,
             "source_revision": dataset_revision(config, art),
             "levels": [_level_info(n, art) | {"repo_id": config.adapter_repo_id(n)} for n in config.levels],
+            "rl_levels": ", ".join(fmt_count(n) for n in config.rl.levels),
         },
         "links": study_links(config, art.published),
         "base": {
