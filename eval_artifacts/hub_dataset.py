@@ -20,6 +20,8 @@ from eval_artifacts.metrics import (
     check_metrics_match_samples,
     compute_model_metrics,
     model_level,
+    prompt_baseline_of,
+    sft_sibling_of,
     sort_models,
     write_metrics,
 )
@@ -30,14 +32,12 @@ from eval_artifacts.records import (
     Column,
     columns_of,
     described,
-    model_kind,
     read_samples,
     row_key,
     validate_record,
 )
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.errors import ArtifactError
-from eval_artifacts.study.levels import LEVELS
 from eval_artifacts.summary import build_summary
 
 SPLIT = "test"
@@ -248,9 +248,8 @@ def restore_run_dir_from_eval_dataset(run_dir: RunDir, configs: dict[str, datase
             model=model,
             level=model_level(model),
             base_samples=None if model == "base" else samples["base"],
-            prompt_samples=samples.get(LEVELS[model_level(model)].prompt_key)
-            if model_kind(model) == "adapter"
-            else None,
+            prompt_samples=samples.get(prompt_baseline_of(model)),
+            sft_samples=samples.get(sft_sibling_of(model)),
         )
         for model in models
     }

@@ -35,6 +35,9 @@ Definitions (the cards quote them):
   - ``paired_t`` otherwise: one-sample t-test of the per-problem differences against 0, and
     delta ± t(0.975, P - 1) · sd / √P (sd with ddof = 1); p = 1 when every difference is 0 (0 when
     they are all one non-zero value).
+- ``vs_sft`` for an RL adapter (``rl_l<n>``): the same paired comparison against the SFT adapter it
+  continues (``level_<n>``), so that ``delta`` is what the RL stage bought on top of SFT; None for every
+  other model.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import numpy as np
 from scipy.stats import binomtest, ttest_1samp
 from scipy.stats import t as student_t
 
-from eval_artifacts.records import model_kind, model_level, model_sort_key, read_samples
+from eval_artifacts.records import is_rl, model_kind, model_level, model_sort_key, read_samples
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
 from eval_artifacts.study.errors import ArtifactError
 from eval_artifacts.study.levels import LEVELS
@@ -232,9 +235,11 @@ def compute_model_metrics(
     level: int | None,
     base_samples: list[dict] | None,
     prompt_samples: list[dict] | None = None,
+    sft_samples: list[dict] | None = None,
 ) -> dict[str, Any]:
     """The metrics.json payload of one model; ``base_samples=None`` for base itself, ``prompt_samples`` (the
-    level's prompt-only baseline) for an adapter whose baseline was evaluated.
+    level's prompt-only baseline) for an adapter whose baseline was evaluated, ``sft_samples`` (the level's
+    SFT adapter) for an RL adapter.
 
     Raises:
         ArtifactError: no samples, problems with different numbers of draws, or nothing to pair with.
@@ -273,7 +278,8 @@ def compute_model_metrics(
         "vs_base": None if base_samples is None else paired_comparison(samples, base_samples, other="base"),
         "vs_prompt": None
         if prompt_samples is None
-        else paired_comparison(samples, prompt_samples, other=f"prompt_l{level}"),
+        else paired_comparison(samples, prompt_samples, other=LEVELS[level].prompt_key),
+        "vs_sft": None if sft_samples is None else paired_comparison(samples, sft_samples, other=LEVELS[level].key),
     }
 
 
@@ -303,6 +309,7 @@ METRICS_FIELDS = (
     "truncated",
     "vs_base",
     "vs_prompt",
+    "vs_sft",
 )
 
 
@@ -313,20 +320,32 @@ def _recompute(run_dir: RunDir, model: str, level: int | None) -> dict[str, Any]
             raise ArtifactError(f"samples of {model} have level {row['level']!r}, expected {level!r}")
     base = None if model == "base" else read_samples(run_dir.samples("base"), model="base")
     return compute_model_metrics(
-        samples, model=model, level=level, base_samples=base, prompt_samples=prompt_baseline(run_dir, model, samples)
+        samples,
+        model=model,
+        level=level,
+        base_samples=base,
+        prompt_samples=_covering_samples(run_dir, prompt_baseline_of(model), samples),
+        sft_samples=_covering_samples(run_dir, sft_sibling_of(model), samples),
     )
 
 
-def prompt_baseline(run_dir: RunDir, model: str, samples: list[dict]) -> list[dict] | None:
-    """The samples of an adapter's prompt-only baseline (``prompt_l<n>``) when they cover every problem of the
-    adapter; None for other models, or when the baseline was not (fully) evaluated."""
-    if model_kind(model) != "adapter":
+def prompt_baseline_of(model: str) -> str | None:
+    """The model an adapter is compared with as its prompt-only baseline (``prompt_l<n>``); None otherwise."""
+    return LEVELS[model_level(model)].prompt_key if model_kind(model) == "adapter" else None
+
+
+def sft_sibling_of(model: str) -> str | None:
+    """The SFT adapter an RL adapter continues (``rl_l<n>`` -> ``level_<n>``); None for every other model."""
+    return LEVELS[model_level(model)].key if is_rl(model) else None
+
+
+def _covering_samples(run_dir: RunDir, other: str | None, samples: list[dict]) -> list[dict] | None:
+    """The samples of ``other`` when they cover every problem of ``samples``; None when there is no ``other``
+    or it was not (fully) evaluated."""
+    if other is None or not run_dir.samples(other).is_file():
         return None
-    path = run_dir.samples(LEVELS[model_level(model)].prompt_key)
-    if not path.is_file():
-        return None
-    prompt = read_samples(path)
-    return prompt if {row["id"] for row in samples} <= {row["id"] for row in prompt} else None
+    theirs = read_samples(run_dir.samples(other))
+    return theirs if {row["id"] for row in samples} <= {row["id"] for row in theirs} else None
 
 
 def write_metrics(run_dir: RunDir, model: str, level: int | None) -> dict[str, Any]:

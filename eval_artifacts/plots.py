@@ -16,7 +16,7 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from eval_artifacts.records import model_kind, model_level
+from eval_artifacts.records import is_rl, model_kind, model_level
 from eval_artifacts.study.errors import ArtifactError
 from eval_artifacts.summary import on_the_plot
 
@@ -26,10 +26,13 @@ _RC = {"svg.hashsalt": "cot-compress", "svg.fonttype": "path", "path.simplify": 
 
 
 def point_label(model: str) -> str:
-    """``base`` stays ``base``; ``level_3`` becomes ``L3``; ``prompt_l3`` becomes ``P3`` (prompt only)."""
+    """``base`` stays ``base``; ``level_3`` becomes ``L3``; ``prompt_l3`` becomes ``P3`` (prompt only);
+    ``rl_l3`` becomes ``L3+RL``."""
     level = model_level(model)
     if level is None:
         return model
+    if is_rl(model):
+        return f"L{level}+RL"
     return f"P{level}" if model_kind(model) == "prompt" else f"L{level}"
 
 

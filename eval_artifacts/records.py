@@ -19,10 +19,16 @@ from eval_artifacts.study.errors import ArtifactError
 
 FINISH_REASONS = ("stop", "length")
 GRADE_REASONS = ("correct", "wrong", "no_answer", "truncated")
-MODEL_RE = re.compile(r"^(?:base|level_(?P<level>[1-9][0-9]*)(?:_seed(?P<seed>[0-9]+))?|prompt_l(?P<prompt>[1-9][0-9]*))$")
+MODEL_RE = re.compile(
+    r"^(?:base|level_(?P<level>[1-9][0-9]*)(?:_seed(?P<seed>[0-9]+))?|prompt_l(?P<prompt>[1-9][0-9]*)"
+    r"|rl_l(?P<rl>[1-9][0-9]*))$"
+)
 """Model names: ``base``; ``level_<n>`` (the published adapter, first training seed); ``level_<n>_seed<s>``
-(the adapter of another training seed); ``prompt_l<n>`` (base given level n's prompt, no adapter)."""
-MODEL_NAMES = "'base', 'level_<n>', 'level_<n>_seed<s>' or 'prompt_l<n>'"
+(the adapter of another training seed); ``prompt_l<n>`` (base given level n's prompt, no adapter);
+``rl_l<n>`` (``level_<n>`` continued with GRPO). An ``rl_l<n>`` row's ``training_seed`` is the first
+training seed, the seed of the SFT adapter it continues: the field names the adapter's lineage, the same
+for SFT and SFT+RL, and the RL stage's own seed is in ``adapters/rl_l<n>/training.json``."""
+MODEL_NAMES = "'base', 'level_<n>', 'level_<n>_seed<s>', 'prompt_l<n>' or 'rl_l<n>'"
 
 
 def _parse_model(model: str) -> re.Match:
@@ -33,16 +39,22 @@ def _parse_model(model: str) -> re.Match:
 
 
 def model_kind(model: str) -> str:
-    """``base``, ``adapter`` (``level_<n>``, ``level_<n>_seed<s>``) or ``prompt`` (``prompt_l<n>``)."""
+    """``base``, ``adapter`` (``level_<n>``, ``level_<n>_seed<s>``, ``rl_l<n>``) or ``prompt``
+    (``prompt_l<n>``)."""
     match = _parse_model(model)
-    return "adapter" if match["level"] else ("prompt" if match["prompt"] else "base")
+    return "adapter" if match["level"] or match["rl"] else ("prompt" if match["prompt"] else "base")
 
 
 def model_level(model: str) -> int | None:
-    """``base`` -> None, ``level_3`` -> 3, ``level_3_seed43`` -> 3, ``prompt_l3`` -> 3."""
+    """``base`` -> None, ``level_3`` -> 3, ``level_3_seed43`` -> 3, ``prompt_l3`` -> 3, ``rl_l3`` -> 3."""
     match = _parse_model(model)
-    number = match["level"] or match["prompt"]
+    number = match["level"] or match["prompt"] or match["rl"]
     return None if number is None else int(number)
+
+
+def is_rl(model: str) -> bool:
+    """``rl_l<n>``: an SFT adapter continued with GRPO."""
+    return _parse_model(model)["rl"] is not None
 
 
 def other_seed_of(model: str) -> int | None:
@@ -53,9 +65,10 @@ def other_seed_of(model: str) -> int | None:
 
 
 def model_sort_key(model: str) -> tuple:
-    """Study order: base, published adapters, prompt-only baselines, then other training seeds' adapters."""
+    """Study order: base, published adapters, prompt-only baselines, other training seeds' adapters, then
+    the RL adapters (``StudyConfig.model_keys``'s order)."""
     kind, level, seed = model_kind(model), model_level(model) or 0, other_seed_of(model)
-    group = {"base": 0, "adapter": 1 if seed is None else 3, "prompt": 2}[kind]
+    group = 4 if is_rl(model) else {"base": 0, "adapter": 1 if seed is None else 3, "prompt": 2}[kind]
     return (group, level, seed or 0)
 
 

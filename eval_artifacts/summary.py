@@ -10,7 +10,7 @@ import numpy as np
 
 from eval_artifacts.metrics import METRICS_FIELDS, read_metrics
 from eval_artifacts.pareto import pareto_frontier
-from eval_artifacts.records import model_kind, model_level, other_seed_of
+from eval_artifacts.records import is_rl, model_kind, model_level, other_seed_of
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, read_json, write_json
 from eval_artifacts.study.errors import ArtifactError
 
@@ -19,6 +19,7 @@ _METRICS_LEFT_OUT = ("schema_version", "seeds", "think_tokens_per_correct")
 SUMMARY_MODEL_FIELDS = (
     *(name for name in METRICS_FIELDS if name not in _METRICS_LEFT_OUT),
     "kind",
+    "rl",
     "on_frontier",
 )
 
@@ -38,11 +39,12 @@ def mean_sd(values: list[float]) -> dict[str, float | None]:
 
 
 def training_seed_spread(metrics: dict[str, dict]) -> list[dict[str, Any]]:
-    """Per level with adapters in ``metrics``: its adapters (published first), their training seeds, and the
-    mean ± sd across them of accuracy and of mean think tokens."""
+    """Per level with adapters in ``metrics``: its SFT adapters (published first), their training seeds, and
+    the mean ± sd across them of accuracy and of mean think tokens (an RL adapter is another method, not
+    another seed)."""
     by_level: dict[int, list[str]] = {}
     for model in metrics:
-        if model_kind(model) == "adapter":
+        if model_kind(model) == "adapter" and not is_rl(model):
             by_level.setdefault(model_level(model), []).append(model)
     spread = []
     for level, models in sorted(by_level.items()):
@@ -73,8 +75,9 @@ def build_summary(run_dir: RunDir, *, study: str, models: list[str]) -> dict[str
     )
     rows = [
         {
-            **{name: metrics[model][name] for name in SUMMARY_MODEL_FIELDS[:-2]},
+            **{name: metrics[model][name] for name in SUMMARY_MODEL_FIELDS[:-3]},
             "kind": model_kind(model),
+            "rl": is_rl(model),
             "on_frontier": model in frontier,
         }
         for model in models
@@ -123,14 +126,15 @@ SWEET_SPOT_ALPHA = 0.05
 def sweet_spot(summary: dict, *, margin: float, alpha: float = SWEET_SPOT_ALPHA) -> str | None:
     """The level with the fewest mean think tokens that keeps base accuracy; None when no level does.
 
-    Only the published adapters compete. A level keeps base accuracy when it is not significantly below base
+    Only the published SFT adapters compete (the RL adapters are compared with their SFT sibling instead). A level keeps base accuracy when it is not significantly below base
     (paired p >= alpha, or not below at all) or when it is at most ``margin`` below base. Ties on tokens go
     to the more accurate.
     """
     kept = []
     for row in summary["models"]:
         vs_base = row["vs_base"]
-        if model_kind(row["model"]) != "adapter" or not on_the_plot(row["model"]) or vs_base is None:
+        model = row["model"]
+        if model_kind(model) != "adapter" or is_rl(model) or not on_the_plot(model) or vs_base is None:
             continue
         not_worse = vs_base["p_value"] >= alpha or vs_base["delta"] >= 0
         if not_worse or vs_base["delta"] >= -margin:

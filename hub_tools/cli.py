@@ -274,6 +274,7 @@ def train_and_publish_command(config_path, run_dir, endpoint, namespace, data_di
     from eval_artifacts.rundir import RunDir
     from eval_artifacts.study.config import LOCAL_ENDPOINT
     from eval_artifacts.summary import read_summary
+    from hub_tools import cards
     from hub_tools.cards.format import branch_of
     from hub_tools.pipeline import run_stages
     from hub_tools.publishing.commands import PublishOptions, Scope, open_target, publish
@@ -307,7 +308,7 @@ def train_and_publish_command(config_path, run_dir, endpoint, namespace, data_di
     for row in read_summary(study)["models"]:
         lo, hi = row["ci95"]
         if row["kind"] == "adapter":
-            repo_id = config.adapter_repo_id(row["level"])
+            repo_id = cards.adapter_repo_of(config, row["model"])
             where = urls.get((repo_id, branch_of(row["model"])), repo_id)
         else:  # the stock model, alone or given a level's prompt
             where = config.base_model.id + (" (prompt only)" if row["kind"] == "prompt" else "")

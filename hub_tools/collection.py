@@ -127,13 +127,14 @@ class CollectionPlan:
 
 
 def wanted_items(config: StudyConfig, notes: dict[str, str]) -> list[WantedItem]:
-    """The tiny base (the tiny study), adapters L1…Ln in level order, then the eval dataset, each with its note.
+    """The tiny base (the tiny study), adapters L1…Ln in level order (each RL adapter right after its SFT
+    sibling), then the eval dataset, each with its note.
 
     Raises:
         CardValidationError: a note is missing, empty or longer than the Hub's 500 characters.
     """
     ids = [(config.base_repo_id, "model")] if config.tiny_base else []
-    ids += [(config.adapter_repo_id(level), "model") for level in config.levels]
+    ids += [(cards.card_repo_id(config, level, rl), "model") for level, rl in cards.adapter_cards(config)]
     ids.append((config.eval_repo_id, "dataset"))
     items = []
     for repo_id, repo_type in ids:
@@ -152,7 +153,8 @@ def wanted_items(config: StudyConfig, notes: dict[str, str]) -> list[WantedItem]
 
 
 def owned_repo_ids(config: StudyConfig) -> set[str]:
-    return {config.adapter_repo_id(level) for level in LEVELS} | {config.eval_repo_id, config.base_repo_id}
+    adapters = {repo for level in LEVELS for repo in (config.adapter_repo_id(level), config.rl_repo_id(level))}
+    return adapters | {config.eval_repo_id, config.base_repo_id}
 
 
 def find_collection(target: HubTarget, *, namespace: str, title: str, slug: str | None) -> Collection | None:

@@ -75,7 +75,9 @@ def _eval_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
 
 def _card_outputs(config: StudyConfig, run_dir: RunDir) -> list[Path]:
     names = [config.base_repo_id.split("/")[1]] if config.tiny_base else []
-    names += [config.adapter_repo_id(level).split("/")[1] for level in config.levels]
+    for level in config.levels:
+        repos = [config.adapter_repo_id(level)] + ([config.rl_repo_id(level)] if level in config.rl.levels else [])
+        names += [repo.split("/")[1] for repo in repos]
     return [run_dir.card(name) for name in names + [config.eval_repo_id.split("/")[1]]]
 
 

@@ -1,7 +1,7 @@
 """A fixed, realistic study written into a run dir: everything the stages after evaluation read.
 
 ``write_fixture_study(root, config=config)`` writes data/stats.json, adapters/level_<n>/ (training.json, a
-small adapter_config.json + adapter_model.safetensors), eval/<model>/samples.jsonl, metrics.json (through
+small adapter_config.json + adapter_model.safetensors; adapters/rl_l<n>/ likewise for ``rl.levels``), eval/<model>/samples.jsonl, metrics.json (through
 ``eval_artifacts.metrics.write_metrics``), eval/summary.json and eval/pareto.png. Same inputs, same bytes.
 
 The default shape is that of a real study: the stock model thinks longest, shorter levels lose accuracy,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from eval_artifacts.metrics import write_metrics
 from eval_artifacts.plots import plot_pareto
-from eval_artifacts.records import SampleRecord, model_kind, model_level, other_seed_of
+from eval_artifacts.records import SampleRecord, is_rl, model_kind, model_level, other_seed_of
 from eval_artifacts.rundir import SCHEMA_VERSION, RunDir, append_jsonl, epochs_trained, write_json
 from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.levels import LEVELS, build_prompt, build_response, parse_response
@@ -63,6 +63,8 @@ PROMPT_ONLY_SHAPE = {1: (0.6, 150.2, 140, 2), 2: (0.55, 120.4, 110, 1), 3: (0.5,
 """Prompt-only baselines: the stock model asked for a level's style shortens its reasoning far less."""
 TRAINING_SEED_SHIFT = {43: (-0.015, 1.1), 44: (0.01, 0.95)}
 """Other training seeds' adapters: accuracy change and think-token factor against the published one."""
+RL_SHIFT = (0.04, 0.97)
+"""RL adapters (``rl_l<n>``): accuracy change and think-token factor against their SFT sibling."""
 
 
 def default_profile(model: str, n_problems: int) -> ModelProfile:
@@ -71,8 +73,8 @@ def default_profile(model: str, n_problems: int) -> ModelProfile:
         accuracy, mean, median, truncated = PROMPT_ONLY_SHAPE[level]
     else:
         accuracy, mean, median, truncated = DEFAULT_SHAPE["base" if level is None else f"level_{level}"]
-    if seed is not None:
-        change, factor = TRAINING_SEED_SHIFT.get(seed, (0.005 * (seed % 5) - 0.01, 1.0))
+    if seed is not None or is_rl(model):
+        change, factor = RL_SHIFT if is_rl(model) else TRAINING_SEED_SHIFT.get(seed, (0.005 * (seed % 5) - 0.01, 1.0))
         accuracy, mean, median = accuracy + change, mean * factor, round(median * factor)
     return ModelProfile(
         n_correct=round(accuracy * n_problems),
@@ -228,6 +230,44 @@ def _training_json(config: StudyConfig, level: int, train_rows: int, model: str,
     }
 
 
+def _rl_training_json(config: StudyConfig, level: int, train_rows: int) -> dict:
+    """``adapters/rl_l<n>/training.json`` as the RL stage writes it (training/rl.py ``training_payload``)."""
+    rl = config.rl
+    gpu = config.base_model.quantization == "nf4"
+    target_chars = LEVELS[level].max_chars
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": LEVELS[level].rl_key,
+        "level": level,
+        "method": "GRPO",
+        "continued_from": {"adapter": f"adapters/level_{level}", "adapter_sha256": f"{level:x}" * 64},
+        "base_model": {"id": config.base_model.id, "revision": config.base_model.revision},
+        "quantization": config.base_model.quantization,
+        # The RL settings training.json records: every rl field but the levels, the reward (below) and bookkeeping.
+        "hyperparameters": rl.model_dump(exclude={"levels", "reward_weights", "seed", "save_steps"}),
+        "reward": {
+            "formula": "w_correct*correct + w_format*format - w_length*length",
+            "weights": rl.reward_weights.model_dump(),
+            "target_chars": target_chars,
+            "tokens_per_char": 0.5,
+            "target_think_tokens": -(-target_chars // 2),
+        },
+        "precision": "bf16" if gpu else "fp32",
+        "hardware": {"device": "cuda", "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 1}
+        if gpu
+        else {"device": "cpu", "gpu_name": None, "gpu_count": 0},
+        "seed": rl.seed,
+        "train_rows": train_rows,
+        "data_file": f"data/level_{level}/train.jsonl",
+        "data_sha256": f"{level:x}" * 64,
+        "inputs_sha256": f"{level + 1:x}" * 64,
+        "steps": rl.max_steps,
+        "log": [{"step": 1, "reward": 0.41, "correct": 0.5, "format": 0.9, "length": 0.3}],
+        "wall_time_s": round(97.3 + 5.2 * level, 3),
+        "library_versions": {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2", "trl": "1.16.0"},
+    }
+
+
 def _write_adapter_weights(directory: Path, config: StudyConfig, level: int, seed: int) -> None:
     """A small but loadable-looking PEFT adapter: adapter_config.json and LoRA A/B tensors."""
     import torch
@@ -318,6 +358,9 @@ def write_fixture_study(
         for model, seed in config.adapter_models(level):
             write_json(run_dir.training_json(model), _training_json(config, level, kept, model, seed))
             _write_adapter_weights(run_dir.adapter_dir(model), config, level, seed)
+        if level in config.rl.levels:
+            write_json(run_dir.rl_training_json(level), _rl_training_json(config, level, kept))
+            _write_adapter_weights(run_dir.rl_adapter_dir(level), config, level, config.rl.seed)
     stats["source"]["train_rows"] = train_total
     write_json(run_dir.data_stats, stats)
 

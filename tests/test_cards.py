@@ -30,6 +30,7 @@ from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import CardValidationError, TemplateError
 from eval_artifacts.study.levels import build_prompt, build_response
 from hub_tools import cards
+from hub_tools.cards.format import label_model, model_label
 from hub_tools.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -597,6 +598,71 @@ def test_training_seeds_give_mean_sd_each_seeds_ci_paired_tests_and_branches(tmp
     card = dataclasses.replace(rendered["qwen3-4b-gsm8k-cot-l2"], text=edited)
     problems = cards.validate_card(card, config=config, run_dir=run_dir)
     assert any(f"does not state the accuracy across training seeds, {mean:.3f} ± {sd:.3f}" in p for p in problems)
+
+
+def test_rl_adapter_and_its_sft_sibling_both_show_sft_against_sft_plus_rl(tmp_path):
+    config = load_config(REPO_ROOT / "configs" / "tiny-rl.yaml").with_overrides(run_dir=str(tmp_path))
+    assert config.rl.levels == [3, 4]
+    run_dir = write_fixture_study(tmp_path, config=config, n_problems=60)
+    rendered = cards.render_study_cards(config, run_dir)
+    names = list(rendered)
+    assert names[names.index("tiny-cot-l3") : names.index("tiny-cot-l5")] == [
+        "tiny-cot-l3", "tiny-cot-l3-rl", "tiny-cot-l4", "tiny-cot-l4-rl",
+    ]  # fmt: skip
+    assert "tiny-cot-l2-rl" not in names
+    assert [label_model(model_label(m) + this) for m in ("rl_l4", "level_4") for this in ("", " (this adapter)")] == [
+        "rl_l4", "rl_l4", "level_4", "level_4",
+    ]  # fmt: skip
+    sft_m = read_json(run_dir.metrics("level_4"), what="metrics", hint="")
+    rl_m = read_json(run_dir.metrics("rl_l4"), what="metrics", hint="")
+    # The paired comparison recomputed here from the two models' samples (greedy: exact McNemar).
+    sft_right = {r["id"] for r in read_samples(run_dir.samples("level_4")) if r["correct"]}
+    rl_right = {r["id"] for r in read_samples(run_dir.samples("rl_l4")) if r["correct"]}
+    b, c = len(sft_right - rl_right), len(rl_right - sft_right)
+    delta = (c - b) / 60
+    p = min(1.0, 2 * sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c))
+    assert (rl_m["vs_sft"]["b"], rl_m["vs_sft"]["c"]) == (b, c) and rl_m["vs_sft"]["p_value"] == pytest.approx(p)
+    change = (rl_m["think_tokens"]["mean"] - sft_m["think_tokens"]["mean"]) / sft_m["think_tokens"]["mean"]
+    sentence = (
+        f"SFT+RL's accuracy differs from SFT's by {delta:+.3f} (95% CI {cards.fmt_ci(rl_m['vs_sft']['ci95'])}, "
+        f"exact McNemar p {cards.fmt_p(p)}; SFT alone better on {b} problems, SFT+RL on {c}), with "
+        f"{change:+.1%} mean think tokens"
+    )
+    rows = []
+    for m, label in ((sft_m, "L4 Ultra-compact"), (rl_m, "L4 Ultra-compact + RL")):
+        low, high = wilson(m["n_correct"], m["n_total"])
+        rows.append((label, f" | {m['accuracy']:.3f} | [{low:.3f}, {high:.3f}] | {m['n_correct']} / {m['n_total']} |"))
+    for name in ("tiny-cot-l4", "tiny-cot-l4-rl"):
+        text = rendered[name].text
+        shown = re.sub(r"\\(.)", r"\1", text.replace("**", ""))
+        assert "## SFT against SFT+RL" in text and sentence in shown, name
+        for label, cells in rows:
+            this = " (this adapter)" if label.endswith("+ RL") == name.endswith("-rl") else ""
+            assert f"| {label}{this}{cells}" in shown, (name, label)
+    rl_card = rendered["tiny-cot-l4-rl"]
+    assert rl_card.text.startswith("---") and "# cot-compress/tiny-cot-l4-rl: L4 Ultra-compact + RL" in rl_card.text
+    assert f"accuracy {rl_m['accuracy']:.3f} (95% CI" in rl_card.text
+    assert ModelCard(rl_card.text).data.eval_results[0].metric_value == rl_m["accuracy"]
+    assert f"| KL β | {config.rl.beta:g} |" in rl_card.text and "| Continued from | cot-compress/tiny-cot-l4 " in rl_card.text
+    assert "adapter_id = 'cot-compress/tiny-cot-l4-rl'" in rl_card.text
+    assert "## SFT against SFT+RL" not in rendered["tiny-cot-l2"].text
+    assert "`rl_l<n>` (the level's SFT adapter continued with GRPO" in rendered["tiny-cot-eval"].text
+    notes = cards.render_collection_notes(config, run_dir)
+    assert cards.all_problems(rendered, config=config, run_dir=run_dir, notes=notes) == []
+
+    # A hand-edited paired delta or SFT+RL row is caught on either card.
+    for name in ("tiny-cot-l4", "tiny-cot-l4-rl"):
+        edited = rendered[name].text.replace(f"by {delta:+.3f} (95% CI", f"by {delta + 0.01:+.3f} (95% CI")
+        problems = cards.validate_card(dataclasses.replace(rendered[name], text=edited), config=config, run_dir=run_dir)
+        assert any("does not state SFT+RL against SFT" in problem for problem in problems), name
+    before, section = rl_card.text.split("## SFT against SFT+RL")
+    cell = "+ RL (this adapter)** | **{:.3f}** |"
+    edited = before + "## SFT against SFT+RL" + section.replace(
+        cell.format(rl_m["accuracy"]), cell.format(rl_m["accuracy"] + 0.1), 1
+    )
+    assert edited != rl_card.text
+    problems = cards.validate_card(dataclasses.replace(rl_card, text=edited), config=config, run_dir=run_dir)
+    assert any("SFT-against-SFT+RL table row" in problem for problem in problems)
 
 
 # ---------------------------------------------------------------- the command

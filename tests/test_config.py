@@ -6,8 +6,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from eval_artifacts.metrics import sort_models
+from eval_artifacts.records import is_rl, model_kind, model_level
 from eval_artifacts.study.config import StudyConfig, default_config_path, load_config
 from eval_artifacts.study.errors import ConfigError
+from eval_artifacts.study.levels import LEVELS
 from hub_tools.cli import main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -180,3 +183,21 @@ def test_overrides_are_validated_too():
     assert config.with_overrides(**{"hub.namespace": "someone"}).adapter_repo_id(1) == "someone/tiny-cot-l1"
     with pytest.raises(ConfigError, match="hub.namespace"):
         config.with_overrides(**{"hub.namespace": "bad name"})
+
+
+def test_rl_models_are_named_after_every_other_model():
+    config = load_config(None).with_overrides(
+        **{"training.seeds": [42, 7], "levels": [2, 4], "rl.levels": [4]}
+    )
+    assert config.model_keys[-2:] == ["level_4_seed7", "rl_l4"]
+    assert (model_kind("rl_l4"), model_level("rl_l4"), is_rl("rl_l4"), is_rl("level_4")) == (
+        "adapter",
+        4,
+        True,
+        False,
+    )
+    assert sort_models(["rl_l4", "level_4_seed7", "base", "prompt_l2", "level_2"]) == [
+        "base", "level_2", "prompt_l2", "level_4_seed7", "rl_l4",
+    ]  # fmt: skip
+    assert LEVELS[4].rl_key == "rl_l4"
+    assert not any(is_rl(model) for model in load_config(None).model_keys)  # rl is off in the tiny study

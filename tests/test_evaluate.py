@@ -17,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from helpers import make_adapter
+from scipy.stats import binomtest
 
 from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir, iter_jsonl, read_json
@@ -114,7 +115,12 @@ def test_record_grades_strictly_and_leniently(byte_tokenizer, text, finish, mode
         training_seed=None if level is None else 42,
         seed=0,
     )
-    assert (record["predicted"], record["correct"], record["correct_lenient"], record["grade_reason"]) == graded
+    assert (
+        record["predicted"],
+        record["correct"],
+        record["correct_lenient"],
+        record["grade_reason"],
+    ) == graded
 
 
 # ---------------------------------------------------------------- whole-stage tests
@@ -158,7 +164,14 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(study):
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     # SIGKILL right after the third batch of base is on disk, wherever the scheduler puts this process.
     process = subprocess.run(
-        [sys.executable, "-c", "from hub_tools.cli import main; main()", "evaluate", "--config", str(config_path)],
+        [
+            sys.executable,
+            "-c",
+            "from hub_tools.cli import main; main()",
+            "evaluate",
+            "--config",
+            str(config_path),
+        ],
         env={**os.environ, "COT_COMPRESS_KILL_AT": "evaluate.batch_appended:base#3"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -202,7 +215,11 @@ def test_sampled_draws_are_reproducible_and_a_complete_rerun_generates_nothing(s
     by_draw = {(r["id"], r["seed"], r["sample"]): r["completion"] for r in rows}
     assert any(by_draw[(i, 0, 0)] != by_draw[(i, 0, 1)] for i, _, _ in by_draw)  # draws, not copies
     metrics = read_json(run_dir.metrics("base"), what="m", hint="")
-    assert (metrics["n_problems"], metrics["samples_per_problem"], metrics["ci_method"]) == (30, 4, "wilson_clustered")
+    assert (metrics["n_problems"], metrics["samples_per_problem"], metrics["ci_method"]) == (
+        30,
+        4,
+        "wilson_clustered",
+    )
 
     def fail(*args, **kwargs):
         raise AssertionError("nothing should be generated")
@@ -230,7 +247,9 @@ def test_training_seeds_and_the_prompt_only_baseline_are_evaluated_like_the_othe
     adapter = read_samples(run_dir.samples("level_1"))
     # The level's prompt with its style and answer format spelled out, for a model that never saw "Level 1".
     assert [r["prompt"] for r in prompt] == [build_baseline_prompt(1, r["question"]) for r in adapter]
-    assert all(r["prompt"].startswith(a["prompt"].split("\n")[0]) for r, a in zip(prompt, adapter, strict=True))
+    assert all(
+        r["prompt"].startswith(a["prompt"].split("\n")[0]) for r, a in zip(prompt, adapter, strict=True)
+    )
     assert "<think>" in prompt[0]["prompt"] and "####" in prompt[0]["prompt"]
     assert {r["training_seed"] for r in prompt} == {None} and {r["training_seed"] for r in adapter} == {42}
     assert {r["training_seed"] for r in read_samples(run_dir.samples("level_1_seed43"))} == {43}
@@ -239,6 +258,45 @@ def test_training_seeds_and_the_prompt_only_baseline_are_evaluated_like_the_othe
     assert level_1["vs_prompt"]["n_paired"] == 30 and level_1["training_seed"] == 42
     [spread] = summary["training_seeds"]
     assert spread["models"] == ["level_1", "level_1_seed43"] and spread["training_seeds"] == [42, 43]
+
+
+def test_an_rl_adapter_is_evaluated_and_paired_with_its_sft_sibling(study):
+    config = study.config.with_overrides(**{"rl.levels": [1]})
+    run_dir = new_run_dir(study, "rl")
+    make_adapter(config.base_model.id, run_dir.adapter_dir("rl_l1"), seed=6)  # other weights than level_1's
+    summary = evaluate.run(config.with_overrides(run_dir=str(run_dir.root)), run_dir)
+
+    rows = {row["model"]: row for row in summary["models"]}
+    assert list(rows) == ["base", "level_1", "rl_l1"]
+    assert [(rows[m]["kind"], rows[m]["rl"]) for m in rows] == [
+        ("base", False),
+        ("adapter", False),
+        ("adapter", True),
+    ]
+    rl_rows, sft_rows = read_samples(run_dir.samples("rl_l1")), read_samples(run_dir.samples("level_1"))
+    assert {r["training_seed"] for r in rl_rows} == {42} and {r["level"] for r in rl_rows} == {1}
+    assert [r["prompt"] for r in rl_rows] == [
+        r["prompt"] for r in sft_rows
+    ]  # the level's prompt, graded alike
+    assert [r["completion"] for r in rl_rows] != [r["completion"] for r in sft_rows]
+    # vs_sft recomputed here from the two files: greedy, one draw per problem, so exact McNemar.
+    mine = {r["id"]: r["correct"] for r in rl_rows}
+    theirs = {r["id"]: r["correct"] for r in sft_rows}
+    b = sum(1 for pid in mine if theirs[pid] and not mine[pid])
+    c = sum(1 for pid in mine if mine[pid] and not theirs[pid])
+    vs_sft = read_json(run_dir.metrics("rl_l1"), what="m", hint="")["vs_sft"]
+    assert (vs_sft["n_paired"], vs_sft["b"], vs_sft["c"], vs_sft["test"]) == (30, b, c, "mcnemar_exact")
+    assert vs_sft["delta"] == pytest.approx((c - b) / 30)
+    expected_p = 1.0 if b + c == 0 else binomtest(min(b, c), b + c, 0.5).pvalue
+    assert vs_sft["p_value"] == pytest.approx(expected_p)
+    assert (
+        rows["rl_l1"]["vs_sft"] == vs_sft
+        and rows["level_1"]["vs_sft"] is None
+        and rows["base"]["vs_sft"] is None
+    )
+    # The seed spread is about SFT seeds: the RL adapter is another method, not another seed.
+    [spread] = summary["training_seeds"]
+    assert spread["models"] == ["level_1"]
 
 
 def test_a_half_done_model_is_left_out_of_the_summary(study):
@@ -308,7 +366,9 @@ def test_a_zero_adapter_fails_on_its_first_batch(study, tmp_path):
     get_peft_model(base, LoraConfig(r=4, target_modules="all-linear")).save_pretrained(run_dir.adapter_dir(1))
     config = study.config.with_overrides(run_dir=str(run_dir.root))
 
-    with pytest.raises(ArtifactError, match=r"level_1: the adapter changed none of the 2 completions") as error:
+    with pytest.raises(
+        ArtifactError, match=r"level_1: the adapter changed none of the 2 completions"
+    ) as error:
         evaluate.run(config, run_dir)
 
     assert "\n" not in str(error.value) and "cot-compress train --levels 1 --force" in str(error.value)
@@ -321,7 +381,10 @@ def test_the_adapter_check_passes_a_real_adapter_and_logs_the_engine(study):
     evaluate.run(study.config.with_overrides(run_dir=str(run_dir.root)), run_dir)
 
     log = list(iter_jsonl(run_dir.generation_log, what="generation log"))
-    assert [(row["model"], row["samples"], row["engine"]) for row in log] == [("base", 30, "hf"), ("level_1", 30, "hf")]
+    assert [(row["model"], row["samples"], row["engine"]) for row in log] == [
+        ("base", 30, "hf"),
+        ("level_1", 30, "hf"),
+    ]
     for row, model in zip(log, ("base", "level_1"), strict=True):
         samples = read_samples(run_dir.samples(model))
         assert row["generated_tokens"] == sum(sample["completion_tokens"] for sample in samples)
@@ -337,7 +400,9 @@ def test_ids_past_the_tokenizer_decode_to_nothing_and_still_count(byte_tokenizer
     ids = byte_tokenizer(text, add_special_tokens=False)["input_ids"]
     beyond = [151_000, len(byte_tokenizer) + 7]
     row = ids[:3] + beyond + ids[3:] + [beyond[0]]
-    engine = SimpleNamespace(tokenizer=byte_tokenizer, stop_ids=[byte_tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    engine = SimpleNamespace(
+        tokenizer=byte_tokenizer, stop_ids=[byte_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    )
 
     generation = GenerationEngine.to_generation(engine, 0, row)
     problem = Problem(id="test-00002", question="3 and 4?", answer="", gold="7")

@@ -607,6 +607,57 @@ def test_other_training_seeds_go_to_branches_one_commit_each_and_converge(tmp_pa
         assert f"`{config.adapter_repo_id(level)}@{branch_head}`" in text
 
 
+def test_rl_adapters_get_their_own_repos_after_their_sft_siblings_and_converge(tmp_path, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    config = load_config(Path(__file__).parents[1] / "configs" / "tiny-rl.yaml").with_overrides(
+        run_dir=str(tmp_path / "run"), levels=[2, 3, 4]
+    )
+    assert config.rl.levels == [3, 4]
+    run_dir = write_fixture_study(tmp_path / "run", config=config, n_problems=40)
+    report = publish(config, run_dir, hub)
+    order = [config.base_repo_id, config.adapter_repo_id(2)]
+    order += [config.adapter_repo_id(3), "cot-compress/tiny-cot-l3-rl", config.adapter_repo_id(4), "cot-compress/tiny-cot-l4-rl"]
+    assert [r.repo_id for r in report.repos] == [*order, config.eval_repo_id]
+    slug = json.loads(run_dir.publish_state.read_text())["collection_slug"]
+    assert [i.item_id for i in api(hub).get_collection(slug).items] == [*order, config.eval_repo_id]
+
+    for level in (3, 4):
+        repo_id = config.rl_repo_id(level)
+        assert set(tree(hub, "model", repo_id)) == ADAPTER_FILES
+
+        def download(name: str, repo_id: str = repo_id) -> Path:
+            return Path(api(hub).hf_hub_download(repo_id, name, cache_dir=tmp_path / "dl"))
+
+        rl_dir = run_dir.rl_adapter_dir(level)
+        assert download("adapter_model.safetensors").read_bytes() == (rl_dir / "adapter_model.safetensors").read_bytes()
+        assert download("training.json").read_bytes() == run_dir.rl_training_json(level).read_bytes()
+        adapter_config = json.loads(download("adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == config.base_repo_id
+        assert adapter_config["revision"] == api(hub).repo_info(config.base_repo_id).sha
+        metrics = json.loads(run_dir.metrics(f"rl_l{level}").read_text())
+        info = api(hub).model_info(repo_id, expand=["evalResults"])
+        assert [entry.value for entry in info.eval_results or []] == [metrics["accuracy"]]
+        for card_repo in (repo_id, config.adapter_repo_id(level)):
+            card = api(hub).hf_hub_download(card_repo, "README.md", cache_dir=tmp_path / "dl")
+            assert f"differs from SFT's by {metrics['vs_sft']['delta']:+.3f}" in Path(card).read_text()
+    # the eval dataset card names the commit of the RL adapter that produced rl_l4's rows
+    text = Path(
+        api(hub).hf_hub_download(config.eval_repo_id, "README.md", repo_type="dataset", cache_dir=tmp_path / "dl")
+    ).read_text()
+    assert f"`cot-compress/tiny-cot-l4-rl@{api(hub).repo_info('cot-compress/tiny-cot-l4-rl').sha}`" in text
+
+    mark = len(hub.request_log)
+    again = publish(config, run_dir, hub)
+    assert again.commits == 0 and writes(hub, mark) == []
+    # The Hub alone rebuilds the same cards, the RL ones (and their training.json) included.
+    fresh = RunDir(tmp_path / "fresh")
+    publish_to(hub.endpoint, config, fresh, token=hub.default_token, scope=Scope.CARDS, from_hub=True)
+    assert json.loads(fresh.metrics("rl_l4").read_text()) == json.loads(run_dir.metrics("rl_l4").read_text())
+    for name in ("tiny-cot-l4", "tiny-cot-l4-rl"):
+        assert fresh.card(name).read_text() == run_dir.card(name).read_text()
+    assert writes(hub, mark) == []
+
+
 # ---------------------------------------------------------------- what the Hub shows is true (issue 17)
 
 

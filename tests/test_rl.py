@@ -281,6 +281,11 @@ def test_train_and_publish_has_an_rl_stage_only_when_on_and_hashes_its_settings(
     for change in ({"rl.learning_rate": 0.02}, {"rl.num_generations": 2}, {"rl.loss_type": "grpo"}):
         assert not pipeline.stage_is_current(rl_stage, config.with_overrides(**change), run_dir, recorded)
 
+    # The card stage's outputs include the RL adapter's card, so a deleted one is rendered again.
+    rl_card = run_dir.card(config.rl_repo_id(5).split("/")[1])
+    assert rl_card in stages["render-cards"].outputs(config, run_dir)
+    assert rl_card not in stages["render-cards"].outputs(config.with_overrides(**{"rl.levels": []}), run_dir)
+
     # A new RL adapter makes the evaluation stale.
     before = pipeline._hash(evaluate.inputs(config, run_dir))
     weights = run_dir.rl_adapter_dir(5) / "adapter_model.safetensors"

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from eval_artifacts.faultpoints import maybe_crash
-from eval_artifacts.records import SampleRecord, model_kind, model_level, other_seed_of, row_key
+from eval_artifacts.records import SampleRecord, is_rl, model_kind, model_level, other_seed_of, row_key
 from eval_artifacts.rundir import RunDir, append_jsonl, iter_jsonl, read_json, repair_jsonl_tail, write_jsonl
 from eval_artifacts.study.config import SamplingConfig, StudyConfig
 from eval_artifacts.study.errors import ArtifactError, ConfigError
@@ -474,7 +474,6 @@ def _adapter_dir(run_dir: RunDir, model: str) -> Path:
     level = model_level(model)
     path = run_dir.adapter_dir(model)
     if not (path / "adapter_config.json").is_file():
-        raise ArtifactError(
-            f"no adapter for {model} at {path}: run `cot-compress train --levels {level}` first"
-        )
+        stage = "rl" if is_rl(model) else "train"
+        raise ArtifactError(f"no adapter for {model} at {path}: run `cot-compress {stage} --levels {level}` first")
     return path

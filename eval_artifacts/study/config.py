@@ -326,6 +326,10 @@ class StudyConfig(_Strict):
     def adapter_repo_id(self, level: int) -> str:
         return f"{self.hub.namespace}/{self.hub.repo_prefix}-l{level}"
 
+    def rl_repo_id(self, level: int) -> str:
+        """The repo of the level's SFT adapter continued with GRPO (model ``rl_l<n>``)."""
+        return f"{self.adapter_repo_id(level)}-rl"
+
     @property
     def eval_repo_id(self) -> str:
         return f"{self.hub.namespace}/{self.hub.repo_prefix}-eval"
@@ -367,12 +371,13 @@ class StudyConfig(_Strict):
 
     @property
     def model_keys(self) -> list[str]:
-        """Every evaluated model: base, the published adapters, the prompt-only baselines (when on), then the
-        adapters of the other training seeds, each group in level order."""
+        """Every evaluated model: base, the published adapters, the prompt-only baselines (when on), the
+        adapters of the other training seeds, then the RL adapters (when on), each group in level order."""
         keys = ["base"] + [LEVELS[n].key for n in self.levels]
         if self.eval.prompt_baselines:
             keys += [LEVELS[n].prompt_key for n in self.levels]
-        return keys + [name for n in self.levels for name, _ in self.adapter_models(n)[1:]]
+        keys += [name for n in self.levels for name, _ in self.adapter_models(n)[1:]]
+        return keys + [LEVELS[n].rl_key for n in self.rl.levels]
 
     def with_overrides(self, **changes: object) -> StudyConfig:
         """A copy with top-level or dotted (``hub.namespace``) fields replaced, validated again."""

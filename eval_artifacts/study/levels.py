@@ -31,6 +31,11 @@ class Level:
         return f"prompt_l{self.number}"
 
     @property
+    def rl_key(self) -> str:
+        """The model name of the level's SFT adapter continued with GRPO: ``rl_l4``."""
+        return f"rl_l{self.number}"
+
+    @property
     def max_chars(self) -> int:
         """The upper end of ``typical_length`` in characters: the reasoning length a level should not pass."""
         return int(re.findall(r"\d+", self.typical_length)[-1])

@@ -9,7 +9,7 @@ from typing import Any
 from eval_artifacts.arithmetic import chain_checks_out
 from eval_artifacts.hub_dataset import SAMPLE_COLUMNS, SPLIT, SUMMARY_COLUMNS, SUMMARY_CONFIG
 from eval_artifacts.metrics import check_metrics_match_samples, read_metrics
-from eval_artifacts.records import model_kind, model_level, other_seed_of, read_samples
+from eval_artifacts.records import is_rl, model_kind, model_level, other_seed_of, read_samples
 from eval_artifacts.rundir import RunDir, epochs_trained, iter_jsonl, read_json
 from eval_artifacts.study.config import LOCAL_ENDPOINT, StudyConfig
 from eval_artifacts.study.errors import ArtifactError
@@ -19,11 +19,13 @@ from hub_tools.cards.format import (
     CI_METHODS,
     MODEL_COLUMN,
     RESULT_COLUMNS,
+    SFT_VS_RL_COLUMNS,
     TEST_NAMES,
     TRAINING_SEED_COLUMNS,
     VS_BASE_COLUMNS,
     branch_of,
     fmt_accuracy,
+    fmt_change,
     fmt_ci,
     fmt_count,
     fmt_delta,
@@ -56,7 +58,10 @@ class StudyArtifacts:
     summary: dict
     stats: dict
     training: dict[int, dict]
-    examples: dict[int, dict | None]
+    rl_training: dict[int, dict]
+    """The training.json of each ``rl.levels`` level's RL adapter (``adapters/rl_l<n>/``)."""
+    examples: dict[str, dict | None]
+    """Per adapter with a card (``card_model``): its example output."""
     evaluated_with: dict[str, dict]
     """Per model: the dtype it was evaluated in and whether the adapter was merged (eval/generation_log.jsonl)."""
     base_build: dict | None
@@ -106,7 +111,15 @@ def load_artifacts(
             )
     if not run_dir.pareto_png.is_file():
         raise ArtifactError(f"the Pareto plot {run_dir.pareto_png} is missing: rerun `cot-compress evaluate`")
-    examples = {level: _example(run_dir, LEVELS[level].key) for level in config.levels}
+    rl_training = {
+        level: read_json(
+            run_dir.rl_training_json(level),
+            what=f"training.json of level {level}'s RL adapter",
+            hint=f"run `cot-compress rl --levels {level}` to train it",
+        )
+        for level in config.rl.levels
+    }
+    examples = {card_model(level, rl): _example(run_dir, card_model(level, rl)) for level, rl in adapter_cards(config)}
     base_build = None
     if config.tiny_base:
         base_build = read_json(
@@ -119,6 +132,7 @@ def load_artifacts(
         summary=summary,
         stats=stats,
         training=training,
+        rl_training=rl_training,
         examples=examples,
         evaluated_with=_evaluated_with(config, run_dir, training),
         base_build=base_build,
@@ -127,6 +141,28 @@ def load_artifacts(
             mismatch for model in config.model_keys if (mismatch := _sample_mismatch(run_dir, model))
         ),
     )
+
+
+def adapter_cards(config: StudyConfig) -> list[tuple[int, bool]]:
+    """``(level, rl)`` of every adapter repo with a card: each level's SFT adapter, followed by its RL adapter
+    when ``rl.levels`` names the level."""
+    return [(n, rl) for n in config.levels for rl in ((False, True) if n in config.rl.levels else (False,))]
+
+
+def card_model(level: int, rl: bool) -> str:
+    """The model an adapter card is about: ``level_<n>``, or ``rl_l<n>`` for the RL adapter's."""
+    return LEVELS[level].rl_key if rl else LEVELS[level].key
+
+
+def card_repo_id(config: StudyConfig, level: int, rl: bool) -> str:
+    """The repo of an adapter card: ``{prefix}-l<n>``, or ``{prefix}-l<n>-rl`` for the RL adapter."""
+    return config.rl_repo_id(level) if rl else config.adapter_repo_id(level)
+
+
+def adapter_repo_of(config: StudyConfig, model: str) -> str:
+    """The repo an adapter model is published in: ``level_<n>`` and its seeds' in ``{prefix}-l<n>``, ``rl_l<n>``
+    in ``{prefix}-l<n>-rl``."""
+    return card_repo_id(config, model_level(model), is_rl(model))
 
 
 def _example(run_dir: RunDir, model: str) -> dict | None:
@@ -197,6 +233,7 @@ def study_links(config: StudyConfig, published: Published) -> dict[str, Any]:
         "collection": collections_url(hub, slug or config.hub.namespace),
         "eval_dataset": f"{hub}/datasets/{config.eval_repo_id}",
         "adapters": {str(n): f"{hub}/{config.adapter_repo_id(n)}" for n in config.levels},
+        "rl_adapters": {str(n): f"{hub}/{config.rl_repo_id(n)}" for n in config.rl.levels},
         "base_model": None if base is None else f"{hub if config.tiny_base else PUBLIC_HUB}/{base}",
         "source_dataset": None if config.synthetic_data else f"{PUBLIC_HUB}/datasets/{config.data.dataset_id}",
         "plot": PLOT_FILE,
@@ -412,6 +449,7 @@ def study_context(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
             "source_config": config.data.config_name,
             "source_revision": dataset_revision(config, art),
             "levels": [_level_info(n, art) | {"repo_id": config.adapter_repo_id(n)} for n in config.levels],
+            "rl_levels": ", ".join(fmt_count(n) for n in config.rl.levels),
         },
         "links": study_links(config, art.published),
         "base": {
@@ -437,8 +475,7 @@ def _comparison(comparison: dict | None) -> dict[str, str] | None:
     }
 
 
-def _headline(config: StudyConfig, art: StudyArtifacts, level: int) -> dict[str, Any]:
-    model = LEVELS[level].key
+def _headline(art: StudyArtifacts, model: str) -> dict[str, Any]:
     m = art.metrics[model]
     return {
         "accuracy": fmt_accuracy(m["accuracy"]),
@@ -467,17 +504,81 @@ def _evaluation(art: StudyArtifacts, model: str) -> dict[str, Any]:
     return {"dtype": evaluated["dtype"], "merged": evaluated["merged"]}
 
 
-def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int) -> dict[str, Any]:
-    model = LEVELS[level].key
-    example = art.examples[level]
+def _sft_vs_rl(config: StudyConfig, art: StudyArtifacts, level: int, rl: bool) -> dict[str, Any] | None:
+    """SFT against SFT+RL for a level with an RL adapter (None otherwise): both adapters' accuracy, CI and
+    think tokens, and the RL adapter's paired comparison with its SFT sibling (``vs_sft``)."""
+    if level not in config.rl.levels:
+        return None
+    sft, rl_model = LEVELS[level].key, LEVELS[level].rl_key
+    vs_sft = art.metrics[rl_model]["vs_sft"]
+    return {
+        "sft_repo_id": config.adapter_repo_id(level),
+        "rl_repo_id": config.rl_repo_id(level),
+        "table": _table(art, SFT_VS_RL_COLUMNS, [sft, rl_model], card_model(level, rl)),
+        "vs_sft": _comparison(vs_sft),
+        "sft_better": fmt_count(vs_sft["b"]),
+        "rl_better": fmt_count(vs_sft["c"]),
+        "n_paired": fmt_count(vs_sft["n_paired"]),
+        "think_change": fmt_change(
+            art.metrics[rl_model]["think_tokens"]["mean"], art.metrics[sft]["think_tokens"]["mean"]
+        ),
+        "steps": fmt_count(art.rl_training[level]["steps"]),
+    }
+
+
+def rl_training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
+    """The training-details table of an RL adapter: (setting, value), all from its training.json."""
+    t = art.rl_training[level]
+    hp, reward, hw = t["hyperparameters"], t["reward"], t["hardware"]
+    weights = reward["weights"]
+    hardware = "CPU" if hw["device"] == "cpu" else f"{hw['gpu_count']} × {hw['gpu_name'] or 'CUDA GPU'}"
+    return [
+        ("Base model", f"{base_id(config)} (revision {base_revision(config, art)})"),
+        ("Continued from", f"{config.adapter_repo_id(level)} ({model_label(LEVELS[level].key)}, its SFT adapter)"),
+        ("Method", f"{t['method']} (TRL GRPOTrainer), loss type {hp['loss_type']}"),
+        (
+            "Quantization",
+            "4-bit NF4, double quantization (bitsandbytes)" if t["quantization"] == "nf4" else "none",
+        ),
+        ("Precision", t["precision"]),
+        ("Hardware", hardware),
+        ("Training rows", f"{fmt_count(t['train_rows'])} (the level's training split)"),
+        ("Steps", fmt_count(t["steps"])),
+        (
+            "Rollouts per step",
+            f"{fmt_count(hp['prompts_per_step'])} problems × {fmt_count(hp['num_generations'])} completions, "
+            f"temperature {fmt_plain(hp['temperature'])}, top-k {fmt_count(hp['top_k'])}, "
+            f"at most {fmt_count(hp['max_new_tokens'])} new tokens",
+        ),
+        ("Learning rate", fmt_plain(hp["learning_rate"])),
+        ("KL β", fmt_plain(hp["beta"])),
+        (
+            "Reward",
+            f"{fmt_plain(weights['correct'])} × correct + {fmt_plain(weights['format'])} × format − "
+            f"{fmt_plain(weights['length'])} × length, the length term growing past "
+            f"{fmt_count(reward['target_think_tokens'])} think tokens (the level's {fmt_count(reward['target_chars'])} chars)",
+        ),
+        ("Seed", fmt_count(t["seed"])),
+        ("Wall time", f"{fmt_tokens(t['wall_time_s'])} s"),
+        ("Libraries", ", ".join(f"{name} {version}" for name, version in t["library_versions"].items())),
+    ]
+
+
+def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int, *, rl: bool = False) -> dict[str, Any]:
+    """An adapter card's variables: the level's SFT adapter's, or with ``rl`` its RL adapter's."""
+    model = card_model(level, rl)
+    example = art.examples[model]
+    rows = rl_training_rows(config, art, level) if rl else training_rows(config, art, level)
     return {
         **study_context(config, art),
-        "level": _level_info(level, art) | {"repo_id": config.adapter_repo_id(level)},
-        "headline": _headline(config, art, level),
+        "rl": rl,
+        "level": _level_info(level, art) | {"repo_id": card_repo_id(config, level, rl), "label": model_label(model)},
+        "headline": _headline(art, model),
         "results": _table(art, results_columns(art), table_models(config), model),
         "vs_base": _table(art, VS_BASE_COLUMNS, compared_models(config), model),
+        "sft_vs_rl": _sft_vs_rl(config, art, level, rl),
         "training_seeds": _training_seeds(config, art, level),
-        "training": [{"setting": s, "value": v} for s, v in training_rows(config, art, level)],
+        "training": [{"setting": s, "value": v} for s, v in rows],
         "evaluation": _evaluation(art, model),
         "example": None
         if example is None
@@ -485,7 +586,7 @@ def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int) -> dic
         "usage": {
             "base_id": base_id(config),
             "base_revision": base_revision(config, art),
-            "adapter_id": config.adapter_repo_id(level),
+            "adapter_id": card_repo_id(config, level, rl),
             "question": EXAMPLE_QUESTION,
             "prompt": build_prompt(level, EXAMPLE_QUESTION),
             "max_new_tokens": config.eval.max_new_tokens,
@@ -502,7 +603,7 @@ def _produced_by(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[s
         adapter = "none (stock model, prompt only)"
     else:
         commit = art.published.adapter_commits.get(model)
-        adapter = f"{config.adapter_repo_id(model_level(model))}@{commit}" if commit else "not published yet"
+        adapter = f"{adapter_repo_of(config, model)}@{commit}" if commit else "not published yet"
     return {"adapter": adapter, "base": f"{base_id(config)}@{base_revision(config, art)}"}
 
 

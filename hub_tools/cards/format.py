@@ -6,7 +6,7 @@ import html
 import re
 from typing import Any
 
-from eval_artifacts.records import model_kind, model_level, other_seed_of
+from eval_artifacts.records import is_rl, model_kind, model_level, other_seed_of
 from eval_artifacts.study.levels import LEVELS
 
 
@@ -43,6 +43,11 @@ def fmt_delta(value: float) -> str:
 
 def fmt_p(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def fmt_change(new: float, old: float) -> str:
+    """A relative change, ``+4.2%``; ``n/a`` from zero."""
+    return "n/a" if old == 0 else f"{(new - old) / old:+.1%}"
 
 
 def fmt_mean_sd(spread: dict, fmt: Any) -> str:
@@ -106,29 +111,43 @@ TRAINING_SEED_COLUMNS: dict[str, Any] = {
     "Δ vs prompt only": _compared("vs_prompt", "delta", fmt_delta),
     "p vs prompt only": _compared("vs_prompt", "p_value", fmt_p),
 }
+# One row per method of a level with an RL adapter (SFT, then SFT+RL), on both adapters' cards.
+SFT_VS_RL_COLUMNS: dict[str, Any] = {
+    "Accuracy": lambda m: fmt_accuracy(m["accuracy"]),
+    "95% CI": lambda m: fmt_ci(m["ci95"]),
+    "Correct / total": lambda m: fmt_fraction(m["n_correct"], m["n_total"]),
+    "Think tokens (mean)": lambda m: fmt_tokens(m["think_tokens"]["mean"]),
+    "Think tokens (median)": lambda m: fmt_median(m["think_tokens"]["median"]),
+    "Δ vs base": lambda m: fmt_delta(m["vs_base"]["delta"]),
+    "p vs base": lambda m: fmt_p(m["vs_base"]["p_value"]),
+}
 MODEL_COLUMN = "Model"
 
 
 def model_label(model: str) -> str:
     """``Base (stock model)``, ``L4 Ultra-compact``, ``L4 Ultra-compact, seed 43`` (another training seed's
-    adapter) or ``P4 Ultra-compact, prompt only``; the validator maps labels back with ``label_model``."""
+    adapter), ``L4 Ultra-compact + RL`` (continued with GRPO) or ``P4 Ultra-compact, prompt only``; the validator maps labels back with ``label_model``."""
     number = model_level(model)
     if number is None:
         return "Base (stock model)"
     level = LEVELS[number]
     if model_kind(model) == "prompt":
         return f"P{level.number} {level.name}, prompt only"
+    if is_rl(model):
+        return f"L{level.number} {level.name} + RL"
     seed = other_seed_of(model)
     return f"L{level.number} {level.name}" + ("" if seed is None else f", seed {seed}")
 
 
 def label_model(label: str) -> str | None:
     # From the label's digits, not LEVELS: ``L9`` or ``L04`` must map to no model of the study.
-    match = re.match(r"^([LP])(\d+)\b.*?(?:, seed (\d+))?$", label)
+    match = re.match(r"^([LP])(\d+)\b.*?(?:, seed (\d+)|( \+ RL))?(?: \(this adapter\))?$", label)
     if match:
-        letter, number, seed = match.groups()
+        letter, number, seed, rl = match.groups()
         if letter == "P":
             return f"prompt_l{number}"
+        if rl:
+            return f"rl_l{number}"
         return f"level_{number}" + ("" if seed is None else f"_seed{seed}")
     return "base" if label.startswith("Base") else None
 

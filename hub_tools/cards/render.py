@@ -23,8 +23,11 @@ from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.levels import LEVELS
 from hub_tools.cards.context import (
     StudyArtifacts,
+    adapter_cards,
     adapter_context,
     base_context,
+    card_model,
+    card_repo_id,
     dataset_context,
     dataset_revision,
     load_artifacts,
@@ -65,8 +68,8 @@ def eval_dataset(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[s
             "task_id": config.data.task_id, "revision": dataset_revision(config, art)}
 
 
-def adapter_card_data(config: StudyConfig, art: StudyArtifacts, level: int) -> ModelCardData:
-    model = LEVELS[level].key
+def adapter_card_data(config: StudyConfig, art: StudyArtifacts, level: int, *, rl: bool = False) -> ModelCardData:
+    model = card_model(level, rl)
     accuracy = art.metrics[model]["accuracy"]
     dataset = eval_dataset(config, art, model)
     topic = [] if config.synthetic_data else ["gsm8k"]
@@ -79,8 +82,11 @@ def adapter_card_data(config: StudyConfig, art: StudyArtifacts, level: int) -> M
         datasets=None if config.synthetic_data else [config.data.dataset_id],
         license=config.hub.license,
         language=["en"],
-        tags=["lora", "peft", "chain-of-thought", "cot-compression", "math", *topic, f"level-{level}"],
-        model_name=config.adapter_repo_id(level),
+        tags=[
+            "lora", "peft", "chain-of-thought", "cot-compression", "math", *topic, f"level-{level}",
+            *(["grpo", "reinforcement-learning"] if rl else []),
+        ],  # fmt: skip
+        model_name=card_repo_id(config, level, rl),
         eval_results=[
             EvalResult(
                 task_type="text-generation",
@@ -97,18 +103,26 @@ def adapter_card_data(config: StudyConfig, art: StudyArtifacts, level: int) -> M
     )
 
 
-def eval_result_entries(config: StudyConfig, art: StudyArtifacts, level: int) -> list[EvalResultEntry]:
+def eval_result_entries(
+    config: StudyConfig, art: StudyArtifacts, level: int, *, rl: bool = False
+) -> list[EvalResultEntry]:
     """The adapter's ``.eval_results/`` entry: its accuracy on the benchmark (or the study's own eval dataset
     for synthetic problems), with the eval dataset as its source and the setup in the notes."""
-    model = LEVELS[level].key
+    model = card_model(level, rl)
     m = art.metrics[model]
     dataset = eval_dataset(config, art, model)
     t = art.training[level]
+    method = (
+        f"LoRA adapter continued with GRPO for {art.rl_training[level]['steps']} steps (RL seed "
+        f"{art.rl_training[level]['seed']})"
+        if rl
+        else "LoRA adapter"
+    )
     links = study_links(config, art.published)
     evaluated = art.evaluated_with[model]
     seeds = ", ".join(str(seed) for seed in m["seeds"])
     notes = (
-        f"Level {level} ({LEVELS[level].name}) LoRA adapter; accuracy = correct final answers / answers "
+        f"Level {level} ({LEVELS[level].name}) {method}; accuracy = correct final answers / answers "
         f"({m['n_correct']} / {m['n_total']}), graded strictly against the reference answer (only a finished "
         f"final answer counts; lenient accuracy {fmt_accuracy(m['accuracy_lenient'])}); greedy decoding, at most "
         f"{config.eval.max_new_tokens} new tokens, {evaluated['dtype']}"
@@ -128,11 +142,11 @@ def eval_result_entries(config: StudyConfig, art: StudyArtifacts, level: int) ->
     ]
 
 
-def eval_results_file(config: StudyConfig, art: StudyArtifacts, level: int) -> tuple[str, str]:
+def eval_results_file(config: StudyConfig, art: StudyArtifacts, level: int, *, rl: bool = False) -> tuple[str, str]:
     """``(path in repo, YAML text)`` of the adapter's eval-results file, from huggingface_hub's serializer."""
-    dataset = eval_dataset(config, art, LEVELS[level].key)
+    dataset = eval_dataset(config, art, card_model(level, rl))
     path = f"{EVAL_RESULTS_DIR}/{dataset['id'].split('/')[1]}.yaml"
-    entries = eval_result_entries_to_yaml(eval_result_entries(config, art, level))
+    entries = eval_result_entries_to_yaml(eval_result_entries(config, art, level, rl=rl))
     return path, yaml.safe_dump(entries, sort_keys=False, allow_unicode=True)
 
 
@@ -180,8 +194,8 @@ def render_study_cards(
     templates_dir: Path | None = None,
     artifacts: StudyArtifacts | None = None,
 ) -> dict[str, RenderedCard]:
-    """Render the tiny base's card (tiny study), every adapter card and the eval dataset card, keyed by repo
-    name (``{prefix}-l4``).
+    """Render the tiny base's card (tiny study), every adapter card (each level's SFT adapter, then its RL
+    adapter when it has one) and the eval dataset card, keyed by repo name (``{prefix}-l4``, ``{prefix}-l4-rl``).
 
     Args:
         artifacts: ``run_dir``'s artifacts when the caller already loaded them (with what the publish under way
@@ -198,9 +212,10 @@ def render_study_cards(
         body = render_template(env, BASE_TEMPLATE, base_context(config, art))
         card = assemble(base_card_data(config), body, repo_id=config.base_repo_id)
         cards[card.repo_name] = card
-    for level in config.levels:
-        body = render_template(env, ADAPTER_TEMPLATE, adapter_context(config, art, level))
-        card = assemble(adapter_card_data(config, art, level), body, repo_id=config.adapter_repo_id(level))
+    for level, rl in adapter_cards(config):
+        body = render_template(env, ADAPTER_TEMPLATE, adapter_context(config, art, level, rl=rl))
+        card_data = adapter_card_data(config, art, level, rl=rl)
+        card = assemble(card_data, body, repo_id=card_repo_id(config, level, rl))
         cards[card.repo_name] = card
     body = render_template(env, DATASET_TEMPLATE, dataset_context(config, art))
     card = assemble(dataset_card_data(config, art), body, repo_id=config.eval_repo_id)
@@ -226,9 +241,9 @@ def render_collection_notes(
     if config.tiny_base:
         context = base_context(config, art) | {"item": "base", "level": None, "headline": None}
         notes[config.base_repo_id] = plain_text(render_template(env, NOTE_TEMPLATE, context))
-    for level in config.levels:
-        context = adapter_context(config, art, level) | {"item": "adapter"}
-        notes[config.adapter_repo_id(level)] = plain_text(render_template(env, NOTE_TEMPLATE, context))
+    for level, rl in adapter_cards(config):
+        context = adapter_context(config, art, level, rl=rl) | {"item": "adapter"}
+        notes[card_repo_id(config, level, rl)] = plain_text(render_template(env, NOTE_TEMPLATE, context))
     context = dataset_context(config, art) | {"item": "dataset", "level": None, "headline": None}
     notes[config.eval_repo_id] = plain_text(render_template(env, NOTE_TEMPLATE, context))
     return notes

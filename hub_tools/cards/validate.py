@@ -21,14 +21,18 @@ from eval_artifacts.summary import mean_sd
 from hub_tools.cards.context import (
     PLOT_FILE,
     StudyArtifacts,
+    adapter_cards,
     adapter_context,
     base_context,
     base_id,
+    card_model,
+    card_repo_id,
     collections_url,
     compared_models,
     dataset_context,
     load_artifacts,
     results_columns,
+    rl_training_rows,
     seed_spread,
     study_links,
     table_models,
@@ -36,12 +40,17 @@ from hub_tools.cards.context import (
 )
 from hub_tools.cards.format import (
     MODEL_COLUMN,
+    SFT_VS_RL_COLUMNS,
+    TEST_NAMES,
     TRAINING_SEED_COLUMNS,
     VS_BASE_COLUMNS,
     fmt_accuracy,
+    fmt_change,
     fmt_ci,
+    fmt_count,
     fmt_delta,
     fmt_mean_sd,
+    fmt_p,
     fmt_tokens,
     label_model,
     model_label,
@@ -135,8 +144,8 @@ def _allowed(config: StudyConfig, art: StudyArtifacts) -> tuple[set[str], list[s
     """Repo ids and URL prefixes that count as inside the study, and its collections page."""
     links = study_links(config, art.published)
     repo_ids = {config.eval_repo_id, config.data.dataset_id, base_id(config)}
-    repo_ids |= {config.adapter_repo_id(n) for n in config.levels}
-    exact = [links["eval_dataset"], *links["adapters"].values()]
+    repo_ids |= {card_repo_id(config, n, rl) for n, rl in adapter_cards(config)}
+    exact = [links["eval_dataset"], *links["adapters"].values(), *links["rl_adapters"].values()]
     exact += [link for link in (links["source_dataset"], links["base_model"]) if link]
     return repo_ids, exact, collections_url(links["hub"], config.hub.namespace).rsplit("/", 1)[0]
 
@@ -271,7 +280,7 @@ def _check_snippets(parsed: _Parsed, config: StudyConfig, art: StudyArtifacts, r
     return problems
 
 
-def _check_model_metadata(card: ModelCard, config: StudyConfig, level: int, art: StudyArtifacts) -> list[str]:
+def _check_model_metadata(card: ModelCard, config: StudyConfig, model: str, art: StudyArtifacts) -> list[str]:
     data = card.data.to_dict()
     required = [k for k in REQUIRED_MODEL_KEYS if k != "datasets" or not config.synthetic_data]
     problems = [f"front matter lacks {key!r}" for key in required if not data.get(key)]
@@ -294,7 +303,6 @@ def _check_model_metadata(card: ModelCard, config: StudyConfig, level: int, art:
         if d not in training_data
     ]
     results = card.data.eval_results or []
-    model = LEVELS[level].key
     accuracy = art.metrics[model]["accuracy"]
     dataset = eval_dataset(config, art, model)
     if not results:
@@ -362,6 +370,27 @@ def _check_vs_prompt(text: str, metrics: dict) -> list[str]:
     return []
 
 
+def _check_sft_vs_rl(text: str, config: StudyConfig, art: StudyArtifacts, level: int) -> list[str]:
+    """Both cards of a level with an RL adapter must state SFT+RL's paired comparison with SFT (``vs_sft`` of
+    ``rl_l<n>``: delta, its CI, the test and p, the discordant problems) and the change in think tokens."""
+    if level not in config.rl.levels:
+        return []
+    sft, rl_model = art.metrics[LEVELS[level].key], art.metrics[LEVELS[level].rl_key]
+    vs_sft = rl_model["vs_sft"]
+    if vs_sft is None:
+        return [f"metrics of {LEVELS[level].rl_key} have no comparison with {LEVELS[level].key}: rerun `cot-compress evaluate`"]
+    stated = (
+        f"differs from SFT's by {fmt_delta(vs_sft['delta'])} (95% CI {fmt_ci(vs_sft['ci95'])}, "
+        f"{TEST_NAMES[vs_sft['test']]} p {fmt_p(vs_sft['p_value'])}; SFT alone better on {fmt_count(vs_sft['b'])} "
+        f"problems, SFT+RL on {fmt_count(vs_sft['c'])}), with "
+        f"{fmt_change(rl_model['think_tokens']['mean'], sft['think_tokens']['mean'])} mean think tokens"
+    )
+    # The card escapes markdown ('<' of a small p as an entity): compare on the text a reader sees.
+    if stated not in html.unescape(re.sub(r"\\(.)", r"\1", text)):
+        return [f"the card does not state SFT+RL against SFT as the metrics give it: {stated}"]
+    return []
+
+
 def validate_card(
     rendered: RenderedCard,
     *,
@@ -400,26 +429,37 @@ def validate_card(
     checked: set[int] = set()
     found_results = False
     if rendered.repo_type == "model":
-        level = next((n for n in config.levels if config.adapter_repo_id(n) == rendered.repo_id), None)
-        if level is None:
+        found = [(n, rl) for n, rl in adapter_cards(config) if card_repo_id(config, n, rl) == rendered.repo_id]
+        if not found:
             return problems + [f"{rendered.repo_id} is not an adapter repo of this study"]
-        problems += _check_model_metadata(card, config, level, art)
-        problems += _check_training_seeds(card.text, config, art, level)
-        problems += _check_vs_prompt(card.text, art.metrics[LEVELS[level].key])
-        context = adapter_context(config, art, level)
-        training = dict(training_rows(config, art, level))
+        [(level, rl)] = found
+        model = card_model(level, rl)
+        problems += _check_model_metadata(card, config, model, art)
+        problems += [] if rl else _check_training_seeds(card.text, config, art, level)
+        problems += _check_vs_prompt(card.text, art.metrics[model])
+        problems += _check_sft_vs_rl(card.text, config, art, level)
+        context = adapter_context(config, art, level, rl=rl)
+        training = dict(rl_training_rows(config, art, level) if rl else training_rows(config, art, level))
         shown = table_models(config)
         seed_models = [model for model, _ in config.adapter_models(level)]
+        rl_pair = [LEVELS[level].key, LEVELS[level].rl_key] if level in config.rl.levels else []
     else:
         problems += _check_dataset_metadata(card, config)
         context = dataset_context(config, art)
         training = {}
         shown = config.model_keys
         seed_models = []
+        rl_pair = []
     expected_results = _expected(art.metrics, columns, shown)
     for index, (header, rows) in enumerate(parsed.tables):
         names = [_cell(h) for h in header]
-        if names[:1] == [MODEL_COLUMN] and "Training seed" in names:
+        if names[1:] == list(SFT_VS_RL_COLUMNS) and rl_pair:
+            missing = [model_label(m) for m in rl_pair if m not in {label_model(_cell(r[0])) for r in rows}]
+            problems += [f"SFT-against-SFT+RL table lacks the row of {label}" for label in missing]
+            problems += _check_table(
+                names, rows, _expected(art.metrics, SFT_VS_RL_COLUMNS, rl_pair), "SFT-against-SFT+RL table"
+            )
+        elif names[:1] == [MODEL_COLUMN] and "Training seed" in names:
             problems += _check_table(
                 names, rows, _expected(art.metrics, TRAINING_SEED_COLUMNS, seed_models), "training-seeds table"
             )
@@ -474,10 +514,11 @@ def validate_note(
     if (found := _PLACEHOLDERS.search(text)) is not None:
         problems.append(f"placeholder text {found.group()!r} in the note")
     art = artifacts if artifacts is not None else load_artifacts(config, run_dir)
-    level = next((n for n in config.levels if config.adapter_repo_id(n) == repo_id), None)
-    if level is not None:
-        context = adapter_context(config, art, level)
-        m = art.metrics[LEVELS[level].key]
+    found = [(n, rl) for n, rl in adapter_cards(config) if card_repo_id(config, n, rl) == repo_id]
+    if found:
+        [(level, rl)] = found
+        context = adapter_context(config, art, level, rl=rl)
+        m = art.metrics[card_model(level, rl)]
         if f"L{level}" not in text and f"Level {level}" not in text:
             problems.append(f"the note does not state its level (L{level})")
         for shown, want in (

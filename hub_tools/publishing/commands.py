@@ -12,6 +12,7 @@ from pathlib import Path
 from eval_artifacts.faultpoints import maybe_crash
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import StudyConfig
+from eval_artifacts.study.levels import LEVELS
 from hub_tools import cards
 from hub_tools import collection as collections
 from hub_tools.hub_client import HubTarget, check_write_access, open_hub
@@ -309,6 +310,11 @@ def _heads(config: StudyConfig, plans: list[RepoPlan], published: cards.Publishe
         for level in config.levels
         for (model, _), branch in zip(config.adapter_models(level), adapter_branches(config, level), strict=True)
         if (config.adapter_repo_id(level), branch) in heads
+    }
+    commits |= {
+        LEVELS[level].rl_key: heads[(config.rl_repo_id(level), MAIN)]
+        for level in config.rl.levels
+        if (config.rl_repo_id(level), MAIN) in heads
     }
     base = heads.get((config.base_repo_id, MAIN)) if config.tiny_base else None
     return dataclasses.replace(

@@ -75,6 +75,7 @@ def restore_run_dir_from_hub(
         for n in config.levels
         for (model, _), branch in zip(config.adapter_models(n), adapter_branches(config, n), strict=True)
     ]
+    downloads += [(config.rl_repo_id(n), MAIN, "training.json", run_dir.rl_training_json(n)) for n in config.rl.levels]
     downloads.append((config.adapter_repo_id(config.levels[0]), MAIN, DATA_STATS, run_dir.data_stats))
     if config.tiny_base:  # how the published base was built, which its card states
         downloads.append((config.base_repo_id, MAIN, "build.json", run_dir.base_dir / "build.json"))

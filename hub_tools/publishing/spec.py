@@ -142,14 +142,7 @@ def _adapter_specs(
     """
     specs = []
     for model, seed in config.adapter_models(level):
-        directory = run_dir.adapter_dir(model)
-        files = {name: LocalFile.from_path(name, directory / name) for name in PUSHED_ADAPTER_FILES}
-        files[ADAPTER_CONFIG] = LocalFile.from_bytes(
-            ADAPTER_CONFIG, published_adapter_config(config, art, directory / ADAPTER_CONFIG)
-        )
-        files[DATA_STATS] = LocalFile.from_path(DATA_STATS, run_dir.data_stats)
-        files[README] = _readme(readme)
-        files[cards.PLOT_FILE] = plot
+        files = _adapter_files(config, run_dir, art, run_dir.adapter_dir(model), readme, plot)
         if model == LEVELS[level].key:
             branch = MAIN
             results_path, results_yaml = cards.eval_results_file(config, art, level)
@@ -160,6 +153,32 @@ def _adapter_specs(
             message = f"Publish {config.name} level {level} (training seed {seed}): adapter, card and plot"
         specs.append(RepoSpec(config.adapter_repo_id(level), "model", files, message, branch=branch))
     return specs
+
+
+def _adapter_files(
+    config: StudyConfig, run_dir: RunDir, art: cards.StudyArtifacts, directory: Path, readme: str, plot: LocalFile
+) -> dict[str, LocalFile]:
+    """What every branch of an adapter repo holds: the weights, training.json, the rewritten adapter config,
+    the data stats, the card and the plot."""
+    files = {name: LocalFile.from_path(name, directory / name) for name in PUSHED_ADAPTER_FILES}
+    files[ADAPTER_CONFIG] = LocalFile.from_bytes(
+        ADAPTER_CONFIG, published_adapter_config(config, art, directory / ADAPTER_CONFIG)
+    )
+    files[DATA_STATS] = LocalFile.from_path(DATA_STATS, run_dir.data_stats)
+    files[README] = _readme(readme)
+    files[cards.PLOT_FILE] = plot
+    return files
+
+
+def _rl_spec(
+    config: StudyConfig, run_dir: RunDir, art: cards.StudyArtifacts, level: int, readme: str, plot: LocalFile
+) -> RepoSpec:
+    """The level's RL adapter in its own repo ``{prefix}-l<n>-rl``, on ``main``, with its eval-results file."""
+    files = _adapter_files(config, run_dir, art, run_dir.rl_adapter_dir(level), readme, plot)
+    results_path, results_yaml = cards.eval_results_file(config, art, level, rl=True)
+    files[results_path] = LocalFile.from_bytes(results_path, results_yaml.encode())
+    message = f"Publish {config.name} level {level} SFT+RL (GRPO): adapter, card, plot and eval results"
+    return RepoSpec(config.rl_repo_id(level), "model", files, message)
 
 
 def adapter_branches(config: StudyConfig, level: int) -> list[str]:
@@ -229,7 +248,7 @@ def repo_specs(
 
     Returns:
         `list[RepoSpec]`: the base (tiny study), adapters in level order (each repo's ``main``, then its
-        ``seed-<s>`` branches), then the eval dataset.
+        ``seed-<s>`` branches, then the level's RL adapter repo when it has one), then the eval dataset.
     """
     readmes = _readmes(config, rendered)
     plot = LocalFile.from_path(cards.PLOT_FILE, run_dir.pareto_png)
@@ -241,6 +260,8 @@ def repo_specs(
             specs += _adapter_specs(
                 config, run_dir, artifacts, level, readmes[config.adapter_repo_id(level)], plot
             )
+            if level in config.rl.levels:
+                specs.append(_rl_spec(config, run_dir, artifacts, level, readmes[config.rl_repo_id(level)], plot))
     specs.append(_eval_spec(config, run_dir, readmes[config.eval_repo_id], plot))
     return specs
 
@@ -266,6 +287,7 @@ def readme_specs(config: StudyConfig, *, rendered: dict[str, cards.RenderedCard]
         for level in config.levels
         for branch in adapter_branches(config, level)
     ]
+    ids += [(config.rl_repo_id(level), "model", MAIN) for level in config.rl.levels]
     ids.append((config.eval_repo_id, "dataset", MAIN))
     message = f"Regenerate the {config.name} card"
     return [
@@ -308,6 +330,13 @@ def check_artifacts(config: StudyConfig, run_dir: RunDir, *, adapters: bool) -> 
                             f"{model} has no {name} in {run_dir.adapter_dir(model)}: "
                             f"run `cot-compress train --levels {level}` before publishing"
                         )
+        for level in config.rl.levels:
+            for name in PUSHED_ADAPTER_FILES:
+                if not (run_dir.rl_adapter_dir(level) / name).is_file():
+                    raise ArtifactError(
+                        f"{LEVELS[level].rl_key} has no {name} in {run_dir.rl_adapter_dir(level)}: "
+                        f"run `cot-compress rl --levels {level}` before publishing"
+                    )
     for model in config.model_keys:
         if not run_dir.samples(model).is_file():
             raise ArtifactError(
