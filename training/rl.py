@@ -28,13 +28,14 @@ import math
 import re
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from eval_artifacts.rundir import ADAPTER_FILES, SCHEMA_VERSION, RunDir, file_sha256, read_json, write_json
+from eval_artifacts.rundir import ADAPTER_FILES, SCHEMA_VERSION, RunDir, file_sha256, read_json
 from eval_artifacts.study.config import RewardWeightsConfig, StudyConfig
 from eval_artifacts.study.errors import ArtifactError, DataError
 from eval_artifacts.study.levels import ANSWER_MARKER, get_level, parse_response
@@ -112,31 +113,25 @@ def run(
             precision=precision,
             output_dir=checkpoints,
         )
-        if trainer.is_world_process_zero():
-            # Without training.json an adapter is never up to date, so a kill mid-training cannot pass old
-            # weights off as new; stale checkpoints of an older run must not become "last" either.
-            run_dir.rl_training_json(level).unlink(missing_ok=True)
-            if resume_from is None:
-                shutil.rmtree(checkpoints, ignore_errors=True)
-        outcome = sft.train(trainer, resume=resume_from)
-
-        payload = training_record(
-            config=config,
-            level=level,
-            trainer=trainer,
-            design=design,
-            inputs=inputs,
-            outcome=outcome,
-            precision=precision,
-            train_rows=len(rows),
+        results[level] = sft.train_and_record(
+            trainer,
+            resume=resume_from,
+            adapter_dir=out_dir,
+            record_path=run_dir.rl_training_json(level),
+            checkpoints=checkpoints,
+            keep_checkpoints=False,
+            record=partial(
+                training_record,
+                config=config,
+                level=level,
+                trainer=trainer,
+                design=design,
+                inputs=inputs,
+                precision=precision,
+                train_rows=len(rows),
+            ),
+            summary=summary_line,
         )
-        sft.save_adapter(trainer, out_dir)
-        if trainer.is_world_process_zero():
-            write_json(run_dir.rl_training_json(level), payload)
-            shutil.rmtree(checkpoints, ignore_errors=True)
-            sft._say(summary_line(payload, out_dir))
-        trainer.accelerator.wait_for_everyone()
-        results[level] = payload
         trainer.accelerator.free_memory()
         del trainer, policy, base
         gc.collect()

@@ -20,9 +20,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -130,35 +131,28 @@ def run(
             precision=precision,
             output_dir=checkpoints,
         )
-        if trainer.is_world_process_zero():
-            # An adapter without training.json is never "up to date", so a run killed while retraining
-            # cannot leave new weights beside an old record.
-            run_dir.training_json(model_name).unlink(missing_ok=True)
-            if resume_from is None:  # stale checkpoints of an older run must not become "last"
-                shutil.rmtree(checkpoints, ignore_errors=True)
-        outcome = train(trainer, resume=resume_from)
-
-        payload = training_record(
-            config=config,
-            level=level,
-            model=model_name,
-            seed=seed,
-            trainer=trainer,
-            outcome=outcome,
-            precision=precision,
-            train_rows=len(rows),
-            data_file=train_file.relative_to(run_dir.root).as_posix(),
-            data_sha256=data_sha256,
-            base_hub=base_hub,
+        results[model_name] = train_and_record(
+            trainer,
+            resume=resume_from,
+            adapter_dir=adapter_dir,
+            record_path=run_dir.training_json(model_name),
+            checkpoints=checkpoints,
+            keep_checkpoints=config.training.keep_checkpoints,
+            record=partial(
+                training_record,
+                config=config,
+                level=level,
+                model=model_name,
+                seed=seed,
+                trainer=trainer,
+                precision=precision,
+                train_rows=len(rows),
+                data_file=train_file.relative_to(run_dir.root).as_posix(),
+                data_sha256=data_sha256,
+                base_hub=base_hub,
+            ),
+            summary=summary_line,
         )
-        save_adapter(trainer, adapter_dir)
-        if trainer.is_world_process_zero():  # under DDP every rank trains; one writes
-            write_json(run_dir.training_json(model_name), payload)
-            if not config.training.keep_checkpoints:
-                shutil.rmtree(checkpoints, ignore_errors=True)
-            _say(summary_line(payload, adapter_dir))
-        trainer.accelerator.wait_for_everyone()
-        results[model_name] = payload
         trainer.accelerator.free_memory()  # the accelerator holds the model and optimizer, too
         del trainer, model
         gc.collect()
@@ -392,6 +386,40 @@ def train(trainer: SFTTrainer, *, resume: bool | Path | None = None) -> TrainOut
     return TrainOutcome(
         wall_time_s=wall, session_tokens=int(trainer.state.num_input_tokens_seen - start.tokens)
     )
+
+
+def train_and_record(
+    trainer: SFTTrainer,
+    *,
+    resume: Path | None,
+    adapter_dir: Path,
+    record_path: Path,
+    checkpoints: Path,
+    keep_checkpoints: bool,
+    record: Callable[..., dict],
+    summary: Callable[[dict, Path], str],
+) -> dict:
+    """Train (from ``resume``, or from the start), then save the adapter and its record; return the record.
+
+    The stage's training sequence for the SFT and the RL adapters alike: ``record(outcome=...)`` builds the
+    training.json payload from the outcome, ``summary`` the line printed for it.
+    """
+    if trainer.is_world_process_zero():
+        # An adapter without its training.json is never "up to date", so a run killed while retraining
+        # cannot leave new weights beside an old record.
+        record_path.unlink(missing_ok=True)
+        if resume is None:  # stale checkpoints of an older run must not become "last"
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    outcome = train(trainer, resume=resume)
+    payload = record(outcome=outcome)
+    save_adapter(trainer, adapter_dir)
+    if trainer.is_world_process_zero():  # under DDP every rank trains; one writes
+        write_json(record_path, payload)
+        if not keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        _say(summary(payload, adapter_dir))
+    trainer.accelerator.wait_for_everyone()
+    return payload
 
 
 @contextmanager
