@@ -250,7 +250,9 @@ def _rl_training_json(config: StudyConfig, level: int, train_rows: int) -> dict:
             "weights": rl.reward_weights.model_dump(),
             "target_chars": target_chars,
             "tokens_per_char": 0.5,
-            "target_think_tokens": -(-target_chars // 2),
+            "spec_think_tokens": -(-target_chars // 2),
+            "sft_think_tokens": 12.4,
+            "target_think_tokens": min(-(-target_chars // 2), 13),
         },
         "precision": "bf16" if gpu else "fp32",
         "hardware": {"device": "cuda", "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 1}

@@ -645,6 +645,12 @@ def test_rl_adapter_and_its_sft_sibling_both_show_sft_against_sft_plus_rl(tmp_pa
     assert ModelCard(rl_card.text).data.eval_results[0].metric_value == rl_m["accuracy"]
     assert f"| KL β | {config.rl.beta:g} |" in rl_card.text and "| Continued from | cot-compress/tiny-cot-l4 " in rl_card.text
     assert "adapter_id = 'cot-compress/tiny-cot-l4-rl'" in rl_card.text
+    # The reward's length target as training.json records it: the spec's 45 chars (23 tokens), capped at the
+    # mean of the level's SFT reasoning (12.4 tokens in the fixture).
+    assert (
+        "the length term growing past 13 think tokens (the level's 45 chars, 23 tokens, but never above its SFT "
+        "reasoning's mean of 12.4)" in rl_card.text.replace("\n", " ")
+    )
     assert "## SFT against SFT+RL" not in rendered["tiny-cot-l2"].text
     assert "`rl_l<n>` (the level's SFT adapter continued with GRPO" in rendered["tiny-cot-eval"].text
     notes = cards.render_collection_notes(config, run_dir)

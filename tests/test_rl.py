@@ -1,7 +1,7 @@
 """The RL stage: the reward's terms, the training split only, the training record, resume after a kill, skipping.
 
 GRPO runs on the training tests' 2-layer Qwen3 (``training_base``) after a few SFT steps of level 5, whose target
-length (20 characters, ~20 of the tiny tokenizer's tokens) the random model's 24-token completions cross by
+length (its SFT reasoning's mean, under the spec's 20 characters) the random model's 24-token completions cross by
 varying amounts: the length term differs within a group, so GRPO has advantages to follow and the weights move.
 Torch runs single-threaded so that an interrupted and an uninterrupted run reduce floats in the same order.
 """
@@ -113,10 +113,23 @@ def test_reward_functions_weigh_terms_and_count_think_tokens_with_the_base_token
     tokenizer = AutoTokenizer.from_pretrained(training_base)
     rows = [{"reasoning": "12+7=19; 19-5=14"}, {"reasoning": "3*4=12"}]
     design = rl.RewardDesign.for_level(4, tokenizer, rows, weights=RewardWeightsConfig())
-    rate = sum(count_tokens(tokenizer, r["reasoning"]) for r in rows) / sum(len(r["reasoning"]) for r in rows)
+    tokens = [count_tokens(tokenizer, r["reasoning"]) for r in rows]
+    rate = sum(tokens) / sum(len(r["reasoning"]) for r in rows)
     assert design.target_chars == 45  # Level 4 "~45 chars"
-    assert design.target_think_tokens == math.ceil(45 * rate)
+    assert design.spec_think_tokens == math.ceil(45 * rate)
+    # Reasoning shorter than the spec's (as the tiny data's is): the target is its own mean, not the spec's.
+    assert design.sft_think_tokens == pytest.approx(sum(tokens) / 2, abs=0.01)
+    assert design.target_think_tokens == math.ceil(sum(tokens) / 2) < design.spec_think_tokens
     assert design.reward_weights() == [1.0, 0.2, 0.5]
+    record = design.record()
+    assert (record["spec_think_tokens"], record["target_think_tokens"]) == (
+        design.spec_think_tokens,
+        design.target_think_tokens,
+    )
+    # Reasoning longer than the spec's: the spec's length is the target.
+    long_rows = [{"reasoning": "12+7=19; 19-5=14; " * 6}] * 2
+    long = rl.RewardDesign.for_level(4, tokenizer, long_rows, weights=RewardWeightsConfig())
+    assert long.target_think_tokens == long.spec_think_tokens < long.sft_think_tokens
 
     long_reasoning = "+".join(["1"] * 60)  # far past the target
     completions = [
@@ -155,16 +168,21 @@ def test_rl_continues_the_sft_adapter_and_records_every_term_per_step(straight, 
     weights = rl_weights(run_dir)
     assert weights.keys() == sft_weights.keys()
     assert any(not torch.equal(weights[name], sft_weights[name]) for name in weights), "GRPO changed nothing"
-    assert json.loads((out / "adapter_config.json").read_text()) == json.loads(
-        (after_sft.adapter_dir(5) / "adapter_config.json").read_text()
-    )
+
+    def adapter_config(directory: Path) -> dict:
+        loaded = json.loads((directory / "adapter_config.json").read_text())
+        # PEFT writes target_modules from a set: the order varies with the process's string hash seed.
+        return loaded | {"target_modules": sorted(loaded["target_modules"])}
+
+    assert adapter_config(out) == adapter_config(after_sft.adapter_dir(5))
     assert payload["continued_from"]["adapter"] == "adapters/level_5"
 
     assert (payload["model"], payload["method"], payload["steps"]) == ("rl_l5", "GRPO", 4)
     assert payload["hyperparameters"]["num_generations"] == 4
     reward = payload["reward"]
     assert reward["weights"] == {"correct": 1.0, "format": 0.2, "length": 0.5}
-    assert reward["target_chars"] == 20 and reward["target_think_tokens"] >= 1
+    assert reward["target_chars"] == 20
+    assert 1 <= reward["target_think_tokens"] == min(reward["spec_think_tokens"], math.ceil(reward["sft_think_tokens"]))
     assert [row["step"] for row in payload["log"]] == [1, 2, 3, 4]
     for row in payload["log"]:
         assert {"reward", "correct", "format", "length", "think_tokens", "kl"} <= set(row)

@@ -11,7 +11,9 @@ The reward of one completion is ``w_correct·correct + w_format·format − w_le
     format:  1 when the completion is a closed think block followed by a ``#### N`` final-answer line;
     length:  think tokens past the level's target, as a fraction of the target, capped at 1. The target is the
              upper end of the level's typical length (``Level.max_chars``) in the base tokenizer's tokens, at
-             the tokens-per-character rate of the level's own SFT reasoning.
+             the tokens-per-character rate of the level's own SFT reasoning, but never above that reasoning's
+             mean think tokens (rounded up): RL buys accuracy at the length SFT taught, not by writing longer
+             than the level's own data, even where that data is shorter than the spec (the tiny study's).
 Each term is logged at every step (``rewards/<term>/mean``) and copied into training.json's ``log``.
 
 A level whose RL adapter was trained from the same inputs (the hash of the RL settings, the base model, the SFT
@@ -208,23 +210,32 @@ class RewardDesign:
     level: int
     target_chars: int
     tokens_per_char: float
+    spec_think_tokens: int
+    """The level's ``target_chars`` in the base tokenizer's tokens, at the rate of its SFT reasoning."""
+    sft_think_tokens: float
+    """The mean think tokens of the level's SFT reasoning (its training rows)."""
     target_think_tokens: int
+    """Where the length term starts: the spec's length, but never above the SFT reasoning's mean, rounded up."""
     weights: RewardWeightsConfig
 
     @classmethod
     def for_level(
         cls, level: int, tokenizer, rows: list[dict], *, weights: RewardWeightsConfig
     ) -> RewardDesign:
-        """The level's target length in the base tokenizer's tokens, at the rate of its SFT reasoning."""
+        """The level's target length in the base tokenizer's tokens, measured on its SFT reasoning."""
+        tokens = [count_tokens(tokenizer, row.get("reasoning") or "") for row in rows]
         chars = sum(len(row.get("reasoning") or "") for row in rows)
-        tokens = sum(count_tokens(tokenizer, row.get("reasoning") or "") for row in rows)
-        rate = tokens / chars if chars else 1.0
+        rate = sum(tokens) / chars if chars else 1.0
         target_chars = get_level(level).max_chars
+        spec = max(1, math.ceil(target_chars * rate))
+        sft_mean = sum(tokens) / len(tokens)
         return cls(
             level=level,
             target_chars=target_chars,
             tokens_per_char=round(rate, 4),
-            target_think_tokens=max(1, math.ceil(target_chars * rate)),
+            spec_think_tokens=spec,
+            sft_think_tokens=round(sft_mean, 2),
+            target_think_tokens=max(1, min(spec, math.ceil(sft_mean))),
             weights=weights,
         )
 
@@ -240,9 +251,13 @@ class RewardDesign:
                 "format": "1 if a closed think block is followed by a '#### N' final-answer line",
                 "length": "min(1, max(0, think_tokens - target) / target); subtracted",
             },
+            "target": "min(spec_think_tokens, ceil(sft_think_tokens)): the level's length, never above its "
+            "SFT reasoning's mean",
             "weights": self.weights.model_dump(),
             "target_chars": self.target_chars,
             "tokens_per_char": self.tokens_per_char,
+            "spec_think_tokens": self.spec_think_tokens,
+            "sft_think_tokens": self.sft_think_tokens,
             "target_think_tokens": self.target_think_tokens,
         }
 

@@ -556,7 +556,9 @@ def rl_training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> li
             "Reward",
             f"{fmt_plain(weights['correct'])} × correct + {fmt_plain(weights['format'])} × format − "
             f"{fmt_plain(weights['length'])} × length, the length term growing past "
-            f"{fmt_count(reward['target_think_tokens'])} think tokens (the level's {fmt_count(reward['target_chars'])} chars)",
+            f"{fmt_count(reward['target_think_tokens'])} think tokens (the level's {fmt_count(reward['target_chars'])} "
+            f"chars, {fmt_count(reward['spec_think_tokens'])} tokens, but never above its SFT reasoning's mean of "
+            f"{fmt_plain(reward['sft_think_tokens'])})",
         ),
         ("Seed", fmt_count(t["seed"])),
         ("Wall time", f"{fmt_tokens(t['wall_time_s'])} s"),
