@@ -36,6 +36,31 @@ def small_config(tmp_path, **tiny_model):
     )
 
 
+def train_and_publish_small(tmp_path, monkeypatch, **overrides):
+    """``train-and-publish`` through the CLI on a small tiny study (a base built in seconds, 6 SFT steps, 30 test
+    problems) with caches of its own: what is under test is the plumbing, not accuracy. Returns the config, the
+    command's result and the config file."""
+    import yaml
+    from click.testing import CliRunner
+
+    from hub_tools.cli import main
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("COT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    config = small_config(tmp_path).with_overrides(
+        **{
+            "training.max_steps": 6,
+            "data.synthetic.n_train": 200,
+            "data.synthetic.n_test": 30,
+            "eval.max_new_tokens": 24,
+            **overrides,
+        },
+    )
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return config, CliRunner().invoke(main, ["train-and-publish", "--config", str(path)]), path
+
+
 def test_chat_template_is_qwens_format(tokenizer):
     user = {"role": "user", "content": "Tom has 12 pens, gets 7. How many pens now?"}
     assistant = {"role": "assistant", "content": "<think>\n12+7=19\n</think>\n#### 19"}
@@ -161,32 +186,13 @@ def test_tiny_base_solves_at_least_40_percent_of_the_test_set():
 def test_tiny_study_with_two_training_seeds_publishes_a_branch_per_extra_seed(tmp_path, monkeypatch):
     """Issue 16: ``training.seeds: [42, 43]`` gives 2 adapters per level, branches ``seed-43`` on the local hub,
     and cards with the mean ± sd across seeds and each seed's CI."""
-    import yaml
-    from click.testing import CliRunner
     from huggingface_hub import HfApi
 
     from eval_artifacts.metrics import read_metrics
     from eval_artifacts.rundir import RunDir
-    from hub_tools.cli import main
     from hub_tools.local_hub import configure_clients, running_hub
 
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("COT_COMPRESS_CACHE", str(tmp_path / "cache"))
-    # A base small enough to build in seconds: what is under test is the seeds' plumbing, not accuracy.
-    config = small_config(tmp_path).with_overrides(
-        levels=[1, 4],
-        **{
-            "training.seeds": [42, 43],
-            "training.max_steps": 6,
-            "data.synthetic.n_train": 200,
-            "data.synthetic.n_test": 30,
-            "eval.max_new_tokens": 24,
-        },
-    )
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-
-    result = CliRunner().invoke(main, ["train-and-publish", "--config", str(path)])
+    config, result, _ = train_and_publish_small(tmp_path, monkeypatch, levels=[1, 4], **{"training.seeds": [42, 43]})
 
     assert result.exit_code == 0, result.output
     run_dir = RunDir(config.run_dir)
@@ -272,3 +278,61 @@ def test_published_tiny_study_loads_from_the_hub_and_reproduces_its_cards(tmp_pa
             output = model.generate(**inputs, max_new_tokens=config.eval.max_new_tokens, do_sample=False)
             text = tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             assert text.strip() == completion.strip(), (level, text, completion)
+
+
+@pytest.mark.slow  # ~1-2 min on 2 cores: 1 SFT and 1 RL adapter, 4 models evaluated, published to the embedded hub
+def test_tiny_study_with_rl_publishes_the_rl_adapter_after_its_sft_sibling(tmp_path, monkeypatch):
+    """Issue 20: ``train-and-publish`` with ``rl:`` on runs the RL stage, evaluates ``rl_l4`` against its SFT
+    adapter, publishes ``{prefix}-l4-rl`` after ``{prefix}-l4``, both cards showing SFT against SFT+RL; a rerun
+    skips every stage, the RL stage by its hash."""
+    from click.testing import CliRunner
+    from huggingface_hub import HfApi
+
+    from eval_artifacts.metrics import read_metrics
+    from eval_artifacts.rundir import RunDir
+    from hub_tools.cli import main
+    from hub_tools.local_hub import configure_clients, running_hub
+
+    config, result, path = train_and_publish_small(
+        tmp_path,
+        monkeypatch,
+        name="tiny-rl-small",
+        levels=[4],
+        **{
+            "eval.prompt_baselines": False,
+            "rl.levels": [4],
+            "rl.max_steps": 2,
+            "rl.prompts_per_step": 2,
+            "rl.num_generations": 4,
+            "rl.max_new_tokens": 24,
+            "rl.save_steps": 1,
+        },
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "[rl] running" in result.output and "rl_l4" in result.output
+    run_dir = RunDir(config.run_dir)
+    record = json.loads(run_dir.rl_training_json(4).read_text())
+    assert record["steps"] == 2 and record["reward"]["target_think_tokens"] >= 1
+    metrics = read_metrics(run_dir, "rl_l4")
+    sft_metrics = read_metrics(run_dir, "level_4")
+    b, c = metrics["vs_sft"]["b"], metrics["vs_sft"]["c"]
+    assert metrics["n_correct"] - sft_metrics["n_correct"] == c - b  # paired on the same 30 problems
+    for name in ("tiny-cot-l4", "tiny-cot-l4-rl"):
+        assert "## SFT against SFT+RL" in run_dir.card(name).read_text(), name
+
+    with running_hub(run_dir.hub_data_dir) as hub:
+        undo = configure_clients(hub.endpoint)
+        try:
+            api = HfApi(endpoint=hub.endpoint)
+            rl_repo = config.rl_repo_id(4)
+            assert {"adapter_model.safetensors", "training.json", "README.md"} <= set(api.list_repo_files(rl_repo))
+            slug = json.loads(run_dir.publish_state.read_text())["collection_slug"]
+            items = [item.item_id for item in api.get_collection(slug).items]
+            assert items.index(rl_repo) == items.index(config.adapter_repo_id(4)) + 1
+        finally:
+            undo()
+
+    again = CliRunner().invoke(main, ["train-and-publish", "--config", str(path)])
+    assert again.exit_code == 0, again.output
+    assert "[rl] current, skipped" in again.output and "[rl] running" not in again.output
