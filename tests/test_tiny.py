@@ -280,7 +280,7 @@ def test_published_tiny_study_loads_from_the_hub_and_reproduces_its_cards(tmp_pa
             assert text.strip() == completion.strip(), (level, text, completion)
 
 
-@pytest.mark.slow  # ~1-2 min on 2 cores: 1 SFT and 1 RL adapter, 4 models evaluated, published to the embedded hub
+@pytest.mark.slow  # ~10 s on 2 cores: 1 SFT and 1 RL adapter, 3 models evaluated, published to the embedded hub
 def test_tiny_study_with_rl_publishes_the_rl_adapter_after_its_sft_sibling(tmp_path, monkeypatch):
     """Issue 20: ``train-and-publish`` with ``rl:`` on runs the RL stage, evaluates ``rl_l4`` against its SFT
     adapter, publishes ``{prefix}-l4-rl`` after ``{prefix}-l4``, both cards showing SFT against SFT+RL; a rerun
