@@ -313,6 +313,50 @@ def test_fused_kernels_round_where_transformers_rounds_in_bf16():
         assert figures["identical_share"] > 0.99, (op, figures)
 
 
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_launch_configs_agree_with_sdpa(dtype):
+    """Every block size and flash-decoding split gives SDPA's attention within the start-up check's limit,
+    on rows whose real slots start mid-block, fill one block, or are shorter than a split's share."""
+    from training.fast_generate import decode_attention_reference, ulp_limit, ulp_report
+    from training.fused_kernels import DecodeAttentionConfig, fused_decode_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    rows, kv_heads, slots, dim, groups = 5, 2, 80, 32, 4
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+    k, v, q = rand(rows, kv_heads, slots, dim), rand(rows, kv_heads, slots, dim), rand(rows, kv_heads * groups * dim)
+    pad, pos = torch.tensor([0, 3, 16, 40, 70], device=device), torch.tensor([70], device=device)
+    ref, scale = decode_attention_reference(q, k, v, pad, pos, scale=dim**-0.5)
+    for spec in ("", "block_n=16", "block_n=32,splits=2", "block_n=16,splits=3,num_warps=2,num_stages=2", "splits=8"):
+        config = DecodeAttentionConfig.parse(spec)
+        out = fused_decode_attention(q, k, v, pad, pos, scale=dim**-0.5, config=config)
+        report = ulp_report(out, ref, scale, dtype)
+        assert report["max_ulps_of_largest_term"] <= ulp_limit("decode attention", dtype), (spec, report)
+    assert DecodeAttentionConfig.parse(config.spec()) == config
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        DecodeAttentionConfig.parse("block_n=48")
+    with pytest.raises(ValueError, match="expected key=value"):
+        DecodeAttentionConfig.parse("warps=4")
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+def test_split_decode_attention_matches_hf_generate():
+    from training.fused_kernels import DecodeAttentionConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_qwen3(seed=13).to(device)
+    batch = prompts(6, seed=8)
+    config = DecodeAttentionConfig.parse("block_n=16,splits=2")
+    engine = FastGenerator(model, max_batch_size=3, fused_kernels=True, decode_attention=config)
+    assert engine.fused and engine.fused_status.endswith("decode attention block_n=16,splits=2,native_dot=0")
+    expected = hf_greedy(model, batch, max_new=12, stop_ids={VOCAB + 1})
+    assert engine.generate(batch, max_new_tokens=12, stop_token_ids=[VOCAB + 1], pad_token_id=PAD) == expected
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_path_matches_eager_fp32():

@@ -36,6 +36,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb, repea
 from eval_artifacts.study.errors import ConfigError
 from training.fused_kernels import (
     TRITON_AVAILABLE,
+    DecodeAttentionConfig,
     fused_add_rms_norm,
     fused_decode_attention,
     fused_head_norm_rope,
@@ -88,10 +89,38 @@ def _unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-class _Layer:
-    """One decoder layer's modules, LoRA wrappers resolved to their base linears once."""
+def _share_one_weight(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Make the linears' weights (and biases) row blocks of one new tensor, and return it (and the biases').
 
-    def __init__(self, layer: nn.Module) -> None:
+    The linears keep working as before, on views; a merge that writes a linear's weight in place writes
+    the shared tensor too, so one GEMM on it always computes what the separate ones would.
+    """
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    biases = [linear.bias for linear in linears]
+    bias = None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+    row = 0
+    for linear in linears:
+        n = linear.weight.shape[0]
+        linear.weight.data = weight[row : row + n]
+        if bias is not None:
+            linear.bias.data = bias[row : row + n]
+        row += n
+    return weight, bias
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]):
+    """One GEMM on a shared weight, split into the separate linears' outputs (views, no copies)."""
+    return F.linear(x, weight, bias).split(sizes, dim=-1)
+
+
+class _Layer:
+    """One decoder layer's modules, LoRA wrappers resolved to their base linears once.
+
+    With ``fuse_projections``, q/k/v and gate/up share one weight tensor each (``qkv``, ``gate_up``), so a
+    layer runs two GEMMs where it ran five.
+    """
+
+    def __init__(self, layer: nn.Module, *, fuse_projections: bool = False) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm = layer.input_layernorm
         self.post_norm = layer.post_attention_layernorm
@@ -104,6 +133,24 @@ class _Layer:
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.gate, self.up, self.down = _plain(mlp.gate_proj), _plain(mlp.up_proj), _plain(mlp.down_proj)
         self.act = mlp.act_fn
+        self.qkv = self.gate_up = None
+        if fuse_projections:
+            self.qkv = _share_one_weight([self.q, self.k, self.v])
+            self.qkv_sizes = [m.weight.shape[0] for m in (self.q, self.k, self.v)]
+            self.gate_up = _share_one_weight([self.gate, self.up])
+            self.gate_up_sizes = [m.weight.shape[0] for m in (self.gate, self.up)]
+
+    def qkv_projections(self, x: torch.Tensor):
+        """q, k, v projections of ``x``: one GEMM with shared weights, else three."""
+        if self.qkv is not None:
+            return _project(x, *self.qkv, self.qkv_sizes)
+        return self.q(x), self.k(x), self.v(x)
+
+    def gate_up_projections(self, x: torch.Tensor):
+        """gate and up projections of ``x``: one GEMM with shared weights, else two."""
+        if self.gate_up is not None:
+            return _project(x, *self.gate_up, self.gate_up_sizes)
+        return self.gate(x), self.up(x)
 
 
 class FastGenerator:
@@ -122,6 +169,11 @@ class FastGenerator:
         fused_kernels: decode with the Triton kernels (norms, rotary, SiLU-gate) instead of eager ops;
             default: on CUDA when Triton is there. They are checked against the eager ops on this device
             first and stay off if they differ; ``fused_status`` says which path runs and why.
+        decode_attention: the Triton decode attention's launch configuration (block size, warps, stages,
+            flash-decoding splits); default: the configuration measured in bench/README.md.
+        fuse_projections: run q/k/v and gate/up as one GEMM each, on weights concatenated once. The
+            model's q/k/v and gate/up weights become views of the concatenated tensors (same values, no
+            extra memory), and stay so after ``close``.
     """
 
     def __init__(
@@ -135,8 +187,11 @@ class FastGenerator:
         kv_memory_fraction: float = 0.85,
         prefill_tokens: int = 16384,
         fused_kernels: bool | None = None,
+        decode_attention: DecodeAttentionConfig | None = None,
+        fuse_projections: bool = False,
     ) -> None:
         self.model = model
+        self.decode_attention = decode_attention or DecodeAttentionConfig()
         lm = _unwrap_causal_lm(model)
         config = lm.config
         if getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False):
@@ -153,7 +208,8 @@ class FastGenerator:
         self.final_norm = inner.norm
         self.rotary = inner.rotary_emb
         self.lm_head = _plain(lm.get_output_embeddings())
-        self.layers = [_Layer(layer) for layer in inner.layers]
+        self.fuse_projections = fuse_projections
+        self.layers = [_Layer(layer, fuse_projections=fuse_projections) for layer in inner.layers]
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
@@ -180,6 +236,8 @@ class FastGenerator:
                 if problem is None
                 else f"off: {problem}"
             )
+            if self.decode_attention != DecodeAttentionConfig():
+                self.fused_status += f"; decode attention {self.decode_attention.spec()}"
 
         self._backup: dict[int, torch.Tensor] = {}
         self._capacity = (0, 0)  # (rows, slots) of the allocated cache
@@ -248,22 +306,9 @@ class FastGenerator:
             checks = self._fused_checks()
         except Exception as error:  # a Triton or driver problem: decode on the eager ops instead
             return f"Triton kernels failed: {error!r}"[:300]
-        eps = torch.finfo(self.dtype).eps  # one ulp at 1.0 (2**-7 in bf16)
         for name, (got, ref, scale) in checks.items():
-            # Two ulps: the rsqrt and the reduction order may each move a rounding; attention rounds its
-            # probabilities to bf16 for the product with V, as SDPA's kernels do, each its own way, so 4.
-            # In fp32 the reduction order moves the last bits of sums over thousands of values
-            # directly, so there the limit is 2**-16 of the largest term.
-            limit = max(4.0 if name == "decode attention" else 2.0, 2**-16 / eps)
-            got, ref, scale = got.float(), ref.float(), scale.float().abs()
-            # ulp of the largest term: eps * 2**floor(log2(scale)), and at least the smallest normal's.
-            ulp = eps * torch.exp2(torch.floor(torch.log2(scale.clamp_min(torch.finfo(self.dtype).tiny))))
-            ulps = ((got - ref).abs() / ulp).max().item()
-            self.fused_check[name] = {
-                "max_abs_diff": (got - ref).abs().max().item(),
-                "max_ulps_of_largest_term": ulps,
-                "identical_share": (got == ref).float().mean().item(),
-            }
+            self.fused_check[name] = ulp_report(got, ref, scale, self.dtype)
+            ulps, limit = self.fused_check[name]["max_ulps_of_largest_term"], ulp_limit(name, self.dtype)
             if ulps > limit:
                 return f"{name} differs from eager by {ulps:.3g} ulps of its largest term"
         return None
@@ -314,24 +359,13 @@ class FastGenerator:
 
     def _attention_check(self, rand, gen, rows: int):
         """The Triton decode attention and SDPA over a left-padded cache; the scale is sum(p * |v|)."""
-        slots, groups, d = 160, self.n_heads // self.n_kv, self.head_dim
+        slots, d = 160, self.head_dim
         k, v = rand(rows, self.n_kv, slots, d), rand(rows, self.n_kv, slots, d)
         q = rand(rows, self.n_heads * d)
         pad = torch.randint(0, 100, (rows,), generator=gen, device=self.device)
         pos = torch.full((1,), 130, dtype=torch.long, device=self.device)
-        index = torch.arange(slots, device=self.device)
-        allowed = (index[None, :] >= pad[:, None]) & (index[None, :] <= pos)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
-
-        def sdpa(values):
-            out = F.scaled_dot_product_attention(
-                q.view(rows, self.n_kv, groups, d), k, values, attn_mask=mask, scale=self.scale
-            )
-            return out.reshape(rows, -1)
-
-        got = fused_decode_attention(q, k, v, pad, pos, scale=self.scale)
-        return got, sdpa(v), sdpa(v.abs())
+        got = fused_decode_attention(q, k, v, pad, pos, scale=self.scale, config=self.decode_attention)
+        return (got, *decode_attention_reference(q, k, v, pad, pos, scale=self.scale))
 
     # ---------------------------------------------------------------- memory
     def _kv_bytes_per_slot(self) -> int:
@@ -386,13 +420,15 @@ class FastGenerator:
         """One decoder layer, op for op as transformers' Qwen3DecoderLayer; ``attend`` does the cache part."""
         b, t, _ = h.shape
         x = lay.input_norm(h)
-        q = lay.q_norm(lay.q(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-        k = lay.k_norm(lay.k(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-        v = lay.v(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = lay.qkv_projections(x)
+        q = lay.q_norm(q.view(b, t, -1, self.head_dim)).transpose(1, 2)
+        k = lay.k_norm(k.view(b, t, -1, self.head_dim)).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         h = h + lay.o(attend(q, k, v).reshape(b, t, -1))
         x = lay.post_norm(h)
-        return h + lay.down(lay.act(lay.gate(x)) * lay.up(x))
+        gate, up = lay.gate_up_projections(x)
+        return h + lay.down(lay.act(gate) * up)
 
     def _next_token(self, x: torch.Tensor, b: int) -> None:
         """Greedy pick from the final-normed hidden state; writes the token at slot pos+1, advances pos."""
@@ -424,7 +460,7 @@ class FastGenerator:
         vc.index_copy_(2, self._pos, v)
         if self.fused:  # reads each row's slots [pad, pos] only; no mask
             return fused_decode_attention(
-                q.reshape(b, -1), kc, vc, self._pad[:b], self._pos, scale=self.scale
+                q.reshape(b, -1), kc, vc, self._pad[:b], self._pos, scale=self.scale, config=self.decode_attention
             )
         # One query token: fold the query heads that share a KV head into the query axis, so the cache
         # is read once instead of expanded per query head (repeat_kv).
@@ -474,10 +510,11 @@ class FastGenerator:
         """
         x = fused_rms_norm(h, self.layers[0].input_norm)
         for i, lay in enumerate(self.layers):
-            q = fused_head_norm_rope(lay.q(x), lay.q_norm, cos, sin, self.n_heads)
-            k = fused_head_norm_rope(lay.k(x), lay.k_norm, cos, sin, self.n_kv)
-            h, x = fused_add_rms_norm(h, lay.o(attend(i, q, k, lay.v(x))), lay.post_norm)
-            m = lay.down(fused_silu_mul(lay.gate(x), lay.up(x)))
+            q, k, v = lay.qkv_projections(x)
+            q = fused_head_norm_rope(q, lay.q_norm, cos, sin, self.n_heads)
+            k = fused_head_norm_rope(k, lay.k_norm, cos, sin, self.n_kv)
+            h, x = fused_add_rms_norm(h, lay.o(attend(i, q, k, v)), lay.post_norm)
+            m = lay.down(fused_silu_mul(*lay.gate_up_projections(x)))
             after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
             h, x = fused_add_rms_norm(h, m, after)
         return x
@@ -743,6 +780,49 @@ class FastGenerator:
         self._capacity = (0, 0)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def ulp_limit(op: str, dtype: torch.dtype) -> float:
+    """How far (in ulps of the op's largest term) a Triton kernel may be from the eager op.
+
+    Two ulps: the rsqrt and the reduction order may each move a rounding; attention rounds its
+    probabilities to bf16 for the product with V, as SDPA's kernels do, each its own way, so 4. In fp32
+    the reduction order moves the last bits of sums over thousands of values directly, so there the
+    limit is 2**-16 of the largest term.
+    """
+    return max(4.0 if op == "decode attention" else 2.0, 2**-16 / torch.finfo(dtype).eps)
+
+
+def ulp_report(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Largest difference of ``got`` from ``ref`` (absolute, and in ulps of the largest term ``scale``),
+    and the share of bit-identical outputs."""
+    eps = torch.finfo(dtype).eps  # one ulp at 1.0 (2**-7 in bf16)
+    got, ref, scale = got.float(), ref.float(), scale.float().abs()
+    # ulp of the largest term: eps * 2**floor(log2(scale)), and at least the smallest normal's.
+    ulp = eps * torch.exp2(torch.floor(torch.log2(scale.clamp_min(torch.finfo(dtype).tiny))))
+    return {
+        "max_abs_diff": (got - ref).abs().max().item(),
+        "max_ulps_of_largest_term": ((got - ref).abs() / ulp).max().item(),
+        "identical_share": (got == ref).float().mean().item(),
+    }
+
+
+def decode_attention_reference(q, k, v, pad, pos, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's decode attention over a left-padded cache (slots [pad[row], pos] of each row), and its
+    largest term ``sum(p * |v|)``; q = [rows, heads*dim], k/v = [rows, kv_heads, slots, dim]."""
+    rows, n_kv, slots, d = k.shape
+    index = torch.arange(slots, device=k.device)
+    allowed = (index[None, :] >= pad[:, None]) & (index[None, :] <= pos)
+    mask = torch.zeros(allowed.shape, dtype=k.dtype, device=k.device)
+    mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+
+    def sdpa(values):
+        out = F.scaled_dot_product_attention(
+            q.view(rows, n_kv, -1, d), k, values, attn_mask=mask, scale=scale
+        )
+        return out.reshape(rows, -1)
+
+    return sdpa(v), sdpa(v.abs())
 
 
 def _heads_to_rows(x: torch.Tensor, *, rows: int) -> torch.Tensor:
