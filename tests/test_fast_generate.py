@@ -132,10 +132,11 @@ def test_forced_length_and_single_token():
     assert [(len(c.token_ids), c.finish_reason) for c in forced] == [(9, "length")] * 5
 
 
-def test_merged_lora_matches_unmerged_peft_and_restores_weights():
+@pytest.mark.parametrize("fuse_projections", [False, True])
+def test_merged_lora_matches_unmerged_peft_and_restores_weights(fuse_projections):
     model = random_qwen3(seed=7)
     batch = prompts(6, seed=9)
-    base_before = FastGenerator(model, context_bucket=8).generate(
+    base_before = FastGenerator(model, context_bucket=8, fuse_projections=fuse_projections).generate(
         batch, max_new_tokens=15, stop_token_ids=[VOCAB + 1], pad_token_id=PAD
     )
     assert base_before == hf_greedy(model, batch, max_new=15, stop_ids={VOCAB + 1})
@@ -146,7 +147,7 @@ def test_merged_lora_matches_unmerged_peft_and_restores_weights():
     peft_model = get_peft_model(model, LoraConfig(**lora), adapter_name="l1")
     peft_model.add_adapter("l2", LoraConfig(**{**lora, "r": 8}))
     peft_model.eval()
-    engine = FastGenerator(peft_model, context_bucket=8)
+    engine = FastGenerator(peft_model, context_bucket=8, fuse_projections=fuse_projections)
     outputs = {}
     for name in ("l1", "l2"):
         peft_model.set_adapter(name)
@@ -168,6 +169,10 @@ def test_merged_lora_matches_unmerged_peft_and_restores_weights():
             else key
         )
         assert torch.equal(after[peft_key], value), key
+    if fuse_projections:  # each layer's q/k/v (and gate/up) weights are row blocks of one tensor
+        attention = peft_model.get_base_model().model.layers[0].self_attn
+        q, v = attention.q_proj.base_layer.weight, attention.v_proj.base_layer.weight
+        assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
 
 
 def test_graph_bookkeeping_with_an_eager_stand_in(base, monkeypatch):
@@ -275,12 +280,15 @@ _TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
-def test_fused_decode_kernels_match_hf_generate():
+@pytest.mark.parametrize("fuse_projections", [False, True])
+def test_fused_decode_kernels_match_hf_generate(fuse_projections):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_qwen3(seed=13).to(device)
     batch = prompts(9, seed=8)
     stop = pick_stop_token(model, batch, 20)
-    engine = FastGenerator(model, max_batch_size=4, context_bucket=8, fused_kernels=True)
+    engine = FastGenerator(
+        model, max_batch_size=4, context_bucket=8, fused_kernels=True, fuse_projections=fuse_projections
+    )
     assert engine.fused, engine.fused_status
     for min_new in (0, 4):
         expected = hf_greedy(model, batch, max_new=20, min_new=min_new, stop_ids={stop})
@@ -311,6 +319,30 @@ def test_fused_kernels_round_where_transformers_rounds_in_bf16():
     for op, figures in report.items():
         assert figures["max_ulps_of_largest_term"] <= 1, (op, figures)
         assert figures["identical_share"] > 0.99, (op, figures)
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+def test_kernels_read_column_blocks_of_a_wider_projection_in_place():
+    """With fused projections the head norm and SiLU gate read q/k and gate/up as column blocks of one
+    GEMM output: the same bits as on contiguous copies, in bf16."""
+    from training.fused_kernels import fused_head_norm_rope, fused_silu_mul
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_qwen3(VOCAB, seed=3, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16)
+    attention = model.model.layers[0].self_attn.to(device=device, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    rows, dim = 5, 16
+    wide = torch.randn((rows, 4 * dim + 2 * dim + 2 * dim), generator=g).to(device=device, dtype=torch.bfloat16)
+    q, k, _ = wide.split([4 * dim, 2 * dim, 2 * dim], dim=-1)
+    angles = torch.randn((rows, dim), generator=g).to(device)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    for block, norm, heads in ((q, attention.q_norm, 4), (k, attention.k_norm, 2)):
+        assert not block.is_contiguous()
+        got = fused_head_norm_rope(block, norm, cos, sin, heads)
+        assert torch.equal(got, fused_head_norm_rope(block.contiguous(), norm, cos, sin, heads))
+    gate_up = torch.randn((rows, 2 * 96), generator=g).to(device=device, dtype=torch.bfloat16)
+    gate, up = gate_up.split([96, 96], dim=-1)
+    assert torch.equal(fused_silu_mul(gate, up), fused_silu_mul(gate.contiguous(), up.contiguous()))
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
@@ -355,6 +387,33 @@ def test_split_decode_attention_matches_hf_generate():
     assert engine.fused and engine.fused_status.endswith("decode attention block_n=16,splits=2,native_dot=0")
     expected = hf_greedy(model, batch, max_new=12, stop_ids={VOCAB + 1})
     assert engine.generate(batch, max_new_tokens=12, stop_token_ids=[VOCAB + 1], pad_token_id=PAD) == expected
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+def test_decode_attention_sweep_smoke_checks_and_times_every_config(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "tune.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.tune_decode_attention", "--smoke", "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    configs = result["configs"]
+    # The default first, then the smoke grid: block_n 16/32 x splits 1/3.
+    assert configs[0]["default"] and configs[0]["spec"] == "block_n=64,splits=1,native_dot=0"
+    assert len(configs) == 5 and all(c["ok"] and c["ms"] > 0 for c in configs)
+    assert all(c["max_ulps_of_largest_term"] <= result["ulp_limit"] for c in configs)
+    assert result["best_spec"] == min(configs, key=lambda c: c["ms"])["spec"]
+    assert f"best: {result['best_spec']}" in run.stdout
 
 
 @pytest.mark.gpu
@@ -428,7 +487,10 @@ def test_bench_eval_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "bench_eval.json"
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "bench.bench_eval", "--smoke", "--out", str(out)],
+        [
+            sys.executable, "-X", "importtime", "-m", "bench.bench_eval", "--smoke", "--out", str(out),
+            "--fuse-projections", "--decode-attention", "block_n=32,splits=2",
+        ],  # fmt: skip
         cwd=root,
         capture_output=True,
         text=True,
@@ -444,6 +506,16 @@ def test_bench_eval_smoke_runs_every_stage(tmp_path):
     assert not imported & {"trl", "datasets", "pydantic"}
     result = json.loads(out.read_text())
     assert "errors" not in result
+    options = {"decode_attention": "block_n=32,splits=2,native_dot=0", "fuse_projections": True}
+    assert result["engine_options"] == result["fast"]["totals"]["engine_options"] == options
+    # With and without the options in one run: the base model again with the default engine and each alone.
+    ablations = result["ablation_engine_options"]
+    assert {label: run["totals"]["engine_options"] for label, run in ablations.items()} == {
+        "default engine": {},
+        "only decode_attention": {"decode_attention": options["decode_attention"]},
+        "only fuse_projections": {"fuse_projections": True},
+    }
+    assert all(run["per_model"]["base"]["generated_tokens"] == 360 for run in ablations.values())
     assert result["self_check"]["ok"] and result["self_check"]["batches"] == [14, 14, 12]
     # 12 problems x the smoke token profiles (the real ones / 10, rounded up): 30+20+10+6+4+2 per problem.
     assert result["fast"]["totals"]["generated_tokens"] == 12 * (30 + 20 + 10 + 6 + 4 + 2)
