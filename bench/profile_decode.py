@@ -192,6 +192,12 @@ def main(argv=None) -> dict:
         help="also profile the Triton path with this decode attention configuration "
         "(bench.tune_decode_attention's best:, e.g. block_n=32,num_warps=4,splits=2); repeatable",
     )
+    parser.add_argument(
+        "--fuse-projections",
+        action="store_true",
+        help="also profile the Triton path with one GEMM for q/k/v and one for gate/up (with each "
+        "--decode-attention too)",
+    )
     parser.add_argument("--skip-prefill", action="store_true", help="profile the decode step only")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -220,10 +226,15 @@ def main(argv=None) -> dict:
         "steps": steps,
         "decode": {},
     }
+    attention = {f" {spec}": {"decode_attention": DecodeAttentionConfig.parse(spec)} for spec in args.decode_attention or []}
     variants = [("eager", False, {}), ("triton", True, {})] + [
-        (f"triton {spec}", True, {"decode_attention": DecodeAttentionConfig.parse(spec)})
-        for spec in args.decode_attention or []
+        (f"triton{label}", True, options) for label, options in attention.items()
     ]
+    if args.fuse_projections:
+        variants += [
+            (f"triton{label} + fused projections", True, {**options, "fuse_projections": True})
+            for label, options in {"": {}, **attention}.items()
+        ]
     with torch.no_grad():
         for label, fused, options in variants:
             result["decode"][label] = decode_profile(
