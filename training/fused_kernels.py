@@ -152,10 +152,11 @@ if triton is not None:
         if SPLITS == 1:
             tl.store(OUT + q_offs, (acc / total[:, None]).to(OUT.dtype.element_ty), mask=g[:, None] < G)
         else:
+            # Only the G real query heads: the partials' traffic is what splitting costs.
             part = (row * tl.num_programs(1) + head) * SPLITS + split
-            tl.store(PART_ACC + part * G_PAD * D + g[:, None] * D + d[None, :], acc)
-            tl.store(PART_M + part * G_PAD + g, m)
-            tl.store(PART_SUM + part * G_PAD + g, total)
+            tl.store(PART_ACC + part * G * D + g[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+            tl.store(PART_M + part * G + g, m, mask=g < G)
+            tl.store(PART_SUM + part * G + g, total, mask=g < G)
 
     @triton.jit
     def _decode_attention_reduce(
@@ -168,16 +169,17 @@ if triton is not None:
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         first = (row * n_kv + head) * SPLITS
+        real = g < G
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         for s in range(SPLITS):
-            m = tl.maximum(m, tl.load(PART_M + (first + s) * G_PAD + g))
+            m = tl.maximum(m, tl.load(PART_M + (first + s) * G + g, mask=real, other=0.0))
         total = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
         for s in range(SPLITS):
-            m_s = tl.load(PART_M + (first + s) * G_PAD + g)
+            m_s = tl.load(PART_M + (first + s) * G + g, mask=real, other=0.0)
             weight = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))  # an empty split adds nothing
-            total += weight * tl.load(PART_SUM + (first + s) * G_PAD + g)
-            part = tl.load(PART_ACC + (first + s) * G_PAD * D + g[:, None] * D + d[None, :])
+            total += weight * tl.load(PART_SUM + (first + s) * G + g, mask=real, other=1.0)
+            part = tl.load(PART_ACC + (first + s) * G * D + g[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
             acc += weight[:, None] * part
         offs = row * n_kv * G * D + (head * G + g[:, None]) * D + d[None, :]
         tl.store(OUT + offs, (acc / total[:, None]).to(OUT.dtype.element_ty), mask=g[:, None] < G)
@@ -309,8 +311,8 @@ def fused_decode_attention(
     out = torch.empty_like(q)
     splits = config.splits
     if splits > 1:  # fp32 partial results, rounded once in the reduction
-        part_acc = torch.empty((rows * kv_heads * splits, g_pad, dim), dtype=torch.float32, device=q.device)
-        part_m = torch.empty((rows * kv_heads * splits, g_pad), dtype=torch.float32, device=q.device)
+        part_acc = torch.empty((rows * kv_heads * splits, groups, dim), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((rows * kv_heads * splits, groups), dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_sum = out
