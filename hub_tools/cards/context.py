@@ -296,27 +296,41 @@ def _training_seeds(config: StudyConfig, art: StudyArtifacts, level: int) -> dic
     }
 
 
+def _setup_rows(config: StudyConfig, art: StudyArtifacts, training: dict) -> dict[str, tuple[str, str]]:
+    """The rows every training-details table shares (SFT and RL adapters alike), from one training.json."""
+    hw = training["hardware"]
+    hardware = "CPU" if hw["device"] == "cpu" else f"{hw['gpu_count']} × {hw['gpu_name'] or 'CUDA GPU'}"
+    quantization = "4-bit NF4, double quantization (bitsandbytes)" if training["quantization"] == "nf4" else "none"
+    libraries = ", ".join(f"{name} {version}" for name, version in training["library_versions"].items())
+    return {
+        "base": ("Base model", f"{base_id(config)} (revision {base_revision(config, art)})"),
+        "quantization": ("Quantization", quantization),
+        "precision": ("Precision", training["precision"]),
+        "hardware": ("Hardware", hardware),
+        "steps": ("Steps", fmt_count(training["steps"])),
+        "seed": ("Seed", fmt_count(training["seed"])),
+        "libraries": ("Libraries", libraries),
+    }
+
+
 def training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
     """The training-details table of one adapter: (setting, value), all from training.json and stats.json."""
     t = art.training[level]
     stats = art.stats["levels"][str(level)]
-    hp, adapter, hw = t["hyperparameters"], t["adapter"], t["hardware"]
+    hp, adapter = t["hyperparameters"], t["adapter"]
+    shared = _setup_rows(config, art, t)
     targets = adapter["target_modules"]
     dropped = ", ".join(f"{reason}: {count}" for reason, count in sorted(stats["dropped"].items())) or "none"
-    hardware = "CPU" if hw["device"] == "cpu" else f"{hw['gpu_count']} × {hw['gpu_name'] or 'CUDA GPU'}"
     rows = [
-        ("Base model", f"{base_id(config)} (revision {base_revision(config, art)})"),
-        (
-            "Quantization",
-            "4-bit NF4, double quantization (bitsandbytes)" if t["quantization"] == "nf4" else "none",
-        ),
+        shared["base"],
+        shared["quantization"],
         (
             "Adapter",
             f"{adapter['method']}, r = {adapter['r']}, alpha = {adapter['alpha']}, dropout = {fmt_plain(adapter['dropout'])}",
         ),
         ("Target modules", targets if isinstance(targets, str) else ", ".join(targets)),
-        ("Precision", t["precision"]),
-        ("Hardware", hardware),
+        shared["precision"],
+        shared["hardware"],
         ("Teacher", stats.get("teacher", art.stats.get("teacher", "rule"))),
         ("Training rows", f"{stats['kept']} kept of {stats['total']} (dropped: {dropped})"),
         (
@@ -330,7 +344,7 @@ def training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[
             else "full sequence (prompt and completion)",
         ),
         ("Epochs", fmt_plain(trained_epochs(t))),
-        ("Steps", fmt_count(t["steps"])),
+        shared["steps"],
         (
             "Learning rate",
             f"{fmt_plain(hp['learning_rate'])} ({hp['lr_scheduler']}, warmup ratio {fmt_plain(hp['warmup_ratio'])})",
@@ -338,10 +352,10 @@ def training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[
         ("Effective batch size", fmt_count(hp["effective_batch_size"])),
         ("Max sequence length", fmt_count(hp["max_seq_length"])),
         ("Optimizer", hp["optimizer"]),
-        ("Seed", fmt_count(t["seed"])),
+        shared["seed"],
         ("Tokens seen", fmt_count(t["tokens_seen"])),
         ("Wall time", f"{fmt_tokens(t['wall_time_s'])} s ({fmt_tokens(t['tokens_per_s'])} tokens/s)"),
-        ("Libraries", ", ".join(f"{name} {version}" for name, version in t["library_versions"].items())),
+        shared["libraries"],
     ]
     return rows
 
@@ -529,21 +543,18 @@ def _sft_vs_rl(config: StudyConfig, art: StudyArtifacts, level: int, rl: bool) -
 def rl_training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
     """The training-details table of an RL adapter: (setting, value), all from its training.json."""
     t = art.rl_training[level]
-    hp, reward, hw = t["hyperparameters"], t["reward"], t["hardware"]
+    hp, reward = t["hyperparameters"], t["reward"]
+    shared = _setup_rows(config, art, t)
     weights = reward["weights"]
-    hardware = "CPU" if hw["device"] == "cpu" else f"{hw['gpu_count']} × {hw['gpu_name'] or 'CUDA GPU'}"
     return [
-        ("Base model", f"{base_id(config)} (revision {base_revision(config, art)})"),
+        shared["base"],
         ("Continued from", f"{config.adapter_repo_id(level)} ({model_label(LEVELS[level].key)}, its SFT adapter)"),
         ("Method", f"{t['method']} (TRL GRPOTrainer), loss type {hp['loss_type']}"),
-        (
-            "Quantization",
-            "4-bit NF4, double quantization (bitsandbytes)" if t["quantization"] == "nf4" else "none",
-        ),
-        ("Precision", t["precision"]),
-        ("Hardware", hardware),
+        shared["quantization"],
+        shared["precision"],
+        shared["hardware"],
         ("Training rows", f"{fmt_count(t['train_rows'])} (the level's training split)"),
-        ("Steps", fmt_count(t["steps"])),
+        shared["steps"],
         (
             "Rollouts per step",
             f"{fmt_count(hp['prompts_per_step'])} problems × {fmt_count(hp['num_generations'])} completions, "
@@ -558,9 +569,9 @@ def rl_training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> li
             f"{fmt_plain(weights['length'])} × length, the length term growing past "
             f"{fmt_count(reward['target_think_tokens'])} think tokens (the level's {fmt_count(reward['target_chars'])} chars)",
         ),
-        ("Seed", fmt_count(t["seed"])),
+        shared["seed"],
         ("Wall time", f"{fmt_tokens(t['wall_time_s'])} s"),
-        ("Libraries", ", ".join(f"{name} {version}" for name, version in t["library_versions"].items())),
+        shared["libraries"],
     ]
 
 
