@@ -12,8 +12,8 @@ the other in one process (peak memory is reset between them):
           tokens are the generated width times the rows (TRL's batch decodes that many).
     fast: ``training.rollouts.FastRollouts`` (TRL's ``rollout_func``); timed around the whole call, and split
           into the engine's LoRA merge, CUDA-graph captures, prefill and decode (``FastGenerator.last_stats``);
-          tokens are the rows times the decode steps the engine ran. Its trainer setup includes, for NF4, the
-          one-off dequantized bf16 copy of the base.
+          tokens are the rows times the decode steps the engine ran. Its first step (reported apart, left out
+          of the means like every engine's) makes the engine and, for NF4, the one-off dequantized bf16 copy.
 
     python -m bench.bench_grpo            # one CUDA GPU, both engines; writes $OUT/grpo_gpu.json or bench/results/
     python -m bench.bench_grpo --smoke    # CPU check of the script: tiny shapes, 3 steps, no NF4, both engines
@@ -252,6 +252,7 @@ def engine_figures(timing: Timing) -> dict:
         "steps": len(timing.step_s),
         "steps_timed": len(step_s),
         "trainer_setup_s": round(timing.setup_s, 3),
+        "first_step_s": round(timing.step_s[0], 3),
         "step_time_s": {
             "mean": round(statistics.fmean(step_s), 3),
             "per_step": [round(s, 3) for s in step_s],

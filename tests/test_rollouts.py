@@ -103,7 +103,7 @@ def lora_weights(policy) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in policy.named_parameters() if "lora_" in k and ".default." in k}
 
 
-def test_rollout_engine_is_hf_by_default_and_fast_needs_cuda(monkeypatch):
+def test_rollout_engine_is_hf_by_default_and_fast_needs_cuda(tmp_path, monkeypatch):
     assert load_config().rl.rollout_engine == "hf"
     with pytest.raises(ConfigError, match="rl.rollout_engine") as error:
         load_config().with_overrides(**{"rl.rollout_engine": "vllm"})
@@ -112,6 +112,10 @@ def test_rollout_engine_is_hf_by_default_and_fast_needs_cuda(monkeypatch):
     rollouts.check_engine("hf")
     with pytest.raises(ConfigError, match="needs a CUDA GPU: set rl.rollout_engine to 'hf'"):
         rollouts.check_engine("fast")
+    # The stage refuses before it reads anything, as evaluate refuses eval.backend 'fast'.
+    fast = load_config().with_overrides(**{"rl.levels": [LEVEL], "rl.rollout_engine": "fast"})
+    with pytest.raises(ConfigError, match="rl.rollout_engine 'fast' needs a CUDA GPU"):
+        rl.run(fast, tmp_path / "no-run")
 
 
 def test_fast_rollouts_train_two_steps_and_leave_the_base_weights_bit_identical(
@@ -189,3 +193,13 @@ def test_unquantized_copy_generates_as_the_policy_and_follows_its_lora_weights(t
     assert greedy(engine_model) != moved
     rollouts.sync_adapter(policy, engine_model, "default")
     assert greedy(engine_model) == moved
+
+    # An NF4 policy keeps its embeddings, norms and head in fp32 (PEFT's kbit preparation) and computes in
+    # bf16: the copy is in one dtype, the rotary frequencies (a buffer) in fp32 as transformers keeps them.
+    half = rollouts.unquantized_copy(policy, "default", dtype=torch.bfloat16)
+    base_params = [p for n, p in half.named_parameters() if "lora_" not in n]
+    assert {p.dtype for p in base_params} == {torch.bfloat16}
+    assert {b.dtype for b in half.buffers()} == {torch.float32}
+    assert all(len(c.token_ids) == 12 for c in FastGenerator(half).generate(
+        prompts, max_new_tokens=12, stop_token_ids=[-1], pad_token_id=0, adapter="default"
+    ))  # fmt: skip

@@ -15,12 +15,15 @@ fast engine merges the adapter's delta into the unquantized base (``FastGenerato
 top-k and ``max_new_tokens`` → TRL's dict.
 
 The unquantized base: a bf16/fp32 policy's own base weights (no copy; the merge is undone before TRL's next
-forward). An NF4 policy cannot be merged into, so its base is dequantized once, with bitsandbytes'
-``dequantize_4bit``, into a bf16 copy that shares the embeddings, norms and head with the policy; only its
-LoRA weights are refreshed from the policy before each call (``unquantized_copy``, ``sync_adapter``). That copy
-exists on a CUDA GPU only (bitsandbytes' NF4). Differences from TRL's generate path: the engine's own sampler
-and generator (seeded per step and process from ``rl.seed``, so a resumed run draws as an uninterrupted one),
-and no LoRA dropout during rollouts (the merged weights have none; TRL's generate runs the policy in train mode).
+forward). An NF4 policy cannot be merged into, so at the first call its base is dequantized, with bitsandbytes'
+``dequantize_4bit`` (through PEFT's ``dequantize_module_weight``), into a bf16 copy (its fp32 embeddings, norms
+and head cast to bf16); only the copy's LoRA weights are refreshed from the policy before each later call
+(``unquantized_copy``, ``sync_adapter``). That copy exists on a CUDA GPU only (bitsandbytes' NF4).
+
+Differences from TRL's generate path: the engine's own sampler and generator (seeded per step and process
+from ``rl.seed``, so a resumed run draws as an uninterrupted one), bf16 matmuls over dequantized weights
+instead of bitsandbytes' NF4 kernels (the same weights, other rounding), and no LoRA dropout during rollouts
+(merged weights have none; TRL's generate runs the policy in train mode).
 """
 
 from __future__ import annotations
@@ -55,18 +58,27 @@ def rollout_function(rl: RLConfig, policy) -> Callable[[list, object], dict] | N
 
 class FastRollouts:
     """The policy's GRPO completions from the fast engine, with its current LoRA weights merged; ``engine``
-    (its ``last_stats``) says where the last call's time went."""
+    (its ``last_stats``) says where the last call's time went.
+
+    The engine (and an NF4 policy's copy) is made at the first call, not before: the trainer may still move
+    the policy to its device after it is built, and the engine works on the device its weights are on.
+    """
 
     def __init__(self, policy, rl: RLConfig) -> None:
         self.policy = policy
         self.rl = rl
         self.adapter = policy.active_adapter
-        quantized = getattr(policy.get_base_model(), "is_loaded_in_4bit", False)
-        self.engine_model = unquantized_copy(policy, self.adapter) if quantized else policy
-        self.engine = FastGenerator(self.engine_model, max_batch_size=rl.prompts_per_step * rl.num_generations)
+        self.engine_model = None
+        self.engine: FastGenerator | None = None
 
     def __call__(self, prompts: list, trainer) -> dict:
-        if self.engine_model is not self.policy:
+        if self.engine is None:
+            quantized = getattr(self.policy.get_base_model(), "is_loaded_in_4bit", False)
+            self.engine_model = unquantized_copy(self.policy, self.adapter) if quantized else self.policy
+            self.engine = FastGenerator(
+                self.engine_model, max_batch_size=self.rl.prompts_per_step * self.rl.num_generations
+            )
+        elif self.engine_model is not self.policy:
             sync_adapter(self.policy, self.engine_model, self.adapter)
         # TRL's own templating (chat template, its kwargs, tools): the ids its generate path would get.
         prompt_ids = trainer._tokenize_prompts(prompts)[0]
@@ -96,38 +108,37 @@ def rollout_seed(seed: int, step: int, process: int) -> int:
 
 
 # ---- the unquantized copy of an NF4 policy (CUDA only) ----
-def base_weight(module: nn.Module) -> torch.Tensor:
-    """A base linear's weight as a plain tensor: an NF4 weight dequantized by bitsandbytes, else itself."""
-    weight = module.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None:
-        return weight.detach()
-    import bitsandbytes as bnb
+def unquantized_copy(policy, adapter: str, *, dtype: torch.dtype | None = None):
+    """The policy's model with every base linear as a plain ``nn.Linear`` over its dequantized weight, and the
+    policy's LoRA layout with its current weights under ``adapter``. Built on the meta device.
 
-    return bnb.functional.dequantize_4bit(weight.data, quant_state).to(quant_state.dtype)
-
-
-def unquantized_copy(policy, adapter: str):
-    """The policy's model with every base linear as a plain ``nn.Linear`` over its dequantized weight (the
-    dtype the NF4 layers compute in), other tensors shared with the policy, and the policy's LoRA layout with
-    its current weights under ``adapter``. Built on the meta device, so nothing is allocated twice."""
+    Every parameter is in ``dtype`` (default: the dtype the NF4 layers compute in): PEFT's
+    ``prepare_model_for_kbit_training`` left the policy's embeddings, norms and head in fp32, and the engine
+    computes in one dtype. A tensor already in ``dtype`` is shared with the policy, not copied (all of them,
+    for a plain policy: what lets the CPU tests build one). Buffers (the rotary frequencies) stay as they are.
+    """
     from peft import get_peft_model
+    from peft.utils.integrations import dequantize_module_weight
     from transformers import AutoModelForCausalLM
 
     lm = policy.get_base_model()
+    dtype = dtype or _compute_dtype(lm)
     config = copy.deepcopy(lm.config)
     config.__dict__.pop("quantization_config", None)  # the copy is a plain model
     with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=_compute_dtype(lm))
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, module in plain.named_modules():
         source = _unwrapped(lm.get_submodule(name)) if name else lm
         for key in chain(module._parameters, module._buffers):
             if module._parameters.get(key) is None and module._buffers.get(key) is None:
                 continue
-            linear_weight = key == "weight" and isinstance(module, nn.Linear)
-            tensor = base_weight(source) if linear_weight else getattr(source, key)
+            if key == "weight" and isinstance(module, nn.Linear):
+                # PEFT's own dequantization (bitsandbytes' dequantize_4bit for NF4): a plain weight as it is.
+                tensor = dequantize_module_weight(source)
+            else:
+                tensor = getattr(source, key)
             if key in module._parameters:
-                module._parameters[key] = nn.Parameter(tensor.detach(), requires_grad=False)
+                module._parameters[key] = nn.Parameter(tensor.detach().to(dtype), requires_grad=False)
             else:
                 module._buffers[key] = tensor
     plain.eval()
