@@ -45,6 +45,11 @@ EVAL_CONFIGS = ["base", *(f"level_{n}" for n in range(1, 6)), *(f"prompt_l{n}" f
 READ_ONLY = re.compile(r"^(GET|HEAD) |^POST /api/(validate-yaml|(models|datasets)/.+/paths-info/.+)$")
 
 
+def percent(n_correct: int, n_total: int) -> float:
+    """An .eval_results value as a leaderboard shows it: the benchmark's scale (GSM8K: percent), 2 decimals."""
+    return round(100 * n_correct / n_total, 2)
+
+
 @pytest.fixture
 def study(tmp_path, monkeypatch):
     """The tiny config (public repos) with a complete fixture run dir, and no token in the environment."""
@@ -636,7 +641,7 @@ def test_rl_adapters_get_their_own_repos_after_their_sft_siblings_and_converge(t
         assert adapter_config["revision"] == api(hub).repo_info(config.base_repo_id).sha
         metrics = json.loads(run_dir.metrics(f"rl_l{level}").read_text())
         info = api(hub).model_info(repo_id, expand=["evalResults"])
-        assert [entry.value for entry in info.eval_results or []] == [metrics["accuracy"]]
+        assert [entry.value for entry in info.eval_results or []] == [percent(metrics["n_correct"], metrics["n_total"])]
         for card_repo in (repo_id, config.adapter_repo_id(level)):
             card = api(hub).hf_hub_download(card_repo, "README.md", cache_dir=tmp_path / "dl")
             assert f"differs from SFT's by {metrics['vs_sft']['delta']:+.3f}" in Path(card).read_text()
@@ -719,8 +724,9 @@ def test_published_metadata_names_what_the_study_is(study, hub, tmp_path):
         assert (entry.dataset_id, entry.task_id, entry.value) == (
             config.eval_repo_id,
             f"level_{level}",
-            metrics["accuracy"],
+            percent(metrics["n_correct"], metrics["n_total"]),
         )
+        assert "value = accuracy in percent" in entry.notes
         assert entry.source_url == f"{hub.endpoint}/datasets/{config.eval_repo_id}"
         assert f"Level {level}" in entry.notes and "training seed 42" in entry.notes
 
@@ -745,7 +751,7 @@ def test_model_info_eval_results_equal_metrics(study, hub):
     for level in config.levels:
         info = api(hub).model_info(config.adapter_repo_id(level), expand=["evalResults"])
         metrics = json.loads(run_dir.metrics(f"level_{level}").read_text())
-        assert [entry.value for entry in info.eval_results or []] == [metrics["accuracy"]]
+        assert [entry.value for entry in info.eval_results or []] == [percent(metrics["n_correct"], metrics["n_total"])]
 
 
 def test_study_lock_records_the_commits_the_stages_read(tmp_path):

@@ -103,6 +103,12 @@ def adapter_card_data(config: StudyConfig, art: StudyArtifacts, level: int, *, r
     )
 
 
+def accuracy_percent(accuracy: float) -> float:
+    """An ``.eval_results`` value: the Hub reads it on the benchmark's scale, which for GSM8K is percent
+    (its leaderboard lists 58.0, not 0.58); the study's own eval dataset uses the same scale."""
+    return round(100 * accuracy, 2)
+
+
 def eval_result_entries(
     config: StudyConfig, art: StudyArtifacts, level: int, *, rl: bool = False
 ) -> list[EvalResultEntry]:
@@ -122,7 +128,7 @@ def eval_result_entries(
     evaluated = art.evaluated_with[model]
     seeds = ", ".join(str(seed) for seed in m["seeds"])
     notes = (
-        f"Level {level} ({LEVELS[level].name}) {method}; accuracy = correct final answers / answers "
+        f"Level {level} ({LEVELS[level].name}) {method}; value = accuracy in percent, correct final answers / answers "
         f"({m['n_correct']} / {m['n_total']}), graded strictly against the reference answer (only a finished "
         f"final answer counts; lenient accuracy {fmt_accuracy(m['accuracy_lenient'])}); greedy decoding, at most "
         f"{config.eval.max_new_tokens} new tokens, {evaluated['dtype']}"
@@ -133,7 +139,7 @@ def eval_result_entries(
             dataset_id=dataset["id"],
             task_id=dataset["task_id"],
             dataset_revision=dataset["revision"],
-            value=m["accuracy"],
+            value=accuracy_percent(m["accuracy"]),
             date=evaluated["date"],
             source_url=links["eval_dataset"],
             source_name="Every generated answer",
