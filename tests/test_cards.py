@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from fixtures_artifacts import FIXTURE_BASE_SHA, ModelProfile, write_fixture_study
 from helpers import tiny_qwen3
@@ -559,6 +560,14 @@ def test_published_level4_numbers(tmp_path):
     data = ModelCard(text).data
     assert data.base_model == "Qwen/Qwen3-4B-Instruct-2507" and data.license == "apache-2.0"
     assert data.eval_results[0].metric_value == 765 / 1319
+    # .eval_results on GSM8K's own scale (percent), and where a reader finds the adapter on its leaderboard
+    path, results_yaml = cards.eval_results_file(config, cards.load_artifacts(config, run_dir), 4)
+    assert path == ".eval_results/gsm8k.yaml" and yaml.safe_load(results_yaml)[0]["value"] == 58.0
+    assert (
+        "this repo's `.eval_results/gsm8k.yaml` gives this accuracy as 58, in percent (the benchmark's scale), for "
+        "`openai/gsm8k` (task `main`)" in text
+    )
+    assert 'get_dataset_leaderboard("openai/gsm8k", base_model_only=False)' in text
     assert "[Qwen/Qwen3-4B\\-Instruct\\-2507]" not in text  # single hyphens stay readable
     assert "[Qwen/Qwen3-4B-Instruct-2507](https://huggingface.co/Qwen/Qwen3-4B-Instruct-2507)" in text
     assert "base_id = 'Qwen/Qwen3-4B-Instruct-2507'" in text
