@@ -590,6 +590,7 @@ def test_training_seeds_give_mean_sd_each_seeds_ci_paired_tests_and_branches(tmp
     mean, sd = statistics.mean(accuracies), statistics.stdev(accuracies)
     assert sd > 0 and f"accuracy is {mean:.3f} ± {sd:.3f}" in text
     assert f"mean think tokens {statistics.mean(think):.2f} ± {statistics.stdev(think):.2f}" in text
+    assert "variance is measured across training seeds instead (Training seeds, above)" in text
     for seed, m in seeds.items():
         low, high = wilson(m["n_correct"], m["n_total"])
         branch = "main" if seed == 42 else f"seed-{seed}"
@@ -654,6 +655,7 @@ def test_rl_adapter_and_its_sft_sibling_both_show_sft_against_sft_plus_rl(tmp_pa
     assert ModelCard(rl_card.text).data.eval_results[0].metric_value == rl_m["accuracy"]
     assert f"| KL β | {config.rl.beta:g} |" in rl_card.text and "| Continued from | cot-compress/tiny-cot-l4 " in rl_card.text
     assert "adapter_id = 'cot-compress/tiny-cot-l4-rl'" in rl_card.text
+    assert "which was not measured for this adapter (one RL run)" in rl_card.text
     assert "## SFT against SFT+RL" not in rendered["tiny-cot-l2"].text
     assert "`rl_l<n>` (the level's SFT adapter continued with GRPO" in rendered["tiny-cot-eval"].text
     notes = cards.render_collection_notes(config, run_dir)
