@@ -20,6 +20,7 @@ from fixtures_artifacts import write_fixture_study
 from hubtools import publish_to
 from huggingface_hub import CommitOperationAdd, HfApi
 
+from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import ArtifactError, CardValidationError, HubError
@@ -743,6 +744,24 @@ def test_published_metadata_names_what_the_study_is(study, hub, tmp_path):
     assert ids == sorted(ids)
     # Once more: the pinned commits are the ones on the Hub, so nothing changes.
     assert publish(config, run_dir, hub).commits == 0
+
+
+def test_eval_dataset_card_snippet_pairs_an_adapter_with_the_stock_model(study, hub, tmp_path, capsys):
+    """The dataset card's code, run as a reader would against the Hub, prints what the samples say."""
+    config, run_dir = study
+    publish(config, run_dir, hub)
+    card = Path(
+        api(hub).hf_hub_download(config.eval_repo_id, "README.md", repo_type="dataset", cache_dir=tmp_path / "dl")
+    ).read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    capsys.readouterr()  # what publishing printed
+    exec(compile(snippet, "eval-dataset-card", "exec"), {})  # noqa: S102 - the card's own code is under test
+    adapter = f"level_{config.levels[-1]}"
+    base = {(r["id"], r["seed"], r["sample"]): r["correct"] for r in read_samples(run_dir.samples("base"))}
+    level = {(r["id"], r["seed"], r["sample"]): r["correct"] for r in read_samples(run_dir.samples(adapter))}
+    only_adapter = sum(level[key] and not base[key] for key in base)
+    assert f"load_dataset(repo, '{adapter}'" in snippet
+    assert capsys.readouterr().out == f"{len(base)} paired answers; {only_adapter} right only with the adapter\n"
 
 
 def test_model_info_eval_results_equal_metrics(study, hub):
