@@ -49,6 +49,8 @@ EXAMPLE_QUESTION = (
 SAMPLE_COLUMN_DOCS = {column.name: column.doc for column in SAMPLE_COLUMNS}
 SUMMARY_COLUMN_DOCS = {column.name: column.doc for column in SUMMARY_COLUMNS}
 
+EVAL_RESULTS_DIR = ".eval_results"
+
 
 @dataclass(frozen=True)
 class StudyArtifacts:
@@ -388,6 +390,27 @@ def dataset_revision(config: StudyConfig, art: StudyArtifacts) -> str:
     return (art.stats.get("source") or {}).get("sha") or config.data.revision
 
 
+def eval_dataset(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[str, str | None]:
+    """Where a model's results live: GSM8K's test split at its pinned commit, or for synthetic problems the
+    study's own eval dataset (its config for the model), which is not a benchmark."""
+    if config.synthetic_data:
+        return {"id": config.eval_repo_id, "name": config.eval_repo_id.split("/")[1], "config": model,
+                "task_id": model, "revision": None}
+    return {"id": config.data.dataset_id, "name": "GSM8K", "config": config.data.config_name,
+            "task_id": config.data.task_id, "revision": dataset_revision(config, art)}
+
+
+def eval_results_path(dataset: dict[str, str | None]) -> str:
+    """Where an adapter repo keeps its Hub eval results for a dataset: ``.eval_results/<dataset name>.yaml``."""
+    return f"{EVAL_RESULTS_DIR}/{dataset['id'].split('/')[1]}.yaml"
+
+
+def accuracy_percent(accuracy: float) -> float:
+    """An ``.eval_results`` value: the Hub reads it on the benchmark's scale, which for GSM8K is percent
+    (its leaderboard lists 58.0, not 0.58); the study's own eval dataset uses the same scale."""
+    return round(100 * accuracy, 2)
+
+
 def _level_info(level: int, art: StudyArtifacts) -> dict[str, Any]:
     """A level's spec, with the measured reasoning length of its training data beside the spec's label."""
     spec = LEVELS[level]
@@ -575,6 +598,18 @@ def rl_training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> li
     ]
 
 
+def _hub_results(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[str, Any]:
+    """What the adapter's ``.eval_results`` file tells the Hub, and where the Hub shows it."""
+    dataset = eval_dataset(config, art, model)
+    return {
+        "path": eval_results_path(dataset),
+        "value": fmt_plain(accuracy_percent(art.metrics[model]["accuracy"])),
+        "dataset_id": dataset["id"],
+        "task_id": dataset["task_id"],
+        "benchmark": not config.synthetic_data,
+    }
+
+
 def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int, *, rl: bool = False) -> dict[str, Any]:
     """An adapter card's variables: the level's SFT adapter's, or with ``rl`` its RL adapter's."""
     model = card_model(level, rl)
@@ -588,6 +623,7 @@ def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int, *, rl:
         "results": _table(art, results_columns(art), table_models(config), model),
         "vs_base": _table(art, VS_BASE_COLUMNS, compared_models(config), model),
         "sft_vs_rl": _sft_vs_rl(config, art, level, rl),
+        "hub_results": _hub_results(config, art, model),
         "training_seeds": _training_seeds(config, art, level),
         "training": [{"setting": s, "value": v} for s, v in rows],
         "evaluation": _evaluation(art, model),
@@ -637,7 +673,7 @@ def dataset_context(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
             "label": "one row per model: headline metrics",
             "rows": fmt_count(len(config.model_keys)),
         },
-        "join_level": config.model_keys[-1],
+        "join_level": LEVELS[config.levels[-1]].key,  # an adapter: the snippet counts what it gets right
         "columns": [{"name": name, "doc": doc} for name, doc in SAMPLE_COLUMN_DOCS.items()],
         "summary_columns": [{"name": name, "doc": doc} for name, doc in SUMMARY_COLUMN_DOCS.items()],
         "split": SPLIT,
