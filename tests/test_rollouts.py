@@ -8,12 +8,15 @@ engine without CUDA (as ``evaluate`` refuses ``eval.backend: fast``), so these t
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import make_adapter, sft_study
 
+from eval_artifacts.rundir import RunDir, write_jsonl
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import ConfigError
 from eval_artifacts.study.levels import build_prompt, build_response
@@ -61,6 +64,7 @@ class Recorder:
         self.rewarded: list[dict] = []
         self.rolled: list[dict] = []
         reward, rollout = trainer.reward_funcs[0], trainer.rollout_func
+        self.fast = rollout
 
         def recorded_reward(completions, completion_ids, **kwargs):
             self.rewarded.append({"completions": completions, "completion_ids": completion_ids})
@@ -82,7 +86,7 @@ def grpo(training_base, continued, tmp_path, **changes):
     config = sft_study(training_base, tmp_path / "run").with_overrides(**{**SETTINGS, **changes})
     torch.manual_seed(0)
     base, tokenizer = sft.load_base(
-        model_path=str(training_base), revision="main", quantization="none",
+        model_path=str(training_base), revision="main", quantization=config.base_model.quantization,
         precision=sft.choose_precision(), gradient_checkpointing=config.training.gradient_checkpointing,
     )  # fmt: skip
     policy = rl.continued_adapter(base, continued)
@@ -203,3 +207,54 @@ def test_unquantized_copy_generates_as_the_policy_and_follows_its_lora_weights(t
     assert all(len(c.token_ids) == 12 for c in FastGenerator(half).generate(
         prompts, max_new_tokens=12, stop_token_ids=[-1], pad_token_id=0, adapter="default"
     ))  # fmt: skip
+
+
+# ---------------------------------------------------------------- GPU only: NF4 and CUDA graphs
+NO_NF4 = not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_NF4, reason="needs a CUDA GPU and bitsandbytes")
+def test_fast_rollouts_on_the_gpu_restore_what_they_merge_into(training_base, continued, tmp_path, quantization):
+    """Two steps with CUDA graphs: a plain base's weights, or the NF4 base's dequantized copy, come back bit
+    for bit after every merge; the NF4 policy's own weights are never written."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    trainer, policy, recorder = grpo(
+        training_base, continued, tmp_path,
+        **{"rl.rollout_engine": "fast", "base_model.quantization": quantization},
+    )  # fmt: skip
+    before = base_weights(policy)
+    trainer.train()
+    after = base_weights(policy)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [row["step"] for row in rl.step_log(trainer)] == [1, 2]
+    assert all(len(r["completion_ids"]) == 6 for r in recorder.rolled)
+    fast = recorder.fast
+    assert fast.engine.use_graphs and fast.engine.device.type == "cuda"
+    if quantization == "nf4":
+        assert fast.engine_model is not policy
+        copies = dict(fast.engine_model.get_base_model().named_modules())
+        for name, module in policy.get_base_model().named_modules():
+            if hasattr(module, "base_layer"):
+                expected = dequantize_module_weight(module.base_layer).to(torch.bfloat16)
+                assert torch.equal(copies[name].base_layer.weight, expected), name
+    else:
+        assert fast.engine_model is policy
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_NF4, reason="needs a CUDA GPU and bitsandbytes")
+def test_rl_stage_runs_on_fast_rollouts_with_an_nf4_base(training_base, continued, tmp_path):
+    """``rl.run`` end to end on a GPU, NF4 base, ``rl.rollout_engine: fast``: recorded in training.json."""
+    config = sft_study(training_base, tmp_path / "run").with_overrides(
+        **{**SETTINGS, "levels": [LEVEL], "base_model.quantization": "nf4", "rl.rollout_engine": "fast"}
+    )
+    run_dir = RunDir(config.run_dir)
+    write_jsonl(run_dir.train_file(LEVEL), rows())
+    shutil.copytree(continued, run_dir.adapter_dir(LEVEL))
+    payload = rl.run(config, run_dir)[LEVEL]
+    assert payload["hyperparameters"]["rollout_engine"] == "fast"
+    assert payload["steps"] == 2 and [row["step"] for row in payload["log"]] == [1, 2]
+    assert (run_dir.rl_adapter_dir(LEVEL) / "adapter_model.safetensors").is_file()
