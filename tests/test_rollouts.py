@@ -153,6 +153,21 @@ def test_fast_rollouts_train_two_steps_and_leave_the_base_weights_bit_identical(
         assert rolled["prompt_ids"][0] == list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
 
 
+def test_rollouts_draw_anew_per_call_and_again_the_same_after_a_restart(training_base, continued, tmp_path):
+    """Seeds come from (rl.seed, optimizer step, call within the step, process), not from what ran before: a
+    second call in one step draws anew, and a fresh engine at the same point (a resumed run) draws the same."""
+    trainer, policy, recorder = grpo(training_base, continued, tmp_path, **{"rl.rollout_engine": "fast"})
+    settings = recorder.fast.rl
+    prompts = [row["prompt"] for row in rl.prompt_dataset(rows()[:2])] * 3
+    first = trainer.rollout_func(prompts, trainer)
+    second = trainer.rollout_func(prompts, trainer)
+    assert second["completion_ids"] != first["completion_ids"]
+    restarted = rollouts.FastRollouts(policy, settings)(prompts, trainer)
+    assert restarted == first
+    trainer.state.global_step += 1
+    assert rollouts.FastRollouts(policy, settings)(prompts, trainer) != first
+
+
 def test_with_top_k_1_fast_and_hf_rollouts_give_the_same_completions(training_base, continued, tmp_path):
     """HF's top-k 1 sampling is its argmax, and the engine's is too: same completions, step after step, and the
     same figures in the trainer's log."""

@@ -70,6 +70,7 @@ class FastRollouts:
         self.adapter = policy.active_adapter
         self.engine_model = None
         self.engine: FastGenerator | None = None
+        self._last_call = (-1, 0)  # (optimizer step, calls made during it)
 
     def __call__(self, prompts: list, trainer) -> dict:
         if self.engine is None:
@@ -82,6 +83,10 @@ class FastRollouts:
             sync_adapter(self.policy, self.engine_model, self.adapter)
         # TRL's own templating (chat template, its kwargs, tools): the ids its generate path would get.
         prompt_ids = trainer._tokenize_prompts(prompts)[0]
+        # With gradient accumulation TRL generates more than once per optimizer step: each call its own seed.
+        step = trainer.state.global_step
+        call = self._last_call[1] + 1 if self._last_call[0] == step else 0
+        self._last_call = (step, call)
         completions = self.engine.generate(
             prompt_ids,
             max_new_tokens=self.rl.max_new_tokens,
@@ -91,7 +96,7 @@ class FastRollouts:
             sampling=Sampling(
                 temperature=self.rl.temperature,
                 top_k=self.rl.top_k,
-                seed=rollout_seed(self.rl.seed, trainer.state.global_step, trainer.accelerator.process_index),
+                seed=rollout_seed(self.rl.seed, step, call, trainer.accelerator.process_index),
             ),
         )
         return {
@@ -101,10 +106,11 @@ class FastRollouts:
         }
 
 
-def rollout_seed(seed: int, step: int, process: int) -> int:
-    """The engine's seed for one step's rollouts on one process: independent streams per (seed, step, process)
-    that do not depend on what ran before, so a run resumed from a checkpoint draws what it would have drawn."""
-    return int(np.random.SeedSequence([seed, step, process]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def rollout_seed(seed: int, step: int, call: int, process: int) -> int:
+    """The engine's seed for a step's ``call``-th rollouts on one process: independent streams per (seed, step,
+    call, process) that do not depend on what ran before, so a run resumed from a checkpoint (a step boundary)
+    draws what it would have drawn."""
+    return int(np.random.SeedSequence([seed, step, call, process]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 # ---- the unquantized copy of an NF4 policy (CUDA only) ----
