@@ -656,6 +656,7 @@ def test_rl_adapter_and_its_sft_sibling_both_show_sft_against_sft_plus_rl(tmp_pa
     assert f"| KL β | {config.rl.beta:g} |" in rl_card.text and "| Continued from | cot-compress/tiny-cot-l4 " in rl_card.text
     assert "adapter_id = 'cot-compress/tiny-cot-l4-rl'" in rl_card.text
     assert "which was not measured for this adapter (one RL run)" in rl_card.text
+    assert "new tokens, sampled with transformers' generate on the training policy |" in rl_card.text
     assert "## SFT against SFT+RL" not in rendered["tiny-cot-l2"].text
     assert "`rl_l<n>` (the level's SFT adapter continued with GRPO" in rendered["tiny-cot-eval"].text
     notes = cards.render_collection_notes(config, run_dir)

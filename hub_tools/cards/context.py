@@ -50,6 +50,11 @@ SAMPLE_COLUMN_DOCS = {column.name: column.doc for column in SAMPLE_COLUMNS}
 SUMMARY_COLUMN_DOCS = {column.name: column.doc for column in SUMMARY_COLUMNS}
 
 EVAL_RESULTS_DIR = ".eval_results"
+ROLLOUT_ENGINES = {
+    "hf": "sampled with transformers' generate on the training policy",
+    "fast": "sampled with cot-compress's fast engine (the policy's LoRA merged into a bf16 copy of the base)",
+}
+"""How an RL adapter's rollouts were generated (``rl.rollout_engine``; training.json before it had ``hf``)."""
 
 
 @dataclass(frozen=True)
@@ -582,7 +587,8 @@ def rl_training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> li
             "Rollouts per step",
             f"{fmt_count(hp['prompts_per_step'])} problems × {fmt_count(hp['num_generations'])} completions, "
             f"temperature {fmt_plain(hp['temperature'])}, top-k {fmt_count(hp['top_k'])}, "
-            f"at most {fmt_count(hp['max_new_tokens'])} new tokens",
+            f"at most {fmt_count(hp['max_new_tokens'])} new tokens, "
+            + ROLLOUT_ENGINES[hp.get("rollout_engine", "hf")],
         ),
         ("Learning rate", fmt_plain(hp["learning_rate"])),
         ("KL β", fmt_plain(hp["beta"])),
