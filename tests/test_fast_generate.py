@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_qwen3
 from peft import LoraConfig, get_peft_model
 
-from training.fast_generate import FastCompletion, FastGenerator
+from training.fast_generate import FastCompletion, FastGenerator, Sampling, sample_tokens
 
 VOCAB = 101
 PAD = 0
@@ -546,3 +546,146 @@ def test_bench_eval_smoke_runs_every_stage(tmp_path):
     ).stdout
     fast_row = f"| fast engine (measured) | {result['fast']['totals']['wall_s']:,.1f} |"
     assert fast_row in table and f"| {speedup:.1f}x |" in table
+
+
+# ---------------------------------------------------------------- sampling
+def test_sample_tokens_draws_each_token_with_its_tempered_top_k_probability():
+    """The exponential race against the distribution it claims: 40,000 draws of one row, within 4 sigma."""
+    logits = torch.tensor([[2.0, 1.5, 0.2, -0.3, 1.0, -2.0]])
+    temperature, top_k, draws = 0.7, 4, 40_000
+    tokens, logps = sample_tokens(
+        logits.expand(draws, -1),
+        temperature=temperature,
+        top_k=top_k,
+        generator=torch.Generator().manual_seed(3),
+    )
+    # HF's warpers in HF's order (temperature, then top-k) give the distribution independently.
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+
+    warped = TopKLogitsWarper(top_k)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    probs = warped.softmax(-1)[0]
+    assert set(tokens.tolist()) == set(torch.nonzero(probs).flatten().tolist())  # the top 4 only
+    observed = torch.bincount(tokens, minlength=logits.shape[1]).double() / draws
+    sigma = (probs.double() * (1 - probs.double()) / draws).sqrt()
+    assert ((observed - probs.double()).abs() <= 4 * sigma + 1e-12).all(), (observed, probs)
+    assert torch.allclose(logps, probs.log()[tokens])
+
+
+def test_top_k_1_sampling_is_greedy_token_for_token(base):
+    batch = prompts(9, seed=4)
+    stop = pick_stop_token(base, batch, 20)
+    engine = FastGenerator(base, max_batch_size=4, context_bucket=8)
+    greedy = engine.generate(batch, max_new_tokens=20, stop_token_ids=[stop], pad_token_id=PAD)
+    sampled = engine.generate(
+        batch,
+        max_new_tokens=20,
+        stop_token_ids=[stop],
+        pad_token_id=PAD,
+        sampling=Sampling(temperature=1.7, top_k=1, seed=5),
+    )
+    assert [(c.token_ids, c.finish_reason) for c in sampled] == [(c.token_ids, c.finish_reason) for c in greedy]
+    assert all(c.logprobs == [0.0] * len(c.token_ids) for c in sampled)  # one token kept: probability 1
+    assert greedy == hf_greedy(base, batch, max_new=20, stop_ids={stop})  # greedy is untouched after sampling
+
+
+def test_sampling_repeats_with_its_seed_and_differs_across_seeds(base):
+    batch = prompts(6, seed=8)
+    engine = FastGenerator(base, max_batch_size=4, context_bucket=8)
+
+    def draw(seed):
+        completions = engine.generate(
+            batch, max_new_tokens=12, stop_token_ids=[VOCAB + 1], pad_token_id=PAD,
+            sampling=Sampling(temperature=1.0, seed=seed),
+        )  # fmt: skip
+        return [(c.token_ids, c.logprobs) for c in completions]
+
+    first = draw(11)
+    assert draw(11) == first
+    assert draw(12) != first
+    # Two identical prompts in one call draw independently (GRPO's group is one prompt repeated).
+    twins = engine.generate(
+        [batch[0]] * 4, max_new_tokens=12, stop_token_ids=[VOCAB + 1], pad_token_id=PAD,
+        sampling=Sampling(seed=11),
+    )  # fmt: skip
+    assert len({tuple(c.token_ids) for c in twins}) > 1
+
+
+def test_sampled_tokens_and_logprobs_agree_with_the_unmerged_peft_forward():
+    """Each sampled token lies in HF's top-k of the adapter's logits at its position, and its logprob is
+    log_softmax(top-k(logits / T)) there, from an fp32 forward of PEFT's unmerged model; base weights restored."""
+    model = random_qwen3(seed=7)
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, LoraConfig(**lora), adapter_name="policy").eval()
+    weights = {k: v.clone() for k, v in peft_model.get_base_model().state_dict().items() if "lora_" not in k}
+    batch = prompts(6, seed=9)
+    temperature, top_k = 1.3, 5
+    got = FastGenerator(peft_model, max_batch_size=4, context_bucket=8).generate(
+        batch, adapter="policy", max_new_tokens=10, stop_token_ids=[VOCAB + 1], pad_token_id=PAD,
+        sampling=Sampling(temperature=temperature, top_k=top_k, seed=2),
+    )  # fmt: skip
+    for prompt, completion in zip(batch, got, strict=True):
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            logits = peft_model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        tokens = torch.tensor(completion.token_ids)
+        assert (logits.gather(1, tokens[:, None]) >= kth).all()
+        expected = logits.masked_fill(logits < kth, float("-inf")).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, rtol=0, atol=1e-4)
+    after = peft_model.get_base_model().state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+
+
+def test_sampled_draws_do_not_depend_on_graph_captures(base, monkeypatch):
+    """A capture's warm-up steps draw from the engine's generator too; each batch is reseeded after its
+    captures, so a call draws the same tokens whether its graphs were captured now, before, or never (eager)."""
+    captured = []
+
+    def fake_capture(self, b, width):
+        for _ in range(2):
+            self._pos.fill_(width - 2)
+            self._decode_step(b, width)
+        captured.append(self._graph_key(b, width))
+        return lambda: self._decode_step(b, width)
+
+    batch = prompts(9, seed=3)
+    sampling = Sampling(temperature=1.2, top_k=20, seed=4)
+
+    def draw(engine):
+        return engine.generate(
+            batch, max_new_tokens=14, stop_token_ids=[VOCAB + 1], pad_token_id=PAD, sampling=sampling
+        )
+
+    eager = draw(FastGenerator(base, max_batch_size=4, context_bucket=8))
+    monkeypatch.setattr(FastGenerator, "_capture", fake_capture)
+    graphs = FastGenerator(base, max_batch_size=4, context_bucket=8, use_cuda_graphs=True)
+    assert draw(graphs) == eager  # captured during the call
+    assert draw(graphs) == eager  # replayed from earlier captures
+    graphs.generate(batch, max_new_tokens=14, stop_token_ids=[VOCAB + 1], pad_token_id=PAD)
+    # Greedy and sampled decode steps are separate graphs; the seed is no part of a graph's key.
+    assert {key[2] for key in captured} == {None, (1.2, 20)}
+    assert len(captured) == len(set(captured))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_under_cuda_graphs_draws_what_eager_draws_fp32():
+    """The exponential race on the engine's own generator, registered with each graph: replays draw the
+    numbers eager steps draw from the same seed, and top-k 1 stays greedy."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = random_qwen3(seed=11).cuda()
+    batch = prompts(40, seed=4)
+    sampling = Sampling(temperature=1.1, top_k=30, seed=9)
+    eager = FastGenerator(model, max_batch_size=16, context_bucket=8, use_cuda_graphs=False, fused_kernels=False)
+    graphs = FastGenerator(model, max_batch_size=16, context_bucket=8, use_cuda_graphs=True, fused_kernels=False)
+
+    def draw(engine, how):
+        return engine.generate(batch, max_new_tokens=30, stop_token_ids=[VOCAB + 1], pad_token_id=PAD, sampling=how)
+
+    expected = draw(eager, sampling)
+    assert draw(graphs, sampling) == expected
+    assert draw(graphs, sampling) == expected
+    assert draw(graphs, Sampling(temperature=1.1, top_k=30, seed=10)) != expected
+    greedy = graphs.generate(batch, max_new_tokens=30, stop_token_ids=[VOCAB + 1], pad_token_id=PAD)
+    top1 = draw(graphs, Sampling(top_k=1, seed=3))
+    assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]

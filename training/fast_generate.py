@@ -14,6 +14,11 @@ unmerged LoRA adds ~1.8x on top (bench/README.md). This engine runs the same gre
 
 Outputs are HF ``generate``'s greedy outputs (same stop tokens, ``min_new_tokens`` handling, pad after a
 stop), which tests/test_fast_generate.py checks token for token on CPU.
+
+With ``sampling`` (``Sampling``: temperature and top-k, as HF's warpers apply them) the decode step samples
+instead, inside the captured graph, and each token's log-probability under the distribution it was drawn from
+comes back with it (what GRPO rollouts need; ``training.rollouts``). See ``sample_tokens`` for why sampling is
+an exponential race on a dedicated generator rather than ``torch.multinomial``.
 """
 
 from __future__ import annotations
@@ -54,6 +59,61 @@ class FastCompletion:
     """Generated tokens up to and including the first stop token (no padding)."""
     finish_reason: str
     """"stop" when a stop token was generated, "length" when ``max_new_tokens`` ran out first."""
+    logprobs: list[float] | None = None
+    """Sampled runs only: each token's log-probability under the (temperature, top-k) distribution it was
+    drawn from, one per entry of ``token_ids``."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding: HF's ``do_sample=True`` with ``temperature`` and ``top_k`` (0: no cut)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    """Seeds the engine's own generator: same seed and inputs, same tokens."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0 or self.top_k < 0:
+            raise ValueError(f"sampling needs temperature > 0 and top_k >= 0, got {self}")
+
+    @property
+    def graph_key(self) -> tuple[float, int]:
+        """What a captured decode step bakes in; the seed is read from the generator at each replay."""
+        return (self.temperature, self.top_k)
+
+    def batch_seed(self, batch: int) -> int:
+        """The generator's seed for the call's ``batch``-th batch, set after its graph captures (whose warm-up
+        steps draw too), so a call's tokens do not depend on which graphs earlier calls left captured."""
+        return (self.seed * 1_000_003 + batch) % 2**63
+
+
+def sample_tokens(
+    logits: torch.Tensor, *, temperature: float, top_k: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``logits`` [rows, vocab], drawn as HF's sampling draws it; returns (tokens, logprobs).
+
+    The distribution is HF's: fp32 logits divided by ``temperature``, then every token below the ``top_k``-th
+    largest set to -inf (ties with it kept, as ``TopKLogitsWarper`` keeps them). A logprob is the token's
+    log-softmax under that distribution (what vLLM's ``processed_logprobs`` reports to TRL).
+
+    The draw is an exponential race, ``argmax(log p - log E)`` with ``E ~ Exp(1)`` per token, which picks token
+    i with probability p_i (the Gumbel-max trick: ``-log E`` is Gumbel). Unlike ``torch.multinomial`` it is a
+    fixed sequence of elementwise kernels, an ``exponential_`` and an argmax: no data-dependent host sync or
+    validation, so it can be captured in a CUDA graph. Its randomness comes from ``generator``; a graph that
+    draws from a generator other than the device's default must register it (``register_generator_state``)
+    before capture, and then each replay advances that generator's Philox offset, so replays draw fresh numbers
+    and reseeding between calls is honoured.
+    """
+    scaled = logits.float() / temperature
+    if top_k:
+        kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    logp = scaled.log_softmax(dim=-1)
+    race = torch.empty_like(logp).exponential_(generator=generator)
+    # exponential_ may return 0 for a uniform draw of exactly 0; -log(0) would make that token win outright.
+    tokens = (logp - race.clamp_min_(torch.finfo(race.dtype).tiny).log()).argmax(dim=-1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
 @dataclass
@@ -241,7 +301,9 @@ class FastGenerator:
 
         self._backup: dict[int, torch.Tensor] = {}
         self._capacity = (0, 0)  # (rows, slots) of the allocated cache
-        self._graphs: dict[tuple[int, int], Callable[[], None]] = {}
+        self._graphs: dict[tuple, Callable[[], None]] = {}
+        self._sampling: Sampling | None = None  # of the current call; None: greedy
+        self._rng: torch.Generator | None = None  # made on the first sampled call; graphs register it
         self._pool = None
         self._warmup_stream = None
 
@@ -411,6 +473,7 @@ class FastGenerator:
         self._slots = torch.arange(slots, device=dev)
         self._is_stop = torch.zeros(self.vocab, dtype=torch.bool, device=dev)
         self._pad_id = torch.zeros(1, dtype=torch.long, device=dev)
+        self._logps = torch.zeros(rows, slots, dtype=torch.float32, device=dev)  # sampled runs' logprobs
         self._capacity = (rows, slots)
 
     # ---------------------------------------------------------------- model
@@ -431,19 +494,32 @@ class FastGenerator:
         return h + lay.down(lay.act(gate) * up)
 
     def _next_token(self, x: torch.Tensor, b: int) -> None:
-        """Greedy pick from the final-normed hidden state; writes the token at slot pos+1, advances pos."""
+        """Pick from the final-normed hidden state (greedy, or sampled with ``_sampling``); writes the token
+        at slot pos+1 (its logprob too when sampled), advances pos."""
         logits = self.lm_head(x)
         # min_new_tokens: stop tokens are banned while the token being generated is before min_slot+1.
         ban = self._is_stop & (self._pos < self._min_slot)
         logits = logits.masked_fill(ban, float("-inf"))
-        nxt = logits.argmax(dim=-1)
         finished = self._finished[:b]
+        if self._sampling is None:
+            nxt = logits.argmax(dim=-1)
+        else:
+            nxt = self._sample(logits, finished)
         hit_stop = self._is_stop[nxt]
         nxt = torch.where(finished, self._pad_id, nxt)
         finished |= hit_stop
         self._tokens[:b].index_copy_(1, self._pos + 1, nxt[:, None])
         self._cur[:b].copy_(nxt)
         self._pos += 1
+
+    def _sample(self, logits: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        """Sampled tokens of ``logits``; their logprobs go to slot pos+1 (0 for rows already finished)."""
+        sampling = self._sampling
+        tokens, logps = sample_tokens(
+            logits, temperature=sampling.temperature, top_k=sampling.top_k, generator=self._rng
+        )
+        self._logps[: logits.shape[0]].index_copy_(1, self._pos + 1, logps.masked_fill(finished, 0.0)[:, None])
+        return tokens
 
     def _decode_mask(self, b: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """[b, 1, 1, width] additive mask: a row's real prompt slots and everything up to pos."""
@@ -596,10 +672,14 @@ class FastGenerator:
 
     def _ensure_graphs(self, b: int, widths: set[int]) -> None:
         """Capture any missing decode graphs. Runs before a batch's prefill, which resets the state."""
-        for width in sorted(w for w in widths if (b, w) not in self._graphs):
-            self._graphs[(b, width)] = self._capture(b, width)
+        for width in sorted(w for w in widths if self._graph_key(b, w) not in self._graphs):
+            self._graphs[self._graph_key(b, width)] = self._capture(b, width)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _graph_key(self, b: int, width: int) -> tuple:
+        """Greedy and each (temperature, top_k) capture their own decode step."""
+        return (b, width, None if self._sampling is None else self._sampling.graph_key)
 
     def _capture(self, b: int, width: int) -> Callable[[], None]:
         """Warm up, then capture one decode step of ``b`` rows over ``width`` slots; returns its replay.
@@ -619,6 +699,8 @@ class FastGenerator:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._pos.fill_(width - 2)
         graph = torch.cuda.CUDAGraph()
+        if self._sampling is not None:  # sample_tokens draws from the engine's generator, not the default one
+            graph.register_generator_state(self._rng)
         with torch.cuda.graph(graph, pool=pool):
             self._decode_step(b, width)
         return graph.replay
@@ -633,12 +715,14 @@ class FastGenerator:
         pad_token_id: int,
         min_new_tokens: int = 0,
         adapter: str | None = None,
+        sampling: Sampling | None = None,
     ) -> list[FastCompletion]:
         """Greedy completions of token-id prompts, in input order, with ``adapter`` merged (None: base).
 
         Same outputs as ``model.generate(do_sample=False, max_new_tokens=..., min_new_tokens=...,
-        eos_token_id=stop_token_ids, pad_token_id=...)`` on left-padded batches. ``last_stats`` holds the
-        per-batch timings afterwards.
+        eos_token_id=stop_token_ids, pad_token_id=...)`` on left-padded batches. With ``sampling``: drawn
+        from HF's ``do_sample=True`` distribution instead (``sample_tokens``), with per-token logprobs.
+        ``last_stats`` holds the per-batch timings afterwards.
         """
         results: list[FastCompletion | None] = [None] * len(prompts)
         for indices, completions in self.iter_batches(
@@ -648,6 +732,7 @@ class FastGenerator:
             pad_token_id=pad_token_id,
             min_new_tokens=min_new_tokens,
             adapter=adapter,
+            sampling=sampling,
         ):
             for i, completion in zip(indices, completions, strict=True):
                 results[i] = completion
@@ -662,6 +747,7 @@ class FastGenerator:
         pad_token_id: int,
         min_new_tokens: int = 0,
         adapter: str | None = None,
+        sampling: Sampling | None = None,
     ) -> Iterator[tuple[list[int], list[FastCompletion]]]:
         """As ``generate``, batch by batch (shortest prompts first): yields (prompt indices, completions).
 
@@ -677,6 +763,7 @@ class FastGenerator:
         start = time.perf_counter()
         stats = CallStats()
         self.last_stats = stats
+        self._use_sampling(sampling)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         longest = len(prompts[order[-1]])
         slots = math.ceil((longest + max_new_tokens) / self.bucket) * self.bucket
@@ -733,6 +820,8 @@ class FastGenerator:
             self._ensure_graphs(graph_rows, {self._width(p) for p in range(plen, last_pos + 1)})
             stats.capture_s += time.perf_counter() - t0
 
+        if self._sampling is not None:
+            self._rng.manual_seed(self._sampling.batch_seed(len(stats.batches)))
         t0 = time.perf_counter()
         host_tokens = torch.full((graph_rows, plen), pad_token_id, dtype=torch.long)
         for r, prompt in enumerate(padded):
@@ -750,7 +839,7 @@ class FastGenerator:
         pos = plen
         while pos <= last_pos:
             if self.use_graphs:
-                self._graphs[(graph_rows, self._width(pos))]()
+                self._graphs[self._graph_key(graph_rows, self._width(pos))]()
             else:
                 self._decode_step(graph_rows, self._width(pos))
             pos += 1
@@ -758,6 +847,7 @@ class FastGenerator:
             if steps % self.stop_check_every == 0 and bool(self._finished[:rows].all()):
                 break
         generated = self._tokens[:rows, plen : plen + steps].cpu()
+        logps = self._logps[:rows, plen : plen + steps].cpu() if self._sampling is not None else None
         t2 = time.perf_counter()
         stats.batches.append(
             BatchStats(
@@ -770,7 +860,16 @@ class FastGenerator:
                 decode_s=t2 - t1,
             )
         )
-        return [_completion(row.tolist(), stop_ids) for row in generated]
+        return [
+            _completion(row.tolist(), stop_ids, None if logps is None else logps[r].tolist())
+            for r, row in enumerate(generated)
+        ]
+
+    def _use_sampling(self, sampling: Sampling | None) -> None:
+        """Decode this call greedily (None) or sampled, from the engine's own generator."""
+        self._sampling = sampling
+        if sampling is not None and self._rng is None:
+            self._rng = torch.Generator(device=self.device)
 
     def close(self) -> None:
         """Free the cache and the graphs (the weights stay the model's)."""
@@ -830,11 +929,12 @@ def _heads_to_rows(x: torch.Tensor, *, rows: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(rows, -1)
 
 
-def _completion(tokens: list[int], stop_ids: set[int]) -> FastCompletion:
+def _completion(tokens: list[int], stop_ids: set[int], logprobs: list[float] | None = None) -> FastCompletion:
     for n, token in enumerate(tokens):
         if token in stop_ids:
-            return FastCompletion(token_ids=tokens[: n + 1], finish_reason="stop")
-    return FastCompletion(token_ids=tokens, finish_reason="length")
+            kept = None if logprobs is None else logprobs[: n + 1]
+            return FastCompletion(token_ids=tokens[: n + 1], finish_reason="stop", logprobs=kept)
+    return FastCompletion(token_ids=tokens, finish_reason="length", logprobs=logprobs)
 
 
 class FastGenerationEngine:
