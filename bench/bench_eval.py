@@ -428,9 +428,10 @@ def main(argv=None) -> dict:
     eager = run_eager_ablation(result, inputs, peft_model, fast, max_batch_size=args.max_batch_size)
     run_option_ablations(result, inputs, peft_model, fast, max_batch_size=args.max_batch_size)
     empty_cache(device)
-    hf = run_hf_batch_baseline(result, inputs, peft_model, n_batches=args.hf_batches)
-    compare_with_hf(result, inputs, fast, eager, hf)
-    run_one_at_a_time(result, inputs, peft_model, sample=args.single_problems)
+    if not args.skip_baselines:
+        hf = run_hf_batch_baseline(result, inputs, peft_model, n_batches=args.hf_batches)
+        compare_with_hf(result, inputs, fast, eager, hf)
+        run_one_at_a_time(result, inputs, peft_model, sample=args.single_problems)
     peft_model = None  # free the 4B model before the fp32 check
     empty_cache(device)
     run_fp32_check(result, inputs)
@@ -463,6 +464,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--hf-batches", type=int, default=1, help="HF batches timed per model for baseline (a)"
     )
     parser.add_argument("--single-problems", type=int, default=None, help="baseline (b) sample (default 64)")
+    parser.add_argument(
+        "--skip-baselines",
+        action="store_true",
+        help="skip baselines (a) and (b) and the bf16 comparison with HF generate (the fp32 check still runs)",
+    )
     parser.add_argument(
         "--self-check-only", action="store_true", help="run only the tiny exactness self-check"
     )
@@ -923,8 +929,8 @@ def markdown_table(result: dict) -> str:
     """The README table for one result file: device, libraries, date, then one row per method."""
     lib = result["libraries"]
     fast = result["fast"]["totals"]
-    hf = result["baseline_hf_batch"]
-    single = result["baseline_one_at_a_time"]
+    hf = result.get("baseline_hf_batch")
+    single = result.get("baseline_one_at_a_time")
     roofline = result.get("roofline") or {}
     roof = roofline.get("datasheet") or roofline.get("measured") or {}
     setup = result["setup"]
@@ -937,11 +943,17 @@ def markdown_table(result: dict) -> str:
         "| method | whole eval (s) | tokens/s | fast engine speed-up |",
         "|---|---|---|---|",
         f"| fast engine (measured) | {fast['wall_s']:,.1f} | {fast['tokens_per_s']:,.0f} | - |",
-        f"| HF `generate`, batch {hf['batch_size']}, unmerged LoRA (extrapolated) | {hf['extrapolated_wall_s']:,.0f} "
-        f"| {hf['tokens_per_s']:,.0f} | {result['speedup']['vs_hf_batch']:.1f}x |",
-        f"| one problem at a time (extrapolated) | {single['extrapolated_wall_s']:,.0f} "
-        f"| {single['tokens_per_s_extrapolated']:,.1f} | {result['speedup']['vs_one_at_a_time']:.0f}x |",
     ]
+    if hf:  # not with --skip-baselines
+        lines.append(
+            f"| HF `generate`, batch {hf['batch_size']}, unmerged LoRA (extrapolated) | {hf['extrapolated_wall_s']:,.0f} "
+            f"| {hf['tokens_per_s']:,.0f} | {result['speedup']['vs_hf_batch']:.1f}x |"
+        )
+    if single:
+        lines.append(
+            f"| one problem at a time (extrapolated) | {single['extrapolated_wall_s']:,.0f} "
+            f"| {single['tokens_per_s_extrapolated']:,.1f} | {result['speedup']['vs_one_at_a_time']:.0f}x |"
+        )
     if roof:
         lines += [
             "",
