@@ -14,7 +14,11 @@ dot) it
 The fastest passing configuration is printed as ``best: <spec>``; ``--decode-attention <spec>`` hands it to
 ``bench.bench_eval`` and ``bench.profile_decode``.
 
+``--resources`` needs no GPU: it compiles every configuration of the grid for an sm_90 GPU ahead of time
+(Triton ships ptxas) and reports registers per thread, spilled bytes and shared memory, nothing timed.
+
     python -m bench.tune_decode_attention          # one CUDA GPU; writes $OUT/tune_decode_attention.json
+    python -m bench.tune_decode_attention --resources   # any machine: each configuration's registers and spills
     TRITON_INTERPRET=1 python -m bench.tune_decode_attention --smoke  # CPU, tiny shapes (tests run it)
 """
 
@@ -23,6 +27,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,6 +57,95 @@ def grid_specs(grid: dict[str, str]) -> list[str]:
     values = [[v for v in grid[k].split(",") if v] for k in keys]
     specs = [",".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
     return [""] + specs
+
+
+def compile_ahead(
+    kernel, signature: dict[str, str], constexprs: dict, *, divisible: tuple[str, ...] = (), arch: int = 90, **options
+) -> dict:
+    """Compile a Triton kernel for an sm_<arch> NVIDIA GPU, on any machine (Triton ships ptxas and
+    cuobjdump); its registers per thread, spilled (stack) bytes, shared memory and whether its loops load
+    asynchronously (software pipelining, ``num_stages``).
+
+    ``divisible`` names the arguments known to be multiples of 16 (bytes for pointers): Triton's JIT finds
+    that out at launch (torch's allocations, the cache's strides) and only then may pipeline the loads, so
+    they are declared here as the launch would specialise them. ``signature`` is in the kernel's order.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    names = list(signature) + list(constexprs)
+    source = triton.compiler.ASTSource(
+        fn=kernel,
+        signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
+        constexprs=constexprs,
+        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in divisible},
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [str(cuobjdump), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
+        ).stdout
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+    return {
+        "registers": int(found.group(1)),
+        "spilled_bytes": int(found.group(2)),
+        "shared_bytes": compiled.metadata.shared,
+        "pipelined": "async_copy_global_to_local" in compiled.asm["ttgir"],
+    }
+
+
+def attention_resources(config: DecodeAttentionConfig, *, groups: int = 4, head_dim: int = 128) -> dict:
+    """``compile_ahead`` of the decode attention (and, split, its reduction) at the eval's shape in bf16."""
+    from training import fused_kernels
+
+    pointers = dict.fromkeys(("Q", "K", "V", "OUT"), "*bf16") | dict.fromkeys(
+        ("PART_ACC", "PART_M", "PART_SUM"), "*fp32"
+    )
+    constexprs = {"G": groups, "G_PAD": max(16, 1 << (groups - 1).bit_length()), "D": head_dim}
+    options = {k: v for k, v in (("num_warps", config.num_warps), ("num_stages", config.num_stages)) if v}
+    strides = ("stride_row", "stride_head", "stride_slot")
+    out = compile_ahead(
+        fused_kernels._decode_attention_kernel,
+        pointers | {"PAD": "*i64", "POS": "*i64", "scale": "fp32"} | dict.fromkeys(strides, "i64"),
+        constexprs
+        | {"BLOCK_N": config.block_n, "SPLITS": config.splits, "NATIVE_DOT": config.native_dot, "PRECISION": "tf32"},
+        divisible=(*pointers, "PAD", "POS", *strides),
+        **options,
+    )
+    if config.splits > 1:
+        reduction = compile_ahead(
+            fused_kernels._decode_attention_reduce,
+            {"OUT": "*bf16", "PART_ACC": "*fp32", "PART_M": "*fp32", "PART_SUM": "*fp32", "n_kv": "i32"},
+            constexprs | {"SPLITS": config.splits},
+            divisible=("OUT", "PART_ACC", "PART_M", "PART_SUM"),
+        )
+        out["reduction"] = reduction
+    return out
+
+
+def resources_only(grid: dict[str, str], out: Path | None) -> dict:
+    """Every configuration's registers, spills and shared memory on sm_90, compiled ahead of time."""
+    result = {
+        "benchmark": "tune_decode_attention --resources",
+        "date": common.utc_now(),
+        "libraries": common.library_versions("triton"),
+        "target": "sm_90, compiled ahead of time (no GPU)",
+        "configs": [],
+    }
+    for spec in grid_specs(grid):
+        config = DecodeAttentionConfig.parse(spec)
+        entry = {"spec": config.spec(), **attention_resources(config)}
+        result["configs"].append(entry)
+        print(
+            f"{entry['spec']:60s} {entry['registers']:4d} registers, {entry['spilled_bytes']:4d} bytes spilled, "
+            f"{entry['shared_bytes']:6d} bytes shared{', pipelined' if entry['pipelined'] else ''}",
+            flush=True,
+        )
+    common.write_result("tune_decode_attention_resources.json", result, out)
+    return result
 
 
 def decode_case(args, device, dtype, gen):
@@ -97,8 +193,13 @@ def main(argv=None) -> dict:
     )
     for key, values in GRID.items():
         parser.add_argument(f"--{key.replace('_', '-')}", default=None, help=f"values to try (default {values})")
+    parser.add_argument(
+        "--resources", action="store_true", help="no timing: registers and spills of each configuration on sm_90"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.resources:
+        return resources_only({k: getattr(args, k) or GRID[k] for k in GRID}, args.out)
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":  # triton.jit reads it when the kernels are defined
             parser.error("--smoke runs the kernels in Triton's CPU interpreter: set TRITON_INTERPRET=1")

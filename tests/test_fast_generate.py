@@ -389,6 +389,47 @@ def test_split_decode_attention_matches_hf_generate():
     assert engine.generate(batch, max_new_tokens=12, stop_token_ids=[VOCAB + 1], pad_token_id=PAD) == expected
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs Triton's compiler (not its interpreter)",
+)
+def test_every_triton_kernel_compiles_for_hopper_without_a_gpu():
+    """Every kernel and variant the next GPU run will launch compiles for sm_90 at Qwen3-4B's shapes, with
+    the launch's specialisation (16-byte aligned pointers, cache strides multiples of 16): a compile error
+    found here costs no device time. The decode attention's cache loads are software-pipelined."""
+    from bench.tune_decode_attention import attention_resources, compile_ahead
+    from training import fused_kernels
+    from training.fused_kernels import DecodeAttentionConfig
+
+    for spec in ("", "block_n=32,num_warps=8,num_stages=2,splits=4,native_dot=1", "block_n=128,splits=2"):
+        resources = attention_resources(DecodeAttentionConfig.parse(spec))
+        assert resources["pipelined"] and resources["registers"] <= 255, (spec, resources)
+    bf16 = dict.fromkeys
+    norm = compile_ahead(
+        fused_kernels._add_rms_norm_kernel,
+        bf16(("R", "DELTA", "H", "Y", "W"), "*bf16") | {"n_cols": "i32", "eps": "fp32"},
+        {"HAS_DELTA": True, "BLOCK": 4096},
+        divisible=("R", "DELTA", "H", "Y", "W", "n_cols"),
+        num_warps=8,
+    )
+    rope = compile_ahead(
+        fused_kernels._head_norm_rope_kernel,
+        bf16(("X", "W", "COS", "SIN", "Y"), "*bf16") | {"n_heads": "i32", "stride_x": "i32", "eps": "fp32"},
+        {"D": 128},
+        divisible=("X", "W", "COS", "SIN", "Y", "stride_x"),
+        num_warps=1,
+    )
+    for strided in (False, True):
+        silu = compile_ahead(
+            fused_kernels._silu_mul_kernel,
+            bf16(("G", "U", "Y"), "*bf16") | bf16(("n", "n_cols", "stride_in"), "i32"),
+            {"BLOCK": 1024, "STRIDED": strided},
+            divisible=("G", "U", "Y", "n", "n_cols", "stride_in"),
+        )
+        assert silu["spilled_bytes"] == 0
+    assert norm["spilled_bytes"] == rope["spilled_bytes"] == 0
+
+
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
 def test_decode_attention_sweep_smoke_checks_and_times_every_config(tmp_path):
     import json
