@@ -290,10 +290,18 @@ def train_every_setup(inputs: TrainInputs, on_result=None) -> tuple[int, list[di
         for recipe, quantization in inputs.setups:
             name = f"{recipe}_{'nf4' if quantization == 'nf4' else 'bf16'}"
             print(f"[bench_train] {name} ...", flush=True)
-            result = run_setup(
-                name=name, recipe=recipe, quantization=quantization, model_dir=model_dir,
-                rows=inputs.rows, training=inputs.training, rows_to_train=inputs.rows_to_train,
-            )  # fmt: skip
+            try:
+                result = run_setup(
+                    name=name, recipe=recipe, quantization=quantization, model_dir=model_dir,
+                    rows=inputs.rows, training=inputs.training, rows_to_train=inputs.rows_to_train,
+                )  # fmt: skip
+            except Exception as error:  # one scarce GPU run: a failing candidate must not take the others
+                if inputs.smoke:
+                    raise
+                result = {"setup": name, "error": repr(error)[:500]}
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             print(f"[bench_train] {json.dumps(result)}", flush=True)
             results.append(result)
             if on_result:
@@ -305,6 +313,8 @@ def compare_setups(inputs: TrainInputs, parameters: int, results: list[dict]) ->
     """Each setup's MFU and the study recipe's speed-up over TRL's defaults, in the JSON payload."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     peak = common.device_peaks(gpu or "")["bf16_flops"]
+    failed = {r["setup"]: r["error"] for r in results if "error" in r}
+    results = [r for r in results if "error" not in r]
     for result in results:
         result["mfu_4n"] = round(result["steady_tokens_per_s"] * 4 * parameters / peak, 4) if peak else None
     by_name = {r["setup"]: r for r in results}
@@ -348,6 +358,7 @@ def compare_setups(inputs: TrainInputs, parameters: int, results: list[dict]) ->
         "rows_per_setup": inputs.rows_to_train,
         "dense_bf16_peak_flops": peak,
         "setups": results,
+        "failed_setups": failed,
         "speedup_ours_vs_trl_defaults": speedups,
         "speedup_liger": liger_speedups,
         "loss_match_liger_vs_unfused": loss_match,
