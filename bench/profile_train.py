@@ -36,7 +36,8 @@ from training import sft
 # chunked log-prob kernels are plain _forward_kernel/_backward_kernel, so norms are matched first.
 TRAIN_CLASSES = (
     ("nf4 dequant", r"dequant|kgemm_4bit|bnb|4bit"),
-    ("attention", r"flash|fmha|attention|sdpa|flex|cutlassf|cutlassb"),
+    # Inductor names flex attention's kernels after its template (triton_tem_...): nothing else is compiled.
+    ("attention", r"flash|fmha|attention|sdpa|flex|cutlassf|cutlassb|cudnn|triton_tem"),
     ("norms, swiglu, rope", r"rms_norm|rmsnorm|layer_norm|swiglu|silu|rope|rotary"),
     ("loss, lm head (TRL)", r"^_forward_kernel|^_backward_kernel|log_softmax|logsumexp|nll_loss|cross_entropy"),
     ("optimizer", r"multi_tensor|adam|_foreach|lerp"),
