@@ -16,6 +16,10 @@ model's token profile: base 300, L1 200, L2 100, L3 60, L4 40, L5 15. Measured, 
 5. the decode roofline of the fast run's own schedule: every step reads the bf16 weights once plus the KV
    cache of every real row at its context, at the GPU's bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s).
 
+``--decode-attention SPEC`` and ``--fuse-projections`` switch the fast engine's optional paths on for the
+self-check, the whole eval and the fp32 check; the base model's decode then runs again with the default
+engine and with each option alone (``ablation_engine_options``), so one run measures with and without.
+
 Run on the GPU machine from the repository root:  python -m bench.bench_eval
 Quick CPU check of the whole script:               python -m bench.bench_eval --smoke
 """
@@ -36,6 +40,7 @@ from transformers import Qwen3Config
 
 from bench import common
 from training.fast_generate import FastGenerator
+from training.fused_kernels import DecodeAttentionConfig
 
 GSM8K_TEST_PROBLEMS = 1319
 _START = time.perf_counter()
@@ -108,7 +113,7 @@ def match_stats(fast: list[list[int]], reference: list[list[int]]) -> dict:
 
 
 # ---------------------------------------------------------------- measurements
-def self_check(device: torch.device) -> dict:
+def self_check(device: torch.device, options: dict) -> dict:
     """Tiny fp32 model, natural stops: the fast engine (graphs on CUDA) equals HF generate exactly."""
     config = common.smoke_config()
     model = common.build_random_model(config, device=str(device), dtype=torch.float32, seed=11)
@@ -121,7 +126,7 @@ def self_check(device: torch.device) -> dict:
         for token in set(row[1:]):
             counts[token] = counts.get(token, 0) + 1
     stop = min(counts, key=lambda t: abs(counts[t] - len(prompts) / 2))
-    engine = FastGenerator(model, max_batch_size=16, context_bucket=8)
+    engine = FastGenerator(model, max_batch_size=16, context_bucket=8, **options)
     results = {}
     for min_new in (0, 5):
         expected = hf_generate(model, prompts, max_new=30, min_new=min_new, stop_ids={stop}, pad_id=pad)
@@ -283,7 +288,9 @@ def one_at_a_time(peft_model, prompts, *, adapter: str, new: int, stop_ids, pad_
     }
 
 
-def fp32_exactness(device: torch.device, *, smoke: bool, problems: int, new: int, stop_ids, pad_id) -> dict:
+def fp32_exactness(
+    device: torch.device, *, smoke: bool, problems: int, new: int, stop_ids, pad_id, options: dict
+) -> dict:
     """fp32 (no TF32) on a few layers of the real width: the algorithm is exact, not just close."""
     config = common.smoke_config() if smoke else common.qwen3_4b_config(num_layers=4)
     previous = torch.backends.cuda.matmul.allow_tf32
@@ -295,7 +302,7 @@ def fp32_exactness(device: torch.device, *, smoke: bool, problems: int, new: int
         prompts = common.synthetic_prompts(
             problems, vocab_size=config.vocab_size, min_len=lo, max_len=hi, seed=7
         )
-        engine = FastGenerator(peft_model)
+        engine = FastGenerator(peft_model, **options)
         out = {"layers": config.num_hidden_layers, "problems": problems, "new_tokens": new}
         for name in ("base", "level_1"):
             with adapter_context(peft_model, name):
@@ -382,6 +389,22 @@ class EvalInputs:
     prompts: list[list[int]]
     hf_batch: int
     gen: dict  # stop_ids and pad_id, as every generate call takes them
+    engine_options: dict  # FastGenerator's optional paths switched on for the measured runs
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The FastGenerator settings of ``--decode-attention`` and ``--fuse-projections`` (empty: defaults)."""
+    options = {}
+    if args.decode_attention:
+        options["decode_attention"] = DecodeAttentionConfig.parse(args.decode_attention)
+    if args.fuse_projections:
+        options["fuse_projections"] = True
+    return options
+
+
+def describe_options(options: dict) -> dict:
+    """The options as the JSON records them."""
+    return {k: v.spec() if isinstance(v, DecodeAttentionConfig) else v for k, v in options.items()}
 
 
 def main(argv=None) -> dict:
@@ -392,19 +415,23 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_path = common.default_out("bench_eval.json", args.out)
     result = describe_run(device, smoke=args.smoke)
-    run_self_check(result, device)
+    options = engine_options(args)
+    result["engine_options"] = describe_options(options)
+    run_self_check(result, device, options)
     if args.self_check_only:
         return _write(result, out_path)
-    inputs = build_inputs(args, device)
+    inputs = build_inputs(args, device, options)
     peaks, measured_bw = measure_bandwidth(result, device)
     peft_model, weights = build_model(result, inputs)
     fast = run_fast_eval(result, inputs, peft_model, max_batch_size=args.max_batch_size)
     run_roofline(result, inputs, fast, weights=weights, peaks=peaks, measured_bw=measured_bw)
     eager = run_eager_ablation(result, inputs, peft_model, fast, max_batch_size=args.max_batch_size)
+    run_option_ablations(result, inputs, peft_model, fast, max_batch_size=args.max_batch_size)
     empty_cache(device)
-    hf = run_hf_batch_baseline(result, inputs, peft_model, n_batches=args.hf_batches)
-    compare_with_hf(result, inputs, fast, eager, hf)
-    run_one_at_a_time(result, inputs, peft_model, sample=args.single_problems)
+    if not args.skip_baselines:
+        hf = run_hf_batch_baseline(result, inputs, peft_model, n_batches=args.hf_batches)
+        compare_with_hf(result, inputs, fast, eager, hf)
+        run_one_at_a_time(result, inputs, peft_model, sample=args.single_problems)
     peft_model = None  # free the 4B model before the fp32 check
     empty_cache(device)
     run_fp32_check(result, inputs)
@@ -438,7 +465,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--single-problems", type=int, default=None, help="baseline (b) sample (default 64)")
     parser.add_argument(
+        "--skip-baselines",
+        action="store_true",
+        help="skip baselines (a) and (b) and the bf16 comparison with HF generate (the fp32 check still runs)",
+    )
+    parser.add_argument(
         "--self-check-only", action="store_true", help="run only the tiny exactness self-check"
+    )
+    parser.add_argument(
+        "--decode-attention",
+        default=None,
+        help="the Triton decode attention's launch configuration, e.g. block_n=32,num_warps=4,splits=2 "
+        "(bench.tune_decode_attention prints the best one); default: the engine's",
+    )
+    parser.add_argument(
+        "--fuse-projections",
+        action="store_true",
+        help="one GEMM for q/k/v and one for gate/up per layer (FastGenerator(fuse_projections=True))",
     )
     parser.add_argument("--markdown", type=Path, default=None, help="print the README table of a result JSON")
     return parser.parse_args(argv)
@@ -475,14 +518,14 @@ def describe_run(device: torch.device, *, smoke: bool) -> dict:
     return result
 
 
-def run_self_check(result: dict, device: torch.device) -> None:
+def run_self_check(result: dict, device: torch.device, options: dict) -> None:
     """The tiny fp32 exactness self-check, into ``result["self_check"]``."""
     log("self-check: tiny fp32 model, fast engine vs HF generate")
-    result["self_check"] = run_stage(result, "self_check", lambda: self_check(device))
+    result["self_check"] = run_stage(result, "self_check", lambda: self_check(device, options))
     log(f"self-check: {json.dumps(result['self_check'])}")
 
 
-def build_inputs(args: argparse.Namespace, device: torch.device) -> EvalInputs:
+def build_inputs(args: argparse.Namespace, device: torch.device, options: dict) -> EvalInputs:
     """The config, prompts, token profiles and batch sizes of the run (smoke: tiny, profiles / 10)."""
     smoke = args.smoke
     config = common.smoke_config() if smoke else common.qwen3_4b_config()
@@ -507,6 +550,7 @@ def build_inputs(args: argparse.Namespace, device: torch.device) -> EvalInputs:
         ),
         hf_batch=4 if smoke else 64,
         gen={"stop_ids": [config.eos_token_id, config.pad_token_id], "pad_id": config.pad_token_id},
+        engine_options=options,
     )
 
 
@@ -572,12 +616,21 @@ def build_model(result: dict, inputs: EvalInputs) -> tuple[object, int]:
 
 
 def timed_fast_eval(
-    inputs: EvalInputs, peft_model, models: list[str], *, max_batch_size: int, fused_kernels=None
+    inputs: EvalInputs,
+    peft_model,
+    models: list[str],
+    *,
+    max_batch_size: int,
+    fused_kernels=None,
+    options: dict | None = None,
 ) -> dict:
-    """A fresh fast engine on ``models``; its wall time and tokens/s include the engine's start."""
+    """A fresh fast engine on ``models``; its wall time and tokens/s include the engine's start.
+
+    ``options``: the engine's optional paths (default: the run's ``--decode-attention``/``--fuse-projections``)."""
+    options = inputs.engine_options if options is None else options
     sync(inputs.device)
     t0 = time.perf_counter()
-    engine = FastGenerator(peft_model, max_batch_size=max_batch_size, fused_kernels=fused_kernels)
+    engine = FastGenerator(peft_model, max_batch_size=max_batch_size, fused_kernels=fused_kernels, **options)
     init_s = time.perf_counter() - t0  # includes compiling and checking the Triton kernels
     log(f"fast engine ready in {init_s:.1f}s; fused decode kernels {engine.fused_status}")
     try:
@@ -589,6 +642,7 @@ def timed_fast_eval(
         engine_init_s=init_s,
         fused_kernels=engine.fused_status,
         fused_check=engine.fused_check,
+        engine_options=describe_options(options),
         wall_s=totals["wall_s"] + init_s,
     )
     totals["tokens_per_s"] = totals["generated_tokens"] / totals["wall_s"]
@@ -653,6 +707,34 @@ def run_eager_ablation(
     if eager:
         result["ablation_eager_base"] = {"totals": eager["totals"], "per_model": public(eager["per_model"])}
     return eager
+
+
+def run_option_ablations(
+    result: dict, inputs: EvalInputs, peft_model, fast: dict | None, *, max_batch_size: int
+) -> None:
+    """With optional engine paths on: the base model's decode again with the default engine, and with each
+    option alone, into ``result["ablation_engine_options"]`` (label: that run's engine options)."""
+    options = inputs.engine_options
+    if not (fast and options):
+        return
+    variants = {"default engine": {}}
+    if len(options) > 1:
+        variants.update({f"only {key}": {key: value} for key, value in options.items()})
+    result["ablation_engine_options"] = {}
+    for label, variant in variants.items():
+        log(f"ablation: base model, {label} {describe_options(variant)}")
+        run = run_stage(
+            result,
+            f"ablation {label}",
+            lambda variant=variant: timed_fast_eval(
+                inputs, peft_model, ["base"], max_batch_size=max_batch_size, options=variant
+            ),
+        )
+        if run:
+            result["ablation_engine_options"][label] = {
+                "totals": run["totals"],
+                "per_model": public(run["per_model"]),
+            }
 
 
 def run_hf_batch_baseline(result: dict, inputs: EvalInputs, peft_model, *, n_batches: int):
@@ -755,7 +837,12 @@ def run_fp32_check(result: dict, inputs: EvalInputs) -> None:
         result,
         "match_fp32",
         lambda: fp32_exactness(
-            inputs.device, smoke=smoke, problems=8 if smoke else 64, new=16 if smoke else 64, **inputs.gen
+            inputs.device,
+            smoke=smoke,
+            problems=8 if smoke else 64,
+            new=16 if smoke else 64,
+            options=inputs.engine_options,
+            **inputs.gen,
         ),
     )
     log(f"fp32: {json.dumps(result['match_fp32'])}")
@@ -824,6 +911,14 @@ def _table(result: dict) -> None:
         lines.append(
             f"base decode step: {fused['decode_ms_per_step']:.2f} ms fused kernels vs {eager['decode_ms_per_step']:.2f} ms eager"
         )
+    for label, run in (result.get("ablation_engine_options") or {}).items():
+        if fast:
+            lines.append(
+                f"base decode step: {result['fast']['per_model']['base']['decode_ms_per_step']:.2f} ms with "
+                f"{json.dumps(result['engine_options'])} vs {run['per_model']['base']['decode_ms_per_step']:.2f} ms "
+                f"{label} {json.dumps(run['totals']['engine_options'])}; base wall "
+                f"{result['fast']['per_model']['base']['wall_s']:.1f}s vs {run['per_model']['base']['wall_s']:.1f}s"
+            )
     lines.append(f"goals: {json.dumps(result['goals'])}")
     if result.get("errors"):
         lines.append(f"errors: {json.dumps(result['errors'])}")
@@ -834,8 +929,8 @@ def markdown_table(result: dict) -> str:
     """The README table for one result file: device, libraries, date, then one row per method."""
     lib = result["libraries"]
     fast = result["fast"]["totals"]
-    hf = result["baseline_hf_batch"]
-    single = result["baseline_one_at_a_time"]
+    hf = result.get("baseline_hf_batch")
+    single = result.get("baseline_one_at_a_time")
     roofline = result.get("roofline") or {}
     roof = roofline.get("datasheet") or roofline.get("measured") or {}
     setup = result["setup"]
@@ -848,11 +943,17 @@ def markdown_table(result: dict) -> str:
         "| method | whole eval (s) | tokens/s | fast engine speed-up |",
         "|---|---|---|---|",
         f"| fast engine (measured) | {fast['wall_s']:,.1f} | {fast['tokens_per_s']:,.0f} | - |",
-        f"| HF `generate`, batch {hf['batch_size']}, unmerged LoRA (extrapolated) | {hf['extrapolated_wall_s']:,.0f} "
-        f"| {hf['tokens_per_s']:,.0f} | {result['speedup']['vs_hf_batch']:.1f}x |",
-        f"| one problem at a time (extrapolated) | {single['extrapolated_wall_s']:,.0f} "
-        f"| {single['tokens_per_s_extrapolated']:,.1f} | {result['speedup']['vs_one_at_a_time']:.0f}x |",
     ]
+    if hf:  # not with --skip-baselines
+        lines.append(
+            f"| HF `generate`, batch {hf['batch_size']}, unmerged LoRA (extrapolated) | {hf['extrapolated_wall_s']:,.0f} "
+            f"| {hf['tokens_per_s']:,.0f} | {result['speedup']['vs_hf_batch']:.1f}x |"
+        )
+    if single:
+        lines.append(
+            f"| one problem at a time (extrapolated) | {single['extrapolated_wall_s']:,.0f} "
+            f"| {single['tokens_per_s_extrapolated']:,.1f} | {result['speedup']['vs_one_at_a_time']:.0f}x |"
+        )
     if roof:
         lines += [
             "",
@@ -874,6 +975,13 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"Base model decode step: {fused['decode_ms_per_step']:.2f} ms with the Triton kernels, "
             f"{eager['decode_ms_per_step']:.2f} ms with eager ops ({eager['batches'][0]['graph_rows']} rows)."
+        )
+    for label, run in (result.get("ablation_engine_options") or {}).items():
+        fused = result["fast"]["per_model"]["base"]
+        lines.append(
+            f"Engine options {result['engine_options']}: base model decode step {fused['decode_ms_per_step']:.2f} ms "
+            f"(wall {fused['wall_s']:.1f} s); {label} {run['totals']['engine_options']}: "
+            f"{run['per_model']['base']['decode_ms_per_step']:.2f} ms (wall {run['per_model']['base']['wall_s']:.1f} s)."
         )
     match = result.get("match") or {}
     models = [m for m in setup["models"] if m in match]

@@ -4,16 +4,25 @@ The study's own code path: ``sft.load_base`` (NF4 with double quant on the GPU),
 LoRA shape, random non-zero B) continued trainable by ``rl.continued_adapter``, ``rl.build_trainer`` with the
 study's ``rl:`` settings and reward. Prompts are level-4 prompts of synthetic GSM8K problems. Random weights
 rarely emit a stop token, so every completion runs to ``rl.max_new_tokens``: the figures are the worst case of
-generation length. Generation is timed inside the policy's ``generate`` (what TRL calls for each rollout batch),
-steps by a callback; tokens/s counts generated tokens only.
+generation length. Steps are timed by a callback; tokens/s counts generated tokens only.
 
-    python -m bench.bench_grpo            # one CUDA GPU; writes $OUT/grpo_gpu.json or bench/results/
-    python -m bench.bench_grpo --smoke    # CPU check of the script: tiny shapes, 3 steps, no NF4
+Each rollout engine of ``--rollouts`` (``rl.rollout_engine``) runs the same steps from the same adapter, one after
+the other in one process (peak memory is reset between them):
+    hf:   TRL's own generate; timed inside the policy's ``generate`` (what TRL calls for each rollout batch);
+          tokens are the generated width times the rows (TRL's batch decodes that many).
+    fast: ``training.rollouts.FastRollouts`` (TRL's ``rollout_func``); timed around the whole call, and split
+          into the engine's LoRA merge, CUDA-graph captures, prefill and decode (``FastGenerator.last_stats``);
+          tokens are the rows times the decode steps the engine ran. Its first step (reported apart, left out
+          of the means like every engine's) makes the engine and, for NF4, the one-off dequantized bf16 copy.
+
+    python -m bench.bench_grpo            # one CUDA GPU, both engines; writes $OUT/grpo_gpu.json or bench/results/
+    python -m bench.bench_grpo --smoke    # CPU check of the script: tiny shapes, 3 steps, no NF4, both engines
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -43,8 +52,11 @@ def main() -> None:
     config = bench_config(smoke=options.smoke, steps=options.steps)
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as work:
         run_dir, model_dir, parameters = build_run(Path(work), smoke=options.smoke)
-        timing = time_grpo_steps(config, run_dir, model_dir)
-    write_payload(summarise(config, timing, parameters, smoke=options.smoke), options.out)
+        timings = {
+            engine: time_grpo_steps(config.with_overrides(**{"rl.rollout_engine": engine}), run_dir, model_dir)
+            for engine in options.rollouts
+        }
+    write_payload(summarise(config, timings, parameters, smoke=options.smoke), options.out)
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,7 +64,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few steps, no NF4 (CPU)")
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps timed (default 6; smoke 3)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--rollouts", default="hf,fast", help="rollout engines to time, comma-separated: hf, fast (default both)"
+    )
     options = parser.parse_args()
+    options.rollouts = [engine.strip() for engine in options.rollouts.split(",") if engine.strip()]
+    unknown = sorted(set(options.rollouts) - {"hf", "fast"})
+    if unknown or not options.rollouts:
+        parser.error(f"--rollouts takes hf and/or fast, comma-separated; got {unknown or 'nothing'}")
     if not options.smoke and not torch.cuda.is_available():
         sys.exit("the GRPO benchmark needs a CUDA GPU; use --smoke for the CPU check")
     return options
@@ -119,9 +138,13 @@ def build_run(work: Path, *, smoke: bool) -> tuple[RunDir, Path, int]:
 
 @dataclass
 class Timing:
+    engine: str
     generate_s: list[float] = field(default_factory=list)
     generated_tokens: list[int] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
+    parts_s: list[dict] = field(default_factory=list)
+    """fast only, per rollout call: merge, capture, prefill and decode seconds."""
+    setup_s: float = 0.0
     peak_memory_gib: float | None = None
     precision: str = ""
     hardware: dict = field(default_factory=dict)
@@ -142,7 +165,9 @@ class _StepClock(TrainerCallback):
 
 def time_grpo_steps(config: StudyConfig, run_dir: RunDir, model_dir: Path) -> Timing:
     """The RL stage's trainer for ``rl.max_steps`` steps, with its rollouts and steps timed."""
-    timing = Timing(precision=sft.choose_precision())
+    timing = Timing(engine=config.rl.rollout_engine, precision=sft.choose_precision())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     base, tokenizer = sft.load_base(
         model_path=str(model_dir), revision="main",
         quantization=config.base_model.quantization, precision=timing.precision,
@@ -152,57 +177,82 @@ def time_grpo_steps(config: StudyConfig, run_dir: RunDir, model_dir: Path) -> Ti
     rows = rl.training_rows(run_dir, LEVEL)
     design = rl.RewardDesign.for_level(LEVEL, tokenizer, rows, weights=config.rl.reward_weights)
     with tempfile.TemporaryDirectory() as checkpoints:
+        began = _clock()
         trainer = rl.build_trainer(
             policy=policy, tokenizer=tokenizer, dataset=rl.prompt_dataset(rows), config=config, design=design,
             precision=timing.precision, output_dir=Path(checkpoints),
         )  # fmt: skip
-        generate = policy.generate
-
-        def timed_generate(*args, **kwargs):
-            began = time.perf_counter()
-            output = generate(*args, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            timing.generate_s.append(time.perf_counter() - began)
-            prompt_length = (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[1]
-            sequences = output if isinstance(output, torch.Tensor) else output.sequences
-            timing.generated_tokens.append(int(sequences[:, prompt_length:].numel()))
-            return output
-
-        policy.generate = timed_generate
+        timing.setup_s = _clock() - began
+        if trainer.rollout_func is None:
+            policy.generate = _timed_generate(policy.generate, timing)
+        else:
+            trainer.rollout_func = _timed_rollouts(trainer.rollout_func, timing)
         trainer.add_callback(_StepClock(timing))
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
         trainer.train()
         timing.hardware = sft.hardware(trainer)
+        del trainer
     if torch.cuda.is_available():
         timing.peak_memory_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    del policy, base
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return timing
 
 
-def summarise(config: StudyConfig, timing: Timing, parameters: int, *, smoke: bool) -> dict:
-    """Per step: wall time, its generation share, and generation tokens/s (the first step, warm-up, left out)."""
+def _clock() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _timed_generate(generate, timing: Timing):
+    """The policy's ``generate`` (TRL's hf rollouts), timed; tokens: rows times the generated width."""
+
+    def timed(*args, **kwargs):
+        began = _clock()
+        output = generate(*args, **kwargs)
+        timing.generate_s.append(_clock() - began)
+        prompt_length = (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[1]
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        timing.generated_tokens.append(int(sequences[:, prompt_length:].numel()))
+        return output
+
+    return timed
+
+
+def _timed_rollouts(rollout_func, timing: Timing):
+    """The fast engine's ``rollout_func``, timed whole and by the engine's parts; tokens: rows times steps."""
+
+    def timed(prompts, trainer):
+        began = _clock()
+        output = rollout_func(prompts, trainer)
+        timing.generate_s.append(_clock() - began)
+        stats = rollout_func.engine.last_stats
+        timing.generated_tokens.append(sum(batch.rows * batch.steps for batch in stats.batches))
+        timing.parts_s.append(
+            {
+                "merge": stats.merge_s,
+                "capture": stats.capture_s,
+                "prefill": sum(batch.prefill_s for batch in stats.batches),
+                "decode": sum(batch.decode_s for batch in stats.batches),
+            }
+        )
+        return output
+
+    return timed
+
+
+def engine_figures(timing: Timing) -> dict:
+    """Per step: wall time, its rollout share, and generation tokens/s (the first step, warm-up, left out)."""
     steady = slice(1, None) if len(timing.step_s) > 1 else slice(None)
     step_s, generate_s = timing.step_s[steady], timing.generate_s[steady]
     tokens = timing.generated_tokens[steady]
-    rl_settings = config.rl
-    return {
-        "benchmark": "bench_grpo",
-        "mode": "smoke" if smoke else "qwen3-4b-shape",
-        "device": common.device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-        "parameters": parameters,
-        "quantization": config.base_model.quantization,
-        "precision": timing.precision,
-        "rl": {
-            "prompts_per_step": rl_settings.prompts_per_step,
-            "num_generations": rl_settings.num_generations,
-            "completions_per_step": rl_settings.prompts_per_step * rl_settings.num_generations,
-            "max_new_tokens": rl_settings.max_new_tokens,
-            "beta": rl_settings.beta,
-            "loss_type": rl_settings.loss_type,
-        },
+    figures = {
         "steps": len(timing.step_s),
         "steps_timed": len(step_s),
+        "trainer_setup_s": round(timing.setup_s, 3),
+        "first_step_s": round(timing.step_s[0], 3),
         "step_time_s": {
             "mean": round(statistics.fmean(step_s), 3),
             "per_step": [round(s, 3) for s in step_s],
@@ -212,7 +262,38 @@ def summarise(config: StudyConfig, timing: Timing, parameters: int, *, smoke: bo
         "generated_tokens_per_step": round(statistics.fmean(tokens), 1),
         "generation_tokens_per_s": round(sum(tokens) / sum(generate_s), 1),
         "peak_memory_gib": timing.peak_memory_gib,
-        "hardware": timing.hardware,
+    }
+    if timing.parts_s:
+        parts = timing.parts_s[steady]
+        figures["rollout_parts_s_per_step"] = {
+            name: round(statistics.fmean(p[name] for p in parts), 4) for name in parts[0]
+        }
+    return figures
+
+
+def summarise(config: StudyConfig, timings: dict[str, Timing], parameters: int, *, smoke: bool) -> dict:
+    """The setup once, then each rollout engine's figures."""
+    first = next(iter(timings.values()))
+    rl_settings = config.rl
+    return {
+        "benchmark": "bench_grpo",
+        "mode": "smoke" if smoke else "qwen3-4b-shape",
+        "device": common.device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "parameters": parameters,
+        "quantization": config.base_model.quantization,
+        "precision": first.precision,
+        "rl": {
+            "prompts_per_step": rl_settings.prompts_per_step,
+            "num_generations": rl_settings.num_generations,
+            "completions_per_step": rl_settings.prompts_per_step * rl_settings.num_generations,
+            "max_new_tokens": rl_settings.max_new_tokens,
+            "temperature": rl_settings.temperature,
+            "top_k": rl_settings.top_k,
+            "beta": rl_settings.beta,
+            "loss_type": rl_settings.loss_type,
+        },
+        "rollouts": {engine: engine_figures(timing) for engine, timing in timings.items()},
+        "hardware": first.hardware,
         "library_versions": common.library_versions("trl", "bitsandbytes"),
         "date": common.utc_now(),
     }
@@ -222,7 +303,9 @@ def write_payload(payload: dict, out: Path | None) -> None:
     out = common.default_out(RESULT_NAME, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({key: payload[key] for key in ("step_time_s", "generation_share_of_step")}), flush=True)
+    keys = ("step_time_s", "generation_share_of_step", "generation_tokens_per_s", "peak_memory_gib")
+    summary = {engine: {k: figures[k] for k in keys} for engine, figures in payload["rollouts"].items()}
+    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

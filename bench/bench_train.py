@@ -8,6 +8,13 @@ bf16 peak; peak memory is torch's max allocated during training.
 
     python -m bench.bench_train            # one CUDA GPU; writes $OUT/bench_train.json or bench/results/
     python -m bench.bench_train --smoke    # CPU check of the script: tiny shapes, 2 steps, no NF4
+    python -m bench.bench_train --setups ours_nf4,ours_liger_nf4,ours_liger_pf_flex_nf4   # chosen setups
+
+Issue 19's candidates (``--setups``; none runs by default): padding-free batches (``_pf``: TRL's
+``padding_free``, every row of a batch in one packed sequence; transformers 5 masks each row off from the
+others from the position ids, for SDPA as for flex attention), flex attention (``_flex``), and larger
+batches (``_b24``, ``_b32``). Every setup's loss curve is compared step by step with the unfused recipe at
+the same batch and quantization (``ours`` or ``ours_b<N>``) when that setup ran too.
 """
 
 from __future__ import annotations
@@ -36,13 +43,34 @@ from eval_artifacts.study.config import TrainingConfig, load_config
 from training import sft
 
 ROWS = 2000
-# The study recipe's variants (overrides of its training section), by setup name prefix. "ours" is the
-# recipe as configured; the others add Liger's kernels, and a larger batch with them.
+# The study recipe's variants, by setup name prefix: overrides of its training section, plus the benchmark's
+# own switches "padding_free" (TRL's, for SFTConfig) and "attention" (transformers' attn_implementation).
+# "ours" is the recipe as configured; the others add Liger's kernels, padding-free batches, flex attention
+# and larger batches.
 RECIPES = {
     "ours": {},
     "ours_liger": {"liger_kernel": True},
     "ours_liger_b32": {"liger_kernel": True, "batch_size": 32},
-}
+    "ours_b24": {"batch_size": 24},
+    "ours_b32": {"batch_size": 32},
+    "ours_pf": {"padding_free": True},
+    "ours_pf_flex": {"padding_free": True, "attention": "flex_attention"},
+    "ours_liger_pf": {"liger_kernel": True, "padding_free": True},
+    "ours_liger_pf_flex": {"liger_kernel": True, "padding_free": True, "attention": "flex_attention"},
+    "ours_liger_b24": {"liger_kernel": True, "batch_size": 24},
+    "ours_liger_pf_b24": {"liger_kernel": True, "padding_free": True, "batch_size": 24},
+    "ours_liger_pf_b32": {"liger_kernel": True, "padding_free": True, "batch_size": 32},
+    "ours_liger_pf_flex_b24": {
+        "liger_kernel": True, "padding_free": True, "attention": "flex_attention", "batch_size": 24,
+    },
+    "ours_liger_pf_flex_b32": {
+        "liger_kernel": True, "padding_free": True, "attention": "flex_attention", "batch_size": 32,
+    },
+}  # fmt: skip
+# Issue 19's bars: today's recipe's peak memory (bench/README.md, 2026-12-01), NF4 tokens/s, bf16 MFU.
+MEMORY_BAR_GIB = {"nf4": 44.8, "bf16": 40.6}
+NF4_TOKENS_PER_S_GOAL = 11_000
+BF16_MFU_GOAL = 0.25
 # Largest relative difference allowed between the loss curves with and without Liger's kernels, step by step
 # (same seed, data order and LoRA init): bf16 rounding differs inside the fused kernels, nothing else.
 LOSS_TOLERANCE = 0.01
@@ -87,35 +115,58 @@ def trl_defaults_trainer(
     )
 
 
+def recipe_parts(recipe: str) -> tuple[dict, dict, str | None]:
+    """A recipe's training-section overrides, its SFTConfig overrides and its attention backend."""
+    overrides = dict(RECIPES[recipe])
+    attention = overrides.pop("attention", None)
+    # Padding-free batches are one packed row: TRL refuses max_length there (it would not be enforced); the
+    # GSM8K-length rows are far below the study's max_seq_length anyway.
+    sft_overrides = {"padding_free": True, "max_length": None} if overrides.pop("padding_free", False) else {}
+    return overrides, sft_overrides, attention
+
+
+def make_trainer(
+    *, recipe: str, quantization: str, model_dir: str, rows, training, rows_to_train: int, output_dir,
+    max_steps: int | None = None,
+):  # fmt: skip
+    """The setup's trainer through ``training/sft.py`` (TRL's own defaults for ``trl_defaults``), for
+    ``rows_to_train`` rows or ``max_steps`` steps; returns it, the training section it ran with, its batch
+    and precision."""
+    precision = sft.choose_precision()
+    ours = recipe != "trl_defaults"
+    overrides, sft_overrides, attention = recipe_parts(recipe) if ours else ({}, {}, None)
+    training = training.model_copy(update=overrides)
+    batch = training.batch_size * training.gradient_accumulation_steps if ours else 8
+    max_steps = max_steps or max(2, rows_to_train // batch)
+    model, tokenizer = sft.load_base(
+        model_path=model_dir, revision="main", quantization=quantization, precision=precision,
+        gradient_checkpointing=training.gradient_checkpointing if ours else True, attn_implementation=attention,
+    )  # fmt: skip
+    dataset = sft.chat_dataset(rows)
+    if ours:
+        # The loss of every step, for the loss-curve comparison (the step clock syncs every step anyway).
+        training = training.model_copy(update={"max_steps": max_steps, "save_steps": 10**9, "logging_steps": 1})
+        trainer = sft.build_trainer(
+            model=model, tokenizer=tokenizer, dataset=dataset, training=training, seed=training.seeds[0],
+            precision=precision, output_dir=Path(output_dir), sft_overrides=sft_overrides,
+        )  # fmt: skip
+    else:
+        trainer = trl_defaults_trainer(
+            model=model, tokenizer=tokenizer, dataset=dataset, lora=training.lora,
+            output_dir=Path(output_dir), max_steps=max_steps, precision=precision,
+        )  # fmt: skip
+    return trainer, training, batch, precision
+
+
 def run_setup(
     *, name: str, recipe: str, quantization: str, model_dir: str, rows, training, rows_to_train: int
 ):
-    precision = sft.choose_precision()
     ours = recipe != "trl_defaults"
-    if ours:  # the study recipe, with the setup's overrides (Liger's kernels, a batch)
-        training = training.model_copy(update=RECIPES[recipe])
-    batch = training.batch_size * training.gradient_accumulation_steps if ours else 8
-    max_steps = max(2, rows_to_train // batch)
-    model, tokenizer = sft.load_base(
-        model_path=model_dir, revision="main", quantization=quantization, precision=precision,
-        gradient_checkpointing=training.gradient_checkpointing if ours else True,
-    )  # fmt: skip
-    dataset = sft.chat_dataset(rows)
     with tempfile.TemporaryDirectory() as output_dir:
-        if ours:
-            # The loss of every step, for the loss-curve comparison (the step clock syncs every step anyway).
-            training = training.model_copy(
-                update={"max_steps": max_steps, "save_steps": 10**9, "logging_steps": 1}
-            )
-            trainer = sft.build_trainer(
-                model=model, tokenizer=tokenizer, dataset=dataset, training=training,
-                seed=training.seeds[0], precision=precision, output_dir=Path(output_dir),
-            )  # fmt: skip
-        else:
-            trainer = trl_defaults_trainer(
-                model=model, tokenizer=tokenizer, dataset=dataset, lora=training.lora,
-                output_dir=Path(output_dir), max_steps=max_steps, precision=precision,
-            )  # fmt: skip
+        trainer, training, batch, precision = make_trainer(
+            recipe=recipe, quantization=quantization, model_dir=model_dir, rows=rows, training=training,
+            rows_to_train=rows_to_train, output_dir=output_dir,
+        )  # fmt: skip
         clock = StepClock()
         trainer.add_callback(clock)
         if torch.cuda.is_available():
@@ -127,6 +178,8 @@ def run_setup(
         if ours
         else "TRL SFTConfig defaults",
         "liger_kernel": training.liger_kernel if ours else False,
+        "padding_free": bool(trainer.args.padding_free),
+        "attention": trainer.model.config._attn_implementation,
         "quantization": quantization,
         "precision": precision,
         "batch_size": batch,
@@ -142,7 +195,7 @@ def run_setup(
         else None,
         "loss_curve": [point["loss"] for point in sft.loss_curve(trainer)] if ours else None,
     }
-    del trainer, model
+    del trainer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -152,10 +205,12 @@ def run_setup(
 def main() -> None:
     """Options, inputs, the four setups (two in smoke), then the comparison written as JSON."""
     options = parse_args()
-    inputs = build_inputs(smoke=options.smoke, rows_per_setup=options.rows_per_setup)
-    parameters, results = train_every_setup(inputs)
-    payload = compare_setups(inputs, parameters, results)
-    write_payload(payload, options.out)
+    inputs = build_inputs(smoke=options.smoke, rows_per_setup=options.rows_per_setup, chosen=options.setups)
+    # The JSON is rewritten after every setup, so a run stopped by a time limit keeps what it measured.
+    parameters, results = train_every_setup(
+        inputs, on_result=lambda parameters, done: write_payload(compare_setups(inputs, parameters, done), options.out)
+    )
+    write_payload(compare_setups(inputs, parameters, results), options.out)
 
 
 def parse_args() -> argparse.Namespace:
@@ -165,6 +220,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--rows-per-setup", type=int, default=None, help="rows trained per setup (default 480; smoke 16)"
     )
+    parser.add_argument(
+        "--setups",
+        default=None,
+        help="comma-separated setup names, <recipe>_<nf4|bf16> with a recipe of RECIPES or trl_defaults "
+        "(default: TRL defaults, the recipe and the recipe with Liger, in NF4 and bf16, and Liger at batch 32 "
+        "in bf16); the ones without Liger run first",
+    )
     parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
     if not options.smoke and not torch.cuda.is_available():
@@ -172,7 +234,7 @@ def parse_args() -> argparse.Namespace:
     return options
 
 
-def build_inputs(*, smoke: bool, rows_per_setup: int | None) -> TrainInputs:
+def build_inputs(*, smoke: bool, rows_per_setup: int | None, chosen: str | None = None) -> TrainInputs:
     """The study's training section (2-row batches in smoke), the tokenizer and the GSM8K-length rows."""
     study = load_config(STUDY_CONFIG)
     training = study.training.model_copy(update={"logging_steps": 10**6})
@@ -188,8 +250,23 @@ def build_inputs(*, smoke: bool, rows_per_setup: int | None) -> TrainInputs:
         rows=rows,
         lengths=lengths,
         shape=common.SMOKE if smoke else common.QWEN3_4B,
-        setups=setups(smoke),
+        setups=parse_setups(chosen) if chosen else setups(smoke),
     )
+
+
+def parse_setups(chosen: str) -> list[tuple[str, str]]:
+    """``--setups`` as (recipe, quantization), the ones without Liger first (Liger patches transformers'
+    Qwen3 classes for the rest of the process)."""
+    parsed = []
+    for name in filter(None, (part.strip() for part in chosen.split(","))):
+        recipe, _, kind = name.rpartition("_")
+        if kind not in ("nf4", "bf16") or (recipe not in RECIPES and recipe != "trl_defaults"):
+            sys.exit(
+                f"unknown setup {name!r}: use <recipe>_<nf4|bf16> with a recipe among trl_defaults, "
+                + ", ".join(RECIPES)
+            )
+        parsed.append((recipe, "nf4" if kind == "nf4" else "none"))
+    return sorted(parsed, key=lambda setup: RECIPES.get(setup[0], {}).get("liger_kernel", False))
 
 
 def setups(smoke: bool) -> list[tuple[str, str]]:
@@ -197,13 +274,14 @@ def setups(smoke: bool) -> list[tuple[str, str]]:
     process, so every unfused setup runs first. The larger batch only in bf16."""
     quantizations = ["none"] if smoke else ["nf4", "none"]
     unfused = [(recipe, q) for q in quantizations for recipe in ("trl_defaults", "ours")]
-    if smoke:  # Liger's kernels need a CUDA GPU
-        return unfused
+    if smoke:  # Liger's kernels and flex attention's backward need a CUDA GPU
+        return unfused + [("ours_pf", "none")]
     return unfused + [("ours_liger", q) for q in quantizations] + [("ours_liger_b32", "none")]
 
 
-def train_every_setup(inputs: TrainInputs) -> tuple[int, list[dict]]:
-    """Random weights saved once, then TRL's defaults and the study recipe per quantization."""
+def train_every_setup(inputs: TrainInputs, on_result=None) -> tuple[int, list[dict]]:
+    """Random weights saved once, then TRL's defaults and the study recipe per quantization;
+    ``on_result(parameters, results so far)`` after each setup."""
     results = []
     with tempfile.TemporaryDirectory(prefix="qwen3-4b-random-") as model_dir:
         parameters = save_random_model(
@@ -212,12 +290,22 @@ def train_every_setup(inputs: TrainInputs) -> tuple[int, list[dict]]:
         for recipe, quantization in inputs.setups:
             name = f"{recipe}_{'nf4' if quantization == 'nf4' else 'bf16'}"
             print(f"[bench_train] {name} ...", flush=True)
-            result = run_setup(
-                name=name, recipe=recipe, quantization=quantization, model_dir=model_dir,
-                rows=inputs.rows, training=inputs.training, rows_to_train=inputs.rows_to_train,
-            )  # fmt: skip
+            try:
+                result = run_setup(
+                    name=name, recipe=recipe, quantization=quantization, model_dir=model_dir,
+                    rows=inputs.rows, training=inputs.training, rows_to_train=inputs.rows_to_train,
+                )  # fmt: skip
+            except Exception as error:  # one scarce GPU run: a failing candidate must not take the others
+                if inputs.smoke:
+                    raise
+                result = {"setup": name, "error": repr(error)[:500]}
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             print(f"[bench_train] {json.dumps(result)}", flush=True)
             results.append(result)
+            if on_result:
+                on_result(parameters, results)
     return parameters, results
 
 
@@ -225,6 +313,8 @@ def compare_setups(inputs: TrainInputs, parameters: int, results: list[dict]) ->
     """Each setup's MFU and the study recipe's speed-up over TRL's defaults, in the JSON payload."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     peak = common.device_peaks(gpu or "")["bf16_flops"]
+    failed = {r["setup"]: r["error"] for r in results if "error" in r}
+    results = [r for r in results if "error" not in r]
     for result in results:
         result["mfu_4n"] = round(result["steady_tokens_per_s"] * 4 * parameters / peak, 4) if peak else None
     by_name = {r["setup"]: r for r in results}
@@ -235,12 +325,19 @@ def compare_setups(inputs: TrainInputs, parameters: int, results: list[dict]) ->
             2,
         )
         for kind in ("nf4", "bf16")
-        if f"ours_{kind}" in by_name and by_name[f"trl_defaults_{kind}"]["steady_tokens_per_s"]
+        if f"ours_{kind}" in by_name
+        and f"trl_defaults_{kind}" in by_name
+        and by_name[f"trl_defaults_{kind}"]["steady_tokens_per_s"]
     }
     loss_match = {
         kind: compare_losses(by_name[f"ours_{kind}"], by_name[f"ours_liger_{kind}"])
         for kind in ("nf4", "bf16")
         if f"ours_{kind}" in by_name and f"ours_liger_{kind}" in by_name
+    }
+    loss_match_all = {
+        name: compare_losses(by_name[reference], by_name[name])
+        for name, reference in ((r["setup"], unfused_reference(r, inputs.training.batch_size)) for r in results)
+        if reference in by_name and reference != name
     }
     liger_speedups = {
         f"{name}_vs_ours": round(
@@ -249,7 +346,7 @@ def compare_setups(inputs: TrainInputs, parameters: int, results: list[dict]) ->
             2,
         )
         for name in by_name
-        if name.startswith("ours_liger")
+        if name.startswith("ours_liger") and f"ours_{name.rsplit('_', 1)[1]}" in by_name
     }
     return {
         "benchmark": "bench_train",
@@ -261,12 +358,49 @@ def compare_setups(inputs: TrainInputs, parameters: int, results: list[dict]) ->
         "rows_per_setup": inputs.rows_to_train,
         "dense_bf16_peak_flops": peak,
         "setups": results,
+        "failed_setups": failed,
         "speedup_ours_vs_trl_defaults": speedups,
         "speedup_liger": liger_speedups,
         "loss_match_liger_vs_unfused": loss_match,
+        "loss_match_vs_unfused": loss_match_all,
+        "goals_issue_19": goals(results, loss_match_all),
         "library_versions": sft.trained_with(),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def unfused_reference(result: dict, recipe_batch: int) -> str | None:
+    """The setup a candidate's loss curve is checked against: the recipe without Liger, padding-free batches
+    or flex attention, at the same batch and quantization (None for TRL's defaults)."""
+    if result["setup"].startswith("trl_defaults"):
+        return None
+    kind = result["setup"].rsplit("_", 1)[1]
+    batch = "" if result["batch_size"] == recipe_batch else f"_b{result['batch_size']}"
+    return f"ours{batch}_{kind}"
+
+
+def goals(results: list[dict], loss_match: dict) -> dict:
+    """Issue 19's training bars per setup of the study recipe: NF4 >= 11,000 tokens/s, bf16 >= 25% MFU (4N),
+    peak memory at most today's recipe's, and the loss curve within tolerance of the unfused recipe's."""
+    out = {}
+    for r in results:
+        if r["setup"].startswith("trl_defaults"):
+            continue
+        kind = r["setup"].rsplit("_", 1)[1]
+        speed = (
+            r["steady_tokens_per_s"] >= NF4_TOKENS_PER_S_GOAL
+            if kind == "nf4"
+            else (r["mfu_4n"] or 0) >= BF16_MFU_GOAL
+        )
+        memory = r["peak_memory_gib"] is not None and r["peak_memory_gib"] <= MEMORY_BAR_GIB[kind]
+        check = loss_match.get(r["setup"])
+        out[r["setup"]] = {
+            "speed": speed,
+            "memory": memory,
+            "loss_curve": None if check is None else check["passed"],
+            "all": speed and memory and bool(check and check["passed"]),
+        }
+    return out
 
 
 def compare_losses(unfused: dict, liger: dict) -> dict:
@@ -292,6 +426,8 @@ def write_payload(payload: dict, out: Path | None) -> None:
         "speedup": payload["speedup_ours_vs_trl_defaults"],
         "liger": payload["speedup_liger"],
         "loss_match": payload["loss_match_liger_vs_unfused"],
+        "loss_match_vs_unfused": {k: v["passed"] for k, v in payload["loss_match_vs_unfused"].items()},
+        "goals_issue_19": payload["goals_issue_19"],
         "written": str(out),
     }
     print(json.dumps(summary), flush=True)

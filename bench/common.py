@@ -7,6 +7,7 @@ directly on the target device, prompts are random token ids of GSM8K lengths.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 from pathlib import Path
@@ -248,6 +249,15 @@ def default_out(name: str, out: Path | None = None) -> Path:
         return out if out.suffix == ".json" else out / name
     device_out = os.environ.get("OUT")
     return Path(device_out) / name if device_out else RESULTS_DIR / name
+
+
+def write_result(name: str, result: dict, out: Path | None = None) -> Path:
+    """Write a benchmark's JSON where ``default_out`` says, say where, and return the path."""
+    path = default_out(name, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}", flush=True)
+    return path
 
 
 def utc_now() -> str:

@@ -17,7 +17,6 @@ bench_eval schedule's 440 rows and mean context 262). For the eager ops and for 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from collections import defaultdict
@@ -28,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench import common
 from training.fast_generate import FastGenerator
+from training.fused_kernels import DecodeAttentionConfig
 
 # Kernel classes, by the first pattern that matches the kernel's name (cuBLAS names vary by version;
 # the Triton decode attention counts as attention, the other Triton kernels as "triton").
@@ -42,21 +42,29 @@ KERNEL_CLASSES = (
 )
 
 
-def kernel_class(name: str) -> str:
+def kernel_class(name: str, classes=KERNEL_CLASSES) -> str:
+    """The label of the first of ``classes`` (label, regex) whose pattern the kernel's name matches."""
     lowered = name.lower()
-    for label, pattern in KERNEL_CLASSES:
+    for label, pattern in classes:
         if re.search(pattern, lowered):
             return label
     return "other"
 
 
-def kernel_times(prof) -> dict[str, dict]:
-    """GPU time (ms) and launches per kernel name, from a profiler run."""
+def kernel_times(prof, *, cpu_ops: bool = False) -> dict[str, dict]:
+    """GPU time (ms) and launches per kernel name, from a profiler run (``cpu_ops``: each CPU op's self
+    time instead, for the CPU smoke runs)."""
     out: dict[str, dict] = defaultdict(lambda: {"ms": 0.0, "count": 0})
     for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
+        if cpu_ops:
+            if event.device_type != torch.autograd.DeviceType.CPU:
+                continue
+            ms = event.self_cpu_time_total / 1000
+        elif event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        out[event.name]["ms"] += event.time_range.elapsed_us() / 1000
+        else:
+            ms = event.time_range.elapsed_us() / 1000
+        out[event.name]["ms"] += ms
         out[event.name]["count"] += 1
     return dict(out)
 
@@ -72,10 +80,10 @@ def per_step(longer: dict, shorter: dict, steps: int) -> dict[str, dict]:
     return out
 
 
-def by_class(kernels: dict[str, dict]) -> dict[str, dict]:
+def by_class(kernels: dict[str, dict], table=KERNEL_CLASSES) -> dict[str, dict]:
     classes: dict[str, dict] = defaultdict(lambda: {"ms": 0.0, "count": 0.0})
     for name, figures in kernels.items():
-        label = kernel_class(name)
+        label = kernel_class(name, table)
         classes[label]["ms"] += figures["ms"]
         classes[label]["count"] += figures["count"]
     return dict(sorted(classes.items(), key=lambda kv: -kv[1]["ms"]))
@@ -86,9 +94,9 @@ def print_classes(classes: dict[str, dict]) -> None:
         print(f"    {name:12s} {figures['ms']:8.2f} ms  {figures['count']:7.0f} launches", flush=True)
 
 
-def top(kernels: dict[str, dict], n: int = 15) -> list[dict]:
+def top(kernels: dict[str, dict], n: int = 15, table=KERNEL_CLASSES) -> list[dict]:
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])[:n]
-    return [{"kernel": name[:140], "class": kernel_class(name), **figures} for name, figures in ranked]
+    return [{"kernel": name[:140], "class": kernel_class(name, table), **figures} for name, figures in ranked]
 
 
 def timed(device, fn) -> float:
@@ -101,11 +109,15 @@ def timed(device, fn) -> float:
     return time.perf_counter() - t0
 
 
-def decode_profile(model, prompts, *, fused: bool, steps: int, device, gen: dict) -> dict:
-    """Wall ms per graph-replayed step, and the per-step kernels without graphs (profiled)."""
+def decode_profile(model, prompts, *, fused: bool, steps: int, device, gen: dict, options: dict) -> dict:
+    """Wall ms per graph-replayed step, and the per-step kernels without graphs (profiled).
+
+    ``options``: further FastGenerator settings (the decode attention's launch configuration, ...)."""
     out = {}
     graphs = device.type == "cuda"
-    engine = FastGenerator(model, max_batch_size=len(prompts), fused_kernels=fused, use_cuda_graphs=graphs)
+    engine = FastGenerator(
+        model, max_batch_size=len(prompts), fused_kernels=fused, use_cuda_graphs=graphs, **options
+    )
     out["fused_kernels"] = engine.fused_status
 
     def run(new):
@@ -117,7 +129,9 @@ def decode_profile(model, prompts, *, fused: bool, steps: int, device, gen: dict
     out["wall_ms_per_step"] = 1000 * (long - short) / steps
     engine.close()
 
-    engine = FastGenerator(model, max_batch_size=len(prompts), fused_kernels=fused, use_cuda_graphs=False)
+    engine = FastGenerator(
+        model, max_batch_size=len(prompts), fused_kernels=fused, use_cuda_graphs=False, **options
+    )
     run(1 + steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof_short:
@@ -171,6 +185,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--prefill-rows", type=int, default=440)
     parser.add_argument("--prefill-chunks", default="16384,65536", help="prefill_tokens values to time")
+    parser.add_argument(
+        "--decode-attention",
+        action="append",
+        default=None,
+        help="also profile the Triton path with this decode attention configuration "
+        "(bench.tune_decode_attention's best:, e.g. block_n=32,num_warps=4,splits=2); repeatable",
+    )
+    parser.add_argument(
+        "--fuse-projections",
+        action="store_true",
+        help="also profile the Triton path with one GEMM for q/k/v and one for gate/up (with each "
+        "--decode-attention too)",
+    )
+    parser.add_argument("--skip-prefill", action="store_true", help="profile the decode step only")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -198,10 +226,19 @@ def main(argv=None) -> dict:
         "steps": steps,
         "decode": {},
     }
+    attention = {f" {spec}": {"decode_attention": DecodeAttentionConfig.parse(spec)} for spec in args.decode_attention or []}
+    variants = [("eager", False, {}), ("triton", True, {})] + [
+        (f"triton{label}", True, options) for label, options in attention.items()
+    ]
+    if args.fuse_projections:
+        variants += [
+            (f"triton{label} + fused projections", True, {**options, "fuse_projections": True})
+            for label, options in {"": {}, **attention}.items()
+        ]
     with torch.no_grad():
-        for label, fused in (("eager", False), ("triton", True)):
+        for label, fused, options in variants:
             result["decode"][label] = decode_profile(
-                model, decode_prompts, fused=fused, steps=steps, device=device, gen=gen
+                model, decode_prompts, fused=fused, steps=steps, device=device, gen=gen, options=options
             )
             d = result["decode"][label]
             print(
@@ -211,18 +248,16 @@ def main(argv=None) -> dict:
             )
             print_classes(d["classes"])
         chunks = [int(c) for c in args.prefill_chunks.split(",")]
-        result["prefill"] = prefill_profile(model, prefill_prompts, chunks=chunks, device=device, gen=gen)
-    for label, figures in result["prefill"]["runs"].items():
+        if not args.skip_prefill:
+            result["prefill"] = prefill_profile(model, prefill_prompts, chunks=chunks, device=device, gen=gen)
+    for label, figures in result.get("prefill", {"runs": {}})["runs"].items():
         print(
             f"prefill {label}: {figures['wall_s']:.3f}s, {figures['prompt_tokens_per_s']:,.0f} tok/s, "
             f"kernels {figures['kernel_s']:.3f}s",
             flush=True,
         )
         print_classes(figures["classes"])
-    out = common.default_out("profile_decode.json", args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}", flush=True)
+    common.write_result("profile_decode.json", result, args.out)
     return result
 
 

@@ -133,12 +133,30 @@ def render_cards_command(config_path, run_dir, templates_dir, check):
         click.echo(f"problem: {problem}", err=True)
 
 
+def options(*decorators):
+    """Several click options as one decorator, applied in the order listed (as ``--help`` shows them)."""
+
+    def decorate(command):
+        for option in reversed(decorators):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def training_options(levels_default: str, adapter: str):
+    """The options of a training stage (``train``, ``rl``): which levels, resume, force."""
+    return options(
+        CONFIG_OPTION,
+        RUN_DIR_OPTION,
+        click.option("--levels", default=None, help=f"Comma-separated levels (default: {levels_default})."),
+        click.option("--resume", is_flag=True, help="Continue each level from its last checkpoint."),
+        click.option("--force", is_flag=True, help=f"Retrain levels whose {adapter} is already up to date."),
+    )
+
+
 @main.command("train")
-@CONFIG_OPTION
-@RUN_DIR_OPTION
-@click.option("--levels", default=None, help="Comma-separated levels (default: the config's).")
-@click.option("--resume", is_flag=True, help="Continue each level from its last checkpoint.")
-@click.option("--force", is_flag=True, help="Retrain levels whose adapter is already up to date.")
+@training_options("the config's", "adapter")
 def train_command(config_path, run_dir, levels, resume, force):
     """Train one LoRA adapter per level into adapters/level_<n>/ (with training.json)."""
     from training import sft
@@ -148,11 +166,7 @@ def train_command(config_path, run_dir, levels, resume, force):
 
 
 @main.command("rl")
-@CONFIG_OPTION
-@RUN_DIR_OPTION
-@click.option("--levels", default=None, help="Comma-separated levels (default: the config's rl.levels).")
-@click.option("--resume", is_flag=True, help="Continue each level from its last checkpoint.")
-@click.option("--force", is_flag=True, help="Retrain levels whose RL adapter is already up to date.")
+@training_options("the config's rl.levels", "RL adapter")
 def rl_command(config_path, run_dir, levels, resume, force):
     """Continue each rl.levels SFT adapter with GRPO into adapters/rl_l<n>/ (with training.json)."""
     from training import rl
@@ -162,29 +176,22 @@ def rl_command(config_path, run_dir, levels, resume, force):
 
 
 # ---- publishing: publish, push-eval, regenerate-cards (hub_tools/publishing/)
-def publishing_options(command):
-    """The options every publishing command takes."""
-    for option in reversed(
-        [
-            CONFIG_OPTION,
-            RUN_DIR_OPTION,
-            click.option(
-                "--endpoint", default=None, metavar="URL|local", help="Hub to publish to (default: the config's)."
-            ),
-            click.option("--namespace", default=None, metavar="NS", help="User or org to publish under."),
-            click.option("--dry-run", is_flag=True, help="Print the plan and README diffs; push nothing."),
-            click.option("--create-pr", is_flag=True, help="Open (or update) one PR per changed repo."),
-            click.option(
-                "--templates",
-                "templates_dir",
-                type=click.Path(path_type=Path, file_okay=False),
-                default=None,
-                help="Folder with your own card and note templates (as for render-cards).",
-            ),
-        ]
-    ):
-        command = option(command)
-    return command
+publishing_options = options(
+    CONFIG_OPTION,
+    RUN_DIR_OPTION,
+    click.option("--endpoint", default=None, metavar="URL|local", help="Hub to publish to (default: the config's)."),
+    click.option("--namespace", default=None, metavar="NS", help="User or org to publish under."),
+    click.option("--dry-run", is_flag=True, help="Print the plan and README diffs; push nothing."),
+    click.option("--create-pr", is_flag=True, help="Open (or update) one PR per changed repo."),
+    click.option(
+        "--templates",
+        "templates_dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=None,
+        help="Folder with your own card and note templates (as for render-cards).",
+    ),
+)
+"""The options every publishing command takes."""
 
 
 def run_publishing(

@@ -417,3 +417,15 @@ def checkpoint_kill_hook() -> None:
         faultpoints.maybe_crash("train.checkpoint_saved")
 
     Trainer._save_checkpoint = save_then_maybe_die
+
+
+def bench_smoke(module: str, out: Path, *args: str) -> dict:
+    """``python -m <module> --smoke --out <out> <args>`` from the repository root (a benchmark's CPU smoke
+    mode); its JSON result."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", module, "--smoke", "--out", str(out), *args]
+    subprocess.run(command, check=True, cwd=root, timeout=600, capture_output=True)
+    return json.loads(out.read_text())

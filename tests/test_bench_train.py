@@ -1,11 +1,10 @@
 """The training benchmark script runs end to end (CPU smoke mode) and reports each setup it compares."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import bench_smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = {
@@ -20,14 +19,9 @@ RECORDED = {
 
 @pytest.mark.slow
 def test_bench_train_smoke_compares_trl_defaults_with_the_study_recipe(tmp_path):
-    out = tmp_path / "bench_train.json"
-    subprocess.run(
-        [sys.executable, "-m", "bench.bench_train", "--smoke", "--out", str(out)],
-        check=True, cwd=ROOT, timeout=600, capture_output=True,
-    )  # fmt: skip
-    result = json.loads(out.read_text())
+    result = bench_smoke("bench.bench_train", tmp_path / "bench_train.json")
     setups = {setup["setup"]: setup for setup in result["setups"]}
-    assert set(setups) == {"trl_defaults_bf16", "ours_bf16"}
+    assert set(setups) == {"trl_defaults_bf16", "ours_bf16", "ours_pf_bf16"}
     assert setups["trl_defaults_bf16"]["gradient_checkpointing"] is True  # TRL's default
     assert setups["ours_bf16"]["gradient_checkpointing"] is False  # the study's recipe
     # Both setups train on the same rows, so they see the same real tokens.
@@ -36,6 +30,23 @@ def test_bench_train_smoke_compares_trl_defaults_with_the_study_recipe(tmp_path)
         setups["ours_bf16"]["steady_tokens_per_s"] / setups["trl_defaults_bf16"]["steady_tokens_per_s"], 2
     )
     assert result["speedup_ours_vs_trl_defaults"] == {"bf16": expected}
+    # Padding-free batches (one packed row, SDPA masked per row from the position ids) train the same rows
+    # to the same loss, step by step, as the padded recipe.
+    assert setups["ours_pf_bf16"]["padding_free"] and not setups["ours_bf16"]["padding_free"]
+    assert setups["ours_pf_bf16"]["tokens_seen"] == setups["ours_bf16"]["tokens_seen"]
+    check = result["loss_match_vs_unfused"]["ours_pf_bf16"]
+    assert check["passed"] and check["steps"] == setups["ours_bf16"]["steps"] and check["max_relative_diff"] < 1e-3
+    assert result["goals_issue_19"]["ours_pf_bf16"]["loss_curve"] is True
+
+
+@pytest.mark.slow
+def test_profile_train_smoke_splits_steps_by_kernel_class(tmp_path):
+    result = bench_smoke("bench.profile_train", tmp_path / "profile_train.json")
+    profiled = result["setups"]["ours_bf16"]
+    assert profiled["profiled_steps"] == 1 and profiled["tokens_per_step"] > 0
+    # On the CPU the classes hold CPU ops' self time: GEMMs are there, and the classes add up to the total.
+    assert profiled["classes"]["gemm"]["ms"] > 0
+    assert sum(c["ms"] for c in profiled["classes"].values()) == pytest.approx(profiled["kernel_ms_per_step"])
 
 
 def test_recorded_gpu_results_name_their_device():

@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from fixtures_artifacts import FIXTURE_BASE_SHA, ModelProfile, write_fixture_study
 from helpers import tiny_qwen3
@@ -559,6 +560,14 @@ def test_published_level4_numbers(tmp_path):
     data = ModelCard(text).data
     assert data.base_model == "Qwen/Qwen3-4B-Instruct-2507" and data.license == "apache-2.0"
     assert data.eval_results[0].metric_value == 765 / 1319
+    # .eval_results on GSM8K's own scale (percent), and where a reader finds the adapter on its leaderboard
+    path, results_yaml = cards.eval_results_file(config, cards.load_artifacts(config, run_dir), 4)
+    assert path == ".eval_results/gsm8k.yaml" and yaml.safe_load(results_yaml)[0]["value"] == 58.0
+    assert (
+        "this repo's `.eval_results/gsm8k.yaml` gives this accuracy as 58, in percent (the benchmark's scale), for "
+        "`openai/gsm8k` (task `main`)" in text
+    )
+    assert 'get_dataset_leaderboard("openai/gsm8k", base_model_only=False)' in text
     assert "[Qwen/Qwen3-4B\\-Instruct\\-2507]" not in text  # single hyphens stay readable
     assert "[Qwen/Qwen3-4B-Instruct-2507](https://huggingface.co/Qwen/Qwen3-4B-Instruct-2507)" in text
     assert "base_id = 'Qwen/Qwen3-4B-Instruct-2507'" in text
@@ -581,6 +590,7 @@ def test_training_seeds_give_mean_sd_each_seeds_ci_paired_tests_and_branches(tmp
     mean, sd = statistics.mean(accuracies), statistics.stdev(accuracies)
     assert sd > 0 and f"accuracy is {mean:.3f} ± {sd:.3f}" in text
     assert f"mean think tokens {statistics.mean(think):.2f} ± {statistics.stdev(think):.2f}" in text
+    assert "variance is measured across training seeds instead (Training seeds, above)" in text
     for seed, m in seeds.items():
         low, high = wilson(m["n_correct"], m["n_total"])
         branch = "main" if seed == 42 else f"seed-{seed}"
@@ -651,6 +661,8 @@ def test_rl_adapter_and_its_sft_sibling_both_show_sft_against_sft_plus_rl(tmp_pa
         "the length term growing past 13 think tokens (the level's 45 chars, 23 tokens, but never above its SFT "
         "reasoning's mean of 12.4)" in rl_card.text.replace("\n", " ")
     )
+    assert "which was not measured for this adapter (one RL run)" in rl_card.text
+    assert "new tokens, sampled with transformers' generate on the training policy |" in rl_card.text
     assert "## SFT against SFT+RL" not in rendered["tiny-cot-l2"].text
     assert "`rl_l<n>` (the level's SFT adapter continued with GRPO" in rendered["tiny-cot-eval"].text
     notes = cards.render_collection_notes(config, run_dir)

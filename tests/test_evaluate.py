@@ -27,7 +27,7 @@ from eval_artifacts.study.levels import build_baseline_prompt
 from hub_tools.cli import main
 from training import evaluate
 from training.generate import Generation
-from training.gsm8k import Problem
+from training.gsm8k import Problem, grade
 from training.tiny import train_tokenizer
 from training.tokens import reasoning_text, think_tokens
 
@@ -39,20 +39,32 @@ def byte_tokenizer():
 
 
 @pytest.mark.parametrize(
-    ("completion", "reasoning"),
+    ("completion", "finish_reason", "reasoning"),
     [
-        ("<think>\n12+7=19; 19-5=14\n</think>\n#### 14", "12+7=19; 19-5=14"),
-        ("<think>\n\n</think>\n#### 14", ""),
-        ("Tom has 12+7 = 19 pens.\nThen 19-5 = 14.\n#### 14", "Tom has 12+7 = 19 pens.\nThen 19-5 = 14."),
-        ("x = 3 + 4\nThe answer is 7.", "x = 3 + 4"),
-        ("So #### 5 first\nthen #### 7", "So #### 5 first"),
-        ("no answer line at all", "no answer line at all"),
-        ("<think>\ntruncated reasoning wit", "truncated reasoning wit"),
+        ("<think>\n12+7=19; 19-5=14\n</think>\n#### 14", "stop", "12+7=19; 19-5=14"),
+        ("<think>\n\n</think>\n#### 14", "stop", ""),
+        ("Tom has 12+7 = 19 pens.\nThen 19-5 = 14.\n#### 14", "stop", "Tom has 12+7 = 19 pens.\nThen 19-5 = 14."),
+        ("x = 3 + 4\nThe answer is 7.", "stop", "x = 3 + 4"),
+        ("So #### 5 first\nthen #### 7", "stop", "So #### 5 first"),
+        ("no answer line at all", "stop", "no answer line at all"),
+        ("<think>\ntruncated reasoning wit", "length", "truncated reasoning wit"),
+        # The stock model's own endings: the count stops at the line the grading rule reads the answer from.
+        ("So 5 + 3 = 8.\nThe final answer is $\\boxed{8}$.", "stop", "So 5 + 3 = 8."),
+        ("She has 3 + 4 = 7.\n**Final Answer:**\n**7**", "stop", "She has 3 + 4 = 7."),
+        ("Natalia sold 72.\n\n**Final Answer**\n\\[\n\\boxed{72}\n\\]", "stop", "Natalia sold 72.\n\n**Final Answer**\n\\["),
+        # An announcement the grading rule does not read (above the last 5 lines) ends no reasoning.
+        ("The answer is 7.\na\nb\nc\nd\ne", "stop", "The answer is 7.\na\nb\nc\nd\ne"),
+        # Cut by the token limit: the unfinished last line is no answer; a finished one before it is.
+        ("x = 3 + 4\n#### 7\nand then", "length", "x = 3 + 4"),
+        ("x = 3 + 4\n#### 7", "length", "x = 3 + 4\n#### 7"),
     ],
 )
-def test_think_tokens_count_only_the_reasoning(byte_tokenizer, completion, reasoning):
-    assert reasoning_text(completion) == reasoning
-    assert think_tokens(byte_tokenizer, completion) == len(reasoning)
+def test_think_tokens_count_only_the_reasoning(byte_tokenizer, completion, finish_reason, reasoning):
+    assert reasoning_text(completion, finish_reason=finish_reason) == reasoning
+    assert think_tokens(byte_tokenizer, completion, finish_reason=finish_reason) == len(reasoning)
+    graded = grade(completion, "7", finish_reason=finish_reason, kind="stock")
+    if "<think>" not in completion and graded.predicted is None:
+        assert reasoning == completion.strip()  # no answer for the grader: all of it is reasoning
 
 
 def test_record_grades_and_counts_one_completion(byte_tokenizer):

@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_qwen3
 from peft import LoraConfig, get_peft_model
 
-from training.fast_generate import FastCompletion, FastGenerator
+from training.fast_generate import FastCompletion, FastGenerator, Sampling, sample_tokens
 
 VOCAB = 101
 PAD = 0
@@ -132,10 +132,11 @@ def test_forced_length_and_single_token():
     assert [(len(c.token_ids), c.finish_reason) for c in forced] == [(9, "length")] * 5
 
 
-def test_merged_lora_matches_unmerged_peft_and_restores_weights():
+@pytest.mark.parametrize("fuse_projections", [False, True])
+def test_merged_lora_matches_unmerged_peft_and_restores_weights(fuse_projections):
     model = random_qwen3(seed=7)
     batch = prompts(6, seed=9)
-    base_before = FastGenerator(model, context_bucket=8).generate(
+    base_before = FastGenerator(model, context_bucket=8, fuse_projections=fuse_projections).generate(
         batch, max_new_tokens=15, stop_token_ids=[VOCAB + 1], pad_token_id=PAD
     )
     assert base_before == hf_greedy(model, batch, max_new=15, stop_ids={VOCAB + 1})
@@ -146,7 +147,7 @@ def test_merged_lora_matches_unmerged_peft_and_restores_weights():
     peft_model = get_peft_model(model, LoraConfig(**lora), adapter_name="l1")
     peft_model.add_adapter("l2", LoraConfig(**{**lora, "r": 8}))
     peft_model.eval()
-    engine = FastGenerator(peft_model, context_bucket=8)
+    engine = FastGenerator(peft_model, context_bucket=8, fuse_projections=fuse_projections)
     outputs = {}
     for name in ("l1", "l2"):
         peft_model.set_adapter(name)
@@ -168,6 +169,10 @@ def test_merged_lora_matches_unmerged_peft_and_restores_weights():
             else key
         )
         assert torch.equal(after[peft_key], value), key
+    if fuse_projections:  # each layer's q/k/v (and gate/up) weights are row blocks of one tensor
+        attention = peft_model.get_base_model().model.layers[0].self_attn
+        q, v = attention.q_proj.base_layer.weight, attention.v_proj.base_layer.weight
+        assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
 
 
 def test_graph_bookkeeping_with_an_eager_stand_in(base, monkeypatch):
@@ -275,12 +280,15 @@ _TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
-def test_fused_decode_kernels_match_hf_generate():
+@pytest.mark.parametrize("fuse_projections", [False, True])
+def test_fused_decode_kernels_match_hf_generate(fuse_projections):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_qwen3(seed=13).to(device)
     batch = prompts(9, seed=8)
     stop = pick_stop_token(model, batch, 20)
-    engine = FastGenerator(model, max_batch_size=4, context_bucket=8, fused_kernels=True)
+    engine = FastGenerator(
+        model, max_batch_size=4, context_bucket=8, fused_kernels=True, fuse_projections=fuse_projections
+    )
     assert engine.fused, engine.fused_status
     for min_new in (0, 4):
         expected = hf_greedy(model, batch, max_new=20, min_new=min_new, stop_ids={stop})
@@ -311,6 +319,142 @@ def test_fused_kernels_round_where_transformers_rounds_in_bf16():
     for op, figures in report.items():
         assert figures["max_ulps_of_largest_term"] <= 1, (op, figures)
         assert figures["identical_share"] > 0.99, (op, figures)
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+def test_kernels_read_column_blocks_of_a_wider_projection_in_place():
+    """With fused projections the head norm and SiLU gate read q/k and gate/up as column blocks of one
+    GEMM output: the same bits as on contiguous copies, in bf16."""
+    from training.fused_kernels import fused_head_norm_rope, fused_silu_mul
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_qwen3(VOCAB, seed=3, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16)
+    attention = model.model.layers[0].self_attn.to(device=device, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    rows, dim = 5, 16
+    wide = torch.randn((rows, 4 * dim + 2 * dim + 2 * dim), generator=g).to(device=device, dtype=torch.bfloat16)
+    q, k, _ = wide.split([4 * dim, 2 * dim, 2 * dim], dim=-1)
+    angles = torch.randn((rows, dim), generator=g).to(device)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    for block, norm, heads in ((q, attention.q_norm, 4), (k, attention.k_norm, 2)):
+        assert not block.is_contiguous()
+        got = fused_head_norm_rope(block, norm, cos, sin, heads)
+        assert torch.equal(got, fused_head_norm_rope(block.contiguous(), norm, cos, sin, heads))
+    gate_up = torch.randn((rows, 2 * 96), generator=g).to(device=device, dtype=torch.bfloat16)
+    gate, up = gate_up.split([96, 96], dim=-1)
+    assert torch.equal(fused_silu_mul(gate, up), fused_silu_mul(gate.contiguous(), up.contiguous()))
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_launch_configs_agree_with_sdpa(dtype):
+    """Every block size and flash-decoding split gives SDPA's attention within the start-up check's limit,
+    on rows whose real slots start mid-block, fill one block, or are shorter than a split's share."""
+    from training.fast_generate import decode_attention_reference, ulp_limit, ulp_report
+    from training.fused_kernels import DecodeAttentionConfig, fused_decode_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    rows, kv_heads, slots, dim, groups = 5, 2, 80, 32, 4
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+    k, v, q = rand(rows, kv_heads, slots, dim), rand(rows, kv_heads, slots, dim), rand(rows, kv_heads * groups * dim)
+    pad, pos = torch.tensor([0, 3, 16, 40, 70], device=device), torch.tensor([70], device=device)
+    ref, scale = decode_attention_reference(q, k, v, pad, pos, scale=dim**-0.5)
+    for spec in ("", "block_n=16", "block_n=32,splits=2", "block_n=16,splits=3,num_warps=2,num_stages=2", "splits=8"):
+        config = DecodeAttentionConfig.parse(spec)
+        out = fused_decode_attention(q, k, v, pad, pos, scale=dim**-0.5, config=config)
+        report = ulp_report(out, ref, scale, dtype)
+        assert report["max_ulps_of_largest_term"] <= ulp_limit("decode attention", dtype), (spec, report)
+    assert DecodeAttentionConfig.parse(config.spec()) == config
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        DecodeAttentionConfig.parse("block_n=48")
+    with pytest.raises(ValueError, match="expected key=value"):
+        DecodeAttentionConfig.parse("warps=4")
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+def test_split_decode_attention_matches_hf_generate():
+    from training.fused_kernels import DecodeAttentionConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_qwen3(seed=13).to(device)
+    batch = prompts(6, seed=8)
+    config = DecodeAttentionConfig.parse("block_n=16,splits=2")
+    engine = FastGenerator(model, max_batch_size=3, fused_kernels=True, decode_attention=config)
+    assert engine.fused and engine.fused_status.endswith("decode attention block_n=16,splits=2,native_dot=0")
+    expected = hf_greedy(model, batch, max_new=12, stop_ids={VOCAB + 1})
+    assert engine.generate(batch, max_new_tokens=12, stop_token_ids=[VOCAB + 1], pad_token_id=PAD) == expected
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs Triton's compiler (not its interpreter)",
+)
+def test_every_triton_kernel_compiles_for_hopper_without_a_gpu():
+    """Every kernel and variant the next GPU run will launch compiles for sm_90 at Qwen3-4B's shapes, with
+    the launch's specialisation (16-byte aligned pointers, cache strides multiples of 16): a compile error
+    found here costs no device time. The decode attention's cache loads are software-pipelined."""
+    from bench.tune_decode_attention import attention_resources, compile_ahead
+    from training import fused_kernels
+    from training.fused_kernels import DecodeAttentionConfig
+
+    for spec in ("", "block_n=32,num_warps=8,num_stages=2,splits=4,native_dot=1", "block_n=128,splits=2"):
+        resources = attention_resources(DecodeAttentionConfig.parse(spec))
+        assert resources["pipelined"] and resources["registers"] <= 255, (spec, resources)
+    bf16 = dict.fromkeys
+    norm = compile_ahead(
+        fused_kernels._add_rms_norm_kernel,
+        bf16(("R", "DELTA", "H", "Y", "W"), "*bf16") | {"n_cols": "i32", "eps": "fp32"},
+        {"HAS_DELTA": True, "BLOCK": 4096},
+        divisible=("R", "DELTA", "H", "Y", "W", "n_cols"),
+        num_warps=8,
+    )
+    rope = compile_ahead(
+        fused_kernels._head_norm_rope_kernel,
+        bf16(("X", "W", "COS", "SIN", "Y"), "*bf16") | {"n_heads": "i32", "stride_x": "i32", "eps": "fp32"},
+        {"D": 128},
+        divisible=("X", "W", "COS", "SIN", "Y", "stride_x"),
+        num_warps=1,
+    )
+    for strided in (False, True):
+        silu = compile_ahead(
+            fused_kernels._silu_mul_kernel,
+            bf16(("G", "U", "Y"), "*bf16") | bf16(("n", "n_cols", "stride_in"), "i32"),
+            {"BLOCK": 1024, "STRIDED": strided},
+            divisible=("G", "U", "Y", "n", "n_cols", "stride_in"),
+        )
+        assert silu["spilled_bytes"] == 0
+    assert norm["spilled_bytes"] == rope["spilled_bytes"] == 0
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+def test_decode_attention_sweep_smoke_checks_and_times_every_config(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "tune.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.tune_decode_attention", "--smoke", "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    configs = result["configs"]
+    # The default first, then the smoke grid: block_n 16/32 x splits 1/3.
+    assert configs[0]["default"] and configs[0]["spec"] == "block_n=64,splits=1,native_dot=0"
+    assert len(configs) == 5 and all(c["ok"] and c["ms"] > 0 for c in configs)
+    assert all(c["max_ulps_of_largest_term"] <= result["ulp_limit"] for c in configs)
+    assert result["best_spec"] == min(configs, key=lambda c: c["ms"])["spec"]
+    assert f"best: {result['best_spec']}" in run.stdout
 
 
 @pytest.mark.gpu
@@ -384,7 +528,10 @@ def test_bench_eval_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "bench_eval.json"
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "bench.bench_eval", "--smoke", "--out", str(out)],
+        [
+            sys.executable, "-X", "importtime", "-m", "bench.bench_eval", "--smoke", "--out", str(out),
+            "--fuse-projections", "--decode-attention", "block_n=32,splits=2",
+        ],  # fmt: skip
         cwd=root,
         capture_output=True,
         text=True,
@@ -400,6 +547,16 @@ def test_bench_eval_smoke_runs_every_stage(tmp_path):
     assert not imported & {"trl", "datasets", "pydantic"}
     result = json.loads(out.read_text())
     assert "errors" not in result
+    options = {"decode_attention": "block_n=32,splits=2,native_dot=0", "fuse_projections": True}
+    assert result["engine_options"] == result["fast"]["totals"]["engine_options"] == options
+    # With and without the options in one run: the base model again with the default engine and each alone.
+    ablations = result["ablation_engine_options"]
+    assert {label: run["totals"]["engine_options"] for label, run in ablations.items()} == {
+        "default engine": {},
+        "only decode_attention": {"decode_attention": options["decode_attention"]},
+        "only fuse_projections": {"fuse_projections": True},
+    }
+    assert all(run["per_model"]["base"]["generated_tokens"] == 360 for run in ablations.values())
     assert result["self_check"]["ok"] and result["self_check"]["batches"] == [14, 14, 12]
     # 12 problems x the smoke token profiles (the real ones / 10, rounded up): 30+20+10+6+4+2 per problem.
     assert result["fast"]["totals"]["generated_tokens"] == 12 * (30 + 20 + 10 + 6 + 4 + 2)
@@ -430,3 +587,146 @@ def test_bench_eval_smoke_runs_every_stage(tmp_path):
     ).stdout
     fast_row = f"| fast engine (measured) | {result['fast']['totals']['wall_s']:,.1f} |"
     assert fast_row in table and f"| {speedup:.1f}x |" in table
+
+
+# ---------------------------------------------------------------- sampling
+def test_sample_tokens_draws_each_token_with_its_tempered_top_k_probability():
+    """The exponential race against the distribution it claims: 40,000 draws of one row, within 4 sigma."""
+    logits = torch.tensor([[2.0, 1.5, 0.2, -0.3, 1.0, -2.0]])
+    temperature, top_k, draws = 0.7, 4, 40_000
+    tokens, logps = sample_tokens(
+        logits.expand(draws, -1),
+        temperature=temperature,
+        top_k=top_k,
+        generator=torch.Generator().manual_seed(3),
+    )
+    # HF's warpers in HF's order (temperature, then top-k) give the distribution independently.
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+
+    warped = TopKLogitsWarper(top_k)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    probs = warped.softmax(-1)[0]
+    assert set(tokens.tolist()) == set(torch.nonzero(probs).flatten().tolist())  # the top 4 only
+    observed = torch.bincount(tokens, minlength=logits.shape[1]).double() / draws
+    sigma = (probs.double() * (1 - probs.double()) / draws).sqrt()
+    assert ((observed - probs.double()).abs() <= 4 * sigma + 1e-12).all(), (observed, probs)
+    assert torch.allclose(logps, probs.log()[tokens])
+
+
+def test_top_k_1_sampling_is_greedy_token_for_token(base):
+    batch = prompts(9, seed=4)
+    stop = pick_stop_token(base, batch, 20)
+    engine = FastGenerator(base, max_batch_size=4, context_bucket=8)
+    greedy = engine.generate(batch, max_new_tokens=20, stop_token_ids=[stop], pad_token_id=PAD)
+    sampled = engine.generate(
+        batch,
+        max_new_tokens=20,
+        stop_token_ids=[stop],
+        pad_token_id=PAD,
+        sampling=Sampling(temperature=1.7, top_k=1, seed=5),
+    )
+    assert [(c.token_ids, c.finish_reason) for c in sampled] == [(c.token_ids, c.finish_reason) for c in greedy]
+    assert all(c.logprobs == [0.0] * len(c.token_ids) for c in sampled)  # one token kept: probability 1
+    assert greedy == hf_greedy(base, batch, max_new=20, stop_ids={stop})  # greedy is untouched after sampling
+
+
+def test_sampling_repeats_with_its_seed_and_differs_across_seeds(base):
+    batch = prompts(6, seed=8)
+    engine = FastGenerator(base, max_batch_size=4, context_bucket=8)
+
+    def draw(seed):
+        completions = engine.generate(
+            batch, max_new_tokens=12, stop_token_ids=[VOCAB + 1], pad_token_id=PAD,
+            sampling=Sampling(temperature=1.0, seed=seed),
+        )  # fmt: skip
+        return [(c.token_ids, c.logprobs) for c in completions]
+
+    first = draw(11)
+    assert draw(11) == first
+    assert draw(12) != first
+    # Two identical prompts in one call draw independently (GRPO's group is one prompt repeated).
+    twins = engine.generate(
+        [batch[0]] * 4, max_new_tokens=12, stop_token_ids=[VOCAB + 1], pad_token_id=PAD,
+        sampling=Sampling(seed=11),
+    )  # fmt: skip
+    assert len({tuple(c.token_ids) for c in twins}) > 1
+
+
+def test_sampled_tokens_and_logprobs_agree_with_the_unmerged_peft_forward():
+    """Each sampled token lies in HF's top-k of the adapter's logits at its position, and its logprob is
+    log_softmax(top-k(logits / T)) there, from an fp32 forward of PEFT's unmerged model; base weights restored."""
+    model = random_qwen3(seed=7)
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, LoraConfig(**lora), adapter_name="policy").eval()
+    weights = {k: v.clone() for k, v in peft_model.get_base_model().state_dict().items() if "lora_" not in k}
+    batch = prompts(6, seed=9)
+    temperature, top_k = 1.3, 5
+    got = FastGenerator(peft_model, max_batch_size=4, context_bucket=8).generate(
+        batch, adapter="policy", max_new_tokens=10, stop_token_ids=[VOCAB + 1], pad_token_id=PAD,
+        sampling=Sampling(temperature=temperature, top_k=top_k, seed=2),
+    )  # fmt: skip
+    for prompt, completion in zip(batch, got, strict=True):
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            logits = peft_model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        tokens = torch.tensor(completion.token_ids)
+        assert (logits.gather(1, tokens[:, None]) >= kth).all()
+        expected = logits.masked_fill(logits < kth, float("-inf")).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, rtol=0, atol=1e-4)
+    after = peft_model.get_base_model().state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+
+
+def test_sampled_draws_do_not_depend_on_graph_captures(base, monkeypatch):
+    """A capture's warm-up steps draw from the engine's generator too; each batch is reseeded after its
+    captures, so a call draws the same tokens whether its graphs were captured now, before, or never (eager)."""
+    captured = []
+
+    def fake_capture(self, b, width):
+        for _ in range(2):
+            self._pos.fill_(width - 2)
+            self._decode_step(b, width)
+        captured.append(self._graph_key(b, width))
+        return lambda: self._decode_step(b, width)
+
+    batch = prompts(9, seed=3)
+    sampling = Sampling(temperature=1.2, top_k=20, seed=4)
+
+    def draw(engine):
+        return engine.generate(
+            batch, max_new_tokens=14, stop_token_ids=[VOCAB + 1], pad_token_id=PAD, sampling=sampling
+        )
+
+    eager = draw(FastGenerator(base, max_batch_size=4, context_bucket=8))
+    monkeypatch.setattr(FastGenerator, "_capture", fake_capture)
+    graphs = FastGenerator(base, max_batch_size=4, context_bucket=8, use_cuda_graphs=True)
+    assert draw(graphs) == eager  # captured during the call
+    assert draw(graphs) == eager  # replayed from earlier captures
+    graphs.generate(batch, max_new_tokens=14, stop_token_ids=[VOCAB + 1], pad_token_id=PAD)
+    # Greedy and sampled decode steps are separate graphs; the seed is no part of a graph's key.
+    assert {key[2] for key in captured} == {None, (1.2, 20)}
+    assert len(captured) == len(set(captured))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_under_cuda_graphs_draws_what_eager_draws_fp32():
+    """The exponential race on the engine's own generator, registered with each graph: replays draw the
+    numbers eager steps draw from the same seed, and top-k 1 stays greedy."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = random_qwen3(seed=11).cuda()
+    batch = prompts(40, seed=4)
+    sampling = Sampling(temperature=1.1, top_k=30, seed=9)
+    eager = FastGenerator(model, max_batch_size=16, context_bucket=8, use_cuda_graphs=False, fused_kernels=False)
+    graphs = FastGenerator(model, max_batch_size=16, context_bucket=8, use_cuda_graphs=True, fused_kernels=False)
+
+    def draw(engine, how):
+        return engine.generate(batch, max_new_tokens=30, stop_token_ids=[VOCAB + 1], pad_token_id=PAD, sampling=how)
+
+    expected = draw(eager, sampling)
+    assert draw(graphs, sampling) == expected
+    assert draw(graphs, sampling) == expected
+    assert draw(graphs, Sampling(temperature=1.1, top_k=30, seed=10)) != expected
+    greedy = graphs.generate(batch, max_new_tokens=30, stop_token_ids=[VOCAB + 1], pad_token_id=PAD)
+    top1 = draw(graphs, Sampling(top_k=1, seed=3))
+    assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]

@@ -20,6 +20,7 @@ from fixtures_artifacts import write_fixture_study
 from hubtools import publish_to
 from huggingface_hub import CommitOperationAdd, HfApi
 
+from eval_artifacts.records import read_samples
 from eval_artifacts.rundir import RunDir
 from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import ArtifactError, CardValidationError, HubError
@@ -43,6 +44,11 @@ ADAPTER_FILES = {
 EVAL_CONFIGS = ["base", *(f"level_{n}" for n in range(1, 6)), *(f"prompt_l{n}" for n in range(1, 6)), "summary"]
 # Requests that never change anything on the Hub (paths-info and validate-yaml are POSTs that only read).
 READ_ONLY = re.compile(r"^(GET|HEAD) |^POST /api/(validate-yaml|(models|datasets)/.+/paths-info/.+)$")
+
+
+def percent(n_correct: int, n_total: int) -> float:
+    """An .eval_results value as a leaderboard shows it: the benchmark's scale (GSM8K: percent), 2 decimals."""
+    return round(100 * n_correct / n_total, 2)
 
 
 @pytest.fixture
@@ -636,7 +642,7 @@ def test_rl_adapters_get_their_own_repos_after_their_sft_siblings_and_converge(t
         assert adapter_config["revision"] == api(hub).repo_info(config.base_repo_id).sha
         metrics = json.loads(run_dir.metrics(f"rl_l{level}").read_text())
         info = api(hub).model_info(repo_id, expand=["evalResults"])
-        assert [entry.value for entry in info.eval_results or []] == [metrics["accuracy"]]
+        assert [entry.value for entry in info.eval_results or []] == [percent(metrics["n_correct"], metrics["n_total"])]
         for card_repo in (repo_id, config.adapter_repo_id(level)):
             card = api(hub).hf_hub_download(card_repo, "README.md", cache_dir=tmp_path / "dl")
             assert f"differs from SFT's by {metrics['vs_sft']['delta']:+.3f}" in Path(card).read_text()
@@ -719,8 +725,9 @@ def test_published_metadata_names_what_the_study_is(study, hub, tmp_path):
         assert (entry.dataset_id, entry.task_id, entry.value) == (
             config.eval_repo_id,
             f"level_{level}",
-            metrics["accuracy"],
+            percent(metrics["n_correct"], metrics["n_total"]),
         )
+        assert "value = accuracy in percent" in entry.notes
         assert entry.source_url == f"{hub.endpoint}/datasets/{config.eval_repo_id}"
         assert f"Level {level}" in entry.notes and "training seed 42" in entry.notes
 
@@ -739,13 +746,31 @@ def test_published_metadata_names_what_the_study_is(study, hub, tmp_path):
     assert publish(config, run_dir, hub).commits == 0
 
 
+def test_eval_dataset_card_snippet_pairs_an_adapter_with_the_stock_model(study, hub, tmp_path, capsys):
+    """The dataset card's code, run as a reader would against the Hub, prints what the samples say."""
+    config, run_dir = study
+    publish(config, run_dir, hub)
+    card = Path(
+        api(hub).hf_hub_download(config.eval_repo_id, "README.md", repo_type="dataset", cache_dir=tmp_path / "dl")
+    ).read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    capsys.readouterr()  # what publishing printed
+    exec(compile(snippet, "eval-dataset-card", "exec"), {})  # noqa: S102 - the card's own code is under test
+    adapter = f"level_{config.levels[-1]}"
+    base = {(r["id"], r["seed"], r["sample"]): r["correct"] for r in read_samples(run_dir.samples("base"))}
+    level = {(r["id"], r["seed"], r["sample"]): r["correct"] for r in read_samples(run_dir.samples(adapter))}
+    only_adapter = sum(level[key] and not base[key] for key in base)
+    assert f"load_dataset(repo, '{adapter}'" in snippet
+    assert capsys.readouterr().out == f"{len(base)} paired answers; {only_adapter} right only with the adapter\n"
+
+
 def test_model_info_eval_results_equal_metrics(study, hub):
     config, run_dir = study
     publish(config, run_dir, hub)
     for level in config.levels:
         info = api(hub).model_info(config.adapter_repo_id(level), expand=["evalResults"])
         metrics = json.loads(run_dir.metrics(f"level_{level}").read_text())
-        assert [entry.value for entry in info.eval_results or []] == [metrics["accuracy"]]
+        assert [entry.value for entry in info.eval_results or []] == [percent(metrics["n_correct"], metrics["n_total"])]
 
 
 def test_study_lock_records_the_commits_the_stages_read(tmp_path):

@@ -320,27 +320,29 @@ def test_train_and_publish_has_an_rl_stage_only_when_on_and_hashes_its_settings(
 
 
 @pytest.mark.slow
-def test_bench_grpo_smoke_times_generation_inside_each_step(tmp_path):
+def test_bench_grpo_smoke_times_generation_inside_each_step_for_both_rollout_engines(tmp_path):
     out = tmp_path / "grpo.json"
     subprocess.run(
         [sys.executable, "-m", "bench.bench_grpo", "--smoke", "--out", str(out)],
         check=True, cwd=ROOT, timeout=600, capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
-    assert (result["mode"], result["steps"], result["steps_timed"]) == (
-        "smoke",
-        3,
-        2,
-    )  # warm-up step left out
+    assert result["mode"] == "smoke" and list(result["rollouts"]) == ["hf", "fast"]
     settings = result["rl"]
     assert settings["completions_per_step"] == settings["prompts_per_step"] * settings["num_generations"] == 4
-    # Random weights never stop early: each step generates every completion to the token limit.
-    assert result["generated_tokens_per_step"] == 4 * settings["max_new_tokens"]
-    per_step = result["step_time_s"]["per_step"]
-    assert result["step_time_s"]["mean"] == pytest.approx(sum(per_step) / 2, abs=1e-3)
-    assert 0 < result["generation_share_of_step"] < 1
-    generation_s = result["generation_share_of_step"] * sum(per_step)
-    assert result["generation_tokens_per_s"] == pytest.approx(
-        2 * 4 * settings["max_new_tokens"] / generation_s, rel=0.02
-    )
+    for engine, figures in result["rollouts"].items():
+        assert (figures["steps"], figures["steps_timed"]) == (3, 2), engine  # warm-up step left out
+        # Random weights never stop early: each step generates every completion to the token limit.
+        assert figures["generated_tokens_per_step"] == 4 * settings["max_new_tokens"], engine
+        per_step = figures["step_time_s"]["per_step"]
+        assert figures["step_time_s"]["mean"] == pytest.approx(sum(per_step) / 2, abs=1e-3)
+        assert 0 < figures["generation_share_of_step"] < 1
+        generation_s = figures["generation_share_of_step"] * sum(per_step)
+        assert figures["generation_tokens_per_s"] == pytest.approx(
+            2 * 4 * settings["max_new_tokens"] / generation_s, rel=0.02
+        )
+    # The fast engine's rollout time, split: its parts fit inside the whole call.
+    parts = result["rollouts"]["fast"]["rollout_parts_s_per_step"]
+    assert set(parts) == {"merge", "capture", "prefill", "decode"}
+    assert 0 < sum(parts.values()) <= result["rollouts"]["fast"]["generation_time_s_per_step"]
     assert {"trl", "transformers", "peft"} <= set(result["library_versions"])

@@ -409,7 +409,7 @@ def make_record(
         correct=graded.correct,
         correct_lenient=graded.correct_lenient,
         grade_reason=graded.reason,
-        think_tokens=think_tokens(engine.tokenizer, generation.text),
+        think_tokens=think_tokens(engine.tokenizer, generation.text, finish_reason=generation.finish_reason),
         completion_tokens=generation.completion_tokens,
         finish_reason=generation.finish_reason,
         model=model,

@@ -14,6 +14,11 @@ unmerged LoRA adds ~1.8x on top (bench/README.md). This engine runs the same gre
 
 Outputs are HF ``generate``'s greedy outputs (same stop tokens, ``min_new_tokens`` handling, pad after a
 stop), which tests/test_fast_generate.py checks token for token on CPU.
+
+With ``sampling`` (``Sampling``: temperature and top-k, as HF's warpers apply them) the decode step samples
+instead, inside the captured graph, and each token's log-probability under the distribution it was drawn from
+comes back with it (what GRPO rollouts need; ``training.rollouts``). See ``sample_tokens`` for why sampling is
+an exponential race on a dedicated generator rather than ``torch.multinomial``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb, repea
 from eval_artifacts.study.errors import ConfigError
 from training.fused_kernels import (
     TRITON_AVAILABLE,
+    DecodeAttentionConfig,
     fused_add_rms_norm,
     fused_decode_attention,
     fused_head_norm_rope,
@@ -53,6 +59,61 @@ class FastCompletion:
     """Generated tokens up to and including the first stop token (no padding)."""
     finish_reason: str
     """"stop" when a stop token was generated, "length" when ``max_new_tokens`` ran out first."""
+    logprobs: list[float] | None = None
+    """Sampled runs only: each token's log-probability under the (temperature, top-k) distribution it was
+    drawn from, one per entry of ``token_ids``."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding: HF's ``do_sample=True`` with ``temperature`` and ``top_k`` (0: no cut)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    """Seeds the engine's own generator: same seed and inputs, same tokens."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0 or self.top_k < 0:
+            raise ValueError(f"sampling needs temperature > 0 and top_k >= 0, got {self}")
+
+    @property
+    def graph_key(self) -> tuple[float, int]:
+        """What a captured decode step bakes in; the seed is read from the generator at each replay."""
+        return (self.temperature, self.top_k)
+
+    def batch_seed(self, batch: int) -> int:
+        """The generator's seed for the call's ``batch``-th batch, set after its graph captures (whose warm-up
+        steps draw too), so a call's tokens do not depend on which graphs earlier calls left captured."""
+        return (self.seed * 1_000_003 + batch) % 2**63
+
+
+def sample_tokens(
+    logits: torch.Tensor, *, temperature: float, top_k: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``logits`` [rows, vocab], drawn as HF's sampling draws it; returns (tokens, logprobs).
+
+    The distribution is HF's: fp32 logits divided by ``temperature``, then every token below the ``top_k``-th
+    largest set to -inf (ties with it kept, as ``TopKLogitsWarper`` keeps them). A logprob is the token's
+    log-softmax under that distribution (what vLLM's ``processed_logprobs`` reports to TRL).
+
+    The draw is an exponential race, ``argmax(log p - log E)`` with ``E ~ Exp(1)`` per token, which picks token
+    i with probability p_i (the Gumbel-max trick: ``-log E`` is Gumbel). Unlike ``torch.multinomial`` it is a
+    fixed sequence of elementwise kernels, an ``exponential_`` and an argmax: no data-dependent host sync or
+    validation, so it can be captured in a CUDA graph. Its randomness comes from ``generator``; a graph that
+    draws from a generator other than the device's default must register it (``register_generator_state``)
+    before capture, and then each replay advances that generator's Philox offset, so replays draw fresh numbers
+    and reseeding between calls is honoured.
+    """
+    scaled = logits.float() / temperature
+    if top_k:
+        kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    logp = scaled.log_softmax(dim=-1)
+    race = torch.empty_like(logp).exponential_(generator=generator)
+    # exponential_ may return 0 for a uniform draw of exactly 0; -log(0) would make that token win outright.
+    tokens = (logp - race.clamp_min_(torch.finfo(race.dtype).tiny).log()).argmax(dim=-1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
 @dataclass
@@ -88,10 +149,38 @@ def _unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-class _Layer:
-    """One decoder layer's modules, LoRA wrappers resolved to their base linears once."""
+def _share_one_weight(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Make the linears' weights (and biases) row blocks of one new tensor, and return it (and the biases').
 
-    def __init__(self, layer: nn.Module) -> None:
+    The linears keep working as before, on views; a merge that writes a linear's weight in place writes
+    the shared tensor too, so one GEMM on it always computes what the separate ones would.
+    """
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    biases = [linear.bias for linear in linears]
+    bias = None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+    row = 0
+    for linear in linears:
+        n = linear.weight.shape[0]
+        linear.weight.data = weight[row : row + n]
+        if bias is not None:
+            linear.bias.data = bias[row : row + n]
+        row += n
+    return weight, bias
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]):
+    """One GEMM on a shared weight, split into the separate linears' outputs (views, no copies)."""
+    return F.linear(x, weight, bias).split(sizes, dim=-1)
+
+
+class _Layer:
+    """One decoder layer's modules, LoRA wrappers resolved to their base linears once.
+
+    With ``fuse_projections``, q/k/v and gate/up share one weight tensor each (``qkv``, ``gate_up``), so a
+    layer runs two GEMMs where it ran five.
+    """
+
+    def __init__(self, layer: nn.Module, *, fuse_projections: bool = False) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm = layer.input_layernorm
         self.post_norm = layer.post_attention_layernorm
@@ -104,6 +193,24 @@ class _Layer:
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.gate, self.up, self.down = _plain(mlp.gate_proj), _plain(mlp.up_proj), _plain(mlp.down_proj)
         self.act = mlp.act_fn
+        self.qkv = self.gate_up = None
+        if fuse_projections:
+            self.qkv = _share_one_weight([self.q, self.k, self.v])
+            self.qkv_sizes = [m.weight.shape[0] for m in (self.q, self.k, self.v)]
+            self.gate_up = _share_one_weight([self.gate, self.up])
+            self.gate_up_sizes = [m.weight.shape[0] for m in (self.gate, self.up)]
+
+    def qkv_projections(self, x: torch.Tensor):
+        """q, k, v projections of ``x``: one GEMM with shared weights, else three."""
+        if self.qkv is not None:
+            return _project(x, *self.qkv, self.qkv_sizes)
+        return self.q(x), self.k(x), self.v(x)
+
+    def gate_up_projections(self, x: torch.Tensor):
+        """gate and up projections of ``x``: one GEMM with shared weights, else two."""
+        if self.gate_up is not None:
+            return _project(x, *self.gate_up, self.gate_up_sizes)
+        return self.gate(x), self.up(x)
 
 
 class FastGenerator:
@@ -122,6 +229,11 @@ class FastGenerator:
         fused_kernels: decode with the Triton kernels (norms, rotary, SiLU-gate) instead of eager ops;
             default: on CUDA when Triton is there. They are checked against the eager ops on this device
             first and stay off if they differ; ``fused_status`` says which path runs and why.
+        decode_attention: the Triton decode attention's launch configuration (block size, warps, stages,
+            flash-decoding splits); default: the configuration measured in bench/README.md.
+        fuse_projections: run q/k/v and gate/up as one GEMM each, on weights concatenated once. The
+            model's q/k/v and gate/up weights become views of the concatenated tensors (same values, no
+            extra memory), and stay so after ``close``.
     """
 
     def __init__(
@@ -135,8 +247,11 @@ class FastGenerator:
         kv_memory_fraction: float = 0.85,
         prefill_tokens: int = 16384,
         fused_kernels: bool | None = None,
+        decode_attention: DecodeAttentionConfig | None = None,
+        fuse_projections: bool = False,
     ) -> None:
         self.model = model
+        self.decode_attention = decode_attention or DecodeAttentionConfig()
         lm = _unwrap_causal_lm(model)
         config = lm.config
         if getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False):
@@ -153,7 +268,8 @@ class FastGenerator:
         self.final_norm = inner.norm
         self.rotary = inner.rotary_emb
         self.lm_head = _plain(lm.get_output_embeddings())
-        self.layers = [_Layer(layer) for layer in inner.layers]
+        self.fuse_projections = fuse_projections
+        self.layers = [_Layer(layer, fuse_projections=fuse_projections) for layer in inner.layers]
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
@@ -180,10 +296,14 @@ class FastGenerator:
                 if problem is None
                 else f"off: {problem}"
             )
+            if self.decode_attention != DecodeAttentionConfig():
+                self.fused_status += f"; decode attention {self.decode_attention.spec()}"
 
         self._backup: dict[int, torch.Tensor] = {}
         self._capacity = (0, 0)  # (rows, slots) of the allocated cache
-        self._graphs: dict[tuple[int, int], Callable[[], None]] = {}
+        self._graphs: dict[tuple, Callable[[], None]] = {}
+        self._sampling: Sampling | None = None  # of the current call; None: greedy
+        self._rng: torch.Generator | None = None  # made on the first sampled call; graphs register it
         self._pool = None
         self._warmup_stream = None
 
@@ -248,22 +368,9 @@ class FastGenerator:
             checks = self._fused_checks()
         except Exception as error:  # a Triton or driver problem: decode on the eager ops instead
             return f"Triton kernels failed: {error!r}"[:300]
-        eps = torch.finfo(self.dtype).eps  # one ulp at 1.0 (2**-7 in bf16)
         for name, (got, ref, scale) in checks.items():
-            # Two ulps: the rsqrt and the reduction order may each move a rounding; attention rounds its
-            # probabilities to bf16 for the product with V, as SDPA's kernels do, each its own way, so 4.
-            # In fp32 the reduction order moves the last bits of sums over thousands of values
-            # directly, so there the limit is 2**-16 of the largest term.
-            limit = max(4.0 if name == "decode attention" else 2.0, 2**-16 / eps)
-            got, ref, scale = got.float(), ref.float(), scale.float().abs()
-            # ulp of the largest term: eps * 2**floor(log2(scale)), and at least the smallest normal's.
-            ulp = eps * torch.exp2(torch.floor(torch.log2(scale.clamp_min(torch.finfo(self.dtype).tiny))))
-            ulps = ((got - ref).abs() / ulp).max().item()
-            self.fused_check[name] = {
-                "max_abs_diff": (got - ref).abs().max().item(),
-                "max_ulps_of_largest_term": ulps,
-                "identical_share": (got == ref).float().mean().item(),
-            }
+            self.fused_check[name] = ulp_report(got, ref, scale, self.dtype)
+            ulps, limit = self.fused_check[name]["max_ulps_of_largest_term"], ulp_limit(name, self.dtype)
             if ulps > limit:
                 return f"{name} differs from eager by {ulps:.3g} ulps of its largest term"
         return None
@@ -314,24 +421,13 @@ class FastGenerator:
 
     def _attention_check(self, rand, gen, rows: int):
         """The Triton decode attention and SDPA over a left-padded cache; the scale is sum(p * |v|)."""
-        slots, groups, d = 160, self.n_heads // self.n_kv, self.head_dim
+        slots, d = 160, self.head_dim
         k, v = rand(rows, self.n_kv, slots, d), rand(rows, self.n_kv, slots, d)
         q = rand(rows, self.n_heads * d)
         pad = torch.randint(0, 100, (rows,), generator=gen, device=self.device)
         pos = torch.full((1,), 130, dtype=torch.long, device=self.device)
-        index = torch.arange(slots, device=self.device)
-        allowed = (index[None, :] >= pad[:, None]) & (index[None, :] <= pos)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
-
-        def sdpa(values):
-            out = F.scaled_dot_product_attention(
-                q.view(rows, self.n_kv, groups, d), k, values, attn_mask=mask, scale=self.scale
-            )
-            return out.reshape(rows, -1)
-
-        got = fused_decode_attention(q, k, v, pad, pos, scale=self.scale)
-        return got, sdpa(v), sdpa(v.abs())
+        got = fused_decode_attention(q, k, v, pad, pos, scale=self.scale, config=self.decode_attention)
+        return (got, *decode_attention_reference(q, k, v, pad, pos, scale=self.scale))
 
     # ---------------------------------------------------------------- memory
     def _kv_bytes_per_slot(self) -> int:
@@ -377,6 +473,7 @@ class FastGenerator:
         self._slots = torch.arange(slots, device=dev)
         self._is_stop = torch.zeros(self.vocab, dtype=torch.bool, device=dev)
         self._pad_id = torch.zeros(1, dtype=torch.long, device=dev)
+        self._logps = torch.zeros(rows, slots, dtype=torch.float32, device=dev)  # sampled runs' logprobs
         self._capacity = (rows, slots)
 
     # ---------------------------------------------------------------- model
@@ -386,28 +483,43 @@ class FastGenerator:
         """One decoder layer, op for op as transformers' Qwen3DecoderLayer; ``attend`` does the cache part."""
         b, t, _ = h.shape
         x = lay.input_norm(h)
-        q = lay.q_norm(lay.q(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-        k = lay.k_norm(lay.k(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-        v = lay.v(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = lay.qkv_projections(x)
+        q = lay.q_norm(q.view(b, t, -1, self.head_dim)).transpose(1, 2)
+        k = lay.k_norm(k.view(b, t, -1, self.head_dim)).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         h = h + lay.o(attend(q, k, v).reshape(b, t, -1))
         x = lay.post_norm(h)
-        return h + lay.down(lay.act(lay.gate(x)) * lay.up(x))
+        gate, up = lay.gate_up_projections(x)
+        return h + lay.down(lay.act(gate) * up)
 
     def _next_token(self, x: torch.Tensor, b: int) -> None:
-        """Greedy pick from the final-normed hidden state; writes the token at slot pos+1, advances pos."""
+        """Pick from the final-normed hidden state (greedy, or sampled with ``_sampling``); writes the token
+        at slot pos+1 (its logprob too when sampled), advances pos."""
         logits = self.lm_head(x)
         # min_new_tokens: stop tokens are banned while the token being generated is before min_slot+1.
         ban = self._is_stop & (self._pos < self._min_slot)
         logits = logits.masked_fill(ban, float("-inf"))
-        nxt = logits.argmax(dim=-1)
         finished = self._finished[:b]
+        if self._sampling is None:
+            nxt = logits.argmax(dim=-1)
+        else:
+            nxt = self._sample(logits, finished)
         hit_stop = self._is_stop[nxt]
         nxt = torch.where(finished, self._pad_id, nxt)
         finished |= hit_stop
         self._tokens[:b].index_copy_(1, self._pos + 1, nxt[:, None])
         self._cur[:b].copy_(nxt)
         self._pos += 1
+
+    def _sample(self, logits: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        """Sampled tokens of ``logits``; their logprobs go to slot pos+1 (0 for rows already finished)."""
+        sampling = self._sampling
+        tokens, logps = sample_tokens(
+            logits, temperature=sampling.temperature, top_k=sampling.top_k, generator=self._rng
+        )
+        self._logps[: logits.shape[0]].index_copy_(1, self._pos + 1, logps.masked_fill(finished, 0.0)[:, None])
+        return tokens
 
     def _decode_mask(self, b: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """[b, 1, 1, width] additive mask: a row's real prompt slots and everything up to pos."""
@@ -424,7 +536,7 @@ class FastGenerator:
         vc.index_copy_(2, self._pos, v)
         if self.fused:  # reads each row's slots [pad, pos] only; no mask
             return fused_decode_attention(
-                q.reshape(b, -1), kc, vc, self._pad[:b], self._pos, scale=self.scale
+                q.reshape(b, -1), kc, vc, self._pad[:b], self._pos, scale=self.scale, config=self.decode_attention
             )
         # One query token: fold the query heads that share a KV head into the query axis, so the cache
         # is read once instead of expanded per query head (repeat_kv).
@@ -474,10 +586,11 @@ class FastGenerator:
         """
         x = fused_rms_norm(h, self.layers[0].input_norm)
         for i, lay in enumerate(self.layers):
-            q = fused_head_norm_rope(lay.q(x), lay.q_norm, cos, sin, self.n_heads)
-            k = fused_head_norm_rope(lay.k(x), lay.k_norm, cos, sin, self.n_kv)
-            h, x = fused_add_rms_norm(h, lay.o(attend(i, q, k, lay.v(x))), lay.post_norm)
-            m = lay.down(fused_silu_mul(lay.gate(x), lay.up(x)))
+            q, k, v = lay.qkv_projections(x)
+            q = fused_head_norm_rope(q, lay.q_norm, cos, sin, self.n_heads)
+            k = fused_head_norm_rope(k, lay.k_norm, cos, sin, self.n_kv)
+            h, x = fused_add_rms_norm(h, lay.o(attend(i, q, k, v)), lay.post_norm)
+            m = lay.down(fused_silu_mul(*lay.gate_up_projections(x)))
             after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
             h, x = fused_add_rms_norm(h, m, after)
         return x
@@ -559,10 +672,14 @@ class FastGenerator:
 
     def _ensure_graphs(self, b: int, widths: set[int]) -> None:
         """Capture any missing decode graphs. Runs before a batch's prefill, which resets the state."""
-        for width in sorted(w for w in widths if (b, w) not in self._graphs):
-            self._graphs[(b, width)] = self._capture(b, width)
+        for width in sorted(w for w in widths if self._graph_key(b, w) not in self._graphs):
+            self._graphs[self._graph_key(b, width)] = self._capture(b, width)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _graph_key(self, b: int, width: int) -> tuple:
+        """Greedy and each (temperature, top_k) capture their own decode step."""
+        return (b, width, None if self._sampling is None else self._sampling.graph_key)
 
     def _capture(self, b: int, width: int) -> Callable[[], None]:
         """Warm up, then capture one decode step of ``b`` rows over ``width`` slots; returns its replay.
@@ -582,6 +699,8 @@ class FastGenerator:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._pos.fill_(width - 2)
         graph = torch.cuda.CUDAGraph()
+        if self._sampling is not None:  # sample_tokens draws from the engine's generator, not the default one
+            graph.register_generator_state(self._rng)
         with torch.cuda.graph(graph, pool=pool):
             self._decode_step(b, width)
         return graph.replay
@@ -596,12 +715,14 @@ class FastGenerator:
         pad_token_id: int,
         min_new_tokens: int = 0,
         adapter: str | None = None,
+        sampling: Sampling | None = None,
     ) -> list[FastCompletion]:
         """Greedy completions of token-id prompts, in input order, with ``adapter`` merged (None: base).
 
         Same outputs as ``model.generate(do_sample=False, max_new_tokens=..., min_new_tokens=...,
-        eos_token_id=stop_token_ids, pad_token_id=...)`` on left-padded batches. ``last_stats`` holds the
-        per-batch timings afterwards.
+        eos_token_id=stop_token_ids, pad_token_id=...)`` on left-padded batches. With ``sampling``: drawn
+        from HF's ``do_sample=True`` distribution instead (``sample_tokens``), with per-token logprobs.
+        ``last_stats`` holds the per-batch timings afterwards.
         """
         results: list[FastCompletion | None] = [None] * len(prompts)
         for indices, completions in self.iter_batches(
@@ -611,6 +732,7 @@ class FastGenerator:
             pad_token_id=pad_token_id,
             min_new_tokens=min_new_tokens,
             adapter=adapter,
+            sampling=sampling,
         ):
             for i, completion in zip(indices, completions, strict=True):
                 results[i] = completion
@@ -625,6 +747,7 @@ class FastGenerator:
         pad_token_id: int,
         min_new_tokens: int = 0,
         adapter: str | None = None,
+        sampling: Sampling | None = None,
     ) -> Iterator[tuple[list[int], list[FastCompletion]]]:
         """As ``generate``, batch by batch (shortest prompts first): yields (prompt indices, completions).
 
@@ -640,6 +763,7 @@ class FastGenerator:
         start = time.perf_counter()
         stats = CallStats()
         self.last_stats = stats
+        self._use_sampling(sampling)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         longest = len(prompts[order[-1]])
         slots = math.ceil((longest + max_new_tokens) / self.bucket) * self.bucket
@@ -696,6 +820,8 @@ class FastGenerator:
             self._ensure_graphs(graph_rows, {self._width(p) for p in range(plen, last_pos + 1)})
             stats.capture_s += time.perf_counter() - t0
 
+        if self._sampling is not None:
+            self._rng.manual_seed(self._sampling.batch_seed(len(stats.batches)))
         t0 = time.perf_counter()
         host_tokens = torch.full((graph_rows, plen), pad_token_id, dtype=torch.long)
         for r, prompt in enumerate(padded):
@@ -713,7 +839,7 @@ class FastGenerator:
         pos = plen
         while pos <= last_pos:
             if self.use_graphs:
-                self._graphs[(graph_rows, self._width(pos))]()
+                self._graphs[self._graph_key(graph_rows, self._width(pos))]()
             else:
                 self._decode_step(graph_rows, self._width(pos))
             pos += 1
@@ -721,6 +847,7 @@ class FastGenerator:
             if steps % self.stop_check_every == 0 and bool(self._finished[:rows].all()):
                 break
         generated = self._tokens[:rows, plen : plen + steps].cpu()
+        logps = self._logps[:rows, plen : plen + steps].cpu() if self._sampling is not None else None
         t2 = time.perf_counter()
         stats.batches.append(
             BatchStats(
@@ -733,7 +860,16 @@ class FastGenerator:
                 decode_s=t2 - t1,
             )
         )
-        return [_completion(row.tolist(), stop_ids) for row in generated]
+        return [
+            _completion(row.tolist(), stop_ids, None if logps is None else logps[r].tolist())
+            for r, row in enumerate(generated)
+        ]
+
+    def _use_sampling(self, sampling: Sampling | None) -> None:
+        """Decode this call greedily (None) or sampled, from the engine's own generator."""
+        self._sampling = sampling
+        if sampling is not None and self._rng is None:
+            self._rng = torch.Generator(device=self.device)
 
     def close(self) -> None:
         """Free the cache and the graphs (the weights stay the model's)."""
@@ -745,16 +881,60 @@ class FastGenerator:
             torch.cuda.empty_cache()
 
 
+def ulp_limit(op: str, dtype: torch.dtype) -> float:
+    """How far (in ulps of the op's largest term) a Triton kernel may be from the eager op.
+
+    Two ulps: the rsqrt and the reduction order may each move a rounding; attention rounds its
+    probabilities to bf16 for the product with V, as SDPA's kernels do, each its own way, so 4. In fp32
+    the reduction order moves the last bits of sums over thousands of values directly, so there the
+    limit is 2**-16 of the largest term.
+    """
+    return max(4.0 if op == "decode attention" else 2.0, 2**-16 / torch.finfo(dtype).eps)
+
+
+def ulp_report(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Largest difference of ``got`` from ``ref`` (absolute, and in ulps of the largest term ``scale``),
+    and the share of bit-identical outputs."""
+    eps = torch.finfo(dtype).eps  # one ulp at 1.0 (2**-7 in bf16)
+    got, ref, scale = got.float(), ref.float(), scale.float().abs()
+    # ulp of the largest term: eps * 2**floor(log2(scale)), and at least the smallest normal's.
+    ulp = eps * torch.exp2(torch.floor(torch.log2(scale.clamp_min(torch.finfo(dtype).tiny))))
+    return {
+        "max_abs_diff": (got - ref).abs().max().item(),
+        "max_ulps_of_largest_term": ((got - ref).abs() / ulp).max().item(),
+        "identical_share": (got == ref).float().mean().item(),
+    }
+
+
+def decode_attention_reference(q, k, v, pad, pos, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's decode attention over a left-padded cache (slots [pad[row], pos] of each row), and its
+    largest term ``sum(p * |v|)``; q = [rows, heads*dim], k/v = [rows, kv_heads, slots, dim]."""
+    rows, n_kv, slots, d = k.shape
+    index = torch.arange(slots, device=k.device)
+    allowed = (index[None, :] >= pad[:, None]) & (index[None, :] <= pos)
+    mask = torch.zeros(allowed.shape, dtype=k.dtype, device=k.device)
+    mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+
+    def sdpa(values):
+        out = F.scaled_dot_product_attention(
+            q.view(rows, n_kv, -1, d), k, values, attn_mask=mask, scale=scale
+        )
+        return out.reshape(rows, -1)
+
+    return sdpa(v), sdpa(v.abs())
+
+
 def _heads_to_rows(x: torch.Tensor, *, rows: int) -> torch.Tensor:
     """[rows, heads, 1, dim] (transformers' attention layout) to [rows, heads*dim] (the kernels')."""
     return x.transpose(1, 2).reshape(rows, -1)
 
 
-def _completion(tokens: list[int], stop_ids: set[int]) -> FastCompletion:
+def _completion(tokens: list[int], stop_ids: set[int], logprobs: list[float] | None = None) -> FastCompletion:
     for n, token in enumerate(tokens):
         if token in stop_ids:
-            return FastCompletion(token_ids=tokens[: n + 1], finish_reason="stop")
-    return FastCompletion(token_ids=tokens, finish_reason="length")
+            kept = None if logprobs is None else logprobs[: n + 1]
+            return FastCompletion(token_ids=tokens[: n + 1], finish_reason="stop", logprobs=kept)
+    return FastCompletion(token_ids=tokens, finish_reason="length", logprobs=logprobs)
 
 
 class FastGenerationEngine:

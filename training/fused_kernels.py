@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 from torch import nn
 
@@ -52,15 +54,17 @@ if triton is not None:
         tl.store(Y + offs, _round(w * y, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _head_norm_rope_kernel(X, W, COS, SIN, Y, n_heads, eps, D: tl.constexpr):
-        # One (row, head): RMSNorm over the head dim, then q*cos + rotate_half(q)*sin.
+    def _head_norm_rope_kernel(X, W, COS, SIN, Y, n_heads, stride_x, eps, D: tl.constexpr):
+        # One (row, head): RMSNorm over the head dim, then q*cos + rotate_half(q)*sin. X's rows are
+        # stride_x apart (a column block of a wider projection output), Y's are contiguous.
         row = tl.program_id(0)
         head = tl.program_id(1)
         d = tl.arange(0, D)
         rot = (d + D // 2) % D  # rotate_half reads the other half; its sign is applied below
         base = row * n_heads * D + head * D
-        x = tl.load(X + base + d).to(tl.float32)
-        xr = tl.load(X + base + rot).to(tl.float32)
+        base_x = row * stride_x + head * D
+        x = tl.load(X + base_x + d).to(tl.float32)
+        xr = tl.load(X + base_x + rot).to(tl.float32)
         r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
         w = tl.load(W + d).to(tl.float32)
         wr = tl.load(W + rot).to(tl.float32)
@@ -76,53 +80,109 @@ if triton is not None:
         tl.store(Y + base + d, _round(a + b, Y.dtype.element_ty).to(Y.dtype.element_ty))
 
     @triton.jit
-    def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(G, U, Y, n, n_cols, stride_in, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
+        # STRIDED: G and U are column blocks of one wider tensor whose rows are stride_in apart.
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n
-        g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + i, mask=mask, other=0.0).to(tl.float32)
+        src = i
+        if STRIDED:
+            src = i // n_cols * stride_in + i % n_cols
+        g = tl.load(G + src, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + src, mask=mask, other=0.0).to(tl.float32)
         act = _round(g / (1.0 + tl.exp(-g)), Y.dtype.element_ty)
         tl.store(Y + i, _round(act * u, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _decode_attention_kernel(
-        Q, K, V, OUT, PAD, POS, scale, stride_row, stride_head, stride_slot,
+        Q, K, V, OUT, PART_ACC, PART_M, PART_SUM, PAD, POS, scale, stride_row, stride_head, stride_slot,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
+        SPLITS: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        # One (row, KV head): its G query heads against cache slots [pad, pos] of that row, with an
-        # online softmax (fp32) over blocks of BLOCK_N slots. Blocks wholly before the row's first real
+        # One (row, KV head[, split]): its G query heads against cache slots [pad, pos] of that row, with
+        # an online softmax (fp32) over blocks of BLOCK_N slots. Blocks wholly before the row's first real
         # slot are never read, nor any slot past pos. Operands go to the tensor cores as fp32 (TF32 for
         # bf16/fp16 data, which TF32 holds exactly; IEEE fp32 for fp32 data): Triton's CPU interpreter
-        # cannot multiply bf16.
+        # cannot multiply bf16. NATIVE_DOT multiplies in the cache dtype instead (the same products: q, k
+        # and the rounded p are all exact in it; GPU only for bf16).
+        # With SPLITS > 1 (flash decoding), program ``split`` takes every SPLITS-th share of the row's
+        # blocks and writes its unnormalised sum, max and softmax total for _decode_attention_reduce.
         row = tl.program_id(0)
         head = tl.program_id(1)
+        split = tl.program_id(2)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         q_offs = row * tl.num_programs(1) * G * D + (head * G + g[:, None]) * D + d[None, :]
-        q = tl.load(Q + q_offs, mask=g[:, None] < G, other=0.0).to(tl.float32)
+        q = tl.load(Q + q_offs, mask=g[:, None] < G, other=0.0)
+        if not NATIVE_DOT:
+            q = q.to(tl.float32)
         pad = tl.load(PAD + row)
         pos = tl.load(POS)
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         total = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
         base = row * stride_row + head * stride_head
-        for start in range(pad // BLOCK_N * BLOCK_N, pos + 1, BLOCK_N):
+        first = pad // BLOCK_N * BLOCK_N
+        blocks = (pos + 1 - first + BLOCK_N - 1) // BLOCK_N
+        share = (blocks + SPLITS - 1) // SPLITS * BLOCK_N
+        lo = first + split * share
+        hi = lo + share
+        if hi > pos + 1:
+            hi = pos + 1
+        for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             real = (n >= pad) & (n <= pos)
             offs = base + n[:, None] * stride_slot + d[None, :]
-            k = tl.load(K + offs, mask=real[:, None], other=0.0).to(tl.float32)
+            k = tl.load(K + offs, mask=real[:, None], other=0.0)
+            if not NATIVE_DOT:
+                k = k.to(tl.float32)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             scores = tl.where(real[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             decay = tl.exp(m - m_new)
             p = tl.exp(scores - m_new[:, None])
             total = total * decay + tl.sum(p, axis=1)
-            v = tl.load(V + offs, mask=real[:, None], other=0.0).to(tl.float32)
+            v = tl.load(V + offs, mask=real[:, None], other=0.0)
             p = _round(p, V.dtype.element_ty)
+            if NATIVE_DOT:
+                p = p.to(V.dtype.element_ty)
+            else:
+                v = v.to(tl.float32)
             acc = acc * decay[:, None] + tl.dot(p, v, input_precision=PRECISION)
             m = m_new
-        tl.store(OUT + q_offs, (acc / total[:, None]).to(OUT.dtype.element_ty), mask=g[:, None] < G)
+        if SPLITS == 1:
+            tl.store(OUT + q_offs, (acc / total[:, None]).to(OUT.dtype.element_ty), mask=g[:, None] < G)
+        else:
+            # Only the G real query heads: the partials' traffic is what splitting costs.
+            part = (row * tl.num_programs(1) + head) * SPLITS + split
+            tl.store(PART_ACC + part * G * D + g[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+            tl.store(PART_M + part * G + g, m, mask=g < G)
+            tl.store(PART_SUM + part * G + g, total, mask=g < G)
+
+    @triton.jit
+    def _decode_attention_reduce(
+        OUT, PART_ACC, PART_M, PART_SUM, n_kv,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    ):  # fmt: skip
+        # One (row, KV head): the splits' partial softmax sums rescaled to their common max and added.
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        first = (row * n_kv + head) * SPLITS
+        real = g < G
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        for s in range(SPLITS):
+            m = tl.maximum(m, tl.load(PART_M + (first + s) * G + g, mask=real, other=0.0))
+        total = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for s in range(SPLITS):
+            m_s = tl.load(PART_M + (first + s) * G + g, mask=real, other=0.0)
+            weight = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))  # an empty split adds nothing
+            total += weight * tl.load(PART_SUM + (first + s) * G + g, mask=real, other=1.0)
+            part = tl.load(PART_ACC + (first + s) * G * D + g[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+            acc += weight[:, None] * part
+        offs = row * n_kv * G * D + (head * G + g[:, None]) * D + d[None, :]
+        tl.store(OUT + offs, (acc / total[:, None]).to(OUT.dtype.element_ty), mask=g[:, None] < G)
 
 
 def _warps(block: int) -> int:
@@ -171,39 +231,101 @@ def fused_add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, norm: nn.Mod
 
 def fused_head_norm_rope(x: torch.Tensor, norm: nn.Module, cos, sin, n_heads: int) -> torch.Tensor:
     """Per-head ``norm`` then the rotary embedding, for x = [rows, heads*dim] and cos/sin = [rows, dim]."""
-    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
-    y = torch.empty_like(x)
+    if x.stride(-1) != 1:  # rows may be strided (a column block of a wider output), columns not
+        x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dim = x.shape[-1] // n_heads
     # One warp per (row, head): a 128-wide reduction needs no shared memory between warps.
     _head_norm_rope_kernel[(x.shape[0], n_heads)](
-        x, norm.weight, cos, sin, y, n_heads, norm.variance_epsilon, D=dim, num_warps=1
+        x, norm.weight, cos, sin, y, n_heads, x.stride(0), norm.variance_epsilon, D=dim, num_warps=1
     )
     return y
 
 
 def fused_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``."""
-    gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty_like(gate)
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, up, y, gate.numel(), BLOCK=1024)
+    """``silu(gate) * up``, for [rows, cols] tensors; two column blocks of one tensor are read in place."""
+    blocks = gate.dim() == 2 and gate.stride() == up.stride() and gate.stride(-1) == 1
+    strided = blocks and not (gate.is_contiguous() and up.is_contiguous())
+    if not blocks:
+        gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](
+        gate, up, y, gate.numel(), gate.shape[-1], gate.stride(0), BLOCK=1024, STRIDED=strided
+    )
     return y
 
 
-def fused_decode_attention(q, k_cache, v_cache, pad, pos, *, scale: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class DecodeAttentionConfig:
+    """Launch configuration of the Triton decode attention; the default is the one measured in bench/README.md.
+
+    ``block_n`` cache slots per loop step, ``num_warps``/``num_stages`` as Triton takes them (None: Triton's
+    default), ``splits`` > 1 splits each row's slots across that many programs and adds their partial
+    softmax sums in a second kernel (flash decoding), ``native_dot`` multiplies in the cache dtype instead
+    of fp32/TF32 (same products; the CPU interpreter cannot multiply bf16).
+    """
+
+    block_n: int = 64
+    num_warps: int | None = None
+    num_stages: int | None = None
+    splits: int = 1
+    native_dot: bool = False
+
+    @classmethod
+    def parse(cls, spec: str | None) -> DecodeAttentionConfig:
+        """``"block_n=32,num_warps=4,num_stages=2,splits=2,native_dot=1"`` (any subset; empty: default)."""
+        fields = {}
+        for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+            key, _, value = item.partition("=")
+            if key not in cls.__dataclass_fields__ or not value:
+                raise ValueError(
+                    f"decode attention setting {item!r}: expected key=value with key in "
+                    f"{', '.join(cls.__dataclass_fields__)}"
+                )
+            fields[key] = bool(int(value)) if key == "native_dot" else int(value)
+        config = cls(**fields)
+        if config.block_n < 16 or config.block_n & (config.block_n - 1) or config.splits < 1:
+            raise ValueError(f"decode attention {spec!r}: block_n must be a power of two >= 16, splits >= 1")
+        return config
+
+    def spec(self) -> str:
+        """The ``parse`` string of this configuration."""
+        return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in asdict(self).items() if v is not None)
+
+
+def fused_decode_attention(
+    q, k_cache, v_cache, pad, pos, *, scale: float, config: DecodeAttentionConfig | None = None
+) -> torch.Tensor:
     """One query token per row against its cache slots [pad[row], pos]; q = [rows, heads*dim].
 
     ``k_cache``/``v_cache`` are [rows, kv_heads, slots, dim] (any row stride); the query heads that share
     a KV head read its cache once. Softmax in fp32, the probabilities rounded to the cache dtype for the
     product with V, as flash attention does. Returns [rows, heads*dim].
     """
+    config = config or DecodeAttentionConfig()
     rows, kv_heads, _, dim = k_cache.shape
     groups = q.shape[-1] // (kv_heads * dim)
+    g_pad = max(16, triton.next_power_of_2(groups))
     q = q.contiguous()
     out = torch.empty_like(q)
-    _decode_attention_kernel[(rows, kv_heads)](
-        q, k_cache, v_cache, out, pad, pos, scale,
+    splits = config.splits
+    if splits > 1:  # fp32 partial results, rounded once in the reduction
+        part_acc = torch.empty((rows * kv_heads * splits, groups, dim), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((rows * kv_heads * splits, groups), dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_sum = out
+    launch = {k: v for k, v in (("num_warps", config.num_warps), ("num_stages", config.num_stages)) if v}
+    _decode_attention_kernel[(rows, kv_heads, splits)](
+        q, k_cache, v_cache, out, part_acc, part_m, part_sum, pad, pos, scale,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        G=groups, G_PAD=max(16, triton.next_power_of_2(groups)), D=dim, BLOCK_N=64,
+        G=groups, G_PAD=g_pad, D=dim, BLOCK_N=config.block_n, SPLITS=splits, NATIVE_DOT=config.native_dot,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is exact on bf16/fp16 values
+        **launch,
     )  # fmt: skip
+    if splits > 1:
+        _decode_attention_reduce[(rows, kv_heads)](
+            out, part_acc, part_m, part_sum, kv_heads, G=groups, G_PAD=g_pad, D=dim, SPLITS=splits
+        )
     return out

@@ -113,50 +113,57 @@ _LATEX_NOISE_RE = re.compile(r"\{,\}|\\[,!;: ]|\\\$|\\%|%|\\text\{[^{}]*\}|\\mat
 _LATEX_FRAC_RE = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
 
 
-def _last(pattern: re.Pattern) -> Callable[[str], str | None]:
-    def extract(text: str) -> str | None:
-        matches = pattern.findall(text)
-        return matches[-1] if matches else None
+Found = tuple[str, int]
+"""What an extractor read: the answer's text, and where in the text its match starts."""
+
+
+def _last(pattern: re.Pattern) -> Callable[[str], Found | None]:
+    def extract(text: str) -> Found | None:
+        matches = list(pattern.finditer(text))
+        if not matches:
+            return None
+        match = matches[-1]
+        return match.group(1 if pattern.groups else 0), match.start()
 
     return extract
 
 
-def _announced_answer(text: str) -> str | None:
+def _announced_answer(text: str) -> Found | None:
     """The number of the last "the answer is …": the result of a chain like ``12 + 6 = 18``."""
-    for clause in reversed(_ANSWER_IS_RE.findall(text)):
-        chain = _CHAIN_RE.match(clause)
+    for match in reversed(list(_ANSWER_IS_RE.finditer(text))):
+        chain = _CHAIN_RE.match(match.group(1))
         if chain:
-            return _ANY_NUMBER_RE.findall(chain.group(1))[-1]
+            return _ANY_NUMBER_RE.findall(chain.group(1))[-1], match.start()
     return None
 
 
-def _boxed_contents(text: str) -> list[str]:
-    """What each ``\\boxed{…}`` holds, nested braces included (``\\boxed{\\dfrac{36}{2}}``)."""
+def _boxed_contents(text: str) -> list[tuple[str, int]]:
+    """What each ``\\boxed{…}`` holds, nested braces included (``\\boxed{\\dfrac{36}{2}}``), and where it starts."""
     contents = []
-    for start in (m.end() for m in re.finditer(r"\\boxed\{", text)):
-        depth, end = 1, start
+    for match in re.finditer(r"\\boxed\{", text):
+        depth, end = 1, match.end()
         while end < len(text) and depth:
             depth += {"{": 1, "}": -1}.get(text[end], 0)
             end += 1
         if depth == 0:
-            contents.append(text[start : end - 1])
+            contents.append((text[match.end() : end - 1], match.start()))
     return contents
 
 
-def _boxed_answer(text: str) -> str | None:
+def _boxed_answer(text: str) -> Found | None:
     """The last boxed value: a number, or a fraction or plain arithmetic that evaluates to one."""
-    for content in reversed(_boxed_contents(text)):
+    for content, start in reversed(_boxed_contents(text)):
         cleaned = _LATEX_NOISE_RE.sub("", content).replace("$", "").strip()
         cleaned = _LATEX_FRAC_RE.sub(r"(\1)/(\2)", cleaned).replace("\\cdot", "*").replace("\\times", "*")
         if re.fullmatch(_NUMBER, cleaned):
-            return cleaned
+            return cleaned, start
         value = safe_eval(cleaned)
         if value is not None:
-            return str(value)
+            return str(value), start
     return None
 
 
-EXTRACTORS: list[tuple[str, Callable[[str], str | None]]] = [
+EXTRACTORS: list[tuple[str, Callable[[str], Found | None]]] = [
     ("hash", _last(_HASH_RE)),
     ("boxed", _boxed_answer),
     ("answer_is", _announced_answer),
@@ -168,12 +175,19 @@ EXTRACTORS: list[tuple[str, Callable[[str], str | None]]] = [
 MARKED_EXTRACTORS = [(name, extractor) for name, extractor in EXTRACTORS if name != "last_number"]
 
 
-def _first_answer(text: str, extractors: list) -> tuple[str | None, str | None]:
+def _first_found(text: str, extractors: list) -> tuple[str, str, int] | None:
+    """The first extractor's normalised answer, its name and where its match starts in ``text``."""
     for name, extractor in extractors:
-        found = normalize_number(extractor(text))
-        if found is not None:
-            return found, name
-    return None, None
+        found = extractor(text)
+        answer = normalize_number(found[0]) if found else None
+        if answer is not None:
+            return answer, name, found[1]
+    return None
+
+
+def _first_answer(text: str, extractors: list) -> tuple[str | None, str | None]:
+    found = _first_found(text, extractors)
+    return (found[0], found[1]) if found else (None, None)
 
 
 def extract_answer(text: str) -> tuple[str | None, str | None]:
@@ -212,6 +226,11 @@ class Grade:
     ``truncated`` (cut by the token limit before one)."""
 
 
+def finished_text(completion: str, *, finish_reason: str) -> str:
+    """The output a final answer may be read from: one cut by the token limit loses its unfinished last line."""
+    return completion[: completion.rfind("\n") + 1] if finish_reason == "length" else completion
+
+
 def final_answer_part(completion: str, *, finish_reason: str, kind: str) -> tuple[str, list]:
     """The text a final answer may be read from, and the extractors allowed to read it.
 
@@ -227,13 +246,29 @@ def final_answer_part(completion: str, *, finish_reason: str, kind: str) -> tupl
     if kind not in GRADE_KINDS:
         raise ValueError(f"grade kind must be one of {GRADE_KINDS}, got {kind!r}")
     cut = finish_reason == "length"
-    text = completion[: completion.rfind("\n") + 1] if cut else completion
+    text = finished_text(completion, finish_reason=finish_reason)
     parsed = parse_response(text)
     if kind == "adapter":
         part = parsed.after_think if parsed.reasoning is not None else ""
         return part, MARKED_EXTRACTORS if cut else EXTRACTORS
     lines = [line for line in parsed.after_think.splitlines() if line.strip()]
     return "\n".join(lines[-STOCK_ANSWER_LINES:]), MARKED_EXTRACTORS
+
+
+def final_answer_start(completion: str, *, finish_reason: str, kind: str) -> int | None:
+    """Where, in ``completion``, the line starts that holds the final answer ``grade`` reads (None: no answer).
+
+    What comes before it is the output's reasoning: the think-token count of an output with no think block
+    (the stock model's) stops there, so it ends exactly where the grading rule finds the answer.
+    """
+    part, extractors = final_answer_part(completion, finish_reason=finish_reason, kind=kind)
+    found = _first_found(part, extractors)
+    if found is None:
+        return None
+    line_start = part.rfind("\n", 0, found[2]) + 1
+    line_end = part.find("\n", found[2])
+    line = part[line_start : line_end if line_end >= 0 else len(part)]
+    return finished_text(completion, finish_reason=finish_reason).rfind(line)
 
 
 def grade(completion: str, gold: str, *, finish_reason: str, kind: str) -> Grade:

@@ -41,7 +41,7 @@ from eval_artifacts.rundir import ADAPTER_FILES, SCHEMA_VERSION, RunDir, file_sh
 from eval_artifacts.study.config import RewardWeightsConfig, StudyConfig
 from eval_artifacts.study.errors import ArtifactError, DataError
 from eval_artifacts.study.levels import ANSWER_MARKER, get_level, parse_response
-from training import sft
+from training import rollouts, sft
 from training.gsm8k import grade
 from training.tokens import count_tokens, think_tokens
 
@@ -74,6 +74,7 @@ def run(
     for level in levels:
         get_level(level)
     sft.check_quantization(config.base_model.quantization)
+    rollouts.check_engine(config.rl.rollout_engine)
     model_path: str | None = None
     results: dict[int, dict] = {}
     for level in levels:
@@ -356,6 +357,7 @@ def build_trainer(
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
+        rollout_func=rollouts.rollout_function(rl, policy),
     )
     eos_token_ids.extend(trainer.eos_token_ids)
     return trainer
@@ -374,7 +376,10 @@ def stage_inputs(config: StudyConfig, run_dir: RunDir, level: int) -> dict:
         "base_model": {"id": config.base_model.id, "revision": config.base_model.revision},
         "tiny_model": config.tiny_model.model_dump() if config.tiny_model else None,
         "quantization": config.base_model.quantization,
-        "rl": config.rl.model_dump(mode="json", exclude={"levels"}),
+        # rollout_engine joined the settings after the first RL adapters: hf, the default, leaves their hash as is.
+        "rl": config.rl.model_dump(
+            mode="json", exclude={"levels"} | ({"rollout_engine"} if config.rl.rollout_engine == "hf" else set())
+        ),
         "sft_adapter_sha256": file_sha256(sft_weights),
         "data_sha256": file_sha256(run_dir.train_file(level)),
     }
@@ -454,6 +459,7 @@ def training_record(
             "temperature": rl.temperature,
             "top_k": rl.top_k,
             "max_new_tokens": rl.max_new_tokens,
+            "rollout_engine": rl.rollout_engine,
         },
         "reward": design.record(),
         "precision": precision,

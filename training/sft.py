@@ -226,13 +226,24 @@ def check_liger(liger_kernel: bool) -> None:
 
 
 def load_base(
-    *, model_path: str, revision: str, quantization: str, precision: str, gradient_checkpointing: bool
+    *,
+    model_path: str,
+    revision: str,
+    quantization: str,
+    precision: str,
+    gradient_checkpointing: bool,
+    attn_implementation: str | None = None,
 ):
-    """The base model (NF4 with double quant when asked) and its tokenizer, ready for LoRA."""
+    """The base model (NF4 with double quant when asked) and its tokenizer, ready for LoRA.
+
+    ``attn_implementation``: transformers' attention backend (default: the model's, SDPA for Qwen3); the
+    training benchmark tries ``flex_attention`` for padding-free batches."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_quantization(quantization)
     kwargs: dict = {"revision": revision, "dtype": _DTYPES[precision]}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if quantization == "nf4":
         from accelerate import PartialState
         from transformers import BitsAndBytesConfig
@@ -281,13 +292,17 @@ def build_trainer(
     seed: int,
     precision: str,
     output_dir: Path,
+    sft_overrides: dict | None = None,
 ) -> SFTTrainer:
     """The SFTTrainer of one adapter: LoRA from the config, loss on the completion or the whole sequence,
-    ``seed`` for the LoRA initialisation, the data order and dropout."""
+    ``seed`` for the LoRA initialisation, the data order and dropout.
+
+    ``sft_overrides``: SFTConfig fields the training benchmark varies beyond the study config (padding-free
+    batches); the study itself never passes any."""
     from peft import LoraConfig
 
     check_liger(training.liger_kernel)
-    args = SFTConfig(
+    settings = dict(
         output_dir=str(output_dir),
         num_train_epochs=training.epochs,
         max_steps=training.max_steps,
@@ -313,6 +328,7 @@ def build_trainer(
         ddp_find_unused_parameters=False,
         **runtime_arguments(precision),
     )
+    args = SFTConfig(**(settings | (sft_overrides or {})))
     lora = LoraConfig(
         r=training.lora.r,
         lora_alpha=training.lora.alpha,

@@ -225,6 +225,9 @@ class RLConfig(_Strict):
     top_k: int = Field(0, ge=0)
     """Rollouts sample from the ``top_k`` likeliest tokens only; 0 keeps every token."""
     max_new_tokens: int = Field(256, gt=0)
+    rollout_engine: Literal["hf", "fast"] = "hf"
+    """Who samples the rollouts: TRL's generate on the policy (hf), or the fast engine with the policy's LoRA
+    merged (fast; CUDA only, as eval.backend 'fast'; an NF4 base gets one dequantized bf16 copy)."""
     reward_weights: RewardWeightsConfig = RewardWeightsConfig()
     seed: int = 42
     save_steps: int = Field(50, gt=0)

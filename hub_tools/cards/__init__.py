@@ -1,6 +1,7 @@
 """Cards: every adapter card, the eval dataset card and the collection notes, rendered and validated."""
 
 from hub_tools.cards.context import (
+    EVAL_RESULTS_DIR,
     EXAMPLE_QUESTION,
     PLOT_FILE,
     PUBLIC_HUB,
@@ -26,7 +27,6 @@ from hub_tools.cards.format import (
     md_inline,
 )
 from hub_tools.cards.render import (
-    EVAL_RESULTS_DIR,
     RenderedCard,
     eval_results_file,
     render_collection_notes,

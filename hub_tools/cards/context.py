@@ -49,6 +49,13 @@ EXAMPLE_QUESTION = (
 SAMPLE_COLUMN_DOCS = {column.name: column.doc for column in SAMPLE_COLUMNS}
 SUMMARY_COLUMN_DOCS = {column.name: column.doc for column in SUMMARY_COLUMNS}
 
+EVAL_RESULTS_DIR = ".eval_results"
+ROLLOUT_ENGINES = {
+    "hf": "sampled with transformers' generate on the training policy",
+    "fast": "sampled with cot-compress's fast engine (the policy's LoRA merged into a bf16 copy of the base)",
+}
+"""How an RL adapter's rollouts were generated (``rl.rollout_engine``; training.json before it had ``hf``)."""
+
 
 @dataclass(frozen=True)
 class StudyArtifacts:
@@ -296,27 +303,41 @@ def _training_seeds(config: StudyConfig, art: StudyArtifacts, level: int) -> dic
     }
 
 
+def _setup_rows(config: StudyConfig, art: StudyArtifacts, training: dict) -> dict[str, tuple[str, str]]:
+    """The rows every training-details table shares (SFT and RL adapters alike), from one training.json."""
+    hw = training["hardware"]
+    hardware = "CPU" if hw["device"] == "cpu" else f"{hw['gpu_count']} × {hw['gpu_name'] or 'CUDA GPU'}"
+    quantization = "4-bit NF4, double quantization (bitsandbytes)" if training["quantization"] == "nf4" else "none"
+    libraries = ", ".join(f"{name} {version}" for name, version in training["library_versions"].items())
+    return {
+        "base": ("Base model", f"{base_id(config)} (revision {base_revision(config, art)})"),
+        "quantization": ("Quantization", quantization),
+        "precision": ("Precision", training["precision"]),
+        "hardware": ("Hardware", hardware),
+        "steps": ("Steps", fmt_count(training["steps"])),
+        "seed": ("Seed", fmt_count(training["seed"])),
+        "libraries": ("Libraries", libraries),
+    }
+
+
 def training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
     """The training-details table of one adapter: (setting, value), all from training.json and stats.json."""
     t = art.training[level]
     stats = art.stats["levels"][str(level)]
-    hp, adapter, hw = t["hyperparameters"], t["adapter"], t["hardware"]
+    hp, adapter = t["hyperparameters"], t["adapter"]
+    shared = _setup_rows(config, art, t)
     targets = adapter["target_modules"]
     dropped = ", ".join(f"{reason}: {count}" for reason, count in sorted(stats["dropped"].items())) or "none"
-    hardware = "CPU" if hw["device"] == "cpu" else f"{hw['gpu_count']} × {hw['gpu_name'] or 'CUDA GPU'}"
     rows = [
-        ("Base model", f"{base_id(config)} (revision {base_revision(config, art)})"),
-        (
-            "Quantization",
-            "4-bit NF4, double quantization (bitsandbytes)" if t["quantization"] == "nf4" else "none",
-        ),
+        shared["base"],
+        shared["quantization"],
         (
             "Adapter",
             f"{adapter['method']}, r = {adapter['r']}, alpha = {adapter['alpha']}, dropout = {fmt_plain(adapter['dropout'])}",
         ),
         ("Target modules", targets if isinstance(targets, str) else ", ".join(targets)),
-        ("Precision", t["precision"]),
-        ("Hardware", hardware),
+        shared["precision"],
+        shared["hardware"],
         ("Teacher", stats.get("teacher", art.stats.get("teacher", "rule"))),
         ("Training rows", f"{stats['kept']} kept of {stats['total']} (dropped: {dropped})"),
         (
@@ -330,7 +351,7 @@ def training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[
             else "full sequence (prompt and completion)",
         ),
         ("Epochs", fmt_plain(trained_epochs(t))),
-        ("Steps", fmt_count(t["steps"])),
+        shared["steps"],
         (
             "Learning rate",
             f"{fmt_plain(hp['learning_rate'])} ({hp['lr_scheduler']}, warmup ratio {fmt_plain(hp['warmup_ratio'])})",
@@ -338,10 +359,10 @@ def training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[
         ("Effective batch size", fmt_count(hp["effective_batch_size"])),
         ("Max sequence length", fmt_count(hp["max_seq_length"])),
         ("Optimizer", hp["optimizer"]),
-        ("Seed", fmt_count(t["seed"])),
+        shared["seed"],
         ("Tokens seen", fmt_count(t["tokens_seen"])),
         ("Wall time", f"{fmt_tokens(t['wall_time_s'])} s ({fmt_tokens(t['tokens_per_s'])} tokens/s)"),
-        ("Libraries", ", ".join(f"{name} {version}" for name, version in t["library_versions"].items())),
+        shared["libraries"],
     ]
     return rows
 
@@ -372,6 +393,27 @@ def base_revision(config: StudyConfig, art: StudyArtifacts) -> str:
 def dataset_revision(config: StudyConfig, art: StudyArtifacts) -> str:
     """The source dataset's commit prepare-data resolved (data/stats.json), else the configured revision."""
     return (art.stats.get("source") or {}).get("sha") or config.data.revision
+
+
+def eval_dataset(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[str, str | None]:
+    """Where a model's results live: GSM8K's test split at its pinned commit, or for synthetic problems the
+    study's own eval dataset (its config for the model), which is not a benchmark."""
+    if config.synthetic_data:
+        return {"id": config.eval_repo_id, "name": config.eval_repo_id.split("/")[1], "config": model,
+                "task_id": model, "revision": None}
+    return {"id": config.data.dataset_id, "name": "GSM8K", "config": config.data.config_name,
+            "task_id": config.data.task_id, "revision": dataset_revision(config, art)}
+
+
+def eval_results_path(dataset: dict[str, str | None]) -> str:
+    """Where an adapter repo keeps its Hub eval results for a dataset: ``.eval_results/<dataset name>.yaml``."""
+    return f"{EVAL_RESULTS_DIR}/{dataset['id'].split('/')[1]}.yaml"
+
+
+def accuracy_percent(accuracy: float) -> float:
+    """An ``.eval_results`` value: the Hub reads it on the benchmark's scale, which for GSM8K is percent
+    (its leaderboard lists 58.0, not 0.58); the study's own eval dataset uses the same scale."""
+    return round(100 * accuracy, 2)
 
 
 def _level_info(level: int, art: StudyArtifacts) -> dict[str, Any]:
@@ -529,26 +571,24 @@ def _sft_vs_rl(config: StudyConfig, art: StudyArtifacts, level: int, rl: bool) -
 def rl_training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> list[tuple[str, str]]:
     """The training-details table of an RL adapter: (setting, value), all from its training.json."""
     t = art.rl_training[level]
-    hp, reward, hw = t["hyperparameters"], t["reward"], t["hardware"]
+    hp, reward = t["hyperparameters"], t["reward"]
+    shared = _setup_rows(config, art, t)
     weights = reward["weights"]
-    hardware = "CPU" if hw["device"] == "cpu" else f"{hw['gpu_count']} × {hw['gpu_name'] or 'CUDA GPU'}"
     return [
-        ("Base model", f"{base_id(config)} (revision {base_revision(config, art)})"),
+        shared["base"],
         ("Continued from", f"{config.adapter_repo_id(level)} ({model_label(LEVELS[level].key)}, its SFT adapter)"),
         ("Method", f"{t['method']} (TRL GRPOTrainer), loss type {hp['loss_type']}"),
-        (
-            "Quantization",
-            "4-bit NF4, double quantization (bitsandbytes)" if t["quantization"] == "nf4" else "none",
-        ),
-        ("Precision", t["precision"]),
-        ("Hardware", hardware),
+        shared["quantization"],
+        shared["precision"],
+        shared["hardware"],
         ("Training rows", f"{fmt_count(t['train_rows'])} (the level's training split)"),
-        ("Steps", fmt_count(t["steps"])),
+        shared["steps"],
         (
             "Rollouts per step",
             f"{fmt_count(hp['prompts_per_step'])} problems × {fmt_count(hp['num_generations'])} completions, "
             f"temperature {fmt_plain(hp['temperature'])}, top-k {fmt_count(hp['top_k'])}, "
-            f"at most {fmt_count(hp['max_new_tokens'])} new tokens",
+            f"at most {fmt_count(hp['max_new_tokens'])} new tokens, "
+            + ROLLOUT_ENGINES[hp.get("rollout_engine", "hf")],
         ),
         ("Learning rate", fmt_plain(hp["learning_rate"])),
         ("KL β", fmt_plain(hp["beta"])),
@@ -560,10 +600,22 @@ def rl_training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> li
             f"chars, {fmt_count(reward['spec_think_tokens'])} tokens, but never above its SFT reasoning's mean of "
             f"{fmt_plain(reward['sft_think_tokens'])})",
         ),
-        ("Seed", fmt_count(t["seed"])),
+        shared["seed"],
         ("Wall time", f"{fmt_tokens(t['wall_time_s'])} s"),
-        ("Libraries", ", ".join(f"{name} {version}" for name, version in t["library_versions"].items())),
+        shared["libraries"],
     ]
+
+
+def _hub_results(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[str, Any]:
+    """What the adapter's ``.eval_results`` file tells the Hub, and where the Hub shows it."""
+    dataset = eval_dataset(config, art, model)
+    return {
+        "path": eval_results_path(dataset),
+        "value": fmt_plain(accuracy_percent(art.metrics[model]["accuracy"])),
+        "dataset_id": dataset["id"],
+        "task_id": dataset["task_id"],
+        "benchmark": not config.synthetic_data,
+    }
 
 
 def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int, *, rl: bool = False) -> dict[str, Any]:
@@ -579,6 +631,7 @@ def adapter_context(config: StudyConfig, art: StudyArtifacts, level: int, *, rl:
         "results": _table(art, results_columns(art), table_models(config), model),
         "vs_base": _table(art, VS_BASE_COLUMNS, compared_models(config), model),
         "sft_vs_rl": _sft_vs_rl(config, art, level, rl),
+        "hub_results": _hub_results(config, art, model),
         "training_seeds": _training_seeds(config, art, level),
         "training": [{"setting": s, "value": v} for s, v in rows],
         "evaluation": _evaluation(art, model),
@@ -628,7 +681,7 @@ def dataset_context(config: StudyConfig, art: StudyArtifacts) -> dict[str, Any]:
             "label": "one row per model: headline metrics",
             "rows": fmt_count(len(config.model_keys)),
         },
-        "join_level": config.model_keys[-1],
+        "join_level": LEVELS[config.levels[-1]].key,  # an adapter: the snippet counts what it gets right
         "columns": [{"name": name, "doc": doc} for name, doc in SAMPLE_COLUMN_DOCS.items()],
         "summary_columns": [{"name": name, "doc": doc} for name, doc in SUMMARY_COLUMN_DOCS.items()],
         "split": SPLIT,

@@ -23,13 +23,15 @@ from eval_artifacts.study.config import StudyConfig
 from eval_artifacts.study.levels import LEVELS
 from hub_tools.cards.context import (
     StudyArtifacts,
+    accuracy_percent,
     adapter_cards,
     adapter_context,
     base_context,
     card_model,
     card_repo_id,
     dataset_context,
-    dataset_revision,
+    eval_dataset,
+    eval_results_path,
     load_artifacts,
     study_links,
 )
@@ -43,8 +45,6 @@ from hub_tools.cards.sandbox import (
     render_template,
 )
 
-EVAL_RESULTS_DIR = ".eval_results"
-
 
 @dataclass(frozen=True)
 class RenderedCard:
@@ -56,16 +56,6 @@ class RenderedCard:
     @property
     def repo_name(self) -> str:
         return self.repo_id.split("/", 1)[1]
-
-
-def eval_dataset(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[str, str | None]:
-    """Where a model's results live: GSM8K's test split at its pinned commit, or for synthetic problems the
-    study's own eval dataset (its config for the model), which is not a benchmark."""
-    if config.synthetic_data:
-        return {"id": config.eval_repo_id, "name": config.eval_repo_id.split("/")[1], "config": model,
-                "task_id": model, "revision": None}
-    return {"id": config.data.dataset_id, "name": "GSM8K", "config": config.data.config_name,
-            "task_id": config.data.task_id, "revision": dataset_revision(config, art)}
 
 
 def adapter_card_data(config: StudyConfig, art: StudyArtifacts, level: int, *, rl: bool = False) -> ModelCardData:
@@ -122,7 +112,7 @@ def eval_result_entries(
     evaluated = art.evaluated_with[model]
     seeds = ", ".join(str(seed) for seed in m["seeds"])
     notes = (
-        f"Level {level} ({LEVELS[level].name}) {method}; accuracy = correct final answers / answers "
+        f"Level {level} ({LEVELS[level].name}) {method}; value = accuracy in percent, correct final answers / answers "
         f"({m['n_correct']} / {m['n_total']}), graded strictly against the reference answer (only a finished "
         f"final answer counts; lenient accuracy {fmt_accuracy(m['accuracy_lenient'])}); greedy decoding, at most "
         f"{config.eval.max_new_tokens} new tokens, {evaluated['dtype']}"
@@ -133,7 +123,7 @@ def eval_result_entries(
             dataset_id=dataset["id"],
             task_id=dataset["task_id"],
             dataset_revision=dataset["revision"],
-            value=m["accuracy"],
+            value=accuracy_percent(m["accuracy"]),
             date=evaluated["date"],
             source_url=links["eval_dataset"],
             source_name="Every generated answer",
@@ -144,8 +134,7 @@ def eval_result_entries(
 
 def eval_results_file(config: StudyConfig, art: StudyArtifacts, level: int, *, rl: bool = False) -> tuple[str, str]:
     """``(path in repo, YAML text)`` of the adapter's eval-results file, from huggingface_hub's serializer."""
-    dataset = eval_dataset(config, art, card_model(level, rl))
-    path = f"{EVAL_RESULTS_DIR}/{dataset['id'].split('/')[1]}.yaml"
+    path = eval_results_path(eval_dataset(config, art, card_model(level, rl)))
     entries = eval_result_entries_to_yaml(eval_result_entries(config, art, level, rl=rl))
     return path, yaml.safe_dump(entries, sort_keys=False, allow_unicode=True)
 

@@ -30,6 +30,7 @@ from hub_tools.cards.context import (
     collections_url,
     compared_models,
     dataset_context,
+    eval_dataset,
     load_artifacts,
     results_columns,
     rl_training_rows,
@@ -55,7 +56,7 @@ from hub_tools.cards.format import (
     label_model,
     model_label,
 )
-from hub_tools.cards.render import RenderedCard, eval_dataset
+from hub_tools.cards.render import RenderedCard
 
 # The Hub refuses a longer collection item note.
 NOTE_MAX_CHARS = 500

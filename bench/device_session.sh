@@ -1,0 +1,70 @@
+#!/bin/bash
+# Issue 19's measurements on one GPU, as two device commands of at most 10 minutes each:
+#
+#   bash bench/device_session.sh eval    # GPU tests of the new kernels, the decode attention sweep, bench_eval
+#   bash bench/device_session.sh train   # bench_train's issue-19 setups, then profile_train
+#
+# Run from the repository root on the device machine, with the training wheels carried in .whl/ (see
+# bench/README.md, "Next device session"). Everything goes to $OUT: one log per step and each script's JSON.
+# Each step has its own time limit, so a slow step cannot take the later ones' results with it.
+set -u
+phase=${1:?usage: bench/device_session.sh eval|train}
+out=${OUT:?set OUT to the folder the results go to}
+started=$SECONDS
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
+nvidia-smi -L
+python3 -c "import torch, transformers, peft, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)"
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND with its output in $out/NAME.log, at most LIMIT_S seconds, and at
+# most what is left of the phase's 560 s; prints the log's last lines.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((560 - (SECONDS - started)))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then echo "== $name: skipped, no time left"; return; fi
+  echo "== $name (at most ${limit}s)"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "== $name exit $? after $((SECONDS - started))s"
+  grep -v -i -E "warn|Loading weights|it/s\]|s/it\]|examples/s\]" "$out/$name.log" | tail -${TAIL:-12}
+}
+
+case $phase in
+  eval)
+    # The kernels on the GPU first: rounding, launch configurations, column-block reads, fused projections.
+    step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_generate.py \
+      -k "fused or launch_configs or split_decode or column_blocks or cuda or merged_lora"
+    step tune_decode_attention 170 python3 -m bench.tune_decode_attention --budget-s 120 \
+      --out "$out/tune_decode_attention.json"
+    best=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r.get('best_spec',''))" \
+      "$out/tune_decode_attention.json" 2>/dev/null)
+    default=block_n=64,splits=1,native_dot=0
+    attention=()
+    [ -n "$best" ] && [ "$best" != "$default" ] && attention=(--decode-attention "$best")
+    echo "== decode attention for bench_eval: ${best:-none found} ${attention[*]}"
+    # The HF baselines were measured on 2026-12-01 and are not goals: skipped, to leave time for the rest.
+    TAIL=30 step bench_eval 300 python3 -m bench.bench_eval --skip-baselines --fuse-projections "${attention[@]}" \
+      --out "$out/bench_eval.json"
+    step profile_decode 120 python3 -m bench.profile_decode --skip-prefill --fuse-projections \
+      ${best:+--decode-attention "$best"} --out "$out/profile_decode.json"
+    ;;
+  train)
+    # References (no Liger) run first inside bench_train, then the candidates in this order (most likely
+    # to meet the goals first: if the time limit stops the run, the JSON holds every setup finished).
+    TAIL=25 step bench_train 420 python3 -m bench.bench_train --rows-per-setup 384 --setups \
+      ours_nf4,ours_bf16,ours_b24_nf4,ours_liger_nf4,ours_liger_pf_flex_nf4,ours_liger_pf_flex_b24_nf4,ours_liger_pf_flex_bf16,ours_liger_pf_nf4 \
+      --out "$out/bench_train.json"
+    TAIL=25 step profile_train 130 python3 -m bench.profile_train --setups ours_nf4,ours_bf16 --warmup 3 --steps 3 \
+      --out "$out/profile_train.json"
+    ;;
+  *)
+    echo "unknown phase $phase: use eval or train"
+    exit 2
+    ;;
+esac
+nvidia-smi --query-gpu=memory.used --format=csv
+echo "phase $phase done in $((SECONDS - started))s"
