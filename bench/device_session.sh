@@ -1,14 +1,15 @@
 #!/bin/bash
-# Issue 19's measurements on one GPU, as two device commands of at most 10 minutes each:
+# Issues 19 and 20's GPU measurements on one GPU, as device commands of at most 10 minutes each:
 #
 #   bash bench/device_session.sh eval    # GPU tests of the new kernels, the decode attention sweep, bench_eval
 #   bash bench/device_session.sh train   # bench_train's issue-19 setups, then profile_train
+#   bash bench/device_session.sh grpo    # the rollout engine's GPU tests, then bench_grpo (hf and fast rollouts)
 #
 # Run from the repository root on the device machine, with the training wheels carried in .whl/ (see
 # bench/README.md, "Next device session"). Everything goes to $OUT: one log per step and each script's JSON.
 # Each step has its own time limit, so a slow step cannot take the later ones' results with it.
 set -u
-phase=${1:?usage: bench/device_session.sh eval|train}
+phase=${1:?usage: bench/device_session.sh eval|train|grpo}
 out=${OUT:?set OUT to the folder the results go to}
 started=$SECONDS
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -61,8 +62,14 @@ case $phase in
     TAIL=25 step profile_train 130 python3 -m bench.profile_train --setups ours_nf4,ours_bf16 --warmup 3 --steps 3 \
       --out "$out/profile_train.json"
     ;;
+  grpo)
+    # Sampling under CUDA graphs and the NF4 copy have only run on a CPU: their GPU tests first.
+    step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_rollouts.py \
+      tests/test_fast_generate.py::test_sampling_under_cuda_graphs_draws_what_eager_draws_fp32
+    TAIL=30 step bench_grpo 400 python3 -m bench.bench_grpo --rollouts hf,fast --steps 4 --out "$out/grpo_gpu.json"
+    ;;
   *)
-    echo "unknown phase $phase: use eval or train"
+    echo "unknown phase $phase: use eval, train or grpo"
     exit 2
     ;;
 esac
