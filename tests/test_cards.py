@@ -31,7 +31,7 @@ from eval_artifacts.study.config import load_config
 from eval_artifacts.study.errors import CardValidationError, TemplateError
 from eval_artifacts.study.levels import build_prompt, build_response
 from hub_tools import cards
-from hub_tools.cards.format import label_model, model_label
+from hub_tools.cards.format import fmt_change, label_model, model_label
 from hub_tools.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -813,3 +813,12 @@ def test_usage_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     )
     assert namespace["output"].shape[1] <= len(prompt_ids) + 6
     assert capsys.readouterr().out.endswith("\n")
+
+
+@pytest.mark.parametrize(
+    ("new", "old", "shown"),
+    [(14.14, 12.95, "+9.2%"), (15.70, 15.705, "0.0%"), (15.695, 15.705, "-0.1%"), (12, 12, "0.0%"), (3, 0, "n/a")],
+)
+def test_relative_changes_read_as_written(new, old, shown):
+    """A change too small to show is 0.0%, never -0.0% (the RL card's think-token change of level 3 was)."""
+    assert fmt_change(new, old) == shown

@@ -46,8 +46,11 @@ def fmt_p(value: float) -> str:
 
 
 def fmt_change(new: float, old: float) -> str:
-    """A relative change, ``+4.2%``; ``n/a`` from zero."""
-    return "n/a" if old == 0 else f"{(new - old) / old:+.1%}"
+    """A relative change, ``+4.2%``; ``n/a`` from zero; ``0.0%`` for one that rounds to nothing (never ``-0.0%``)."""
+    if old == 0:
+        return "n/a"
+    change = (new - old) / old
+    return "0.0%" if round(change, 3) == 0 else f"{change:+.1%}"
 
 
 def fmt_mean_sd(spread: dict, fmt: Any) -> str:
