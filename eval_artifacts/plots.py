@@ -44,56 +44,97 @@ _STYLES = {
 }
 
 
-def render_pareto(summary: dict, *, fmt: str = "png") -> bytes:
-    """Draw the Pareto plot of a summary and return the encoded image."""
+# Where a point's label may go, in points from the point, tried in this order until it overlaps no other label
+# and no marker: right-above, right-below, left-above, left-below, then further out.
+_LABEL_OFFSETS = [(6, 6), (6, -14), (-6, 6), (-6, -14), (10, 16), (10, -24), (-10, 16), (-10, -24)]
+
+
+def pareto_figure(summary: dict) -> Figure:
+    """The Pareto plot of a summary as a figure: points with CI bars, the frontier, labels that do not collide,
+    and the legend below the axes, where it hides no point."""
     rows = [row for row in summary["models"] if on_the_plot(row["model"])]
     frontier = summary["frontier"]
     by_model = {row["model"]: row for row in rows}
-    with matplotlib.rc_context(_RC):
-        # A bare Figure with its own Agg canvas: no pyplot global state, no GUI backend.
-        figure = Figure(figsize=(6.4, 4.4))
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        xs = [by_model[m]["think_tokens"]["mean"] for m in frontier]
-        ys = [by_model[m]["accuracy"] for m in frontier]
-        # Staircase: with a budget of x think tokens the best reachable accuracy is the last step left of x.
-        axes.step(
-            xs,
-            ys,
-            where="post",
-            color="tab:green",
-            linestyle="--",
-            linewidth=1.5,
-            zorder=1,
-            label="Pareto frontier",
+    # A bare Figure with its own Agg canvas: no pyplot global state, no GUI backend.
+    figure = Figure(figsize=(6.4, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    xs = [by_model[m]["think_tokens"]["mean"] for m in frontier]
+    ys = [by_model[m]["accuracy"] for m in frontier]
+    # Staircase: with a budget of x think tokens the best reachable accuracy is the last step left of x.
+    axes.step(xs, ys, where="post", color="tab:green", linestyle="--", linewidth=1.5, zorder=1, label="Pareto frontier")
+    labelled: set[str] = set()
+    for row in rows:
+        x, y = row["think_tokens"]["mean"], row["accuracy"]
+        low, high = row["ci95"]
+        marker, size, colour, face, label = _STYLES[row["kind"]]
+        axes.errorbar(
+            [x],
+            [y],
+            yerr=[[y - low], [high - y]],
+            fmt=marker,
+            markersize=size,
+            color=colour,
+            markerfacecolor=face,
+            capsize=3,
+            label=None if row["kind"] in labelled else label,
         )
-        labelled: set[str] = set()
-        for row in rows:
-            x, y = row["think_tokens"]["mean"], row["accuracy"]
-            low, high = row["ci95"]
-            marker, size, colour, face, label = _STYLES[row["kind"]]
-            axes.errorbar(
-                [x],
-                [y],
-                yerr=[[y - low], [high - y]],
-                fmt=marker,
-                markersize=size,
-                color=colour,
-                markerfacecolor=face,
-                capsize=3,
-                label=None if row["kind"] in labelled else label,
+        labelled.add(row["kind"])
+    axes.margins(x=0.1, y=0.1)  # room for the labels beside the outermost points
+    axes.set_xlabel("mean think tokens per problem")
+    axes.set_ylabel("accuracy (95% CI)")
+    axes.set_title(f"{summary['study']}: accuracy vs reasoning length")
+    axes.grid(True, alpha=0.3)
+    figure.legend(loc="outside lower center", ncols=2, fontsize=8)
+    place_labels(figure, axes, [(point_label(r["model"]), r["think_tokens"]["mean"], r["accuracy"]) for r in rows])
+    return figure
+
+
+def place_labels(figure: Figure, axes, points: list[tuple[str, float, float]]) -> None:
+    """Annotate each point with the first offset whose text box overlaps no label already placed and no
+    marker (measured with the renderer after the final layout, so what is checked is what is drawn)."""
+    figure.draw_without_rendering()  # fixes the layout, hence where every point lands on the canvas
+    renderer = figure.canvas.get_renderer()
+    to_canvas = axes.transData.transform
+    markers = [_box_around(*to_canvas((x, y)), half=5 * figure.dpi / 72) for _, x, y in points]
+    placed: list = []
+    # Top to bottom, left to right: a fixed order, so the same summary gives the same picture.
+    for text, x, y in sorted(points, key=lambda p: (-p[2], p[1], p[0])):
+        own = _box_around(*to_canvas((x, y)), half=5 * figure.dpi / 72)
+        for dx, dy in _LABEL_OFFSETS:
+            annotation = axes.annotate(
+                text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9,
+                ha="left" if dx > 0 else "right",
             )
-            labelled.add(row["kind"])
-            axes.annotate(
-                point_label(row["model"]), (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9
-            )
-        axes.margins(x=0.1, y=0.1)  # room for the labels right of the outermost points
-        axes.set_xlabel("mean think tokens per problem")
-        axes.set_ylabel("accuracy (95% CI)")
-        axes.set_title(f"{summary['study']}: accuracy vs reasoning length")
-        axes.grid(True, alpha=0.3)
-        axes.legend(loc="lower right", fontsize=8)
-        figure.tight_layout()
+            annotation.set_in_layout(False)  # labels never move the axes the placement was measured on
+            box = annotation.get_window_extent(renderer)
+            blocked = [*placed, *(m for m in markers if m != own)]
+            if not any(_overlap(box, other) for other in blocked):
+                break
+            if (dx, dy) != _LABEL_OFFSETS[-1]:
+                annotation.remove()
+            else:  # nowhere free: the first place, as before
+                annotation.remove()
+                annotation = axes.annotate(text, (x, y), textcoords="offset points", xytext=_LABEL_OFFSETS[0], fontsize=9)
+                annotation.set_in_layout(False)
+                box = annotation.get_window_extent(renderer)
+        placed.append(box)
+
+
+def _box_around(x: float, y: float, *, half: float):
+    from matplotlib.transforms import Bbox
+
+    return Bbox.from_extents(x - half, y - half, x + half, y + half)
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def render_pareto(summary: dict, *, fmt: str = "png") -> bytes:
+    """Draw the Pareto plot of a summary and return the encoded image."""
+    with matplotlib.rc_context(_RC):
+        figure = pareto_figure(summary)
         buffer = io.BytesIO()
         metadata = {"Software": None} if fmt == "png" else {"Creator": None, "Date": None}
         figure.savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)

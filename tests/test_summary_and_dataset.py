@@ -22,7 +22,7 @@ from eval_artifacts.hub_dataset import (
     samples_from_eval_dataset,
 )
 from eval_artifacts.metrics import write_metrics
-from eval_artifacts.plots import plot_pareto
+from eval_artifacts.plots import pareto_figure, plot_pareto
 from eval_artifacts.rundir import RunDir, append_jsonl
 from eval_artifacts.study.errors import ArtifactError
 from eval_artifacts.summary import build_summary, read_summary, sweet_spot, write_summary
@@ -179,7 +179,7 @@ def test_plot_is_byte_identical_for_identical_data(study: RunDir, tmp_path: Path
     # A later run is another process (another hash seed, fresh font cache lookup): same bytes.
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     script = (
-        "import json, pathlib; from eval_artifacts.plots import plot_pareto; "
+        "import json, pathlib; from eval_artifacts.plots import pareto_figure, plot_pareto; "
         f"plot_pareto(json.loads(pathlib.Path({str(tmp_path / 'summary.json')!r}).read_text()), "
         f"pathlib.Path({str(tmp_path / 'other.png')!r}))"
     )
@@ -192,6 +192,26 @@ def test_plot_is_byte_identical_for_identical_data(study: RunDir, tmp_path: Path
     assert svg_a.read_bytes() == svg_b.read_bytes() and b"<dc:date>" not in svg_a.read_bytes()
     with pytest.raises(ArtifactError, match="use a .png or .svg path"):
         plot_pareto(summary, tmp_path / "pareto.jpg")
+
+
+def test_plot_labels_overlap_nothing_and_the_legend_hides_no_point(study: RunDir):
+    """Points a label's width apart (the tiny study's base and L1 are 0.04 tokens apart) keep readable labels."""
+    crowded = build_summary(study, study="tiny", models=MODELS)
+    for i, row in enumerate(crowded["models"]):
+        row["think_tokens"]["mean"], row["accuracy"] = 24.0 + 0.04 * i, 0.70 - 0.004 * i
+        row["ci95"] = [row["accuracy"] - 0.05, row["accuracy"] + 0.05]
+    figure = pareto_figure(crowded)
+    figure.draw_without_rendering()
+    renderer = figure.canvas.get_renderer()
+    [axes] = figure.axes
+    labels = {text.get_text(): text.get_window_extent(renderer) for text in axes.texts}
+    assert sorted(labels) == ["L1", "L2", "L3", "L4", "L5", "base"]
+    boxes = list(labels.values())
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not (a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1), (a, b)
+    [legend] = figure.legends
+    assert legend.get_window_extent(renderer).y1 <= axes.get_window_extent(renderer).y0  # below the axes
 
 
 # ---------------------------------------------------------------- Hub eval dataset
