@@ -35,6 +35,12 @@ SETTINGS = {
     "rl.save_steps": 100,
 }
 
+# Longer than the level's 20-character spec, so the reward's length target is the spec's (20 tokens here), and
+# the random policy's outputs (about 25 think tokens) fall between it and twice it: their length terms differ,
+# so GRPO has advantages to learn from (with "1+2=3" the target was 5 tokens, every output's term was capped at
+# 1, every reward equal, and nothing trained).
+REASONING = "12+7=19; 19-5=14; 14*2=28"
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -49,8 +55,8 @@ def rows() -> list[dict]:
         {
             "id": f"train-{index:05d}",
             "prompt": build_prompt(LEVEL, problem.question),
-            "completion": build_response("1+2=3", problem.gold),
-            "reasoning": "1+2=3",
+            "completion": build_response(REASONING, problem.gold),
+            "reasoning": REASONING,
             "answer": problem.gold,
         }
         for index, problem in enumerate(generate_problems(8, seed=4, split="train"))
