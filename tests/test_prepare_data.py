@@ -164,3 +164,34 @@ def test_real_gsm8k_prepare_data_all_levels(tmp_path):
         means.append(entry["reasoning_chars"]["mean"])
     assert 35 <= means[3] <= 55
     assert all(a > b for a, b in zip(means, means[1:], strict=False))
+
+
+def test_published_records_name_local_copies_without_this_machines_paths(tmp_path):
+    """data_stats.json and training.json go to the Hub with every adapter: a local GSM8K copy is named by its
+    folder and Hub id, a local base by the Hub repo it stands for, never by a path on the machine that ran."""
+    from training import rl, sft
+
+    data = tmp_path / "private" / "gsm8k"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text(
+        json.dumps({"question": "Tom has 2 apples and buys 3. How many?", "answer": "2+3 = <<2+3=5>>5\n#### 5"}) + "\n"
+    )
+    result = CliRunner().invoke(
+        main, ["prepare-data", "--run-dir", str(tmp_path / "run"), "--data-dir", str(data), "--levels", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    stats_text = (tmp_path / "run" / "data" / "stats.json").read_text()
+    assert json.loads(stats_text)["source"]["folder"] == "gsm8k" and str(tmp_path) not in stats_text
+
+    base = tmp_path / "private" / "models" / "qwen3-4b"
+    config = load_config().with_overrides(
+        run_dir=str(tmp_path / "run"),
+        **{"base_model.id": str(base), "base_model.hub_id": "Qwen/Qwen3-4B-Instruct-2507", "rl.levels": [4]},
+    )
+    run_dir = RunDir(config.run_dir)
+    run_dir.adapter_dir(4).mkdir(parents=True)
+    (run_dir.adapter_dir(4) / "adapter_model.safetensors").write_bytes(b"weights")
+    recorded = {"id": "Qwen/Qwen3-4B-Instruct-2507", "revision": config.base_model.revision}
+    assert sft.recipe(config, 42)["base_model"] == recorded
+    assert rl.stage_inputs(config, run_dir, 4)["base_model"] == recorded
+    assert str(tmp_path) not in json.dumps(sft.recipe(config, 42)) + json.dumps(rl.stage_inputs(config, run_dir, 4))

@@ -23,6 +23,13 @@ def resolve_base_model(config: StudyConfig) -> str:
     return config.base_model.id
 
 
+def recorded_base_id(config: StudyConfig) -> str:
+    """What training.json names as the base: the Hub repo a local copy stands for (``base_model.hub_id``),
+    else the configured id. training.json is pushed with every adapter, so a folder path of the machine that
+    trained is never in it when the base names its Hub repo (publish refuses a local base that names none)."""
+    return config.base_model.hub_id or config.base_model.id
+
+
 def as_sha(revision: str) -> str | None:
     """``revision`` when it is a full commit sha, else None."""
     return revision if _SHA.fullmatch(revision) else None

@@ -93,7 +93,8 @@ def _source_description(config: StudyConfig, n_rows: int) -> dict:
     if data.source == "synthetic":
         described = {"kind": "synthetic", **data.synthetic.model_dump()}
     elif data.source == "local":
-        described = {"kind": "local", "path": str(data.local_dir), "dataset_id": data.dataset_id}
+        # The folder's name, not its path: the stats travel with every adapter to the Hub.
+        described = {"kind": "local", "folder": data.local_dir.name, "dataset_id": data.dataset_id}
     else:
         described = {
             "kind": "hub",

@@ -43,6 +43,7 @@ from eval_artifacts.study.errors import ArtifactError, DataError
 from eval_artifacts.study.levels import ANSWER_MARKER, get_level, parse_response
 from training import rollouts, sft
 from training.gsm8k import grade
+from training.models import recorded_base_id
 from training.tokens import count_tokens, think_tokens
 
 TRAIN_ID_PREFIX = "train-"
@@ -373,7 +374,7 @@ def stage_inputs(config: StudyConfig, run_dir: RunDir, level: int) -> dict:
         )
     return {
         "level": level,
-        "base_model": {"id": config.base_model.id, "revision": config.base_model.revision},
+        "base_model": {"id": recorded_base_id(config), "revision": config.base_model.revision},
         "tiny_model": config.tiny_model.model_dump() if config.tiny_model else None,
         "quantization": config.base_model.quantization,
         # rollout_engine joined the settings after the first RL adapters: hf, the default, leaves their hash as is.

@@ -45,6 +45,7 @@ from eval_artifacts.study.config import StudyConfig, TrainingConfig
 from eval_artifacts.study.errors import ArtifactError, DataError, TrainingError
 from eval_artifacts.study.levels import get_level
 from training import distributed
+from training.models import recorded_base_id
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Hyperparameters that depend on the machine rather than the recipe; a rerun elsewhere still matches.
@@ -500,7 +501,7 @@ def recipe(config: StudyConfig, seed: int) -> dict:
     training = config.training
     lora = training.lora
     return {
-        "base_model": {"id": config.base_model.id, "revision": config.base_model.revision},
+        "base_model": {"id": recorded_base_id(config), "revision": config.base_model.revision},
         "adapter": {
             "method": "LoRA",
             "r": lora.r,
