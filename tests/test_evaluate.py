@@ -52,6 +52,9 @@ def byte_tokenizer():
         ("So 5 + 3 = 8.\nThe final answer is $\\boxed{8}$.", "stop", "So 5 + 3 = 8."),
         ("She has 3 + 4 = 7.\n**Final Answer:**\n**7**", "stop", "She has 3 + 4 = 7."),
         ("Natalia sold 72.\n\n**Final Answer**\n\\[\n\\boxed{72}\n\\]", "stop", "Natalia sold 72.\n\n**Final Answer**\n\\["),
+        # The answer line is where the grader read it, not a later line that repeats its text.
+        ("Step 1\n**Final Answer:**\n**72**\n\n**Final Answer:** see above", "stop", "Step 1"),
+        ("a\r\nb = 3\r\n#### 3", "stop", "a\r\nb = 3"),
         # An announcement the grading rule does not read (above the last 5 lines) ends no reasoning.
         ("The answer is 7.\na\nb\nc\nd\ne", "stop", "The answer is 7.\na\nb\nc\nd\ne"),
         # Cut by the token limit: the unfinished last line is no answer; a finished one before it is.

@@ -243,16 +243,30 @@ def final_answer_part(completion: str, *, finish_reason: str, kind: str) -> tupl
       number on that line or the next). The stock model was not trained on the level format, so this is
       its own format's final-answer rule, no looser: never the last number of its reasoning.
     """
+    part, extractors, _ = _answer_part(completion, finish_reason=finish_reason, kind=kind)
+    return part, extractors
+
+
+def _answer_part(completion: str, *, finish_reason: str, kind: str) -> tuple[str, list, list[int]]:
+    """``final_answer_part``, with where each of the part's lines (split on ``\\n``) starts in ``completion``."""
     if kind not in GRADE_KINDS:
         raise ValueError(f"grade kind must be one of {GRADE_KINDS}, got {kind!r}")
     cut = finish_reason == "length"
     text = finished_text(completion, finish_reason=finish_reason)
     parsed = parse_response(text)
+    start = len(text) - len(parsed.after_think)
     if kind == "adapter":
         part = parsed.after_think if parsed.reasoning is not None else ""
-        return part, MARKED_EXTRACTORS if cut else EXTRACTORS
-    lines = [line for line in parsed.after_think.splitlines() if line.strip()]
-    return "\n".join(lines[-STOCK_ANSWER_LINES:]), MARKED_EXTRACTORS
+        offsets = [start] + [start + i + 1 for i, char in enumerate(part) if char == "\n"]
+        return part, MARKED_EXTRACTORS if cut else EXTRACTORS, offsets
+    lines, offset = [], start
+    for line in parsed.after_think.splitlines(keepends=True):
+        content = line.splitlines()[0] if line.splitlines() else ""
+        if content.strip():
+            lines.append((offset, content))
+        offset += len(line)
+    kept = lines[-STOCK_ANSWER_LINES:]
+    return "\n".join(content for _, content in kept), MARKED_EXTRACTORS, [at for at, _ in kept]
 
 
 def final_answer_start(completion: str, *, finish_reason: str, kind: str) -> int | None:
@@ -261,14 +275,9 @@ def final_answer_start(completion: str, *, finish_reason: str, kind: str) -> int
     What comes before it is the output's reasoning: the think-token count of an output with no think block
     (the stock model's) stops there, so it ends exactly where the grading rule finds the answer.
     """
-    part, extractors = final_answer_part(completion, finish_reason=finish_reason, kind=kind)
+    part, extractors, offsets = _answer_part(completion, finish_reason=finish_reason, kind=kind)
     found = _first_found(part, extractors)
-    if found is None:
-        return None
-    line_start = part.rfind("\n", 0, found[2]) + 1
-    line_end = part.find("\n", found[2])
-    line = part[line_start : line_end if line_end >= 0 else len(part)]
-    return finished_text(completion, finish_reason=finish_reason).rfind(line)
+    return None if found is None else offsets[part.count("\n", 0, found[2])]
 
 
 def grade(completion: str, gold: str, *, finish_reason: str, kind: str) -> Grade:
