@@ -610,6 +610,19 @@ def test_training_seeds_give_mean_sd_each_seeds_ci_paired_tests_and_branches(tmp
     assert any(f"does not state the accuracy across training seeds, {mean:.3f} ± {sd:.3f}" in p for p in problems)
 
 
+def test_rl_record_from_before_the_capped_length_target_is_one_actionable_error(tmp_path):
+    config = load_config(REPO_ROOT / "configs" / "tiny-rl.yaml").with_overrides(run_dir=str(tmp_path))
+    run_dir = write_fixture_study(tmp_path, config=config, n_problems=60)
+    record = read_json(run_dir.rl_training_json(4), what="training.json", hint="")
+    del record["reward"]["spec_think_tokens"], record["reward"]["sft_think_tokens"]
+    write_json(run_dir.rl_training_json(4), record)
+    result = CliRunner().invoke(main, ["render-cards", "--config", str(REPO_ROOT / "configs" / "tiny-rl.yaml"),
+                                       "--run-dir", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 2
+    assert "rl_l4/training.json predates the reward's capped length target: rerun `cot-compress rl" in result.stderr
+    assert "Traceback" not in result.output + result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_rl_adapter_and_its_sft_sibling_both_show_sft_against_sft_plus_rl(tmp_path):
     config = load_config(REPO_ROOT / "configs" / "tiny-rl.yaml").with_overrides(run_dir=str(tmp_path))
     assert config.rl.levels == [3, 4]

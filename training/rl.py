@@ -237,7 +237,8 @@ class RewardDesign:
             tokens_per_char=round(rate, 4),
             spec_think_tokens=spec,
             sft_think_tokens=round(sft_mean, 2),
-            target_think_tokens=max(1, min(spec, math.ceil(sft_mean))),
+            # Rows without reasoning measure nothing: the spec alone sets the target then.
+            target_think_tokens=min(spec, math.ceil(sft_mean)) if sft_mean > 0 else spec,
             weights=weights,
         )
 
@@ -254,7 +255,7 @@ class RewardDesign:
                 "length": "min(1, max(0, think_tokens - target) / target); subtracted",
             },
             "target": "min(spec_think_tokens, ceil(sft_think_tokens)): the level's length, never above its "
-            "SFT reasoning's mean",
+            "SFT reasoning's mean (spec_think_tokens when the rows have no reasoning)",
             "weights": self.weights.model_dump(),
             "target_chars": self.target_chars,
             "tokens_per_char": self.tokens_per_char,
@@ -273,12 +274,15 @@ def reward_functions(design: RewardDesign, tokenizer, eos_token_ids: list[int]) 
             reward_terms(
                 text,
                 answer,
-                finish_reason="stop" if ids and ids[-1] in eos_token_ids else "length",
-                think=think_tokens(tokenizer, text),
+                finish_reason=finish_reason,
+                think=think_tokens(tokenizer, text, finish_reason=finish_reason),
                 target=design.target_think_tokens,
             )
-            for text, ids, answer in zip(texts, completion_ids, gold, strict=True)
+            for text, finish_reason, answer in zip(texts, finish_reasons(completion_ids), gold, strict=True)
         ]
+
+    def finish_reasons(completion_ids) -> list[str]:
+        return ["stop" if ids and ids[-1] in eos_token_ids else "length" for ids in completion_ids]
 
     def correct(completions, completion_ids, gold, **kwargs) -> list[float]:
         return [terms.correct for terms in terms_of(completions, completion_ids, gold)]
@@ -290,7 +294,9 @@ def reward_functions(design: RewardDesign, tokenizer, eos_token_ids: list[int]) 
         texts = [_text(completion) for completion in completions]
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:  # TRL versions without it still train; the log lacks think tokens then
-            log_metric("think_tokens", sum(think_tokens(tokenizer, t) for t in texts) / len(texts))
+            reasons = finish_reasons(completion_ids)
+            counts = [think_tokens(tokenizer, t, finish_reason=f) for t, f in zip(texts, reasons, strict=True)]
+            log_metric("think_tokens", sum(counts) / len(texts))
         return [-terms.length for terms in terms_of(completions, completion_ids, gold)]
 
     return [correct, format, length]
@@ -365,6 +371,12 @@ def build_trainer(
 
 
 # ---- provenance and skipping ----
+REWARD_DESIGN_VERSION = 2
+"""Bumped whenever the reward's definition changes, so RL adapters trained under an older one retrain:
+2 = the length target capped at the SFT reasoning's mean, think tokens counted as the evaluation counts them
+(an output cut by the token limit loses its unfinished last line)."""
+
+
 def stage_inputs(config: StudyConfig, run_dir: RunDir, level: int) -> dict:
     """Everything the RL adapter of ``level`` depends on; its hash decides whether the level is retrained."""
     sft_weights = run_dir.adapter_dir(level) / "adapter_model.safetensors"
@@ -377,10 +389,8 @@ def stage_inputs(config: StudyConfig, run_dir: RunDir, level: int) -> dict:
         "base_model": {"id": recorded_base_id(config), "revision": config.base_model.revision},
         "tiny_model": config.tiny_model.model_dump() if config.tiny_model else None,
         "quantization": config.base_model.quantization,
-        # rollout_engine joined the settings after the first RL adapters: hf, the default, leaves their hash as is.
-        "rl": config.rl.model_dump(
-            mode="json", exclude={"levels"} | ({"rollout_engine"} if config.rl.rollout_engine == "hf" else set())
-        ),
+        "rl": config.rl.model_dump(mode="json", exclude={"levels"}),
+        "reward_design": REWARD_DESIGN_VERSION,
         "sft_adapter_sha256": file_sha256(sft_weights),
         "data_sha256": file_sha256(run_dir.train_file(level)),
     }

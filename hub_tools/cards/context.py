@@ -52,7 +52,7 @@ SUMMARY_COLUMN_DOCS = {column.name: column.doc for column in SUMMARY_COLUMNS}
 EVAL_RESULTS_DIR = ".eval_results"
 ROLLOUT_ENGINES = {
     "hf": "sampled with transformers' generate on the training policy",
-    "fast": "sampled with cot-compress's fast engine (the policy's LoRA merged into a bf16 copy of the base)",
+    "fast": "sampled with cot-compress's fast engine (the policy's current LoRA merged into {merged_into})",
 }
 """How an RL adapter's rollouts were generated (``rl.rollout_engine``; training.json before it had ``hf``)."""
 
@@ -572,6 +572,11 @@ def rl_training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> li
     """The training-details table of an RL adapter: (setting, value), all from its training.json."""
     t = art.rl_training[level]
     hp, reward = t["hyperparameters"], t["reward"]
+    if "spec_think_tokens" not in reward:
+        raise ArtifactError(
+            f"adapters/rl_l{level}/training.json predates the reward's capped length target: "
+            f"rerun `cot-compress rl --config C --levels {level} --force`, then render the cards"
+        )
     shared = _setup_rows(config, art, t)
     weights = reward["weights"]
     return [
@@ -588,7 +593,11 @@ def rl_training_rows(config: StudyConfig, art: StudyArtifacts, level: int) -> li
             f"{fmt_count(hp['prompts_per_step'])} problems × {fmt_count(hp['num_generations'])} completions, "
             f"temperature {fmt_plain(hp['temperature'])}, top-k {fmt_count(hp['top_k'])}, "
             f"at most {fmt_count(hp['max_new_tokens'])} new tokens, "
-            + ROLLOUT_ENGINES[hp.get("rollout_engine", "hf")],
+            + ROLLOUT_ENGINES[hp.get("rollout_engine", "hf")].format(
+                merged_into="a dequantized bf16 copy of the NF4 base"
+                if t["quantization"] == "nf4"
+                else "the base's own weights, restored bit for bit afterwards"
+            ),
         ),
         ("Learning rate", fmt_plain(hp["learning_rate"])),
         ("KL β", fmt_plain(hp["beta"])),
