@@ -99,8 +99,9 @@ def place_labels(figure: Figure, axes, points: list[tuple[str, float, float]]) -
     markers = [_box_around(*to_canvas((x, y)), half=5 * figure.dpi / 72) for _, x, y in points]
     placed: list = []
     # Top to bottom, left to right: a fixed order, so the same summary gives the same picture.
-    for text, x, y in sorted(points, key=lambda p: (-p[2], p[1], p[0])):
-        own = _box_around(*to_canvas((x, y)), half=5 * figure.dpi / 72)
+    for index in sorted(range(len(points)), key=lambda i: (-points[i][2], points[i][1], points[i][0])):
+        text, x, y = points[index]
+        others = [box for i, box in enumerate(markers) if i != index]  # a label sits beside its own marker
         for dx, dy in _LABEL_OFFSETS:
             annotation = axes.annotate(
                 text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9,
@@ -108,7 +109,7 @@ def place_labels(figure: Figure, axes, points: list[tuple[str, float, float]]) -
             )
             annotation.set_in_layout(False)  # labels never move the axes the placement was measured on
             box = annotation.get_window_extent(renderer)
-            blocked = [*placed, *(m for m in markers if m != own)]
+            blocked = [*placed, *others]
             if not any(_overlap(box, other) for other in blocked):
                 break
             if (dx, dy) != _LABEL_OFFSETS[-1]:

@@ -567,7 +567,7 @@ def test_published_level4_numbers(tmp_path):
         "this repo's `.eval_results/gsm8k.yaml` gives this accuracy as 58, in percent (the benchmark's scale), for "
         "`openai/gsm8k` (task `main`)" in text
     )
-    assert 'get_dataset_leaderboard("openai/gsm8k", base_model_only=False)' in text
+    assert 'get_dataset_leaderboard("openai/gsm8k", base_model_only=False)` lists this one once the repo is public' in text
     assert "[Qwen/Qwen3-4B\\-Instruct\\-2507]" not in text  # single hyphens stay readable
     assert "[Qwen/Qwen3-4B-Instruct-2507](https://huggingface.co/Qwen/Qwen3-4B-Instruct-2507)" in text
     assert "base_id = 'Qwen/Qwen3-4B-Instruct-2507'" in text

@@ -157,7 +157,9 @@ def _share_one_weight(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Ten
     """
     weight = torch.cat([linear.weight.detach() for linear in linears])
     biases = [linear.bias for linear in linears]
-    bias = None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+    if len({b is None for b in biases}) > 1:  # one GEMM cannot add some linears' biases and not others'
+        raise ValueError("fuse_projections needs all or none of the fused linears to have a bias")
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
     row = 0
     for linear in linears:
         n = linear.weight.shape[0]

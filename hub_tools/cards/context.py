@@ -624,6 +624,7 @@ def _hub_results(config: StudyConfig, art: StudyArtifacts, model: str) -> dict[s
         "dataset_id": dataset["id"],
         "task_id": dataset["task_id"],
         "benchmark": not config.synthetic_data,
+        "private": config.hub.private,
     }
 
 
