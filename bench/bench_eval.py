@@ -425,8 +425,10 @@ def main(argv=None) -> dict:
     peft_model, weights = build_model(result, inputs)
     fast = run_fast_eval(result, inputs, peft_model, max_batch_size=args.max_batch_size)
     run_roofline(result, inputs, fast, weights=weights, peaks=peaks, measured_bw=measured_bw)
+    _write(result, out_path)  # a run stopped by a time limit keeps what it measured; rewritten as it goes
     eager = run_eager_ablation(result, inputs, peft_model, fast, max_batch_size=args.max_batch_size)
     run_option_ablations(result, inputs, peft_model, fast, max_batch_size=args.max_batch_size)
+    _write(result, out_path)
     empty_cache(device)
     if not args.skip_baselines:
         hf = run_hf_batch_baseline(result, inputs, peft_model, n_batches=args.hf_batches)

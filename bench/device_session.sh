@@ -39,7 +39,7 @@ case $phase in
     # The kernels on the GPU first: rounding, launch configurations, column-block reads, fused projections.
     step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_generate.py \
       -k "fused or launch_configs or split_decode or column_blocks or cuda or merged_lora"
-    step tune_decode_attention 170 python3 -m bench.tune_decode_attention --budget-s 120 \
+    step tune_decode_attention 120 python3 -m bench.tune_decode_attention --budget-s 80 \
       --out "$out/tune_decode_attention.json"
     best=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r.get('best_spec',''))" \
       "$out/tune_decode_attention.json" 2>/dev/null)
