@@ -251,7 +251,11 @@ class FastGenerator:
         fused_kernels: bool | None = None,
         decode_attention: DecodeAttentionConfig | None = None,
         fuse_projections: bool = False,
+        backend_key: str = "eval.backend",
+        max_new_tokens_key: str = "eval.max_new_tokens",
     ) -> None:
+        # The settings its errors name: the evaluation's, or the RL stage's when it serves rollouts.
+        self.backend_key, self.max_new_tokens_key = backend_key, max_new_tokens_key
         self.model = model
         self.decode_attention = decode_attention or DecodeAttentionConfig()
         lm = _unwrap_causal_lm(model)
@@ -259,11 +263,11 @@ class FastGenerator:
         if getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False):
             raise ConfigError(
                 "the fast generation backend cannot merge adapters into a quantized base: "
-                "set eval.backend to 'hf' or evaluate a bf16 base"
+                f"set {backend_key} to 'hf' or evaluate a bf16 base"
             )
         if "sliding_attention" in (getattr(config, "layer_types", None) or []):
             raise ConfigError(
-                "the fast generation backend does not support sliding-window layers: set eval.backend to 'hf'"
+                f"the fast generation backend does not support sliding-window layers: set {backend_key} to 'hf'"
             )
         inner = lm.model
         self.embed = inner.embed_tokens
@@ -330,7 +334,7 @@ class FastGenerator:
             if not isinstance(m, LoraLinear) or not plain or m.merged:
                 raise ConfigError(
                     f"adapter {adapter!r}: the fast backend merges plain LoRA on unmerged linear layers only; "
-                    "set eval.backend to 'hf'"
+                    f"set {self.backend_key} to 'hf'"
                 )
         try:
             with torch.no_grad():
@@ -450,8 +454,8 @@ class FastGenerator:
         rows = int(budget // (slots * self._kv_bytes_per_slot()))
         if rows < 1:
             raise ConfigError(
-                f"the KV cache for {slots} positions does not fit in GPU memory: lower eval.max_new_tokens "
-                "or set eval.backend to 'hf'"
+                f"the KV cache for {slots} positions does not fit in GPU memory: lower {self.max_new_tokens_key} "
+                f"or set {self.backend_key} to 'hf'"
             )
         return min(self.max_batch_size, rows)
 

@@ -77,7 +77,10 @@ class FastRollouts:
             quantized = getattr(self.policy.get_base_model(), "is_loaded_in_4bit", False)
             self.engine_model = unquantized_copy(self.policy, self.adapter) if quantized else self.policy
             self.engine = FastGenerator(
-                self.engine_model, max_batch_size=self.rl.prompts_per_step * self.rl.num_generations
+                self.engine_model,
+                max_batch_size=self.rl.prompts_per_step * self.rl.num_generations,
+                backend_key="rl.rollout_engine",
+                max_new_tokens_key="rl.max_new_tokens",
             )
         elif self.engine_model is not self.policy:
             sync_adapter(self.policy, self.engine_model, self.adapter)
