@@ -39,6 +39,7 @@ def small_study(base, run_dir, **overrides):
             "eval.batch_size": 16,
             "eval.max_new_tokens": 24,
             "eval.backend": "fast",
+            "eval.prompt_baselines": False,  # base and the adapters: the sequences these tests repeat
             **overrides,
         }
     )

@@ -339,8 +339,10 @@ def build_trainer(
         max_steps=rl.max_steps,
         learning_rate=rl.learning_rate,
         lr_scheduler_type="constant",
-        per_device_train_batch_size=rl.prompts_per_step * rl.num_generations,  # completions per step
-        gradient_accumulation_steps=1,
+        # One generation of prompts_per_step x num_generations completions per optimizer step, trained in
+        # passes_per_step passes (TRL's steps_per_generation defaults to the accumulation steps).
+        per_device_train_batch_size=rl.prompts_per_step // rl.passes_per_step * rl.num_generations,
+        gradient_accumulation_steps=rl.passes_per_step,
         num_generations=rl.num_generations,
         max_completion_length=rl.max_new_tokens,
         temperature=rl.temperature,

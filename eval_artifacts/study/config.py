@@ -217,6 +217,10 @@ class RLConfig(_Strict):
     """Training problems per optimizer step; each gets ``num_generations`` completions."""
     num_generations: int = Field(8, ge=2)
     """Completions per prompt: GRPO's group, whose mean reward is each completion's baseline."""
+    prompts_per_pass: int | None = Field(None, gt=0)
+    """Prompts whose completions go through one forward and backward pass; a step accumulates gradients over
+    ``prompts_per_step / prompts_per_pass`` passes, which lowers peak memory (the step's update stays the same
+    up to rounding). None: the whole step in one pass."""
     learning_rate: float = Field(1e-5, gt=0)
     beta: float = Field(0.04, ge=0)
     """KL penalty towards the SFT adapter (0 turns it off)."""
@@ -237,9 +241,21 @@ class RLConfig(_Strict):
     def _known_levels(cls, value: list[int]) -> list[int]:
         return _known_levels(value)
 
+    @model_validator(mode="after")
+    def _passes_divide_the_step(self) -> RLConfig:
+        if self.prompts_per_pass is not None and self.prompts_per_step % self.prompts_per_pass:
+            raise ValueError(
+                f"rl.prompts_per_pass ({self.prompts_per_pass}) must divide rl.prompts_per_step ({self.prompts_per_step})"
+            )
+        return self
+
     @property
     def enabled(self) -> bool:
         return bool(self.levels)
+
+    @property
+    def passes_per_step(self) -> int:
+        return self.prompts_per_step // (self.prompts_per_pass or self.prompts_per_step)
 
 
 class HubConfig(_Strict):
