@@ -77,6 +77,7 @@ def run(
     sft.check_quantization(config.base_model.quantization)
     rollouts.check_engine(config.rl.rollout_engine)
     model_path: str | None = None
+    revision = config.base_model.revision
     results: dict[int, dict] = {}
     for level in levels:
         rows = training_rows(run_dir, level)
@@ -88,20 +89,15 @@ def run(
             shutil.rmtree(checkpoints, ignore_errors=True)
             results[level] = done
             continue
-        resume_from = sft.last_checkpoint(checkpoints, before_step=config.rl.max_steps) if resume else None
-        if resume and resume_from is None:
-            sft._say(f"rl level {level}: no checkpoint under {checkpoints}, training from the start")
-
+        resume_from = sft.resume_point(checkpoints, config.rl.max_steps, resume=resume, name=f"rl level {level}")
         if model_path is None:
-            from training.models import resolve_base_model
-
-            model_path = resolve_base_model(config)
+            model_path, _, revision = sft.base_to_load(config)  # the commit SFT trained on
         precision = sft.choose_precision()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         base, tokenizer = sft.load_base(
             model_path=model_path,
-            revision=config.base_model.revision,
+            revision=revision,
             quantization=config.base_model.quantization,
             precision=precision,
             gradient_checkpointing=config.training.gradient_checkpointing,

@@ -80,7 +80,7 @@ def run(
     # Resolved on first need: an all-up-to-date rerun never builds the tiny base.
     model_path: str | None = None
     base_hub: dict[str, str | None] = {"id": None, "sha": None}
-    revision: str | None = None
+    revision = config.base_model.revision
     results: dict[str, dict] = {}
     adapters = [(level, model, seed) for level in levels for model, seed in config.adapter_models(level)]
     for level, model_name, seed in adapters:
@@ -101,24 +101,16 @@ def run(
                 shutil.rmtree(checkpoints, ignore_errors=True)
             results[model_name] = done
             continue
-        resume_from = last_checkpoint(checkpoints, before_step=config.training.max_steps) if resume else None
-        if resume and resume_from is None:
-            _say(f"{model_name}: no checkpoint under {checkpoints}, training from the start")
-
+        resume_from = resume_point(checkpoints, config.training.max_steps, resume=resume, name=model_name)
         rows = load_rows(train_file)
         if model_path is None:
-            from training.models import base_model_hub, resolve_base_model
-
-            model_path = resolve_base_model(config)
-            base_hub = base_model_hub(config)  # resolved once, when the base is first read
-            # The commit recorded in training.json is the one loaded, even if the branch moves meanwhile.
-            revision = base_hub["sha"] if base_hub["sha"] and model_path == base_hub["id"] else None
+            model_path, base_hub, revision = base_to_load(config)  # resolved once, when the base is first read
         precision = choose_precision()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         model, tokenizer = load_base(
             model_path=model_path,
-            revision=revision or config.base_model.revision,
+            revision=revision,
             quantization=config.base_model.quantization,
             precision=precision,
             gradient_checkpointing=config.training.gradient_checkpointing,
@@ -403,6 +395,26 @@ def train(trainer: SFTTrainer, *, resume: bool | Path | None = None) -> TrainOut
     return TrainOutcome(
         wall_time_s=wall, session_tokens=int(trainer.state.num_input_tokens_seen - start.tokens)
     )
+
+
+def base_to_load(config: StudyConfig) -> tuple[str, dict[str, str | None], str]:
+    """The base to load (a path or Hub id), the Hub repo and commit it stands for, and the revision to load:
+    the resolved commit when loading from the Hub, so the commit training.json records is the one loaded
+    even if the branch moves meanwhile."""
+    from training.models import base_model_hub, resolve_base_model
+
+    model_path = resolve_base_model(config)
+    base_hub = base_model_hub(config)
+    pinned = base_hub["sha"] if base_hub["sha"] and model_path == base_hub["id"] else None
+    return model_path, base_hub, pinned or config.base_model.revision
+
+
+def resume_point(checkpoints: Path, max_steps: int, *, resume: bool, name: str) -> Path | None:
+    """The checkpoint ``--resume`` continues from (None: from the start, said when one was asked for)."""
+    resume_from = last_checkpoint(checkpoints, before_step=max_steps) if resume else None
+    if resume and resume_from is None:
+        _say(f"{name}: no checkpoint under {checkpoints}, training from the start")
+    return resume_from
 
 
 def train_and_record(
