@@ -201,3 +201,11 @@ def test_rl_models_are_named_after_every_other_model():
     ]  # fmt: skip
     assert LEVELS[4].rl_key == "rl_l4"
     assert not any(is_rl(model) for model in load_config(None).model_keys)  # rl is off in the tiny study
+
+
+def test_rl_passes_must_divide_the_step():
+    config = load_config().with_overrides(**{"rl.prompts_per_step": 8, "rl.prompts_per_pass": 2})
+    assert config.rl.passes_per_step == 4 and load_config().rl.passes_per_step == 1
+    with pytest.raises(ConfigError, match=r"rl.prompts_per_pass \(3\) must divide rl.prompts_per_step \(8\)") as error:
+        load_config().with_overrides(**{"rl.prompts_per_step": 8, "rl.prompts_per_pass": 3})
+    assert "\n" not in str(error.value)
