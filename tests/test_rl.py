@@ -182,7 +182,11 @@ def test_rl_continues_the_sft_adapter_and_records_every_term_per_step(straight, 
     reward = payload["reward"]
     assert reward["weights"] == {"correct": 1.0, "format": 0.2, "length": 0.5}
     assert reward["target_chars"] == 20
-    assert 1 <= reward["target_think_tokens"] == min(reward["spec_think_tokens"], math.ceil(reward["sft_think_tokens"]))
+    assert (
+        1
+        <= reward["target_think_tokens"]
+        == min(reward["spec_think_tokens"], math.ceil(reward["sft_think_tokens"]))
+    )
     assert [row["step"] for row in payload["log"]] == [1, 2, 3, 4]
     for row in payload["log"]:
         assert {"reward", "correct", "format", "length", "think_tokens", "kl"} <= set(row)
@@ -346,3 +350,84 @@ def test_bench_grpo_smoke_times_generation_inside_each_step_for_both_rollout_eng
     assert set(parts) == {"merge", "capture", "prefill", "decode"}
     assert 0 < sum(parts.values()) <= result["rollouts"]["fast"]["generation_time_s_per_step"]
     assert {"trl", "transformers", "peft"} <= set(result["library_versions"])
+
+
+def _masks_seen_by_sdpa(monkeypatch) -> list[torch.Tensor]:
+    """Every attention mask handed to SDPA while gradients are on (GRPO's training forwards)."""
+    masks: list[torch.Tensor] = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, *args, **kwargs):
+        if torch.is_grad_enabled() and attn_mask is not None:
+            masks.append(attn_mask.detach().clone())
+        return real_sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return masks
+
+
+def test_left_padding_rows_attend_to_every_key_and_real_tokens_are_unchanged(monkeypatch):
+    """A left-padding query row with no key to attend to gave NaN gradients on an H200 (bench_grpo): such rows
+    now attend to every key, and neither the real tokens' logits nor the LoRA gradients change."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
+    policy = get_peft_model(Qwen3ForCausalLM(config), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.1)
+    ids = torch.randint(0, 128, (3, 12))
+    attention = torch.ones_like(ids)
+    attention[0, :5] = 0
+    attention[1, :2] = 0
+    real = attention.bool()
+
+    def logits_and_grads():
+        policy.zero_grad()
+        logits = policy(input_ids=ids, attention_mask=attention).logits
+        logits[real].log_softmax(-1)[:, 7].sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return logits.detach()[real], grads
+
+    plain_logits, plain_grads = logits_and_grads()
+    masks = _masks_seen_by_sdpa(monkeypatch)
+    rl.use_sdpa_for_left_padding(policy)
+    assert policy.config._attn_implementation == rl.SDPA_LEFT_PADDING
+    logits, grads = logits_and_grads()
+
+    assert len(masks) == 2
+    for mask in masks:
+        assert mask.dtype == torch.bool and mask.any(dim=-1).all(), "a query row attends to no key"
+        assert not mask[0, 0, 7, :5].any(), "a real token attends to padding"
+    torch.testing.assert_close(logits, plain_logits, rtol=0, atol=0)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7)
+    assert rl.attend_from_padding(None) is None
+    additive = torch.zeros(1, 1, 2, 2).masked_fill(
+        torch.tensor([[True, True], [False, True]]), torch.finfo(torch.float32).min
+    )
+    assert torch.equal(
+        rl.attend_from_padding(additive),
+        torch.tensor([[[[0.0, 0.0], [0.0, torch.finfo(torch.float32).min]]]]),
+    )
+
+
+def test_grpo_training_forwards_give_sdpa_no_query_row_without_keys(
+    straight, after_sft, tmp_path, monkeypatch
+):
+    """The RL stage itself (TRL's left-padded prompts of different lengths): no training forward hands SDPA a
+    mask with a fully masked row, and some did have left padding to open."""
+    config, run_dir = copied(straight, after_sft, tmp_path / "run")
+    masks = _masks_seen_by_sdpa(monkeypatch)
+    rl.run(config.with_overrides(**{"rl.max_steps": 1}), run_dir)
+    assert masks, "no training forward went through SDPA with a mask"
+    assert all(mask.any(dim=-1).all() for mask in masks)
+    padded_rows = sum(int((~mask[:, 0, -1, :]).any(dim=-1).sum()) for mask in masks)
+    assert padded_rows > 0, "the batches had no left padding: the test proves nothing"

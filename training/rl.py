@@ -89,7 +89,9 @@ def run(
             shutil.rmtree(checkpoints, ignore_errors=True)
             results[level] = done
             continue
-        resume_from = sft.resume_point(checkpoints, config.rl.max_steps, resume=resume, name=f"rl level {level}")
+        resume_from = sft.resume_point(
+            checkpoints, config.rl.max_steps, resume=resume, name=f"rl level {level}"
+        )
         if model_path is None:
             model_path, _, revision = sft.base_to_load(config)  # the commit SFT trained on
         precision = sft.choose_precision()
@@ -291,7 +293,9 @@ def reward_functions(design: RewardDesign, tokenizer, eos_token_ids: list[int]) 
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:  # TRL versions without it still train; the log lacks think tokens then
             reasons = finish_reasons(completion_ids)
-            counts = [think_tokens(tokenizer, t, finish_reason=f) for t, f in zip(texts, reasons, strict=True)]
+            counts = [
+                think_tokens(tokenizer, t, finish_reason=f) for t, f in zip(texts, reasons, strict=True)
+            ]
             log_metric("think_tokens", sum(counts) / len(texts))
         return [-terms.length for terms in terms_of(completions, completion_ids, gold)]
 
@@ -317,6 +321,44 @@ def continued_adapter(base, sft_adapter_dir: Path):
 
 class _StudyGRPOTrainer(sft.WithoutSideEffects, GRPOTrainer):
     pass
+
+
+# ---- left padding under SDPA ----
+SDPA_LEFT_PADDING = "sdpa_left_padding"
+"""SDPA for GRPO's left-padded batches. TRL left-pads the prompts, so each padding position is a query that
+may attend to no key (causal mask, padding keys masked). PyTorch's forward returns zeros for such a row, but on
+an H200 (torch 2.11, bf16) its backward gives NaN in the row's query gradient; multiplied by the zero gradient of
+the output it does not affect, it still turns every LoRA gradient into NaN (bench_grpo, 256-token rollouts).
+Such rows attend to every key instead, as transformers' ``_unmask_unattended`` once arranged: no real
+position reads a padding position's output, so the loss and the logits of real tokens are unchanged."""
+
+
+def attend_from_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The 4-D SDPA mask with each fully masked query row opened to every key (bool or additive masks)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        return attention_mask | ~attention_mask.any(dim=-1, keepdim=True)
+    masked = attention_mask == torch.finfo(attention_mask.dtype).min
+    return attention_mask.masked_fill(masked.all(dim=-1, keepdim=True), 0.0)
+
+
+def _sdpa_left_padding_forward(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attend_from_padding(attention_mask), **kwargs)
+
+
+def use_sdpa_for_left_padding(policy) -> None:
+    """Switch an SDPA policy to ``SDPA_LEFT_PADDING`` (registered once with transformers, with SDPA's masks)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    if policy.config._attn_implementation != "sdpa":
+        return
+    AttentionInterface.register(SDPA_LEFT_PADDING, _sdpa_left_padding_forward)
+    AttentionMaskInterface.register(SDPA_LEFT_PADDING, sdpa_mask)
+    policy.set_attn_implementation(SDPA_LEFT_PADDING)
 
 
 def build_trainer(
@@ -354,6 +396,7 @@ def build_trainer(
         save_total_limit=2,
         **sft.runtime_arguments(precision),
     )
+    use_sdpa_for_left_padding(policy)
     # The reward reads a completion's finish from its last id; which ids end one, the trainer decides.
     eos_token_ids: list[int] = []
     trainer = _StudyGRPOTrainer(
