@@ -9,11 +9,16 @@ from helpers import bench_smoke
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = {
     "bench_eval.json",
+    "bench_eval_tuned.json",
     "bench_multigpu.json",
     "bench_multigpu_problem_sharding.json",
     "bench_train.json",
+    "bench_train_setups.json",
+    "grpo_gpu.json",
+    "profile_train.json",
     "study_gpu.json",
     "train_qlora.json",
+    "tune_decode_attention.json",
 }
 
 
