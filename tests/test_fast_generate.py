@@ -363,7 +363,8 @@ def test_decode_attention_launch_configs_agree_with_sdpa(dtype):
     k, v, q = rand(rows, kv_heads, slots, dim), rand(rows, kv_heads, slots, dim), rand(rows, kv_heads * groups * dim)
     pad, pos = torch.tensor([0, 3, 16, 40, 70], device=device), torch.tensor([70], device=device)
     ref, scale = decode_attention_reference(q, k, v, pad, pos, scale=dim**-0.5)
-    for spec in ("", "block_n=16", "block_n=32,splits=2", "block_n=16,splits=3,num_warps=2,num_stages=2", "splits=8"):
+    specs = ("", "block_n=16", "block_n=32,splits=2,native_dot=0", "block_n=16,splits=3,num_warps=2,num_stages=2")
+    for spec in (*specs, "splits=8"):
         config = DecodeAttentionConfig.parse(spec)
         out = fused_decode_attention(q, k, v, pad, pos, scale=dim**-0.5, config=config)
         report = ulp_report(out, ref, scale, dtype)
@@ -384,7 +385,9 @@ def test_split_decode_attention_matches_hf_generate():
     batch = prompts(6, seed=8)
     config = DecodeAttentionConfig.parse("block_n=16,splits=2")
     engine = FastGenerator(model, max_batch_size=3, fused_kernels=True, decode_attention=config)
-    assert engine.fused and engine.fused_status.endswith("decode attention block_n=16,splits=2,native_dot=0")
+    assert engine.fused and engine.fused_status.endswith(
+        "decode attention block_n=16,num_warps=4,num_stages=3,splits=2,native_dot=1"
+    )
     expected = hf_greedy(model, batch, max_new=12, stop_ids={VOCAB + 1})
     assert engine.generate(batch, max_new_tokens=12, stop_token_ids=[VOCAB + 1], pad_token_id=PAD) == expected
 
@@ -401,7 +404,7 @@ def test_every_triton_kernel_compiles_for_hopper_without_a_gpu():
     from training import fused_kernels
     from training.fused_kernels import DecodeAttentionConfig
 
-    for spec in ("", "block_n=32,num_warps=8,num_stages=2,splits=4,native_dot=1", "block_n=128,splits=2"):
+    for spec in ("", "block_n=32,num_warps=8,num_stages=2,splits=4,native_dot=0", "block_n=128,splits=2"):
         resources = attention_resources(DecodeAttentionConfig.parse(spec))
         assert resources["pipelined"] and resources["registers"] <= 255, (spec, resources)
     bf16 = dict.fromkeys
@@ -450,7 +453,7 @@ def test_decode_attention_sweep_smoke_checks_and_times_every_config(tmp_path):
     result = json.loads(out.read_text())
     configs = result["configs"]
     # The default first, then the smoke grid: block_n 16/32 x splits 1/3.
-    assert configs[0]["default"] and configs[0]["spec"] == "block_n=64,splits=1,native_dot=0"
+    assert configs[0]["default"] and configs[0]["spec"] == "block_n=32,num_warps=4,num_stages=3,splits=1,native_dot=1"
     assert len(configs) == 5 and all(c["ok"] and c["ms"] > 0 for c in configs)
     assert all(c["max_ulps_of_largest_term"] <= result["ulp_limit"] for c in configs)
     assert result["best_spec"] == min(configs, key=lambda c: c["ms"])["spec"]
@@ -547,7 +550,7 @@ def test_bench_eval_smoke_runs_every_stage(tmp_path):
     assert not imported & {"trl", "datasets", "pydantic"}
     result = json.loads(out.read_text())
     assert "errors" not in result
-    options = {"decode_attention": "block_n=32,splits=2,native_dot=0", "fuse_projections": True}
+    options = {"decode_attention": "block_n=32,num_warps=4,num_stages=3,splits=2,native_dot=1", "fuse_projections": True}
     assert result["engine_options"] == result["fast"]["totals"]["engine_options"] == options
     # With and without the options in one run: the base model again with the default engine and each alone.
     ablations = result["ablation_engine_options"]
