@@ -43,7 +43,7 @@ case $phase in
       --out "$out/tune_decode_attention.json"
     best=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r.get('best_spec',''))" \
       "$out/tune_decode_attention.json" 2>/dev/null)
-    default=block_n=64,splits=1,native_dot=0
+    default=$(python3 -c "from training.fused_kernels import DecodeAttentionConfig as C; print(C().spec())")
     attention=()
     [ -n "$best" ] && [ "$best" != "$default" ] && attention=(--decode-attention "$best")
     echo "== decode attention for bench_eval: ${best:-none found} ${attention[*]}"

@@ -52,11 +52,12 @@ SMOKE_GRID = {"native_dot": "0", "num_stages": "2", "num_warps": "4", "block_n":
 
 
 def grid_specs(grid: dict[str, str]) -> list[str]:
-    """Every combination of the grid's values, as ``DecodeAttentionConfig.parse`` strings (default first)."""
+    """Every combination of the grid's values, as ``DecodeAttentionConfig.parse`` strings: the default first,
+    and only there (the default is the grid's best of an earlier sweep)."""
     keys = list(grid)
     values = [[v for v in grid[k].split(",") if v] for k in keys]
     specs = [",".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
-    return [""] + specs
+    return [""] + [spec for spec in specs if DecodeAttentionConfig.parse(spec) != DecodeAttentionConfig()]
 
 
 def compile_ahead(
