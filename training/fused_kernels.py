@@ -317,8 +317,8 @@ def fused_decode_attention(
     q = q.contiguous()
     out = torch.empty_like(q)
     splits = config.splits
-    # Triton's CPU interpreter cannot multiply bf16: there the fp32 path computes the same products (q, k
-    # and the rounded probabilities are exact in fp32).
+    # Triton's CPU interpreter cannot multiply bf16 (Triton 3.6's bf16 dot returns garbage there): the fp32
+    # path computes the same products (q, k and the rounded probabilities are exact in fp32).
     native_dot = config.native_dot and not INTERPRETED
     if splits > 1:  # fp32 partial results, rounded once in the reduction
         part_acc = torch.empty((rows * kv_heads * splits, groups, dim), dtype=torch.float32, device=q.device)
