@@ -13,7 +13,7 @@ bf16 peak; peak memory is torch's max allocated during training.
 Issue 19's candidates (``--setups``; none runs by default): padding-free batches (``_pf``: TRL's
 ``padding_free``, every row of a batch in one packed sequence; transformers 5 masks each row off from the
 others from the position ids, for SDPA as for flex attention), flex attention (``_flex``), and larger
-batches (``_b24``, ``_b32``). Every setup's loss curve is compared step by step with the unfused recipe at
+batches (``_b20``, ``_b24``, ``_b32``). Every setup's loss curve is compared step by step with the unfused recipe at
 the same batch and quantization (``ours`` or ``ours_b<N>``) when that setup ran too.
 """
 
@@ -51,6 +51,7 @@ RECIPES = {
     "ours": {},
     "ours_liger": {"liger_kernel": True},
     "ours_liger_b32": {"liger_kernel": True, "batch_size": 32},
+    "ours_b20": {"batch_size": 20},
     "ours_b24": {"batch_size": 24},
     "ours_b32": {"batch_size": 32},
     "ours_pf": {"padding_free": True},
@@ -60,6 +61,9 @@ RECIPES = {
     "ours_liger_b24": {"liger_kernel": True, "batch_size": 24},
     "ours_liger_pf_b24": {"liger_kernel": True, "padding_free": True, "batch_size": 24},
     "ours_liger_pf_b32": {"liger_kernel": True, "padding_free": True, "batch_size": 32},
+    "ours_liger_pf_flex_b20": {
+        "liger_kernel": True, "padding_free": True, "attention": "flex_attention", "batch_size": 20,
+    },
     "ours_liger_pf_flex_b24": {
         "liger_kernel": True, "padding_free": True, "attention": "flex_attention", "batch_size": 24,
     },
