@@ -53,7 +53,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as work:
         run_dir, model_dir, parameters = build_run(Path(work), smoke=options.smoke)
         timings = {
-            engine: time_grpo_steps(config.with_overrides(**{"rl.rollout_engine": engine}), run_dir, model_dir)
+            engine: time_grpo_steps(
+                config.with_overrides(**{"rl.rollout_engine": engine}), run_dir, model_dir
+            )
             for engine in options.rollouts
         }
     write_payload(summarise(config, timings, parameters, smoke=options.smoke), options.out)
@@ -65,7 +67,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps timed (default 6; smoke 3)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
-        "--rollouts", default="hf,fast", help="rollout engines to time, comma-separated: hf, fast (default both)"
+        "--rollouts",
+        default="hf,fast",
+        help="rollout engines to time, comma-separated: hf, fast (default both)",
     )
     options = parser.parse_args()
     options.rollouts = [engine.strip() for engine in options.rollouts.split(",") if engine.strip()]
@@ -286,6 +290,8 @@ def summarise(config: StudyConfig, timings: dict[str, Timing], parameters: int, 
             "prompts_per_step": rl_settings.prompts_per_step,
             "num_generations": rl_settings.num_generations,
             "completions_per_step": rl_settings.prompts_per_step * rl_settings.num_generations,
+            "prompts_per_pass": rl_settings.prompts_per_pass,
+            "passes_per_step": rl_settings.passes_per_step,
             "max_new_tokens": rl_settings.max_new_tokens,
             "temperature": rl_settings.temperature,
             "top_k": rl_settings.top_k,

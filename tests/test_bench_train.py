@@ -13,6 +13,7 @@ RECORDED = {
     "bench_multigpu.json",
     "bench_multigpu_problem_sharding.json",
     "bench_train.json",
+    "bench_train_b20.json",
     "bench_train_setups.json",
     "grpo_gpu.json",
     "profile_train.json",

@@ -733,3 +733,15 @@ def test_sampling_under_cuda_graphs_draws_what_eager_draws_fp32():
     greedy = graphs.generate(batch, max_new_tokens=30, stop_token_ids=[VOCAB + 1], pad_token_id=PAD)
     top1 = draw(graphs, Sampling(top_k=1, seed=3))
     assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
+
+
+def test_decode_attention_sweep_tries_the_default_once_and_first():
+    """The default launch is one of the full grid's points (the best of the H200 sweep): the sweep times it
+    once, first, and every other point of the grid after it."""
+    from bench.tune_decode_attention import GRID, grid_specs
+    from training.fused_kernels import DecodeAttentionConfig
+
+    specs = grid_specs(GRID)
+    configs = [DecodeAttentionConfig.parse(spec) for spec in specs]
+    assert specs[0] == "" and configs.count(DecodeAttentionConfig()) == 1
+    assert len(specs) == 72 and len(set(configs)) == 72  # 2 x 2 x 2 x 3 x 3 points, the default among them

@@ -410,13 +410,9 @@ def test_left_padding_rows_attend_to_every_key_and_real_tokens_are_unchanged(mon
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=0, atol=0)
     assert rl.attend_from_padding(None) is None
-    additive = torch.zeros(1, 1, 2, 2).masked_fill(
-        torch.tensor([[True, True], [False, True]]), torch.finfo(torch.float32).min
-    )
-    assert torch.equal(
-        rl.attend_from_padding(additive),
-        torch.tensor([[[[0.0, 0.0], [0.0, torch.finfo(torch.float32).min]]]]),
-    )
+    for fill in (torch.finfo(torch.float32).min, -torch.inf):
+        additive = torch.zeros(1, 1, 2, 2).masked_fill(torch.tensor([[True, True], [False, True]]), fill)
+        assert torch.equal(rl.attend_from_padding(additive), torch.tensor([[[[0.0, 0.0], [0.0, fill]]]]))
 
 
 def test_grpo_training_forwards_give_sdpa_no_query_row_without_keys(
@@ -429,5 +425,9 @@ def test_grpo_training_forwards_give_sdpa_no_query_row_without_keys(
     rl.run(config.with_overrides(**{"rl.max_steps": 1}), run_dir)
     assert masks, "no training forward went through SDPA with a mask"
     assert all(mask.any(dim=-1).all() for mask in masks)
-    padded_rows = sum(int((~mask[:, 0, -1, :]).any(dim=-1).sum()) for mask in masks)
-    assert padded_rows > 0, "the batches had no left padding: the test proves nothing"
+    # A query row before the last position that sees every key: only an opened left-padding row does (a
+    # causal row sees no later key).
+    opened = sum(int(mask[:, 0, :-1, :].all(dim=-1).sum()) for mask in masks)
+    assert opened > 0, (
+        "no left-padding row was opened: the batches had no left padding, the test proves nothing"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,7 +16,13 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 TRITON_AVAILABLE = triton is not None
 # triton.jit reads TRITON_INTERPRET when it defines the kernels below: set, they run in the CPU interpreter.
-INTERPRETED = TRITON_AVAILABLE and bool(triton.knobs.runtime.interpret)
+# (triton.knobs, which parses it, is new in Triton 3.4; torch 2.6/2.7 ship older Tritons.)
+_knobs = getattr(triton, "knobs", None)
+INTERPRETED = TRITON_AVAILABLE and (
+    bool(_knobs.runtime.interpret)
+    if _knobs is not None
+    else os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+)
 
 
 if triton is not None:
@@ -181,7 +188,9 @@ if triton is not None:
             m_s = tl.load(PART_M + (first + s) * G + g, mask=real, other=0.0)
             weight = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m))  # an empty split adds nothing
             total += weight * tl.load(PART_SUM + (first + s) * G + g, mask=real, other=1.0)
-            part = tl.load(PART_ACC + (first + s) * G * D + g[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+            part = tl.load(
+                PART_ACC + (first + s) * G * D + g[:, None] * D + d[None, :], mask=real[:, None], other=0.0
+            )
             acc += weight[:, None] * part
         offs = row * n_kv * G * D + (head * G + g[:, None]) * D + d[None, :]
         tl.store(OUT + offs, (acc / total[:, None]).to(OUT.dtype.element_ty), mask=g[:, None] < G)
@@ -298,7 +307,9 @@ class DecodeAttentionConfig:
 
     def spec(self) -> str:
         """The ``parse`` string of this configuration."""
-        return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in asdict(self).items() if v is not None)
+        return ",".join(
+            f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in asdict(self).items() if v is not None
+        )
 
 
 def fused_decode_attention(

@@ -3,7 +3,8 @@
 Per level in ``rl.levels``, top to bottom: the level's SFT rows (``data/level_<n>/train.jsonl``, the training
 split only) → GRPO prompts with their gold answers → the base model with the level's SFT adapter loaded
 trainable (the same LoRA weights keep training; TRL keeps a frozen copy as the KL reference) →
-``GRPOTrainer`` with three reward terms → ``adapters/rl_l<n>/`` (adapter_config.json,
+``GRPOTrainer`` with three reward terms (the policy's SDPA opens left-padding query rows to every key:
+``SDPA_LEFT_PADDING``) → ``adapters/rl_l<n>/`` (adapter_config.json,
 adapter_model.safetensors, training.json).
 
 The reward of one completion is ``w_correct·correct + w_format·format − w_length·length``:
@@ -339,7 +340,7 @@ def attend_from_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | N
         return None
     if attention_mask.dtype == torch.bool:
         return attention_mask | ~attention_mask.any(dim=-1, keepdim=True)
-    masked = attention_mask == torch.finfo(attention_mask.dtype).min
+    masked = attention_mask <= torch.finfo(attention_mask.dtype).min  # finfo.min or -inf
     return attention_mask.masked_fill(masked.all(dim=-1, keepdim=True), 0.0)
 
 
