@@ -44,7 +44,8 @@ from training import sft
 
 ROWS = 2000
 # The study recipe's variants, by setup name prefix: overrides of its training section, plus the benchmark's
-# own switches "padding_free" (TRL's, for SFTConfig) and "attention" (transformers' attn_implementation).
+# own switches "padding_free" (TRL's, for SFTConfig), "compile" (the Trainer's torch_compile) and "attention"
+# (transformers' attn_implementation).
 # "ours" is the recipe as configured; the others add Liger's kernels, padding-free batches, flex attention
 # and larger batches.
 RECIPES = {
@@ -61,6 +62,8 @@ RECIPES = {
     "ours_liger_b24": {"liger_kernel": True, "batch_size": 24},
     "ours_liger_pf_b24": {"liger_kernel": True, "padding_free": True, "batch_size": 24},
     "ours_liger_pf_b32": {"liger_kernel": True, "padding_free": True, "batch_size": 32},
+    "ours_compile": {"compile": True},
+    "ours_liger_compile": {"liger_kernel": True, "compile": True},
     "ours_liger_pf_flex_b20": {
         "liger_kernel": True, "padding_free": True, "attention": "flex_attention", "batch_size": 20,
     },
@@ -126,6 +129,10 @@ def recipe_parts(recipe: str) -> tuple[dict, dict, str | None]:
     # Padding-free batches are one packed row: TRL refuses max_length there (it would not be enforced); the
     # GSM8K-length rows are far below the study's max_seq_length anyway.
     sft_overrides = {"padding_free": True, "max_length": None} if overrides.pop("padding_free", False) else {}
+    if overrides.pop("compile", False):
+        # The Trainer compiles the model (torch.compile, inductor): fewer, fused kernels for a step that
+        # profile_train found host-bound (41% GPU idle in NF4).
+        sft_overrides["torch_compile"] = True
     return overrides, sft_overrides, attention
 
 

@@ -735,9 +735,12 @@ def test_sampling_under_cuda_graphs_draws_what_eager_draws_fp32():
     assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
 
 
-def test_decode_attention_sweep_tries_the_default_once_and_first():
+def test_decode_attention_sweep_tries_the_default_once_and_first(monkeypatch):
     """The default launch is one of the full grid's points (the best of the H200 sweep): the sweep times it
     once, first, and every other point of the grid after it."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # bench/ is not installed
     from bench.tune_decode_attention import GRID, grid_specs
     from training.fused_kernels import DecodeAttentionConfig
 
