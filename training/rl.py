@@ -344,21 +344,23 @@ def attend_from_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | N
     return attention_mask.masked_fill(masked.all(dim=-1, keepdim=True), 0.0)
 
 
-def _sdpa_left_padding_forward(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def _sdpa_mask_from_padding(*args, **kwargs) -> torch.Tensor | None:
+    """transformers' SDPA mask, opened where a query has no key; built once per forward, for every layer."""
+    from transformers.masking_utils import sdpa_mask
 
-    return sdpa_attention_forward(module, query, key, value, attend_from_padding(attention_mask), **kwargs)
+    return attend_from_padding(sdpa_mask(*args, **kwargs))
 
 
 def use_sdpa_for_left_padding(policy) -> None:
-    """Switch an SDPA policy to ``SDPA_LEFT_PADDING`` (registered once with transformers, with SDPA's masks)."""
+    """Switch an SDPA policy to ``SDPA_LEFT_PADDING``: transformers' own SDPA attention, with its mask builder
+    wrapped by ``attend_from_padding`` (registered with transformers under that name)."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if policy.config._attn_implementation != "sdpa":
         return
-    AttentionInterface.register(SDPA_LEFT_PADDING, _sdpa_left_padding_forward)
-    AttentionMaskInterface.register(SDPA_LEFT_PADDING, sdpa_mask)
+    AttentionInterface.register(SDPA_LEFT_PADDING, sdpa_attention_forward)
+    AttentionMaskInterface.register(SDPA_LEFT_PADDING, _sdpa_mask_from_padding)
     policy.set_attn_implementation(SDPA_LEFT_PADDING)
 
 
