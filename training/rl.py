@@ -183,6 +183,8 @@ class RewardTerms:
     format: float
     length: float
     """The penalty's size in [0, 1]; the reward subtracts it."""
+    think: int
+    """The think tokens the penalty was measured on."""
 
 
 def has_level_format(completion: str) -> bool:
@@ -201,6 +203,7 @@ def reward_terms(completion: str, gold: str, *, finish_reason: str, think: int, 
         correct=float(grade(completion, gold, finish_reason=finish_reason, kind="adapter").correct),
         format=float(has_level_format(completion)),
         length=length_penalty(think, target),
+        think=think,
     )
 
 
@@ -267,18 +270,25 @@ class RewardDesign:
 def reward_functions(design: RewardDesign, tokenizer, eos_token_ids: list[int]) -> list:
     """One GRPO reward function per term, named after it (TRL logs ``rewards/<name>/mean`` per step)."""
 
+    # TRL calls the three functions one after the other with the same completions list: its terms are
+    # graded and counted once, for the last list seen (held, so its id cannot be reused meanwhile).
+    last: list = [None, []]
+
     def terms_of(completions, completion_ids, gold) -> list[RewardTerms]:
-        texts = [_text(completion) for completion in completions]
-        return [
-            reward_terms(
-                text,
-                answer,
-                finish_reason=finish_reason,
-                think=think_tokens(tokenizer, text, finish_reason=finish_reason),
-                target=design.target_think_tokens,
-            )
-            for text, finish_reason, answer in zip(texts, finish_reasons(completion_ids), gold, strict=True)
-        ]
+        if last[0] is not completions:
+            last[:] = [completions, [
+                reward_terms(
+                    text,
+                    answer,
+                    finish_reason=finish_reason,
+                    think=think_tokens(tokenizer, text, finish_reason=finish_reason),
+                    target=design.target_think_tokens,
+                )
+                for text, finish_reason, answer in zip(
+                    map(_text, completions), finish_reasons(completion_ids), gold, strict=True
+                )
+            ]]  # fmt: skip
+        return last[1]
 
     def finish_reasons(completion_ids) -> list[str]:
         return ["stop" if ids and ids[-1] in eos_token_ids else "length" for ids in completion_ids]
@@ -290,15 +300,11 @@ def reward_functions(design: RewardDesign, tokenizer, eos_token_ids: list[int]) 
         return [terms.format for terms in terms_of(completions, completion_ids, gold)]
 
     def length(completions, completion_ids, gold, **kwargs) -> list[float]:
-        texts = [_text(completion) for completion in completions]
+        terms = terms_of(completions, completion_ids, gold)
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:  # TRL versions without it still train; the log lacks think tokens then
-            reasons = finish_reasons(completion_ids)
-            counts = [
-                think_tokens(tokenizer, t, finish_reason=f) for t, f in zip(texts, reasons, strict=True)
-            ]
-            log_metric("think_tokens", sum(counts) / len(texts))
-        return [-terms.length for terms in terms_of(completions, completion_ids, gold)]
+            log_metric("think_tokens", sum(t.think for t in terms) / len(terms))
+        return [-t.length for t in terms]
 
     return [correct, format, length]
 
