@@ -260,8 +260,8 @@ def _answer_part(completion: str, *, finish_reason: str, kind: str) -> tuple[str
         offsets = [start] + [start + i + 1 for i, char in enumerate(part) if char == "\n"]
         return part, MARKED_EXTRACTORS if cut else EXTRACTORS, offsets
     lines, offset = [], start
-    for line in parsed.after_think.splitlines(keepends=True):
-        content = line.splitlines()[0] if line.splitlines() else ""
+    after = parsed.after_think
+    for content, line in zip(after.splitlines(), after.splitlines(keepends=True), strict=True):
         if content.strip():
             lines.append((offset, content))
         offset += len(line)
