@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_qwen3
 from peft import LoraConfig, get_peft_model
 
-from training.fast_generate import FastCompletion, FastGenerator, Sampling, sample_tokens
+from training.fast_generate import FastCompletion, FastGenerator, Sampling, prefill_chunks, sample_tokens
 
 VOCAB = 101
 PAD = 0
@@ -265,6 +265,15 @@ def test_captures_after_a_bigger_cache_start_a_fresh_graph_pool(base, monkeypatc
     assert len(graphs_in_pool) == 2 and len(released) == 1  # the longer prompts did reallocate
 
 
+def test_prefill_chunks_hold_about_their_token_budget_in_any_row_order():
+    # (rows x longest) within 10; a row longer than the budget goes alone; unsorted rows stay in order.
+    assert prefill_chunks([5, 1, 1, 9, 2], 10) == [(0, 2, 5), (2, 3, 1), (3, 4, 9), (4, 5, 2)]
+    assert prefill_chunks([2, 2, 3, 3, 4, 20, 25, 30], 12) == [
+        (0, 4, 3), (4, 5, 4), (5, 6, 20), (6, 7, 25), (7, 8, 30),
+    ]  # fmt: skip
+    assert prefill_chunks([50], 10) == [(0, 1, 50)]
+
+
 def test_unknown_adapter_is_a_config_error(base):
     from eval_artifacts.study.errors import ConfigError
 
@@ -277,6 +286,63 @@ def test_unknown_adapter_is_a_config_error(base):
 _TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 )
+
+
+# The eager decode path, and the Triton one where it can run.
+_EAGER_AND_FUSED = [
+    False,
+    pytest.param(
+        True,
+        marks=pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1"),
+    ),
+]
+
+
+def _mixed_length_prompts() -> list[list[int]]:
+    """Prompts of 2 to 30 tokens: short ones share a prefill chunk of 12 slots, long ones go alone."""
+    g = torch.Generator().manual_seed(21)
+    return [torch.randint(1, VOCAB, (k,), generator=g).tolist() for k in (25, 2, 3, 30, 2, 4, 20, 3)]
+
+
+@pytest.mark.parametrize("fused", _EAGER_AND_FUSED)
+def test_prefill_chunks_are_padded_to_their_own_longest_prompt(fused):
+    """One batch of 2- to 30-token prompts, prefilled in chunks of 12 slots: each chunk computes only its
+    own longest prompt's slots, 91 in all instead of 8 rows x 30, and the tokens are still HF's."""
+    device = "cuda" if fused and torch.cuda.is_available() else "cpu"
+    model = random_qwen3(seed=5).to(device)
+    batch = _mixed_length_prompts()
+    stop = pick_stop_token(model, batch, 16)
+    engine = FastGenerator(model, max_batch_size=8, context_bucket=8, prefill_tokens=12, fused_kernels=fused)
+    assert engine.fused == fused, engine.fused_status
+    got = engine.generate(batch, max_new_tokens=16, stop_token_ids=[stop], pad_token_id=PAD)
+    assert got == hf_greedy(model, batch, max_new=16, stop_ids={stop})
+    (stats,) = engine.last_stats.batches
+    assert stats.padded_prompt_len == 30 and stats.rows == 8
+    # Sorted lengths 2 2 3 3 | 4 | 20 | 25 | 30: 4x3 + 4 + 20 + 25 + 30 slots.
+    assert stats.prefill_slots == 91 < 8 * 30
+
+
+@pytest.mark.parametrize("fused", _EAGER_AND_FUSED)
+def test_shorter_batch_decodes_past_stale_cache_slots_of_a_longer_one(fused):
+    """A batch of long prompts fills the cache; a batch of short ones then reuses it (no reallocation),
+    one row a prefill chunk, so every slot before a row's first token keeps the long batch's K/V. Decode
+    must ignore them (the Triton attention never loads them, the eager one masks them): HF's tokens."""
+    device = "cuda" if fused and torch.cuda.is_available() else "cpu"
+    model = random_qwen3(seed=6).to(device)
+    long, short = [(p * 40)[:40] for p in prompts(4, seed=12)], prompts(4, seed=13)  # no padding in long
+    stop = pick_stop_token(model, short, 14)
+    engine = FastGenerator(model, max_batch_size=4, context_bucket=8, prefill_tokens=1, fused_kernels=fused)
+    assert engine.fused == fused, engine.fused_status
+    for batch in (long, short):
+        got = engine.generate(batch, max_new_tokens=14, stop_token_ids=[stop], pad_token_id=PAD)
+        assert got == hf_greedy(model, batch, max_new=14, stop_ids={stop})
+    (stats,) = engine.last_stats.batches
+    assert stats.padded_prompt_len < max(map(len, long))  # same cache, shorter rows
+    assert stats.prefill_slots == sum(map(len, short))  # one row a chunk: no padding computed at all
+    # The short batch's rows still hold the long batch's K/V before their first token (sorted by length).
+    for r, n in enumerate(sorted(map(len, short))):
+        if n < stats.padded_prompt_len:
+            assert engine._k[0][r, :, : stats.padded_prompt_len - n].abs().sum() > 0
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")

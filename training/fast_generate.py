@@ -123,7 +123,11 @@ class BatchStats:
     rows: int
     graph_rows: int
     padded_prompt_len: int
+    """The batch's longest prompt: rows are left padded to it in the cache."""
     prompt_lens: list[int]
+    prefill_slots: int
+    """Token slots the prefill computed: each chunk's rows (filler rows included) x that chunk's longest
+    prompt (``prefill_chunks``); sum(prompt_lens) of them are real tokens, the rest padding."""
     steps: int
     """Tokens generated per row, including the first (from the prefill)."""
     prefill_s: float
@@ -136,6 +140,24 @@ class CallStats:
     merge_s: float = 0.0
     capture_s: float = 0.0
     wall_s: float = 0.0
+
+
+def prefill_chunks(prompt_lens: Sequence[int], tokens: int) -> list[tuple[int, int, int]]:
+    """Consecutive row ranges [r0, r1) with their longest prompt: (r0, r1, longest), in row order.
+
+    A row joins the current chunk while the chunk's rows x its longest prompt stay within ``tokens``
+    (the activation memory a prefill chunk may take); a chunk has at least one row. Any order of rows is
+    handled; rows sorted by length (as ``iter_batches`` sorts them) make chunks of similar lengths and so
+    little padding.
+    """
+    chunks, r0, longest = [], 0, 0
+    for r, n in enumerate(prompt_lens):
+        if r > r0 and (r - r0 + 1) * max(longest, n) > tokens:
+            chunks.append((r0, r, longest))
+            r0, longest = r, 0
+        longest = max(longest, n)
+    chunks.append((r0, len(prompt_lens), longest))
+    return chunks
 
 
 def _plain(module: nn.Module) -> nn.Module:
@@ -227,7 +249,8 @@ class FastGenerator:
             default 8 on CUDA, 1 elsewhere.
         use_cuda_graphs: capture decode steps in CUDA graphs; default: on CUDA devices.
         kv_memory_fraction: share of the free GPU memory (after weights and backups) the KV cache may use.
-        prefill_tokens: rows are prefilled in chunks of about this many tokens, to bound activation memory.
+        prefill_tokens: rows are prefilled in chunks of about this many token slots (rows x the chunk's
+            longest prompt), to bound activation memory.
         fused_kernels: decode with the Triton kernels (norms, rotary, SiLU-gate) instead of eager ops;
             default: on CUDA when Triton is there. They are checked against the eager ops on this device
             first and stay off if they differ; ``fused_status`` says which path runs and why.
@@ -242,7 +265,7 @@ class FastGenerator:
         self,
         model: nn.Module,
         *,
-        max_batch_size: int = 512,
+        max_batch_size: int = 2048,
         context_bucket: int = 32,
         stop_check_every: int | None = None,
         use_cuda_graphs: bool | None = None,
@@ -446,12 +469,16 @@ class FastGenerator:
         free += sum(t.numel() * t.element_size() for t in getattr(self, "_k", []) + getattr(self, "_v", []))
         pending = [m for m in self._lora_layers() if id(m) not in self._backup]
         backup = sum(_plain(m).weight.numel() * self.dtype.itemsize for m in pending)
-        # Room for the prefill activations and the decode graph's logits, then the share for the cache.
+        # Room for the prefill activations, then the cache's share of the rest; the decode graph's logits
+        # (about three fp32 [rows, vocab] tensors) grow with the rows like the cache, so they are reserved
+        # for the rows that fit, not for max_batch_size (3.7 GB at 2,048 rows of Qwen3's vocabulary):
+        # rows * slot_bytes = (free - backup - prefill - rows * logits) * fraction, solved for rows.
         widest = max(self.layers[0].gate.weight.shape[0], 4 * self.n_heads * self.head_dim)
-        workspace = 4 * self.prefill_tokens * widest * 4
-        workspace += 3 * self.max_batch_size * self.vocab * 4
-        budget = (free - backup - workspace) * self.kv_memory_fraction
-        rows = int(budget // (slots * self._kv_bytes_per_slot()))
+        prefill = 4 * self.prefill_tokens * widest * 4
+        logits = 3 * self.vocab * 4
+        fraction = self.kv_memory_fraction
+        per_row = slots * self._kv_bytes_per_slot() + fraction * logits
+        rows = int((free - backup - prefill) * fraction // per_row)
         if rows < 1:
             raise ConfigError(
                 f"the KV cache for {slots} positions does not fit in GPU memory: lower {self.max_new_tokens_key} "
@@ -601,31 +628,40 @@ class FastGenerator:
             h, x = fused_add_rms_norm(h, m, after)
         return x
 
-    def _prefill(self, b: int, plen: int) -> None:
-        """Fill cache slots [:plen] for rows [:b] and pick each row's first token.
+    def _prefill(self, b: int, plen: int, prompt_lens: Sequence[int]) -> int:
+        """Fill the cache for rows [:b] and pick each row's first token; returns the token slots computed.
 
-        Rows go through in chunks of about ``prefill_tokens`` tokens, with the Triton kernels when they
-        are on (as in decode), else transformers' modules.
+        Rows are left padded to ``plen`` (row r's ``prompt_lens[r]`` tokens sit in slots [pad[r], plen)) and
+        go through in chunks of consecutive rows (``prefill_chunks``), each padded only to its own longest
+        prompt ``clen``: it runs slots [plen - clen, plen) and writes K/V there, not the batch's whole width
+        (a 200-token longest prompt against a mean of 160 would waste a fifth of the compute). The Triton
+        kernels run when they are on (as in decode), else transformers' modules.
+
+        A chunk's rows keep in slots before plen - clen whatever an earlier batch (or a graph capture's
+        warm-up) wrote there. Decode never uses them: the Triton attention loads slots [pad, pos] only, and
+        the eager SDPA path adds -inf to every slot before pad, so each such slot enters the softmax as
+        exp(-inf) = 0 and the product with V as 0 * v. That is exact as long as the stale K/V are finite,
+        and they are: the cache starts as zeros (``_allocate``) and is only ever written with the K/V of
+        the model's own forward passes.
         """
         groups, d = self.n_heads // self.n_kv, self.head_dim
-        chunk = max(1, self.prefill_tokens // plen)
-        slots = self._slots[:plen]
-        last_hidden = []
-        for r0 in range(0, b, chunk):
-            r1 = min(b, r0 + chunk)
-            rows = r1 - r0
-            pad = self._pad[r0:r1]
-            h = self.embed(self._tokens[r0:r1, :plen])
+        last_hidden, computed = [], 0
+        for r0, r1, clen in prefill_chunks(prompt_lens, self.prefill_tokens):
+            rows, start = r1 - r0, plen - clen
+            computed += rows * clen
+            pad = self._pad[r0:r1]  # every row's pad >= start: its prompt is at most clen long
+            slots = self._slots[start:plen]
+            h = self.embed(self._tokens[r0:r1, start:plen])
             cos, sin = self.rotary(h, slots[None, :] - pad[:, None])
             # Causal, real keys only; a pad query sees itself, so no softmax row is empty (no NaN).
             causal = slots[None, :] <= slots[:, None]
             real = slots[None, None, :] >= pad[:, None, None]
-            mask = (causal[None] & (real | torch.eye(plen, dtype=torch.bool, device=h.device)[None]))[:, None]
+            mask = (causal[None] & (real | torch.eye(clen, dtype=torch.bool, device=h.device)[None]))[:, None]
 
-            def attend(i, q, k, v, r0=r0, r1=r1, mask=mask):
-                """[rows, heads, plen, dim] in (the cache written), [rows, plen, heads, dim] out."""
-                self._k[i][r0:r1, :, :plen].copy_(k)
-                self._v[i][r0:r1, :, :plen].copy_(v)
+            def attend(i, q, k, v, r0=r0, r1=r1, start=start, mask=mask):
+                """[rows, heads, clen, dim] in (the cache written), [rows, clen, heads, dim] out."""
+                self._k[i][r0:r1, :, start:plen].copy_(k)
+                self._v[i][r0:r1, :, start:plen].copy_(v)
                 out = F.scaled_dot_product_attention(
                     q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=self.scale
                 )
@@ -633,22 +669,23 @@ class FastGenerator:
 
             if self.fused:
 
-                def attend_flat(i, q, k, v, rows=rows):
+                def attend_flat(i, q, k, v, rows=rows, clen=clen):
                     def heads(flat):
-                        return flat.view(rows, plen, -1, d).transpose(1, 2)
+                        return flat.view(rows, clen, -1, d).transpose(1, 2)
 
-                    return attend(i, heads(q), heads(k), heads(v)).reshape(rows * plen, -1)
+                    return attend(i, heads(q), heads(k), heads(v)).reshape(rows * clen, -1)
 
                 x = self._fused_layers(
-                    h.view(rows * plen, -1), cos.reshape(-1, d), sin.reshape(-1, d), attend_flat
+                    h.view(rows * clen, -1), cos.reshape(-1, d), sin.reshape(-1, d), attend_flat
                 )
-                last_hidden.append(x.view(rows, plen, -1)[:, -1])
+                last_hidden.append(x.view(rows, clen, -1)[:, -1])
             else:
                 for i, lay in enumerate(self.layers):
                     h = self._layer(lay, h, cos, sin, functools.partial(attend, i))
                 last_hidden.append(self.final_norm(h[:, -1]))
         self._pos.fill_(plen - 1)
         self._next_token(torch.cat(last_hidden), b)
+        return computed
 
     # ---------------------------------------------------------------- graphs
     def _width(self, pos: int) -> int:
@@ -836,7 +873,7 @@ class FastGenerator:
         self._pad[:graph_rows].copy_(torch.tensor([plen - len(p) for p in padded]))
         self._finished[:graph_rows].copy_(torch.arange(graph_rows) >= rows)
         self._min_slot.fill_(plen + min_new_tokens - 1)
-        self._prefill(graph_rows, plen)
+        prefill_slots = self._prefill(graph_rows, plen, [len(p) for p in padded])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t1 = time.perf_counter()
@@ -861,6 +898,7 @@ class FastGenerator:
                 graph_rows=graph_rows,
                 padded_prompt_len=plen,
                 prompt_lens=[len(p) for p in batch],
+                prefill_slots=prefill_slots,
                 steps=steps,
                 prefill_s=t1 - t0,
                 decode_s=t2 - t1,
@@ -951,7 +989,7 @@ class FastGenerationEngine:
     plan. A planned batch larger than GPU memory (or ``max_batch_size``) allows is split in equal parts.
     """
 
-    def __init__(self, engine: GenerationEngine, *, max_batch_size: int = 512) -> None:
+    def __init__(self, engine: GenerationEngine, *, max_batch_size: int = 2048) -> None:
         self.hf = engine
         self.max_batch_size = max_batch_size
         self._fast: FastGenerator | None = None
