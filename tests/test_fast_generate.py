@@ -274,6 +274,22 @@ def test_prefill_chunks_hold_about_their_token_budget_in_any_row_order():
     assert prefill_chunks([50], 10) == [(0, 1, 50)]
 
 
+def test_rows_that_fit_reserve_decode_logits_for_those_rows_only(base, monkeypatch):
+    """On a GPU the cache rows are what memory allows after the prefill's workspace and the decode graph's
+    logits (three fp32 rows of the vocabulary per cache row): reserved for the rows that fit, so the row
+    cap changes nothing while memory is the tighter limit (reserved for the cap, 2,048 rows of Qwen3's
+    vocabulary would hold back 3.7 GB)."""
+    free = 4_000_000  # bytes: about 100 rows of 64 slots of this model
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, free))
+    rows = {}
+    for cap in (128, 2048):
+        engine = FastGenerator(base, max_batch_size=cap, prefill_tokens=64)
+        engine.device = torch.device("cuda")  # the memory plan's branch; nothing is allocated
+        rows[cap] = engine._rows_that_fit(64)
+    assert rows[128] == rows[2048] > 64
+    assert rows[2048] * (64 * engine._kv_bytes_per_slot() + 3 * VOCAB * 4) < free
+
+
 def test_unknown_adapter_is_a_config_error(base):
     from eval_artifacts.study.errors import ConfigError
 
