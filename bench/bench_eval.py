@@ -19,6 +19,8 @@ model's token profile: base 300, L1 200, L2 100, L3 60, L4 40, L5 15. Measured, 
 ``--decode-attention SPEC`` and ``--fuse-projections`` switch the fast engine's optional paths on for the
 self-check, the whole eval and the fp32 check; the base model's decode then runs again with the default
 engine and with each option alone (``ablation_engine_options``), so one run measures with and without.
+The base model also runs again at the former 512-row cap (``ablation_batch_cap_base``): what the whole
+eval as one batch per model (``--max-batch-size``, default 2048, memory permitting) buys.
 
 Run on the GPU machine from the repository root:  python -m bench.bench_eval
 Quick CPU check of the whole script:               python -m bench.bench_eval --smoke
@@ -43,6 +45,7 @@ from training.fast_generate import FastGenerator
 from training.fused_kernels import DecodeAttentionConfig
 
 GSM8K_TEST_PROBLEMS = 1319
+FORMER_BATCH_CAP = 512  # the fast engine's row cap before the eval ran as one batch per model
 _START = time.perf_counter()
 
 
@@ -167,6 +170,8 @@ def fast_eval(engine: FastGenerator, prompts, models, profiles, *, stop_ids, pad
         stats = engine.last_stats
         tokens = sum(len(c.token_ids) for c in completions)
         decode_tokens = sum(b.rows * (b.steps - 1) for b in stats.batches)
+        prompt_tokens = sum(sum(b.prompt_lens) for b in stats.batches)
+        prefill_slots = sum(b.prefill_slots for b in stats.batches)
         decode_s = sum(b.decode_s for b in stats.batches)
         per_model[name] = {
             "new_tokens": profiles[name],
@@ -176,6 +181,10 @@ def fast_eval(engine: FastGenerator, prompts, models, profiles, *, stop_ids, pad
             "merge_s": stats.merge_s,
             "capture_s": stats.capture_s,
             "prefill_s": sum(b.prefill_s for b in stats.batches),
+            "prompt_tokens": prompt_tokens,
+            # Slots the prefill computed (each chunk padded to its longest prompt, filler rows included).
+            "prefill_slots": prefill_slots,
+            "prefill_padding_share": 1 - prompt_tokens / prefill_slots,
             "decode_s": decode_s,
             "decode_tokens_per_s": decode_tokens / decode_s if decode_s else None,
             "decode_ms_per_step": 1000 * decode_s / max(1, sum(b.steps - 1 for b in stats.batches)),
@@ -184,6 +193,7 @@ def fast_eval(engine: FastGenerator, prompts, models, profiles, *, stop_ids, pad
                     "rows": b.rows,
                     "graph_rows": b.graph_rows,
                     "padded_prompt_len": b.padded_prompt_len,
+                    "prefill_slots": b.prefill_slots,
                     "steps": b.steps,
                 }
                 for b in stats.batches
@@ -193,19 +203,24 @@ def fast_eval(engine: FastGenerator, prompts, models, profiles, *, stop_ids, pad
         outputs[name] = [c.token_ids for c in completions]
         log(
             f"fast {name:8s}: {tokens:>8,} tokens in {wall:6.1f}s = {tokens / wall:>9,.0f} tok/s "
-            f"(prefill {per_model[name]['prefill_s']:.1f}s, decode {decode_s:.1f}s, capture {stats.capture_s:.1f}s, "
+            f"(prefill {per_model[name]['prefill_s']:.1f}s, {per_model[name]['prefill_padding_share']:.0%} of its "
+            f"slots padding, decode {decode_s:.1f}s, capture {stats.capture_s:.1f}s, "
             f"{per_model[name]['decode_ms_per_step']:.2f} ms/step at {stats.batches[0].graph_rows} rows)"
         )
     wall = time.perf_counter() - start
     tokens = sum(m["generated_tokens"] for m in per_model.values())
+    prompt_tokens = sum(m["prompt_tokens"] for m in per_model.values())
+    prefill_slots = sum(m["prefill_slots"] for m in per_model.values())
     totals = {
         "wall_s": wall,
         "generated_tokens": tokens,
         "tokens_per_s": tokens / wall,
         "capture_s": sum(m["capture_s"] for m in per_model.values()),
         "prefill_s": sum(m["prefill_s"] for m in per_model.values()),
+        "prefill_padding_share": 1 - prompt_tokens / prefill_slots,
         "decode_s": sum(m["decode_s"] for m in per_model.values()),
         "merge_s": sum(m["merge_s"] for m in per_model.values()),
+        "max_batch_size": engine.max_batch_size,
         "max_batch_rows": engine._capacity[0],
         "cache_slots": engine._capacity[1],
         "cuda_graphs": engine.use_graphs,
@@ -428,6 +443,7 @@ def main(argv=None) -> dict:
     _write(result, out_path)  # a run stopped by a time limit keeps what it measured; rewritten as it goes
     eager = run_eager_ablation(result, inputs, peft_model, fast, max_batch_size=args.max_batch_size)
     run_option_ablations(result, inputs, peft_model, fast, max_batch_size=args.max_batch_size)
+    run_batch_cap_ablation(result, inputs, peft_model, fast, max_batch_size=args.max_batch_size)
     _write(result, out_path)
     empty_cache(device)
     if not args.skip_baselines:
@@ -460,7 +476,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--problems", type=int, default=None, help="problems per model (default 1319; smoke 12)"
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=512, help="fast engine's row cap (memory caps it too)"
+        "--max-batch-size", type=int, default=2048, help="fast engine's row cap (memory caps it too)"
     )
     parser.add_argument(
         "--hf-batches", type=int, default=1, help="HF batches timed per model for baseline (a)"
@@ -739,6 +755,23 @@ def run_option_ablations(
             }
 
 
+def run_batch_cap_ablation(
+    result: dict, inputs: EvalInputs, peft_model, fast: dict | None, *, max_batch_size: int
+) -> None:
+    """The base model again at the former row cap, into ``result["ablation_batch_cap_base"]``: what the
+    larger batches buy (same engine options, same prompts)."""
+    if not fast or max_batch_size == FORMER_BATCH_CAP:
+        return
+    log(f"ablation: base model at the former {FORMER_BATCH_CAP}-row cap")
+    run = run_stage(
+        result,
+        "ablation_batch_cap_base",
+        lambda: timed_fast_eval(inputs, peft_model, ["base"], max_batch_size=FORMER_BATCH_CAP),
+    )
+    if run:
+        result["ablation_batch_cap_base"] = {"totals": run["totals"], "per_model": public(run["per_model"])}
+
+
 def run_hf_batch_baseline(result: dict, inputs: EvalInputs, peft_model, *, n_batches: int):
     """Baseline (a), HF ``generate`` in batches with unmerged adapters, into ``result["baseline_hf_batch"]``."""
     hf_batch, models, profiles = inputs.hf_batch, inputs.models, inputs.profiles
@@ -877,6 +910,11 @@ def judge(result: dict, models: list[str]) -> None:
     }
 
 
+def _ablation_base(result: dict, key: str) -> dict | None:
+    """The base model's figures in the ablation ``key`` (None when it did not run)."""
+    return (result.get(key) or {}).get("per_model", {}).get("base")
+
+
 def _table(result: dict) -> None:
     """The short summary printed last (the device reply carries the end of the output)."""
     fast = (result.get("fast") or {}).get("totals")
@@ -907,20 +945,29 @@ def _table(result: dict) -> None:
                 f"{roof['decode_share_of_roofline']:.0%}, end to end {roof['end_to_end_share_of_roofline']:.0%}; "
                 f"whole-eval floor {roof['whole_eval_floor_s']:.1f}s = {roof['whole_eval_share_of_floor']:.0%} of wall"
             )
-    eager = (result.get("ablation_eager_base") or {}).get("per_model", {}).get("base")
-    if eager and fast:
-        fused = result["fast"]["per_model"]["base"]
+    # The ablations rerun the base model: each is compared with the whole eval's base model.
+    base = result["fast"]["per_model"].get("base") if fast else None
+    eager = _ablation_base(result, "ablation_eager_base")
+    if eager and base:
         lines.append(
-            f"base decode step: {fused['decode_ms_per_step']:.2f} ms fused kernels vs {eager['decode_ms_per_step']:.2f} ms eager"
+            f"base decode step: {base['decode_ms_per_step']:.2f} ms fused kernels vs {eager['decode_ms_per_step']:.2f} ms eager"
         )
-    for label, run in (result.get("ablation_engine_options") or {}).items():
-        if fast:
-            lines.append(
-                f"base decode step: {result['fast']['per_model']['base']['decode_ms_per_step']:.2f} ms with "
-                f"{json.dumps(result['engine_options'])} vs {run['per_model']['base']['decode_ms_per_step']:.2f} ms "
-                f"{label} {json.dumps(run['totals']['engine_options'])}; base wall "
-                f"{result['fast']['per_model']['base']['wall_s']:.1f}s vs {run['per_model']['base']['wall_s']:.1f}s"
-            )
+    options = (result.get("ablation_engine_options") or {}) if base else {}
+    for label, run in options.items():
+        lines.append(
+            f"base decode step: {base['decode_ms_per_step']:.2f} ms with "
+            f"{json.dumps(result['engine_options'])} vs {run['per_model']['base']['decode_ms_per_step']:.2f} ms "
+            f"{label} {json.dumps(run['totals']['engine_options'])}; base wall "
+            f"{base['wall_s']:.1f}s vs {run['per_model']['base']['wall_s']:.1f}s"
+        )
+    capped = _ablation_base(result, "ablation_batch_cap_base")
+    if capped and base:
+        lines.append(
+            f"base: {base['wall_s']:.1f}s wall, {base['decode_ms_per_step']:.2f} ms/step at "
+            f"{base['batches'][0]['graph_rows']} rows (cap {fast['max_batch_size']}) vs {capped['wall_s']:.1f}s, "
+            f"{capped['decode_ms_per_step']:.2f} ms/step at {capped['batches'][0]['graph_rows']} rows "
+            f"(cap {FORMER_BATCH_CAP})"
+        )
     lines.append(f"goals: {json.dumps(result['goals'])}")
     if result.get("errors"):
         lines.append(f"errors: {json.dumps(result['errors'])}")
@@ -971,19 +1018,32 @@ def markdown_table(result: dict) -> str:
         "",
         f"Decode kernels: {fast.get('fused_kernels', 'eager')}; engine start {fast.get('engine_init_s', 0):.1f} s.",
     ]
-    eager = (result.get("ablation_eager_base") or {}).get("per_model", {}).get("base")
-    if eager:
-        fused = result["fast"]["per_model"]["base"]
+    if "prefill_padding_share" in fast:  # not in results from before prefill chunks had their own padding
         lines.append(
-            f"Base model decode step: {fused['decode_ms_per_step']:.2f} ms with the Triton kernels, "
+            f"Prefill {fast['prefill_s']:.1f} s; {fast['prefill_padding_share']:.0%} of the token slots it computed "
+            "were padding."
+        )
+    # The ablations rerun the base model: each is compared with the whole eval's base model.
+    base = result["fast"]["per_model"].get("base")
+    eager = _ablation_base(result, "ablation_eager_base")
+    if eager:
+        lines.append(
+            f"Base model decode step: {base['decode_ms_per_step']:.2f} ms with the Triton kernels, "
             f"{eager['decode_ms_per_step']:.2f} ms with eager ops ({eager['batches'][0]['graph_rows']} rows)."
         )
     for label, run in (result.get("ablation_engine_options") or {}).items():
-        fused = result["fast"]["per_model"]["base"]
         lines.append(
-            f"Engine options {result['engine_options']}: base model decode step {fused['decode_ms_per_step']:.2f} ms "
-            f"(wall {fused['wall_s']:.1f} s); {label} {run['totals']['engine_options']}: "
+            f"Engine options {result['engine_options']}: base model decode step {base['decode_ms_per_step']:.2f} ms "
+            f"(wall {base['wall_s']:.1f} s); {label} {run['totals']['engine_options']}: "
             f"{run['per_model']['base']['decode_ms_per_step']:.2f} ms (wall {run['per_model']['base']['wall_s']:.1f} s)."
+        )
+    capped = _ablation_base(result, "ablation_batch_cap_base")
+    if capped:
+        lines.append(
+            f"Base model at up to {fast['max_batch_size']} rows a batch ({base['batches'][0]['graph_rows']} "
+            f"rows): wall {base['wall_s']:.1f} s, decode step {base['decode_ms_per_step']:.2f} ms; at the former "
+            f"{FORMER_BATCH_CAP}-row cap ({capped['batches'][0]['graph_rows']} rows): wall {capped['wall_s']:.1f} s, "
+            f"decode step {capped['decode_ms_per_step']:.2f} ms."
         )
     match = result.get("match") or {}
     models = [m for m in setup["models"] if m in match]

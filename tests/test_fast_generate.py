@@ -642,6 +642,15 @@ def test_bench_eval_smoke_runs_every_stage(tmp_path):
         "only fuse_projections": {"fuse_projections": True},
     }
     assert all(run["per_model"]["base"]["generated_tokens"] == 360 for run in ablations.values())
+    # The base model again at the former 512-row cap, beside the run's 2048.
+    capped = result["ablation_batch_cap_base"]
+    assert (result["fast"]["totals"]["max_batch_size"], capped["totals"]["max_batch_size"]) == (2048, 512)
+    assert capped["per_model"]["base"]["generated_tokens"] == 360
+    # 12 prompts of 12-20 tokens in one prefill chunk, padded to the longest: the padding share of its slots.
+    prompt = result["setup"]["prompt_tokens"]
+    base = result["fast"]["per_model"]["base"]
+    assert (base["prompt_tokens"], base["prefill_slots"]) == (round(12 * prompt["mean"]), 12 * prompt["max"])
+    assert base["prefill_padding_share"] == pytest.approx(1 - prompt["mean"] / prompt["max"])
     assert result["self_check"]["ok"] and result["self_check"]["batches"] == [14, 14, 12]
     # 12 problems x the smoke token profiles (the real ones / 10, rounded up): 30+20+10+6+4+2 per problem.
     assert result["fast"]["totals"]["generated_tokens"] == 12 * (30 + 20 + 10 + 6 + 4 + 2)
