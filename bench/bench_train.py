@@ -13,7 +13,8 @@ bf16 peak; peak memory is torch's max allocated during training.
 Issue 19's candidates (``--setups``; none runs by default): padding-free batches (``_pf``: TRL's
 ``padding_free``, every row of a batch in one packed sequence; transformers 5 masks each row off from the
 others from the position ids, for SDPA as for flex attention), flex attention (``_flex``), and larger
-batches (``_b20``, ``_b24``, ``_b32``). Every setup's loss curve is compared step by step with the unfused recipe at
+batches (``_b20``, ``_b24``, ``_b32``), and each decoder layer compiled (``_layers``: training.compile_layers, regional
+``torch.compile``, for a step that profile_train found host-bound). Every setup's loss curve is compared step by step with the unfused recipe at
 the same batch and quantization (``ours`` or ``ours_b<N>``) when that setup ran too.
 """
 
@@ -44,8 +45,9 @@ from training import sft
 
 ROWS = 2000
 # The study recipe's variants, by setup name prefix: overrides of its training section, plus the benchmark's
-# own switches "padding_free" (TRL's, for SFTConfig), "compile" (the Trainer's torch_compile) and "attention"
-# (transformers' attn_implementation).
+# own switches "padding_free" (TRL's, for SFTConfig), "compile" (the Trainer's torch_compile of the whole model)
+# and "attention" (transformers' attn_implementation). "_layers": training.compile_layers, each decoder layer
+# compiled (regional compilation).
 # "ours" is the recipe as configured; the others add Liger's kernels, padding-free batches, flex attention
 # and larger batches.
 RECIPES = {
@@ -64,6 +66,19 @@ RECIPES = {
     "ours_liger_pf_b32": {"liger_kernel": True, "padding_free": True, "batch_size": 32},
     "ours_compile": {"compile": True},
     "ours_liger_compile": {"liger_kernel": True, "compile": True},
+    "ours_layers": {"compile_layers": True},
+    "ours_layers_b24": {"compile_layers": True, "batch_size": 24},
+    "ours_layers_b32": {"compile_layers": True, "batch_size": 32},
+    "ours_liger_layers": {"liger_kernel": True, "compile_layers": True},
+    "ours_liger_layers_b24": {"liger_kernel": True, "compile_layers": True, "batch_size": 24},
+    "ours_liger_layers_b32": {"liger_kernel": True, "compile_layers": True, "batch_size": 32},
+    "ours_liger_pf_flex_layers": {
+        "liger_kernel": True, "padding_free": True, "attention": "flex_attention", "compile_layers": True,
+    },
+    "ours_liger_pf_flex_layers_b24": {
+        "liger_kernel": True, "padding_free": True, "attention": "flex_attention", "compile_layers": True,
+        "batch_size": 24,
+    },
     "ours_liger_pf_flex_b20": {
         "liger_kernel": True, "padding_free": True, "attention": "flex_attention", "batch_size": 20,
     },
@@ -173,6 +188,8 @@ def run_setup(
     *, name: str, recipe: str, quantization: str, model_dir: str, rows, training, rows_to_train: int
 ):
     ours = recipe != "trl_defaults"
+    # Each setup compiles its own model's layers: no compiled code or recompile budget left from the last one.
+    torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as output_dir:
         trainer, training, batch, precision = make_trainer(
             recipe=recipe, quantization=quantization, model_dir=model_dir, rows=rows, training=training,
@@ -189,6 +206,7 @@ def run_setup(
         if ours
         else "TRL SFTConfig defaults",
         "liger_kernel": training.liger_kernel if ours else False,
+        "compile_layers": training.compile_layers if ours else False,
         "padding_free": bool(trainer.args.padding_free),
         "attention": trainer.model.config._attn_implementation,
         "quantization": quantization,

@@ -350,3 +350,31 @@ def test_tiny_study_trains_every_level_and_think_tokens_fall_from_l1_to_l5(tmp_p
         assert vs_prompt["n_paired"] == config.data.synthetic.n_test
         assert f"differs by {cards.fmt_delta(vs_prompt['delta'])} (95% CI {cards.fmt_ci(vs_prompt['ci95'])}" in text
     assert "| `prompt_l5` | P5 Minimal, prompt only |" in rendered["tiny-cot-eval"].text
+
+
+def test_compiled_decoder_layers_train_to_the_eager_loss_and_save_the_same_adapter_keys(training_base, tmp_path):
+    # Regional compilation: every decoder layer compiled in place, one compiled graph for all of them, so the
+    # adapter's parameter names are the eager run's and the loss curve is the eager one up to fused rounding
+    # (the tiny config has no dropout, so no random numbers differ).
+    import torch._dynamo
+
+    curves, keys = {}, {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        config = sft_study(
+            training_base, tmp_path / f"run-{compiled}", max_steps=6, logging_steps=1, compile_layers=compiled
+        )
+        run_dir = prepared(config)
+        payload = sft.run(config, run_dir, levels=[3])["level_3"]
+        curves[compiled] = [point["loss"] for point in payload["loss_curve"]]
+        keys[compiled] = sorted(adapter_weights(run_dir, 3))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled run did compile
+    assert keys[True] == keys[False]
+    assert len(curves[True]) == 6
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+
+
+def test_compile_layers_without_decoder_layers_is_a_training_error():
+    with pytest.raises(TrainingError, match="training.compile_layers: false"):
+        sft.compile_decoder_layers(torch.nn.Linear(2, 2))

@@ -330,9 +330,30 @@ def build_trainer(
         task_type="CAUSAL_LM",
     )
     set_seed(seed)  # the LoRA weights are initialised inside the trainer's constructor
-    return _StudySFTTrainer(
+    trainer = _StudySFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
     )
+    if training.compile_layers:
+        compile_decoder_layers(trainer.model)
+    return trainer
+
+
+def compile_decoder_layers(model) -> int:
+    """``torch.compile`` each decoder layer in place, after PEFT has put LoRA into it; returns how many.
+
+    In place (``nn.Module.compile``), so parameter names, checkpoints and the saved adapter are unchanged.
+    The layers share one code object, so dynamo compiles it once and every layer reuses it (PyTorch's regional
+    compilation). The decoder layer is the class transformers keeps whole across devices (``_no_split_modules``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [module for module in base.modules() if type(module).__name__ in kinds]
+    if not layers:
+        raise TrainingError(
+            f"training.compile_layers found no decoder layers in {type(base).__name__}: set training.compile_layers: false"
+        )
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def runtime_arguments(precision: str) -> dict:

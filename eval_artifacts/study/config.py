@@ -138,6 +138,11 @@ class TrainingConfig(_Strict):
     liger_kernel: bool = False
     """Train with Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) through TRL; needs a CUDA GPU and liger-kernel.
     Same results within bf16 rounding (bench/README.md: the loss curves of both, one seed)."""
+    compile_layers: bool = False
+    """Compile each decoder layer with ``torch.compile`` (regional compilation: one compiled graph serves every
+    layer): fewer, fused kernels for a training step that is otherwise bound by kernel launches on the host.
+    Compiling takes a minute or two at the first steps; dropout draws other random numbers, so the loss curve
+    matches the eager one within its noise (bench/README.md), not bit for bit."""
     lora: LoraConfig = LoraConfig()
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     """Training seeds: one adapter per (level, seed). The first seed's adapter is the published one (``main``);
