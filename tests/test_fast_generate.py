@@ -290,6 +290,15 @@ def test_rows_that_fit_reserve_decode_logits_for_those_rows_only(base, monkeypat
     assert rows[2048] * (64 * engine._kv_bytes_per_slot() + 3 * VOCAB * 4) < free
 
 
+def test_cache_holds_the_calls_rows_not_the_row_cap(base):
+    """evaluate hands the engine its plan's batches: the cache grows to a call's rows (within the cap and
+    memory), and a smaller call later reuses it, instead of taking max_batch_size rows of GPU memory."""
+    engine = FastGenerator(base, max_batch_size=2048, context_bucket=8)
+    for batch, rows in ((prompts(3, seed=1), 3), (prompts(5, seed=2), 5), (prompts(2, seed=3), 5)):
+        engine.generate(batch, max_new_tokens=4, stop_token_ids=[VOCAB + 1], pad_token_id=PAD)
+        assert engine._capacity[0] == rows
+
+
 def test_unknown_adapter_is_a_config_error(base):
     from eval_artifacts.study.errors import ConfigError
 

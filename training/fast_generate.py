@@ -330,6 +330,7 @@ class FastGenerator:
 
         self._backup: dict[int, torch.Tensor] = {}
         self._capacity = (0, 0)  # (rows, slots) of the allocated cache
+        self._memory_bound = False  # the cache has fewer rows than the last call wanted: memory is full
         self._graphs: dict[tuple, Callable[[], None]] = {}
         self._sampling: Sampling | None = None  # of the current call; None: greedy
         self._rng: torch.Generator | None = None  # made on the first sampled call; graphs register it
@@ -811,8 +812,13 @@ class FastGenerator:
         longest = len(prompts[order[-1]])
         slots = math.ceil((longest + max_new_tokens) / self.bucket) * self.bucket
         rows_cap, slots_cap = self._capacity
-        if slots > slots_cap or rows_cap == 0:
-            self._allocate(self._rows_that_fit(slots), slots)
+        # The cache holds this call's rows, not all the memory allows: evaluate hands it its plan's batches
+        # (eval.batch_size), and a cache sized for max_batch_size rows would take most of the GPU for nothing.
+        wanted = min(len(prompts), self.max_batch_size)
+        if slots > slots_cap or (rows_cap < wanted and not self._memory_bound):
+            fit = self._rows_that_fit(slots)
+            self._allocate(min(fit, wanted), slots)
+            self._memory_bound = fit < wanted
         n_batches = math.ceil(len(prompts) / self._capacity[0])
         graph_rows = math.ceil(len(prompts) / n_batches)
 
@@ -921,6 +927,7 @@ class FastGenerator:
         self._k = self._v = []
         self._backup = {}
         self._capacity = (0, 0)
+        self._memory_bound = False
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

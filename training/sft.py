@@ -352,7 +352,10 @@ def compile_decoder_layers(model) -> int:
             f"training.compile_layers found no decoder layers in {type(base).__name__}: set training.compile_layers: false"
         )
     for layer in layers:
-        layer.compile()
+        # dynamic: one graph for every batch's padded length (automatic dynamic shapes compile a static graph
+        # first, then recompile twice more as lengths change, ~25 s each for Qwen3-4B). fallback_random: dropout
+        # draws eager's random numbers, so a seed trains the same adapter compiled or not.
+        layer.compile(dynamic=True, options={"fallback_random": True})
     return len(layers)
 
 
