@@ -69,6 +69,7 @@ RECIPES = {
     "ours_layers": {"compile_layers": True},
     "ours_layers_b24": {"compile_layers": True, "batch_size": 24},
     "ours_layers_b32": {"compile_layers": True, "batch_size": 32},
+    "ours_pf_flex_layers": {"padding_free": True, "attention": "flex_attention", "compile_layers": True},
     "ours_liger_layers": {"liger_kernel": True, "compile_layers": True},
     "ours_liger_layers_b24": {"liger_kernel": True, "compile_layers": True, "batch_size": 24},
     "ours_liger_layers_b32": {"liger_kernel": True, "compile_layers": True, "batch_size": 32},
