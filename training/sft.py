@@ -321,6 +321,10 @@ def build_trainer(
         ddp_find_unused_parameters=False,
         **runtime_arguments(precision),
     )
+    if training.compile_layers and not (sft_overrides or {}).get("padding_free"):
+        # Padded lengths that are multiples of 8: inductor's GPU kernels specialise on that alignment, and
+        # the first unaligned batch cost a recompile of ~35 s on an H200 (bench/README.md, "Compiled layers").
+        settings["pad_to_multiple_of"] = 8
     args = SFTConfig(**(settings | (sft_overrides or {})))
     lora = LoraConfig(
         r=training.lora.r,
@@ -352,10 +356,11 @@ def compile_decoder_layers(model) -> int:
             f"training.compile_layers found no decoder layers in {type(base).__name__}: set training.compile_layers: false"
         )
     for layer in layers:
-        # dynamic: one graph for every batch's padded length (automatic dynamic shapes compile a static graph
-        # first, then recompile twice more as lengths change, ~25 s each for Qwen3-4B). fallback_random: dropout
-        # draws eager's random numbers, so a seed trains the same adapter compiled or not.
-        layer.compile(dynamic=True, options={"fallback_random": True})
+        # dynamic: one graph for every batch's length (automatic dynamic shapes compile a static graph first,
+        # then recompile as lengths change, ~25 s each for Qwen3-4B). fallback_random: dropout draws eager's
+        # random numbers; emulate_precision_casts: fused kernels round to bf16 where eager ops do. So a seed
+        # trains the same adapter compiled or not, up to the order of float sums.
+        layer.compile(dynamic=True, options={"fallback_random": True, "emulate_precision_casts": True})
     return len(layers)
 
 
