@@ -9,15 +9,20 @@ from helpers import bench_smoke
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = {
     "bench_eval.json",
+    "bench_eval_batch.json",
+    "bench_eval_batch_cudnn.json",
     "bench_eval_tuned.json",
     "bench_multigpu.json",
     "bench_multigpu_problem_sharding.json",
     "bench_train.json",
     "bench_train_b20.json",
+    "bench_train_layers.json",
+    "bench_train_layers_first.json",
     "bench_train_setups.json",
     "grpo_gpu.json",
     "profile_train.json",
     "study_gpu.json",
+    "study_gpu_session5.json",
     "train_qlora.json",
     "tune_decode_attention.json",
 }

@@ -323,7 +323,7 @@ def build_trainer(
     )
     if training.compile_layers and not (sft_overrides or {}).get("padding_free"):
         # Padded lengths that are multiples of 8: inductor's GPU kernels specialise on that alignment, and
-        # the first unaligned batch cost a recompile of ~35 s on an H200 (bench/README.md, "Compiled layers").
+        # the first unaligned batch cost a recompile of ~35 s on an H200 (bench/README.md, "Compiled decoder layers").
         settings["pad_to_multiple_of"] = 8
     args = SFTConfig(**(settings | (sft_overrides or {})))
     lora = LoraConfig(
