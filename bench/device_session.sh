@@ -4,12 +4,13 @@
 #   bash bench/device_session.sh eval    # GPU tests of the new kernels, the decode attention sweep, bench_eval
 #   bash bench/device_session.sh train   # bench_train's issue-19 setups, then profile_train
 #   bash bench/device_session.sh grpo    # the rollout engine's GPU tests, then bench_grpo (hf and fast rollouts)
+#   bash bench/device_session.sh compiled  # bench_train's compiled-layer setups (training.compile_layers)
 #
 # Run from the repository root on the device machine, with the training wheels carried in .whl/ (see
 # bench/README.md, "Next device session"). Everything goes to $OUT: one log per step and each script's JSON.
 # Each step has its own time limit, so a slow step cannot take the later ones' results with it.
 set -u
-phase=${1:?usage: bench/device_session.sh eval|train|grpo}
+phase=${1:?usage: bench/device_session.sh eval|train|compiled|grpo}
 out=${OUT:?set OUT to the folder the results go to}
 started=$SECONDS
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -62,6 +63,13 @@ case $phase in
     TAIL=25 step profile_train 130 python3 -m bench.profile_train --setups ours_nf4,ours_bf16 --warmup 3 --steps 3 \
       --out "$out/profile_train.json"
     ;;
+  compiled)
+    # Compiled decoder layers (2026-12-02's open questions): padded batches at multiples of 8 without a recompile
+    # in the steady window, bf16's loss check with eager's rounding, and padding-free + flex + compiled in bf16.
+    TAIL=25 step bench_train 540 python3 -m bench.bench_train --rows-per-setup 384 --setups \
+      ours_nf4,ours_bf16,ours_pf_flex_layers_nf4,ours_pf_flex_layers_bf16,ours_layers_bf16,ours_layers_nf4 \
+      --out "$out/bench_train_layers.json"
+    ;;
   grpo)
     # Sampling under CUDA graphs and the NF4 copy have only run on a CPU: their GPU tests first.
     step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_rollouts.py \
@@ -69,7 +77,7 @@ case $phase in
     TAIL=30 step bench_grpo 400 python3 -m bench.bench_grpo --rollouts hf,fast --steps 4 --out "$out/grpo_gpu.json"
     ;;
   *)
-    echo "unknown phase $phase: use eval, train or grpo"
+    echo "unknown phase $phase: use eval, train, compiled or grpo"
     exit 2
     ;;
 esac
