@@ -284,6 +284,20 @@ class StepClock(TrainerCallback):
         end = self.marks[-1]
         return round((end[1] - start[1]) / (end[0] - start[0]), 1) if end[0] > start[0] else 0.0
 
+    def step_seconds(self) -> list[float]:
+        return [round(b[0] - a[0], 4) for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+    def tokens_per_s_after_compiles(self) -> float | None:
+        """Tokens/s over the steps after the last one that took over 5x the median step: a compile (compiled
+        layers compile in their first steps and again when a new shape needs it), which a long run pays once."""
+        steps = self.step_seconds()
+        if len(steps) < 3:
+            return None
+        median = sorted(steps)[len(steps) // 2]
+        last_slow = max((i for i, step in enumerate(steps) if step > 5 * median), default=-1)
+        start, end = self.marks[last_slow + 1], self.marks[-1]
+        return round((end[1] - start[1]) / (end[0] - start[0]), 1) if end[0] > start[0] else None
+
 
 if __name__ == "__main__":
     main()

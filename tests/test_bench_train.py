@@ -1,6 +1,7 @@
 """The training benchmark script runs end to end (CPU smoke mode) and reports each setup it compares."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,32 @@ def test_recorded_gpu_results_name_their_device():
         text = json.dumps(result)
         assert "H100" in text or "H200" in text, f"{path.name} does not record the GPU it ran on"
         assert "transformers" in text, f"{path.name} does not record library versions"
+
+
+def test_rates_from_a_log_start_after_the_compiles():
+    # Two setups as bench_train logs them (the Trainer's per-step dict, progress bars repeating lines); the
+    # second compiles in step 1: its rate over steps 3..4 leaves that out.
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_train import rates_from_log
+
+    def step(tokens, runtime):
+        return f"{{'loss': '1', 'num_input_tokens_seen': {tokens}, 'train_runtime': '{runtime}'}}\n"
+
+    log = "[bench_train] a_nf4 ...\n" + "".join(step(100 * i, 0.5 * i) for i in range(1, 5))
+    log += "[bench_train] b_nf4 ...\n" + step(100, 30.0) + step(100, 30.0) + step(200, 30.2)
+    log += step(300, 30.4) + step(400, 30.6)
+    rates = rates_from_log(log, from_step=3, parameters=10**9, peak_flops=10**15)
+    assert rates["a_nf4"] == {"steps": [3, 4], "s_per_step": 0.5, "tokens_per_s": 200.0, "mfu_4n": 0.0008}
+    assert rates["b_nf4"]["tokens_per_s"] == 500.0 and rates["b_nf4"]["steps"] == [3, 4]
+
+
+def test_step_clock_reads_speed_after_the_last_compile():
+    sys.path.insert(0, str(ROOT))
+    from bench.train_qlora import StepClock
+
+    clock = StepClock()
+    # Steps of 1 s and 100 tokens, but steps 1 and 3 compile (30 s and 20 s).
+    clock.marks = [(0.0, 0), (30.0, 100), (31.0, 200), (51.0, 300), (52.0, 400), (53.0, 500), (54.0, 600)]
+    assert clock.step_seconds() == [30.0, 1.0, 20.0, 1.0, 1.0, 1.0]
+    assert clock.tokens_per_s_after_compiles() == 100.0
+    assert clock.steady_tokens_per_s() == 20.8  # from the end of step 1: the second compile falls inside
