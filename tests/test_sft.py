@@ -365,9 +365,10 @@ def test_compiled_decoder_layers_train_to_the_eager_loss_and_save_the_same_adapt
     training = config.training.model_copy(update={"lora": config.training.lora.model_copy(update={"dropout": 0.1})})
     rows = sft.load_rows(prepared(config).train_file(3))
     curves, keys = {}, {}
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # Eager, then two compiled models in one process without a reset, as sft.run trains its levels.
+    for run, compiled in (("eager", False), ("compiled", True), ("compiled again", True)):
         model, tokenizer = sft.load_base(
             model_path=str(training_base), revision="main", quantization="none", precision="fp32",
             gradient_checkpointing=False,
@@ -375,17 +376,19 @@ def test_compiled_decoder_layers_train_to_the_eager_loss_and_save_the_same_adapt
         trainer = sft.build_trainer(
             model=model, tokenizer=tokenizer, dataset=sft.chat_dataset(rows),
             training=training.model_copy(update={"compile_layers": compiled}), seed=42, precision="fp32",
-            output_dir=tmp_path / f"out-{compiled}", sft_overrides=None if compiled else {"pad_to_multiple_of": 8},
+            output_dir=tmp_path / run, sft_overrides=None if compiled else {"pad_to_multiple_of": 8},
         )  # fmt: skip
         sft.train(trainer)
-        curves[compiled] = [point["loss"] for point in sft.loss_curve(trainer)]
-        sft.save_adapter(trainer, tmp_path / f"adapter-{compiled}")
-        keys[compiled] = sorted(load_file(tmp_path / f"adapter-{compiled}" / "adapter_model.safetensors"))
-    # Compiled: one graph for layer 0 (its input needs no gradient) and one for the others, whatever the lengths.
+        curves[run] = [point["loss"] for point in sft.loss_curve(trainer)]
+        sft.save_adapter(trainer, tmp_path / f"adapter-{run}")
+        keys[run] = sorted(load_file(tmp_path / f"adapter-{run}" / "adapter_model.safetensors"))
+    # One graph for layer 0 (its input needs no gradient) and one for the others, whatever the lengths, and the
+    # second model's layers reuse them: no recompile (dynamo would fall back to eager after 8).
     assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
-    assert keys[True] == keys[False] and len(keys[True]) == 2 * 7 * 2
-    assert len(curves[True]) == 4
-    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+    assert keys["compiled"] == keys["compiled again"] == keys["eager"] and len(keys["eager"]) == 2 * 7 * 2
+    assert len(curves["compiled"]) == 4
+    assert curves["compiled"] == pytest.approx(curves["eager"], rel=1e-4)
+    assert curves["compiled again"] == curves["compiled"]
 
 
 def test_compiled_layers_pad_batches_to_multiples_of_8(training_base, tmp_path):

@@ -321,9 +321,11 @@ def build_trainer(
         ddp_find_unused_parameters=False,
         **runtime_arguments(precision),
     )
-    if training.compile_layers and not (sft_overrides or {}).get("padding_free"):
-        # Padded lengths that are multiples of 8: inductor's GPU kernels specialise on that alignment, and
-        # the first unaligned batch cost a recompile of ~35 s on an H200 (bench/README.md, "Compiled decoder layers").
+    packed = training.packing or (sft_overrides or {}).get("padding_free")
+    if training.compile_layers and not packed:
+        # Padded lengths that are multiples of 8: inductor's GPU kernels specialise on that alignment, and the
+        # first unaligned batch cost a recompile of ~35 s on an H200 (bench/README.md, "Compiled decoder
+        # layers"). Packed rows are left as they were measured there (one recompile, in step 2).
         settings["pad_to_multiple_of"] = 8
     args = SFTConfig(**(settings | (sft_overrides or {})))
     lora = LoraConfig(
@@ -347,7 +349,9 @@ def compile_decoder_layers(model) -> int:
 
     In place (``nn.Module.compile``), so parameter names, checkpoints and the saved adapter are unchanged.
     The layers share one code object, so dynamo compiles it once and every layer reuses it (PyTorch's regional
-    compilation). The decoder layer is the class transformers keeps whole across devices (``_no_split_modules``)."""
+    compilation). The decoder layer is the class transformers keeps whole across devices (``_no_split_modules``).
+    accelerate's ``compile_regions`` does the same by wrapping each layer in a new module, whose parameter names
+    gain ``_orig_mod.``, which would change the adapter's keys and the checkpoints; hence in place."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kinds = set(getattr(base, "_no_split_modules", None) or ())
     layers = [module for module in base.modules() if type(module).__name__ in kinds]
