@@ -40,7 +40,8 @@ case $phase in
     # The kernels on the GPU first: rounding, launch configurations, column-block reads, fused projections.
     step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_generate.py \
       -k "fused or launch_configs or split_decode or column_blocks or cuda or merged_lora"
-    step tune_decode_attention 120 python3 -m bench.tune_decode_attention --budget-s 80 \
+    # The eval decodes one batch of 1,319 rows a model since 2026-12-02: the sweep and the profile at that shape.
+    step tune_decode_attention 120 python3 -m bench.tune_decode_attention --rows 1319 --budget-s 80 \
       --out "$out/tune_decode_attention.json"
     best=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r.get('best_spec',''))" \
       "$out/tune_decode_attention.json" 2>/dev/null)
@@ -49,9 +50,9 @@ case $phase in
     [ -n "$best" ] && [ "$best" != "$default" ] && attention=(--decode-attention "$best")
     echo "== decode attention for bench_eval: ${best:-none found} ${attention[*]}"
     # The HF baselines were measured on 2026-12-01 and are not goals: skipped, to leave time for the rest.
-    TAIL=30 step bench_eval 300 python3 -m bench.bench_eval --skip-baselines --fuse-projections "${attention[@]}" \
+    TAIL=30 step bench_eval 200 python3 -m bench.bench_eval --skip-baselines --fuse-projections "${attention[@]}" \
       --out "$out/bench_eval.json"
-    step profile_decode 120 python3 -m bench.profile_decode --skip-prefill --fuse-projections \
+    step profile_decode 200 python3 -m bench.profile_decode --rows 1319 --prefill-rows 1319 --fuse-projections \
       ${best:+--decode-attention "$best"} --out "$out/profile_decode.json"
     ;;
   train)

@@ -154,7 +154,7 @@ def prefill_profile(model, prompts, *, chunks: list[int], device, gen: dict) -> 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for fused, tokens in [(False, chunks[0])] + [(None, c) for c in chunks]:
         engine = FastGenerator(
-            model, max_batch_size=512, prefill_tokens=tokens, use_cuda_graphs=False, fused_kernels=fused
+            model, max_batch_size=len(prompts), prefill_tokens=tokens, use_cuda_graphs=False, fused_kernels=fused
         )
 
         def run(engine=engine):
