@@ -39,7 +39,7 @@ case $phase in
   eval)
     # The kernels on the GPU first: rounding, launch configurations, column-block reads, fused projections.
     step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_generate.py \
-      -k "fused or launch_configs or split_decode or column_blocks or cuda or merged_lora"
+      -k "fused or launch_configs or split_decode or column_blocks or cuda or merged_lora or prefill or stale"
     # The eval decodes one batch of 1,319 rows a model since 2026-12-02: the sweep and the profile at that shape.
     step tune_decode_attention 120 python3 -m bench.tune_decode_attention --rows 1319 --budget-s 80 \
       --out "$out/tune_decode_attention.json"
