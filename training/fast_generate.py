@@ -649,6 +649,13 @@ class FastGenerator:
         and they are: the cache starts as zeros (``_allocate``) and is only ever written with the K/V of
         the model's own forward passes.
         """
+        # Not cuDNN's attention: it builds an execution plan for every new (rows, length) shape, and the
+        # chunks have many: 3.4 s of the first model's 6.5 s prefill on an H200, against 0.2 s of warm-up
+        # for the memory-efficient kernel, nearly as fast once warm (3.13 s against 3.09 s).
+        with sdpa_kernel(_PREFILL_ATTENTION):
+            return self._prefill_chunks(b, plen, prompt_lens)
+
+    def _prefill_chunks(self, b: int, plen: int, prompt_lens: Sequence[int]) -> int:
         groups, d = self.n_heads // self.n_kv, self.head_dim
         last_hidden, computed = [], 0
         for r0, r1, clen in prefill_chunks(prompt_lens, self.prefill_tokens):
@@ -667,13 +674,9 @@ class FastGenerator:
                 """[rows, heads, clen, dim] in (the cache written), [rows, clen, heads, dim] out."""
                 self._k[i][r0:r1, :, start:plen].copy_(k)
                 self._v[i][r0:r1, :, start:plen].copy_(v)
-                # Not cuDNN's attention: it builds an execution plan for every new (rows, length) shape, and
-                # the chunks have many: 3.4 s of the first model's 6.5 s prefill on an H200, against 0.2 s
-                # of warm-up for the memory-efficient kernel, nearly as fast once warm (3.13 s against 3.09 s).
-                with sdpa_kernel(_PREFILL_ATTENTION):
-                    out = F.scaled_dot_product_attention(
-                        q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=self.scale
-                    )
+                out = F.scaled_dot_product_attention(
+                    q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=self.scale
+                )
                 return out.transpose(1, 2)
 
             if self.fused:
