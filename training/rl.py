@@ -272,11 +272,13 @@ def reward_functions(design: RewardDesign, tokenizer, eos_token_ids: list[int]) 
 
     # TRL calls the three functions one after the other with the same completions list: its terms are
     # graded and counted once, for the last list seen (held, so its id cannot be reused meanwhile).
-    last: list = [None, []]
+    seen_completions, seen_terms = None, []
 
     def terms_of(completions, completion_ids, gold) -> list[RewardTerms]:
-        if last[0] is not completions:
-            last[:] = [completions, [
+        nonlocal seen_completions, seen_terms
+        if seen_completions is not completions:
+            seen_completions = completions
+            seen_terms = [
                 reward_terms(
                     text,
                     answer,
@@ -287,8 +289,8 @@ def reward_functions(design: RewardDesign, tokenizer, eos_token_ids: list[int]) 
                 for text, finish_reason, answer in zip(
                     map(_text, completions), finish_reasons(completion_ids), gold, strict=True
                 )
-            ]]  # fmt: skip
-        return last[1]
+            ]
+        return seen_terms
 
     def finish_reasons(completion_ids) -> list[str]:
         return ["stop" if ids and ids[-1] in eos_token_ids else "length" for ids in completion_ids]
