@@ -344,8 +344,8 @@ def build_trainer(
     return trainer
 
 
-def compile_decoder_layers(model) -> int:
-    """``torch.compile`` each decoder layer in place, after PEFT has put LoRA into it; returns how many.
+def compile_decoder_layers(model) -> None:
+    """``torch.compile`` each decoder layer in place, after PEFT has put LoRA into it.
 
     In place (``nn.Module.compile``), so parameter names, checkpoints and the saved adapter are unchanged.
     The layers share one code object, so dynamo compiles it once and every layer reuses it (PyTorch's regional
@@ -365,7 +365,6 @@ def compile_decoder_layers(model) -> int:
         # random numbers; emulate_precision_casts: fused kernels round to bf16 where eager ops do. So a seed
         # trains the same adapter compiled or not, up to the order of float sums.
         layer.compile(dynamic=True, options={"fallback_random": True, "emulate_precision_casts": True})
-    return len(layers)
 
 
 def runtime_arguments(precision: str) -> dict:
