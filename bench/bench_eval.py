@@ -715,16 +715,21 @@ def run_eager_ablation(
     if not (fast and fast["totals"]["fused_kernels"].startswith("on")):
         return None
     log("ablation: base model with eager decode ops (no Triton kernels)")
-    eager = run_stage(
-        result,
-        "ablation_eager_base",
-        lambda: timed_fast_eval(
-            inputs, peft_model, ["base"], max_batch_size=max_batch_size, fused_kernels=False
-        ),
+    return rerun_base(
+        result, result, "ablation_eager_base", inputs, peft_model, max_batch_size=max_batch_size, fused_kernels=False
     )
-    if eager:
-        result["ablation_eager_base"] = {"totals": eager["totals"], "per_model": public(eager["per_model"])}
-    return eager
+
+
+def rerun_base(
+    result: dict, into: dict, key: str, inputs: EvalInputs, peft_model, *, stage: str | None = None, **engine
+) -> dict | None:
+    """The base model alone on a fresh engine (``engine``: timed_fast_eval's options), recorded as ``into[key]``
+    (totals and public per-model figures; a failure is recorded in ``result`` under ``stage``, default
+    ``key``); returns the whole run."""
+    run = run_stage(result, stage or key, lambda: timed_fast_eval(inputs, peft_model, ["base"], **engine))
+    if run:
+        into[key] = {"totals": run["totals"], "per_model": public(run["per_model"])}
+    return run
 
 
 def run_option_ablations(
@@ -741,18 +746,10 @@ def run_option_ablations(
     result["ablation_engine_options"] = {}
     for label, variant in variants.items():
         log(f"ablation: base model, {label} {describe_options(variant)}")
-        run = run_stage(
-            result,
-            f"ablation {label}",
-            lambda variant=variant: timed_fast_eval(
-                inputs, peft_model, ["base"], max_batch_size=max_batch_size, options=variant
-            ),
-        )
-        if run:
-            result["ablation_engine_options"][label] = {
-                "totals": run["totals"],
-                "per_model": public(run["per_model"]),
-            }
+        rerun_base(
+            result, result["ablation_engine_options"], label, inputs, peft_model, stage=f"ablation {label}",
+            max_batch_size=max_batch_size, options=variant,
+        )  # fmt: skip
 
 
 def run_batch_cap_ablation(
@@ -763,13 +760,7 @@ def run_batch_cap_ablation(
     if not fast or max_batch_size == FORMER_BATCH_CAP:
         return
     log(f"ablation: base model at the former {FORMER_BATCH_CAP}-row cap")
-    run = run_stage(
-        result,
-        "ablation_batch_cap_base",
-        lambda: timed_fast_eval(inputs, peft_model, ["base"], max_batch_size=FORMER_BATCH_CAP),
-    )
-    if run:
-        result["ablation_batch_cap_base"] = {"totals": run["totals"], "per_model": public(run["per_model"])}
+    rerun_base(result, result, "ablation_batch_cap_base", inputs, peft_model, max_batch_size=FORMER_BATCH_CAP)
 
 
 def run_hf_batch_baseline(result: dict, inputs: EvalInputs, peft_model, *, n_batches: int):
