@@ -89,17 +89,17 @@ if triton is not None:
         tl.store(Y + base + d, _round(a + b, Y.dtype.element_ty).to(Y.dtype.element_ty))
 
     @triton.jit
-    def _silu_mul_kernel(G, U, Y, n, n_cols, stride_in, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
-        # STRIDED: G and U are column blocks of one wider tensor whose rows are stride_in apart.
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < n
-        src = i
-        if STRIDED:
-            src = i // n_cols * stride_in + i % n_cols
+    def _silu_mul_kernel(G, U, Y, n_cols, stride_in, BLOCK: tl.constexpr):
+        # One (row, block of columns). G and U may be column blocks of one wider tensor whose rows are
+        # stride_in apart; a 2-D grid addresses them without a division per element.
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        src = row * stride_in + cols
         g = tl.load(G + src, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + src, mask=mask, other=0.0).to(tl.float32)
         act = _round(g / (1.0 + tl.exp(-g)), Y.dtype.element_ty)
-        tl.store(Y + i, _round(act * u, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + row * n_cols + cols, _round(act * u, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _decode_attention_kernel(
@@ -255,16 +255,17 @@ def fused_head_norm_rope(x: torch.Tensor, norm: nn.Module, cos, sin, n_heads: in
 
 
 def fused_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``, for [rows, cols] tensors; two column blocks of one tensor are read in place."""
+    """``silu(gate) * up``, for [..., cols] tensors; two column blocks of one [rows, wider] tensor are read in
+    place."""
+    shape = gate.shape
     blocks = gate.dim() == 2 and gate.stride() == up.stride() and gate.stride(-1) == 1
-    strided = blocks and not (gate.is_contiguous() and up.is_contiguous())
     if not blocks:
-        gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](
-        gate, up, y, gate.numel(), gate.shape[-1], gate.stride(0), BLOCK=1024, STRIDED=strided
-    )
-    return y
+        gate, up = gate.contiguous().view(-1, shape[-1]), up.contiguous().view(-1, shape[-1])
+    rows, cols = gate.shape
+    y = torch.empty((rows, cols), dtype=gate.dtype, device=gate.device)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(cols, block))](gate, up, y, cols, gate.stride(0), BLOCK=block)
+    return y.view(shape)
 
 
 @dataclass(frozen=True)
