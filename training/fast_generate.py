@@ -570,12 +570,20 @@ class FastGenerator:
     def _attend_decode(self, i: int, b: int, width: int, q, k, v, mask) -> torch.Tensor:
         """Write this step's K/V ([b, n_kv, 1, d]) at slot pos, attend over [:width]; returns [b, heads*d]."""
         kc, vc = self._k[i][:b], self._v[i][:b]
+        if self.fused:  # writes k/v at slot pos itself and reads each row's slots [pad, pos] only; no mask
+            return fused_decode_attention(
+                q.reshape(b, -1),
+                kc,
+                vc,
+                self._pad[:b],
+                self._pos,
+                scale=self.scale,
+                config=self.decode_attention,
+                new_k=k,
+                new_v=v,
+            )
         kc.index_copy_(2, self._pos, k)
         vc.index_copy_(2, self._pos, v)
-        if self.fused:  # reads each row's slots [pad, pos] only; no mask
-            return fused_decode_attention(
-                q.reshape(b, -1), kc, vc, self._pad[:b], self._pos, scale=self.scale, config=self.decode_attention
-            )
         # One query token: fold the query heads that share a KV head into the query axis, so the cache
         # is read once instead of expanded per query head (repeat_kv).
         out = F.scaled_dot_product_attention(
