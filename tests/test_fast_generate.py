@@ -771,6 +771,32 @@ def test_sample_tokens_draws_each_token_with_its_tempered_top_k_probability():
     assert torch.allclose(logps, probs.log()[tokens])
 
 
+def test_min_new_tokens_bans_more_stop_ids_than_preallocated_greedy_and_sampled(base):
+    """Every row's first token is a stop, among more stop ids than the engine preallocates for the ban: with
+    min_new_tokens HF's tokens, and top-k 1 sampling (which draws from the same banned logits) the same."""
+    from training.fast_generate import _STOP_ID_SLOTS
+
+    batch = prompts(5, seed=2)
+    engine = FastGenerator(base, context_bucket=8)
+    first = engine.generate(batch, max_new_tokens=1, stop_token_ids=[VOCAB + 1], pad_token_id=PAD)
+    firsts = {c.token_ids[0] for c in first}
+    stops = sorted(firsts | set([t for t in range(VOCAB) if t not in firsts][:_STOP_ID_SLOTS]))
+    assert stops.index(max(firsts)) >= _STOP_ID_SLOTS  # a row's stop lies past the preallocated ids
+    expected = hf_greedy(base, batch, max_new=9, min_new=6, stop_ids=set(stops))
+    assert all(len(c.token_ids) >= 6 for c in expected)
+    greedy = engine.generate(batch, max_new_tokens=9, min_new_tokens=6, stop_token_ids=stops, pad_token_id=PAD)
+    assert greedy == expected
+    sampled = engine.generate(
+        batch,
+        max_new_tokens=9,
+        min_new_tokens=6,
+        stop_token_ids=stops,
+        pad_token_id=PAD,
+        sampling=Sampling(temperature=1.3, top_k=1, seed=2),
+    )
+    assert [(c.token_ids, c.finish_reason) for c in sampled] == [(c.token_ids, c.finish_reason) for c in greedy]
+
+
 def test_top_k_1_sampling_is_greedy_token_for_token(base):
     batch = prompts(9, seed=4)
     stop = pick_stop_token(base, batch, 20)
