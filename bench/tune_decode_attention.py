@@ -99,21 +99,24 @@ def compile_ahead(
 
 
 def attention_resources(config: DecodeAttentionConfig, *, groups: int = 4, head_dim: int = 128) -> dict:
-    """``compile_ahead`` of the decode attention (and, split, its reduction) at the eval's shape in bf16."""
+    """``compile_ahead`` of the decode attention (and, split, its reduction) at the eval's shape in bf16, as
+    the engine launches it: writing the step's new K/V to the cache."""
     from training import fused_kernels
 
     pointers = dict.fromkeys(("Q", "K", "V", "OUT"), "*bf16") | dict.fromkeys(
         ("PART_ACC", "PART_M", "PART_SUM"), "*fp32"
     )
+    new_kv = {"K_NEW": "*bf16", "V_NEW": "*bf16", "stride_k_new": "i64", "stride_v_new": "i64"}
     constexprs = {"G": groups, "G_PAD": max(16, 1 << (groups - 1).bit_length()), "D": head_dim}
     options = {k: v for k, v in (("num_warps", config.num_warps), ("num_stages", config.num_stages)) if v}
     strides = ("stride_row", "stride_head", "stride_slot")
     out = compile_ahead(
         fused_kernels._decode_attention_kernel,
-        pointers | {"PAD": "*i64", "POS": "*i64", "scale": "fp32"} | dict.fromkeys(strides, "i64"),
+        pointers | {"PAD": "*i64", "POS": "*i64", "scale": "fp32"} | dict.fromkeys(strides, "i64") | new_kv,
         constexprs
-        | {"BLOCK_N": config.block_n, "SPLITS": config.splits, "NATIVE_DOT": config.native_dot, "PRECISION": "tf32"},
-        divisible=(*pointers, "PAD", "POS", *strides),
+        | {"BLOCK_N": config.block_n, "SPLITS": config.splits, "NATIVE_DOT": config.native_dot, "PRECISION": "tf32"}
+        | {"WRITE_NEW": True},
+        divisible=(*pointers, "PAD", "POS", *strides, *new_kv),
         **options,
     )
     if config.splits > 1:
@@ -212,6 +215,9 @@ def main(argv=None) -> dict:
     q, k, v, pad, pos = decode_case(args, device, dtype, gen)
     scale = args.head_dim**-0.5
     ref, largest = decode_attention_reference(q, k, v, pad, pos, scale=scale)
+    # Launched as the engine launches it, handed the step's K/V to write at slot pos: the values already
+    # there, so every call attends over the same cache.
+    new_k, new_v = (cache[:, :, pos.item()].contiguous() for cache in (k, v))
     real_slots = (pos + 1 - pad).sum().item()
     kv_bytes = 2 * real_slots * args.kv_heads * args.head_dim * dtype.itemsize
     peaks = common.device_peaks(common.device_info(device)["name"] if device.type == "cuda" else "cpu")
@@ -246,7 +252,9 @@ def main(argv=None) -> dict:
         config = DecodeAttentionConfig.parse(spec)
         entry = {"spec": config.spec(), "default": spec == ""}
         try:
-            run = lambda config=config: fused_decode_attention(q, k, v, pad, pos, scale=scale, config=config)  # noqa: E731
+            run = lambda config=config: fused_decode_attention(  # noqa: E731
+                q, k, v, pad, pos, scale=scale, config=config, new_k=new_k, new_v=new_v
+            )
             entry.update(ulp_report(run(), ref, largest, dtype))
             entry["ok"] = entry["max_ulps_of_largest_term"] <= limit
             seconds = time_launches(device, run, args.iters)

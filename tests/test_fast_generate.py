@@ -483,6 +483,47 @@ def test_decode_attention_launch_configs_agree_with_sdpa(dtype):
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_writes_this_steps_kv_where_index_copy_would(dtype):
+    """Handed this step's K/V (column blocks of one projection output, as with fused projections), every
+    launch config writes them to slot pos, leaving the rest of the cache as it was, and returns the bits
+    of attention over the written cache. Slot pos holds other values before, so attending before the write
+    (or writing another slot) would show."""
+    from training.fused_kernels import DecodeAttentionConfig, fused_decode_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    rows, kv_heads, slots, dim, groups = 5, 2, 80, 32, 4
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+    k, v = rand(rows, kv_heads, slots, dim), rand(rows, kv_heads, slots, dim)
+    wide = rand(rows, (groups + 2) * kv_heads * dim)
+    q, new_k, new_v = wide.split([groups * kv_heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    # The last row's only real slot is pos itself.
+    pad, pos = torch.tensor([0, 3, 16, 40, 70], device=device), torch.tensor([70], device=device)
+    specs = ("", "block_n=16", "block_n=32,splits=2,native_dot=0", "block_n=16,splits=3,num_warps=2,num_stages=2")
+    for spec in (*specs, "splits=8"):
+        config = DecodeAttentionConfig.parse(spec)
+        written_k, written_v = k.clone(), v.clone()
+        written_k.index_copy_(2, pos, new_k.reshape(rows, kv_heads, 1, dim))
+        written_v.index_copy_(2, pos, new_v.reshape(rows, kv_heads, 1, dim))
+        expected = fused_decode_attention(q, written_k, written_v, pad, pos, scale=dim**-0.5, config=config)
+        stale = fused_decode_attention(q, k, v, pad, pos, scale=dim**-0.5, config=config)
+        assert not torch.equal(stale, expected)
+        k_cache, v_cache = k.clone(), v.clone()
+        got = fused_decode_attention(
+            q, k_cache, v_cache, pad, pos, scale=dim**-0.5, config=config,
+            new_k=new_k.view(rows, kv_heads, 1, dim), new_v=new_v,
+        )  # fmt: skip
+        assert torch.equal(got, expected), spec
+        assert torch.equal(k_cache, written_k) and torch.equal(v_cache, written_v), spec
+    with pytest.raises(ValueError, match="cache's dtype"):
+        fused_decode_attention(q, k, v, pad, pos, scale=1.0, new_k=new_k.double(), new_v=new_v.double())
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
 def test_split_decode_attention_matches_hf_generate():
     from training.fused_kernels import DecodeAttentionConfig
 
@@ -728,6 +769,32 @@ def test_sample_tokens_draws_each_token_with_its_tempered_top_k_probability():
     sigma = (probs.double() * (1 - probs.double()) / draws).sqrt()
     assert ((observed - probs.double()).abs() <= 4 * sigma + 1e-12).all(), (observed, probs)
     assert torch.allclose(logps, probs.log()[tokens])
+
+
+def test_min_new_tokens_bans_more_stop_ids_than_preallocated_greedy_and_sampled(base):
+    """Every row's first token is a stop, among more stop ids than the engine preallocates for the ban: with
+    min_new_tokens HF's tokens, and top-k 1 sampling (which draws from the same banned logits) the same."""
+    from training.fast_generate import _STOP_ID_SLOTS
+
+    batch = prompts(5, seed=2)
+    engine = FastGenerator(base, context_bucket=8)
+    first = engine.generate(batch, max_new_tokens=1, stop_token_ids=[VOCAB + 1], pad_token_id=PAD)
+    firsts = {c.token_ids[0] for c in first}
+    stops = sorted(firsts | set([t for t in range(VOCAB) if t not in firsts][:_STOP_ID_SLOTS]))
+    assert stops.index(max(firsts)) >= _STOP_ID_SLOTS  # a row's stop lies past the preallocated ids
+    expected = hf_greedy(base, batch, max_new=9, min_new=6, stop_ids=set(stops))
+    assert all(len(c.token_ids) >= 6 for c in expected)
+    greedy = engine.generate(batch, max_new_tokens=9, min_new_tokens=6, stop_token_ids=stops, pad_token_id=PAD)
+    assert greedy == expected
+    sampled = engine.generate(
+        batch,
+        max_new_tokens=9,
+        min_new_tokens=6,
+        stop_token_ids=stops,
+        pad_token_id=PAD,
+        sampling=Sampling(temperature=1.3, top_k=1, seed=2),
+    )
+    assert [(c.token_ids, c.finish_reason) for c in sampled] == [(c.token_ids, c.finish_reason) for c in greedy]
 
 
 def test_top_k_1_sampling_is_greedy_token_for_token(base):

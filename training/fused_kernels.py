@@ -104,8 +104,9 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(
         Q, K, V, OUT, PART_ACC, PART_M, PART_SUM, PAD, POS, scale, stride_row, stride_head, stride_slot,
+        K_NEW, V_NEW, stride_k_new, stride_v_new,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLITS: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+        SPLITS: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr, WRITE_NEW: tl.constexpr,
     ):  # fmt: skip
         # One (row, KV head[, split]): its G query heads against cache slots [pad, pos] of that row, with
         # an online softmax (fp32) over blocks of BLOCK_N slots. Blocks wholly before the row's first real
@@ -115,6 +116,10 @@ if triton is not None:
         # and the rounded p are all exact in it; GPU only for bf16).
         # With SPLITS > 1 (flash decoding), program ``split`` takes every SPLITS-th share of the row's
         # blocks and writes its unnormalised sum, max and softmax total for _decode_attention_reduce.
+        # WRITE_NEW: this step's K/V (K_NEW/V_NEW rows stride_k_new/stride_v_new apart, heads contiguous) go
+        # to slot pos first. Only the program whose share holds pos reads that slot, after a barrier that
+        # makes its threads' stores visible to all of them: the loop stays as it is (substituting the new
+        # K/V for the loaded slot in registers instead doubles its registers on sm_90, 86 to 168).
         row = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -137,6 +142,13 @@ if triton is not None:
         hi = lo + share
         if hi > pos + 1:
             hi = pos + 1
+        if WRITE_NEW:
+            if (lo <= pos) & (pos < hi):  # one program per (row, head): the shares split [first, pos]
+                k_new = tl.load(K_NEW + row * stride_k_new + head * D + d)
+                v_new = tl.load(V_NEW + row * stride_v_new + head * D + d)
+                tl.store(K + base + pos * stride_slot + d, k_new)
+                tl.store(V + base + pos * stride_slot + d, v_new)
+            tl.debug_barrier()
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             real = (n >= pad) & (n <= pos)
@@ -314,16 +326,36 @@ class DecodeAttentionConfig:
 
 
 def fused_decode_attention(
-    q, k_cache, v_cache, pad, pos, *, scale: float, config: DecodeAttentionConfig | None = None
+    q,
+    k_cache,
+    v_cache,
+    pad,
+    pos,
+    *,
+    scale: float,
+    config: DecodeAttentionConfig | None = None,
+    new_k: torch.Tensor | None = None,
+    new_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per row against its cache slots [pad[row], pos]; q = [rows, heads*dim].
 
     ``k_cache``/``v_cache`` are [rows, kv_heads, slots, dim] (any row stride); the query heads that share
     a KV head read its cache once. Softmax in fp32, the probabilities rounded to the cache dtype for the
     product with V, as flash attention does. Returns [rows, heads*dim].
+
+    With ``new_k``/``new_v`` (this step's K/V, [rows, kv_heads*dim] or [rows, kv_heads, 1, dim], rows may be
+    strided), the kernel first writes them to slot pos, as ``index_copy_(2, pos, ...)`` on both caches before
+    the call would (two launches less per layer); every row needs pad[row] <= pos, as decoding has.
     """
     config = config or DecodeAttentionConfig()
     rows, kv_heads, _, dim = k_cache.shape
+    write_new = new_k is not None
+    if write_new:
+        if new_k.dtype != k_cache.dtype or new_v.dtype != v_cache.dtype:
+            raise ValueError(f"new K/V ({new_k.dtype}, {new_v.dtype}) must have the cache's dtype {k_cache.dtype}")
+        new_k, new_v = (_rows_of_heads(t, rows, kv_heads * dim) for t in (new_k, new_v))
+    else:
+        new_k = new_v = k_cache  # never read
     groups = q.shape[-1] // (kv_heads * dim)
     g_pad = max(16, triton.next_power_of_2(groups))
     q = q.contiguous()
@@ -341,9 +373,10 @@ def fused_decode_attention(
     launch = {k: v for k, v in (("num_warps", config.num_warps), ("num_stages", config.num_stages)) if v}
     _decode_attention_kernel[(rows, kv_heads, splits)](
         q, k_cache, v_cache, out, part_acc, part_m, part_sum, pad, pos, scale,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), new_k, new_v, new_k.stride(0), new_v.stride(0),
         G=groups, G_PAD=g_pad, D=dim, BLOCK_N=config.block_n, SPLITS=splits, NATIVE_DOT=native_dot,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is exact on bf16/fp16 values
+        WRITE_NEW=write_new,
         **launch,
     )  # fmt: skip
     if splits > 1:
@@ -351,3 +384,10 @@ def fused_decode_attention(
             out, part_acc, part_m, part_sum, kv_heads, G=groups, G_PAD=g_pad, D=dim, SPLITS=splits
         )
     return out
+
+
+def _rows_of_heads(x: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """``x`` as [rows, width] with contiguous columns, a view where its layout allows (a column block of a
+    wider projection output keeps its row stride)."""
+    x = x.reshape(rows, width)
+    return x if x.stride(-1) == 1 else x.contiguous()
