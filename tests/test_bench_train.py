@@ -12,13 +12,16 @@ RECORDED = {
     "bench_eval.json",
     "bench_eval_batch.json",
     "bench_eval_batch_cudnn.json",
+    "bench_eval_kvfuse.json",
     "bench_eval_tuned.json",
     "bench_multigpu.json",
     "bench_multigpu_problem_sharding.json",
     "bench_train.json",
     "bench_train_b20.json",
     "bench_train_layers.json",
+    "bench_train_layers_final.json",
     "bench_train_layers_first.json",
+    "bench_train_layers_padded.json",
     "bench_train_setups.json",
     "grpo_gpu.json",
     "profile_train.json",
@@ -26,6 +29,7 @@ RECORDED = {
     "study_gpu_session5.json",
     "train_qlora.json",
     "tune_decode_attention.json",
+    "tune_decode_attention_1319.json",
 }
 
 
