@@ -142,10 +142,10 @@ class TrainingConfig(_Strict):
     """SFT only: compile each decoder layer with ``torch.compile`` (regional compilation: one compiled graph serves
     every layer) for a training step otherwise bound by kernel launches on the host. Compiling takes about a
     minute in the first steps; batches are padded to multiples of 8. Dropout draws eager's random numbers.
-    On an H200 (bench/README.md, "Compiled decoder layers"), after its compiles, NF4 ran 1.7x the eager recipe
-    within 0.13% of its loss; bf16 ran 1.5x, but its loss differed by up to 3.7% in two early steps. That was
-    before the fused kernels were set to round where eager rounds, which has not run on a GPU since. Liger's
-    kernels inside compiled layers gain little."""
+    The fused kernels round to bf16 where eager ops round. On an H200 (bench/README.md, "Compiled decoder
+    layers"), after its one compile, NF4 ran 1.5-1.6x the eager recipe and bf16 1.7-1.8x, each within 0.1% of
+    the eager loss at every step, in less memory. Liger's kernels inside compiled layers gain little. Not yet
+    run end to end through the CLI on a GPU, hence off in the study's config."""
     lora: LoraConfig = LoraConfig()
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     """Training seeds: one adapter per (level, seed). The first seed's adapter is the published one (``main``);
