@@ -428,6 +428,22 @@ def test_fused_kernels_round_where_transformers_rounds_in_bf16():
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+def test_start_up_check_turns_the_kernels_off_when_the_step_kv_is_not_written(base, monkeypatch):
+    """The start-up check launches the decode attention as a decode step does, handing it the step's K/V: an
+    attention that ignored them (attending over the slot as it was) is caught there, on the user's device."""
+    from training import fast_generate
+
+    launched = fast_generate.fused_decode_attention
+
+    def ignoring_the_step(*args, new_k=None, new_v=None, **kwargs):
+        return launched(*args, **kwargs)
+
+    monkeypatch.setattr(fast_generate, "fused_decode_attention", ignoring_the_step)
+    engine = FastGenerator(base, fused_kernels=True)
+    assert not engine.fused and engine.fused_status.startswith("off: decode attention differs"), engine.fused_status
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
 def test_kernels_read_column_blocks_of_a_wider_projection_in_place():
     """With fused projections the head norm and SiLU gate read q/k and gate/up as column blocks of one
     GEMM output: the same bits as on contiguous copies, in bf16."""

@@ -457,14 +457,19 @@ class FastGenerator:
         }
 
     def _attention_check(self, rand, gen, rows: int):
-        """The Triton decode attention and SDPA over a left-padded cache; the scale is sum(p * |v|)."""
+        """The Triton decode attention, launched as a decode step launches it (writing the step's K/V at slot pos),
+        and SDPA over the cache ``index_copy_`` writes; the scale is sum(p * |v|)."""
         slots, d = 160, self.head_dim
         k, v = rand(rows, self.n_kv, slots, d), rand(rows, self.n_kv, slots, d)
         q = rand(rows, self.n_heads * d)
+        new_k, new_v = rand(rows, self.n_kv, 1, d), rand(rows, self.n_kv, 1, d)
         pad = torch.randint(0, 100, (rows,), generator=gen, device=self.device)
         pos = torch.full((1,), 130, dtype=torch.long, device=self.device)
-        got = fused_decode_attention(q, k, v, pad, pos, scale=self.scale, config=self.decode_attention)
-        return (got, *decode_attention_reference(q, k, v, pad, pos, scale=self.scale))
+        written_k, written_v = k.clone().index_copy_(2, pos, new_k), v.clone().index_copy_(2, pos, new_v)
+        got = fused_decode_attention(
+            q, k, v, pad, pos, scale=self.scale, config=self.decode_attention, new_k=new_k, new_v=new_v
+        )
+        return (got, *decode_attention_reference(q, written_k, written_v, pad, pos, scale=self.scale))
 
     # ---------------------------------------------------------------- memory
     def _kv_bytes_per_slot(self) -> int:
