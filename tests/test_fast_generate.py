@@ -462,9 +462,13 @@ def test_kernels_read_column_blocks_of_a_wider_projection_in_place():
         assert not block.is_contiguous()
         got = fused_head_norm_rope(block, norm, cos, sin, heads)
         assert torch.equal(got, fused_head_norm_rope(block.contiguous(), norm, cos, sin, heads))
-    gate_up = torch.randn((rows, 2 * 96), generator=g).to(device=device, dtype=torch.bfloat16)
-    gate, up = gate_up.split([96, 96], dim=-1)
-    assert torch.equal(fused_silu_mul(gate, up), fused_silu_mul(gate.contiguous(), up.contiguous()))
+    # Wider than one column block of the kernel (1,024), so a block past the first must find its columns.
+    cols = 1100
+    gate_up = torch.randn((rows, 2 * cols), generator=g).to(device=device, dtype=torch.bfloat16)
+    gate, up = gate_up.split([cols, cols], dim=-1)
+    fused = fused_silu_mul(gate, up)
+    assert torch.equal(fused, fused_silu_mul(gate.contiguous(), up.contiguous()))
+    torch.testing.assert_close(fused, torch.nn.functional.silu(gate) * up, rtol=2**-7, atol=2**-7)
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
@@ -504,7 +508,8 @@ def test_decode_attention_writes_this_steps_kv_where_index_copy_would(dtype):
     """Handed this step's K/V (column blocks of one projection output, as with fused projections), every
     launch config writes them to slot pos, leaving the rest of the cache as it was, and returns the bits
     of attention over the written cache. Slot pos holds other values before, so attending before the write
-    (or writing another slot) would show."""
+    (or writing another slot) would show. Triton's interpreter runs programs one after another, so which split
+    writes and the barrier after the write are only tested on a GPU."""
     from training.fused_kernels import DecodeAttentionConfig, fused_decode_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -537,6 +542,8 @@ def test_decode_attention_writes_this_steps_kv_where_index_copy_would(dtype):
         assert torch.equal(k_cache, written_k) and torch.equal(v_cache, written_v), spec
     with pytest.raises(ValueError, match="cache's dtype"):
         fused_decode_attention(q, k, v, pad, pos, scale=1.0, new_k=new_k.double(), new_v=new_v.double())
+    with pytest.raises(ValueError, match="go together"):
+        fused_decode_attention(q, k, v, pad, pos, scale=1.0, new_k=new_k)
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")

@@ -547,7 +547,7 @@ class FastGenerator:
         at slot pos+1 (its logprob too when sampled), advances pos."""
         logits = self.lm_head(x)
         # min_new_tokens: stop tokens are banned while the token being generated is before min_slot+1. Only
-        # their columns are read and written: a mask over [rows, vocab] moves 400 MB a step at 1,319 rows.
+        # their columns are read and written: a mask over [rows, vocab] reads and writes 400 MB each a step at 1,319 rows.
         cols = self._stop_ids
         ban = self._is_stop[cols] & (self._pos < self._min_slot)
         logits.index_copy_(1, cols, logits.index_select(1, cols).masked_fill(ban, float("-inf")))

@@ -92,7 +92,7 @@ if triton is not None:
     def _silu_mul_kernel(G, U, Y, n_cols, stride_in, BLOCK: tl.constexpr):
         # One (row, block of columns). G and U may be column blocks of one wider tensor whose rows are
         # stride_in apart; a 2-D grid addresses them without a division per element.
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # rows x a fused gate/up stride passes 2**31 past ~110k rows
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         src = row * stride_in + cols
@@ -350,6 +350,8 @@ def fused_decode_attention(
     config = config or DecodeAttentionConfig()
     rows, kv_heads, _, dim = k_cache.shape
     write_new = new_k is not None
+    if write_new != (new_v is not None):
+        raise ValueError("new_k and new_v go together: pass both (this step's K/V) or neither")
     if write_new:
         if new_k.dtype != k_cache.dtype or new_v.dtype != v_cache.dtype:
             raise ValueError(f"new K/V ({new_k.dtype}, {new_v.dtype}) must have the cache's dtype {k_cache.dtype}")
