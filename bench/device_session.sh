@@ -5,12 +5,13 @@
 #   bash bench/device_session.sh train   # bench_train's issue-19 setups, then profile_train
 #   bash bench/device_session.sh grpo    # the rollout engine's GPU tests, then bench_grpo (hf and fast rollouts)
 #   bash bench/device_session.sh compiled  # bench_train's compiled-layer setups (training.compile_layers)
+#   GSM8K_DIR=... bash bench/device_session.sh cli  # the real CLI (study_gpu.py, NF4) on the real GSM8K rows
 #
 # Run from the repository root on the device machine, with the training wheels carried in .whl/ (see
 # bench/README.md, "Next device session"). Everything goes to $OUT: one log per step and each script's JSON.
 # Each step has its own time limit, so a slow step cannot take the later ones' results with it.
 set -u
-phase=${1:?usage: bench/device_session.sh eval|train|compiled|grpo}
+phase=${1:?usage: bench/device_session.sh eval|train|compiled|grpo|cli}
 out=${OUT:?set OUT to the folder the results go to}
 started=$SECONDS
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -39,7 +40,7 @@ case $phase in
   eval)
     # The kernels on the GPU first: rounding, launch configurations, column-block reads, fused projections.
     step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_generate.py \
-      -k "fused or launch_configs or split_decode or column_blocks or cuda or merged_lora or prefill or stale"
+      -k "fused or launch_configs or split_decode or column_blocks or cuda or merged_lora or prefill or stale or writes_this_step or min_new or start_up_check or hopper"
     # The eval decodes one batch of 1,319 rows a model since 2026-12-02: the sweep and the profile at that shape.
     step tune_decode_attention 120 python3 -m bench.tune_decode_attention --rows 1319 --budget-s 80 \
       --out "$out/tune_decode_attention.json"
@@ -49,9 +50,13 @@ case $phase in
     attention=()
     [ -n "$best" ] && [ "$best" != "$default" ] && attention=(--decode-attention "$best")
     echo "== decode attention for bench_eval: ${best:-none found} ${attention[*]}"
-    # The HF baselines were measured on 2026-12-01 and are not goals: skipped, to leave time for the rest.
+    # The HF baselines were measured on 2026-12-01 and are not goals: skipped, to leave time for the rest. The
+    # GPU's clocks and power every 2 s beside it: at 1,319 rows the GEMMs hold the GPU at its power limit.
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -l 2 > "$out/clocks.csv" 2>&1 &
+    clocks=$!
     TAIL=30 step bench_eval 200 python3 -m bench.bench_eval --skip-baselines --fuse-projections "${attention[@]}" \
       --out "$out/bench_eval.json"
+    kill $clocks
     step profile_decode 200 python3 -m bench.profile_decode --rows 1319 --prefill-rows 1319 --fuse-projections \
       ${best:+--decode-attention "$best"} --out "$out/profile_decode.json"
     ;;
@@ -77,8 +82,15 @@ case $phase in
       tests/test_fast_generate.py::test_sampling_under_cuda_graphs_draws_what_eager_draws_fp32
     TAIL=30 step bench_grpo 400 python3 -m bench.bench_grpo --rollouts hf,fast --steps 4 --out "$out/grpo_gpu.json"
     ;;
+  cli)
+    # train-and-publish, publish, regenerate-cards and push-eval as a user runs them, NF4, on GSM8K rows carried
+    # beside the repository (GSM8K_DIR: a copy of ../shared/data/gsm8k, or of only the rows used).
+    data=${GSM8K_DIR:?set GSM8K_DIR to the GSM8K folder carried with the repository}
+    TAIL=25 step study_gpu 500 python3 -m bench.study_gpu --data-dir "$data" --runs nf4 --training-seeds 42 \
+      --train-rows 64 --problems 64 --max-new-tokens 128 --work /tmp/study_gpu_work --out "$out/study_gpu.json"
+    ;;
   *)
-    echo "unknown phase $phase: use eval, train, compiled or grpo"
+    echo "unknown phase $phase: use eval, train, compiled, grpo or cli"
     exit 2
     ;;
 esac
