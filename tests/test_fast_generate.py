@@ -444,6 +444,29 @@ def test_start_up_check_turns_the_kernels_off_when_the_step_kv_is_not_written(ba
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
+def test_head_norm_rope_takes_several_heads_a_program_and_a_partial_last_block():
+    """12 heads: a full block of 8 heads and a block of 4 real heads and 4 masked ones, each head normed over its
+    own dim and rotated as transformers does it, in bf16 (to the one-ulp flips of the start-up check)."""
+    from transformers.models.qwen3.modeling_qwen3 import rotate_half
+
+    from training.fused_kernels import fused_head_norm_rope
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_qwen3(VOCAB, seed=3, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16)
+    norm = model.model.layers[0].self_attn.q_norm.to(device=device, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    rows, heads, dim = 6, 12, 16
+    x = torch.randn((rows, heads * dim), generator=g).to(device=device, dtype=torch.bfloat16)
+    angles = torch.randn((rows, dim), generator=g).to(device)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    normed = norm(x.view(rows, heads, dim))
+    expected = normed * cos[:, None] + rotate_half(normed) * sin[:, None]
+    got = fused_head_norm_rope(x, norm, cos, sin, heads).view(rows, heads, dim)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2**-4)
+    assert (got == expected).float().mean() > 0.95
+
+
+@pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
 def test_kernels_read_column_blocks_of_a_wider_projection_in_place():
     """With fused projections the head norm and SiLU gate read q/k and gate/up as column blocks of one
     GEMM output: the same bits as on contiguous copies, in bf16."""
@@ -588,9 +611,9 @@ def test_every_triton_kernel_compiles_for_hopper_without_a_gpu():
     rope = compile_ahead(
         fused_kernels._head_norm_rope_kernel,
         bf16(("X", "W", "COS", "SIN", "Y"), "*bf16") | {"n_heads": "i32", "stride_x": "i32", "eps": "fp32"},
-        {"D": 128},
+        {"D": 128, "HEADS": 8},
         divisible=("X", "W", "COS", "SIN", "Y", "stride_x"),
-        num_warps=1,
+        num_warps=4,
     )
     silu = compile_ahead(
         fused_kernels._silu_mul_kernel,

@@ -63,30 +63,33 @@ if triton is not None:
         tl.store(Y + offs, _round(w * y, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _head_norm_rope_kernel(X, W, COS, SIN, Y, n_heads, stride_x, eps, D: tl.constexpr):
-        # One (row, head): RMSNorm over the head dim, then q*cos + rotate_half(q)*sin. X's rows are
-        # stride_x apart (a column block of a wider projection output), Y's are contiguous.
+    def _head_norm_rope_kernel(X, W, COS, SIN, Y, n_heads, stride_x, eps, D: tl.constexpr, HEADS: tl.constexpr):
+        # One (row, block of HEADS heads): RMSNorm over each head's dim, then q*cos + rotate_half(q)*sin. X's
+        # rows are stride_x apart (a column block of a wider projection output), Y's are contiguous. Several
+        # heads a program: one warp per head left 1,319 x 32 programs of 128 values each at the eval's decode
+        # shape, each too small to keep the memory busy.
         row = tl.program_id(0)
-        head = tl.program_id(1)
+        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         d = tl.arange(0, D)
         rot = (d + D // 2) % D  # rotate_half reads the other half; its sign is applied below
-        base = row * n_heads * D + head * D
-        base_x = row * stride_x + head * D
-        x = tl.load(X + base_x + d).to(tl.float32)
-        xr = tl.load(X + base_x + rot).to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        w = tl.load(W + d).to(tl.float32)
-        wr = tl.load(W + rot).to(tl.float32)
+        real = (h < n_heads)[:, None]
+        x_offs = row * stride_x + h[:, None] * D
+        x = tl.load(X + x_offs + d[None, :], mask=real, other=0.0).to(tl.float32)
+        xr = tl.load(X + x_offs + rot[None, :], mask=real, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        w = tl.load(W + d).to(tl.float32)[None, :]
+        wr = tl.load(W + rot).to(tl.float32)[None, :]
         n = _round(x * r, Y.dtype.element_ty)
         n = _round(w * n, Y.dtype.element_ty)
         nr = _round(xr * r, Y.dtype.element_ty)
         nr = _round(wr * nr, Y.dtype.element_ty)
-        nr = tl.where(d < D // 2, -nr, nr)
-        c = tl.load(COS + row * D + d).to(tl.float32)
-        s = tl.load(SIN + row * D + d).to(tl.float32)
+        nr = tl.where(d[None, :] < D // 2, -nr, nr)
+        c = tl.load(COS + row * D + d).to(tl.float32)[None, :]
+        s = tl.load(SIN + row * D + d).to(tl.float32)[None, :]
         a = _round(n * c, Y.dtype.element_ty)
         b = _round(nr * s, Y.dtype.element_ty)
-        tl.store(Y + base + d, _round(a + b, Y.dtype.element_ty).to(Y.dtype.element_ty))
+        y_offs = row * n_heads * D + h[:, None] * D + d[None, :]
+        tl.store(Y + y_offs, _round(a + b, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=real)
 
     @triton.jit
     def _silu_mul_kernel(G, U, Y, n_cols, stride_in, BLOCK: tl.constexpr):
@@ -259,10 +262,11 @@ def fused_head_norm_rope(x: torch.Tensor, norm: nn.Module, cos, sin, n_heads: in
     cos, sin = cos.contiguous(), sin.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dim = x.shape[-1] // n_heads
-    # One warp per (row, head): a 128-wide reduction needs no shared memory between warps.
-    _head_norm_rope_kernel[(x.shape[0], n_heads)](
-        x, norm.weight, cos, sin, y, n_heads, x.stride(0), norm.variance_epsilon, D=dim, num_warps=1
-    )
+    heads = min(8, triton.next_power_of_2(n_heads))
+    _head_norm_rope_kernel[(x.shape[0], triton.cdiv(n_heads, heads))](
+        x, norm.weight, cos, sin, y, n_heads, x.stride(0), norm.variance_epsilon, D=dim, HEADS=heads,
+        num_warps=max(1, heads // 2),
+    )  # fmt: skip
     return y
 
 
