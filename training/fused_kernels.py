@@ -68,7 +68,7 @@ if triton is not None:
         # rows are stride_x apart (a column block of a wider projection output), Y's are contiguous. Several
         # heads a program: one warp per head left 1,319 x 32 programs of 128 values each at the eval's decode
         # shape, each too small to keep the memory busy.
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         d = tl.arange(0, D)
         rot = (d + D // 2) % D  # rotate_half reads the other half; its sign is applied below
