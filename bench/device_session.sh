@@ -57,8 +57,10 @@ case $phase in
     TAIL=30 step bench_eval 200 python3 -m bench.bench_eval --skip-baselines --fuse-projections "${attention[@]}" \
       --out "$out/bench_eval.json"
     kill $clocks
-    step profile_decode 200 python3 -m bench.profile_decode --rows 1319 --prefill-rows 1319 --fuse-projections \
-      ${best:+--decode-attention "$best"} --out "$out/profile_decode.json"
+    # Triton paths only (the eager ones are a minute at this shape), one prefill chunk size; the JSON is written
+    # after every stage, so the step's time limit keeps what finished.
+    step profile_decode 200 python3 -m bench.profile_decode --rows 1319 --prefill-rows 1319 --prefill-chunks 16384 \
+      --skip-eager --fuse-projections "${attention[@]}" --out "$out/profile_decode.json"
     ;;
   train)
     # References (no Liger) run first inside bench_train, then the candidates in this order (most likely

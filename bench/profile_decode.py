@@ -3,8 +3,10 @@
 Random weights of the real Qwen3-4B shape (bf16, SDPA), ``--rows`` rows of ``--context`` tokens (the
 bench_eval schedule's 440 rows and mean context 262). For the eager ops and for the Triton kernels:
 
-- the decode step's wall time as the engine runs it (one CUDA-graph replay per step), from the
-  difference of two timed ``generate`` calls (1 and 1 + ``--steps`` new tokens);
+- the decode step's wall time as the engine runs it (one CUDA-graph replay per step), from the engine's own
+  clock of its decode loop (``BatchStats.decode_s``, as bench_eval reads it) over ``--steps`` steps: the
+  difference of two whole ``generate`` calls carried their prefills' noise (at 1,319 rows, 29.7 and 33.5 ms for
+  the same launch);
 - the same difference under ``torch.profiler`` without graphs: each kernel's GPU time per step, by
   class (GEMM, attention, Triton, ...). Wall minus kernel time is the GPU idle between kernels;
 - the prefill of ``--prefill-rows`` GSM8K-length prompts (120-200 tokens), timed and profiled: eager
@@ -124,9 +126,12 @@ def decode_profile(model, prompts, *, fused: bool, steps: int, device, gen: dict
         return engine.generate(prompts, max_new_tokens=new, min_new_tokens=new, **gen)
 
     run(1 + steps)  # allocation, graph captures, Triton compiles
-    short = min(timed(device, lambda: run(1)) for _ in range(2))
-    long = min(timed(device, lambda: run(1 + steps)) for _ in range(2))
-    out["wall_ms_per_step"] = 1000 * (long - short) / steps
+
+    def decode_s() -> float:  # the engine's own clock of its decode loop, without the prefill
+        run(1 + steps)
+        return sum(batch.decode_s for batch in engine.last_stats.batches)
+
+    out["wall_ms_per_step"] = 1000 * min(decode_s() for _ in range(2)) / steps
     engine.close()
 
     engine = FastGenerator(
@@ -148,11 +153,12 @@ def decode_profile(model, prompts, *, fused: bool, steps: int, device, gen: dict
     return out
 
 
-def prefill_profile(model, prompts, *, chunks: list[int], device, gen: dict) -> dict:
-    """Prefill wall time (generate with 1 new token) and kernels: eager ops, then Triton per chunk size."""
+def prefill_profile(model, prompts, *, chunks: list[int], device, gen: dict, eager: bool = True) -> dict:
+    """Prefill wall time (generate with 1 new token) and kernels: eager ops (unless not ``eager``), then Triton per
+    chunk size."""
     out = {"prompts": len(prompts), "prompt_tokens": sum(map(len, prompts)), "runs": {}}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for fused, tokens in [(False, chunks[0])] + [(None, c) for c in chunks]:
+    for fused, tokens in ([(False, chunks[0])] if eager else []) + [(None, c) for c in chunks]:
         engine = FastGenerator(
             model, max_batch_size=len(prompts), prefill_tokens=tokens, use_cuda_graphs=False, fused_kernels=fused
         )
@@ -199,6 +205,11 @@ def main(argv=None) -> dict:
         "--decode-attention too)",
     )
     parser.add_argument("--skip-prefill", action="store_true", help="profile the decode step only")
+    parser.add_argument(
+        "--skip-eager",
+        action="store_true",
+        help="profile the Triton paths only (at the eval's 1,319 rows the eager decode and prefill take a minute)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -227,7 +238,7 @@ def main(argv=None) -> dict:
         "decode": {},
     }
     attention = {f" {spec}": {"decode_attention": DecodeAttentionConfig.parse(spec)} for spec in args.decode_attention or []}
-    variants = [("eager", False, {}), ("triton", True, {})] + [
+    variants = ([] if args.skip_eager else [("eager", False, {})]) + [("triton", True, {})] + [
         (f"triton{label}", True, options) for label, options in attention.items()
     ]
     if args.fuse_projections:
@@ -247,9 +258,13 @@ def main(argv=None) -> dict:
                 flush=True,
             )
             print_classes(d["classes"])
+            # Written after every stage: a run stopped by its time limit keeps what it finished.
+            common.write_result("profile_decode.json", result, args.out)
         chunks = [int(c) for c in args.prefill_chunks.split(",")]
         if not args.skip_prefill:
-            result["prefill"] = prefill_profile(model, prefill_prompts, chunks=chunks, device=device, gen=gen)
+            result["prefill"] = prefill_profile(
+                model, prefill_prompts, chunks=chunks, device=device, gen=gen, eager=not args.skip_eager
+            )
     for label, figures in result.get("prefill", {"runs": {}})["runs"].items():
         print(
             f"prefill {label}: {figures['wall_s']:.3f}s, {figures['prompt_tokens_per_s']:,.0f} tok/s, "

@@ -725,6 +725,28 @@ def test_engine_wrapper_returns_the_hf_engines_generations(tiny_model_dir):
     assert sorted(g.index for b in batches for g in b) == list(range(len(questions)))
 
 
+def test_profile_decode_keeps_each_finished_stage_when_a_later_one_fails(tmp_path, monkeypatch):
+    """The device session's profile runs under a time limit: the JSON is written after each decode variant, so
+    the variants finished before a later stage dies are on disk; ``--skip-eager`` profiles the Triton paths
+    only, and the step time is the engine's own clock of its decode loop."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from bench import profile_decode
+
+    def stopped(*args, **kwargs):
+        raise TimeoutError("the step's time limit")
+
+    monkeypatch.setattr(profile_decode, "prefill_profile", stopped)
+    out = tmp_path / "profile_decode.json"
+    with pytest.raises(TimeoutError):
+        profile_decode.main(["--smoke", "--skip-eager", "--fuse-projections", "--out", str(out)])
+    decode = json.loads(out.read_text())["decode"]
+    assert list(decode) == ["triton", "triton + fused projections"]
+    assert all(variant["wall_ms_per_step"] > 0 for variant in decode.values())
+
+
 @pytest.mark.slow
 def test_bench_eval_smoke_runs_every_stage(tmp_path):
     import json
