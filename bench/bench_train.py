@@ -235,6 +235,12 @@ def run_setup(
     return result
 
 
+def mfu_4n(tokens_per_s: float, parameters: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation at 4N FLOPs a token (forward and input gradients; the frozen base has no weight
+    gradients), the measure issue 19's bf16 bar is set in."""
+    return round(tokens_per_s * 4 * parameters / peak_flops, 4)
+
+
 def rates_from_log(text: str, *, from_step: int, parameters: int, peak_flops: float) -> dict[str, dict]:
     """Each setup's tokens/s over steps ``from_step`` to its last, read from a bench_train log: the Trainer logs
     every step's ``num_input_tokens_seen`` and ``train_runtime`` (10 ms resolution). For setups whose first
@@ -256,7 +262,7 @@ def rates_from_log(text: str, *, from_step: int, parameters: int, peak_flops: fl
             "steps": [from_step, len(marks)],
             "s_per_step": round((time_1 - time_0) / (len(marks) - from_step + 1), 3),
             "tokens_per_s": round(per_s, 1),
-            "mfu_4n": round(per_s * 4 * parameters / peak_flops, 4),
+            "mfu_4n": mfu_4n(per_s, parameters, peak_flops),
         }
     return rates
 
@@ -388,9 +394,9 @@ def compare_setups(inputs: TrainInputs, parameters: int, results: list[dict]) ->
     failed = {r["setup"]: r["error"] for r in results if "error" in r}
     results = [r for r in results if "error" not in r]
     for result in results:
-        result["mfu_4n"] = round(result["steady_tokens_per_s"] * 4 * parameters / peak, 4) if peak else None
+        result["mfu_4n"] = mfu_4n(result["steady_tokens_per_s"], parameters, peak) if peak else None
         after = result.get("tokens_per_s_after_compiles")
-        result["mfu_4n_after_compiles"] = round(after * 4 * parameters / peak, 4) if peak and after else None
+        result["mfu_4n_after_compiles"] = mfu_4n(after, parameters, peak) if peak and after else None
     by_name = {r["setup"]: r for r in results}
     speedups = {
         kind: round(

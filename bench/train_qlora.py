@@ -280,9 +280,12 @@ class StepClock(TrainerCallback):
         self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
     def steady_tokens_per_s(self) -> float:
-        start = self.marks[len(self.marks) // 5]
+        return self._tokens_per_s(self.marks[len(self.marks) // 5]) or 0.0
+
+    def _tokens_per_s(self, start: tuple[float, int]) -> float | None:
+        """Tokens/s from the mark ``start`` to the last one (None when no time passed)."""
         end = self.marks[-1]
-        return round((end[1] - start[1]) / (end[0] - start[0]), 1) if end[0] > start[0] else 0.0
+        return round((end[1] - start[1]) / (end[0] - start[0]), 1) if end[0] > start[0] else None
 
     def step_seconds(self) -> list[float]:
         return [round(b[0] - a[0], 4) for a, b in zip(self.marks, self.marks[1:], strict=False)]
@@ -295,8 +298,7 @@ class StepClock(TrainerCallback):
             return None
         median = sorted(steps)[len(steps) // 2]
         last_slow = max((i for i, step in enumerate(steps) if step > 5 * median), default=-1)
-        start, end = self.marks[last_slow + 1], self.marks[-1]
-        return round((end[1] - start[1]) / (end[0] - start[0]), 1) if end[0] > start[0] else None
+        return self._tokens_per_s(self.marks[last_slow + 1])
 
 
 if __name__ == "__main__":
