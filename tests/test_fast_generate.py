@@ -326,6 +326,8 @@ def test_unknown_adapter_is_a_config_error(base):
 _TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 )
+# Triton launches on the GPU where there is one (CPU tensors cannot be read there), else in the interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # The eager decode path, and the Triton one where it can run.
@@ -388,7 +390,7 @@ def test_shorter_batch_decodes_past_stale_cache_slots_of_a_longer_one(fused):
 @pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1 on a CPU")
 @pytest.mark.parametrize("fuse_projections", [False, True])
 def test_fused_decode_kernels_match_hf_generate(fuse_projections):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = TRITON_DEVICE
     model = random_qwen3(seed=13).to(device)
     batch = prompts(9, seed=8)
     stop = pick_stop_token(model, batch, 20)
@@ -414,7 +416,7 @@ def test_fused_kernels_round_where_transformers_rounds_in_bf16():
     rotary sum may then carry that ulp onto an output near zero (cancellation), which is why the start-up
     check measures each op in ulps of its largest term.
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = TRITON_DEVICE
     model = tiny_qwen3(VOCAB, seed=3, hidden=256, intermediate=512, heads=8, kv_heads=2, head_dim=128)
     engine = FastGenerator(model.to(device=device, dtype=torch.bfloat16), fused_kernels=True)
     assert engine.fused, engine.fused_status
@@ -439,7 +441,7 @@ def test_start_up_check_turns_the_kernels_off_when_the_step_kv_is_not_written(ba
         return launched(*args, **kwargs)
 
     monkeypatch.setattr(fast_generate, "fused_decode_attention", ignoring_the_step)
-    engine = FastGenerator(base, fused_kernels=True)
+    engine = FastGenerator(copy.deepcopy(base).to(TRITON_DEVICE), fused_kernels=True)
     assert not engine.fused and engine.fused_status.startswith("off: decode attention differs"), engine.fused_status
 
 
@@ -452,7 +454,7 @@ def test_head_norm_rope_takes_several_heads_a_program_and_a_partial_last_block()
 
     from training import fused_kernels
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = TRITON_DEVICE
     model = tiny_qwen3(VOCAB, seed=3, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16)
     norm = model.model.layers[0].self_attn.q_norm.to(device=device, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(5)
@@ -484,7 +486,7 @@ def test_kernels_read_column_blocks_of_a_wider_projection_in_place():
     GEMM output: the same bits as on contiguous copies, in bf16."""
     from training.fused_kernels import fused_head_norm_rope, fused_silu_mul
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = TRITON_DEVICE
     model = tiny_qwen3(VOCAB, seed=3, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16)
     attention = model.model.layers[0].self_attn.to(device=device, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
@@ -514,7 +516,7 @@ def test_decode_attention_launch_configs_agree_with_sdpa(dtype):
     from training.fast_generate import decode_attention_reference, ulp_limit, ulp_report
     from training.fused_kernels import DecodeAttentionConfig, fused_decode_attention
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = TRITON_DEVICE
     g = torch.Generator().manual_seed(0)
     rows, kv_heads, slots, dim, groups = 5, 2, 80, 32, 4
 
@@ -547,7 +549,7 @@ def test_decode_attention_writes_this_steps_kv_where_index_copy_would(dtype):
     writes and the barrier after the write are only tested on a GPU."""
     from training.fused_kernels import DecodeAttentionConfig, fused_decode_attention
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = TRITON_DEVICE
     g = torch.Generator().manual_seed(1)
     rows, kv_heads, slots, dim, groups = 5, 2, 80, 32, 4
 
@@ -585,7 +587,7 @@ def test_decode_attention_writes_this_steps_kv_where_index_copy_would(dtype):
 def test_split_decode_attention_matches_hf_generate():
     from training.fused_kernels import DecodeAttentionConfig
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = TRITON_DEVICE
     model = random_qwen3(seed=13).to(device)
     batch = prompts(6, seed=8)
     config = DecodeAttentionConfig.parse("block_n=16,splits=2")
