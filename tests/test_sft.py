@@ -135,6 +135,37 @@ def test_loss_falls_and_completion_only_masks_the_prompt(training_base, tmp_path
         assert masked == (len(prompt) if completion_only else 0)
 
 
+def test_the_loss_curve_ends_at_the_last_step_when_it_is_not_a_multiple_of_logging_steps(training_base, tmp_path):
+    # 6 steps logged every 4: the trainer alone would log steps 1 and 4 and miss the trained loss. The same
+    # seed logged every step gives each step's own loss; a logged loss is the mean over the steps since the
+    # previous log, so the curve is recomputed from it.
+    config = sft_study(training_base, tmp_path / "run", max_steps=6, logging_steps=4)
+    run_dir = prepared(config)
+    payload = sft.run(config, run_dir, levels=[3])["level_3"]
+    every_step = sft.run(config.with_overrides(**{"training.logging_steps": 1}), run_dir, levels=[3], force=True)
+    step_loss = {point["step"]: point["loss"] for point in every_step["level_3"]["loss_curve"]}
+
+    assert list(step_loss) == [1, 2, 3, 4, 5, 6]  # a last step that is a multiple is logged once
+    curve = payload["loss_curve"]
+    assert [point["step"] for point in curve] == [1, 4, 6] and curve[-1]["step"] == payload["steps"] == 6
+    expected = [step_loss[1], (step_loss[2] + step_loss[3] + step_loss[4]) / 3, (step_loss[5] + step_loss[6]) / 2]
+    assert [point["loss"] for point in curve] == pytest.approx(expected, rel=1e-5)
+
+
+def test_summary_line_names_the_step_of_each_loss_it_shows(tmp_path):
+    payload = {"model": "level_1", "seed": 42, "steps": 8, "tokens_per_s": 1234.5, "wall_time_s": 3.21}
+
+    def line(curve):
+        return sft.summary_line({**payload, "loss_curve": curve}, tmp_path)
+
+    first, middle, last = {"step": 1, "loss": 12.4031}, {"step": 4, "loss": 11.0}, {"step": 8, "loss": 9.7799}
+    assert line([first, middle, last]) == (
+        f"level_1 (seed 42): 8 steps, loss 12.403 (step 1) → 9.780 (step 8), 1,234 tokens/s, 3.2 s → {tmp_path}"
+    )
+    assert "loss 12.403 (step 1), 1,234 tokens/s" in line([first])  # one point: no "12.403 → 12.403"
+    assert "8 steps, no loss logged, " in line([])
+
+
 def test_rerun_skips_an_up_to_date_adapter_and_retrains_on_change(training_base, tmp_path, capsys):
     config = sft_study(training_base, tmp_path / "run", max_steps=2)
     run_dir = prepared(config)

@@ -337,11 +337,28 @@ def build_trainer(
     )
     set_seed(seed)  # the LoRA weights are initialised inside the trainer's constructor
     trainer = _StudySFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[LogLastStep()],
     )
     if training.compile_layers:
         compile_decoder_layers(trainer.model)
     return trainer
+
+
+class LogLastStep(TrainerCallback):
+    """Logs the last optimizer step, so the loss curve ends at the trained loss: the trainer logs only every
+    ``logging_steps`` (and the first step), and a run whose last step is not a multiple of it would stop its
+    curve short (a run shorter than ``logging_steps`` would have its first loss alone). When the last step is a
+    multiple, the trainer logs that step once all the same: it never logs a step twice."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
 
 
 def compile_decoder_layers(model) -> None:
@@ -701,7 +718,9 @@ def _say(line: str) -> None:
 
 def summary_line(payload: dict, adapter_dir: Path) -> str:
     curve = payload["loss_curve"]
-    losses = f"loss {curve[0]['loss']:.3f} → {curve[-1]['loss']:.3f}" if curve else "no loss logged"
+    ends = curve[:1] + curve[1:][-1:]  # a one-point curve shows its point once, not as "x → x"
+    points = " → ".join(f"{point['loss']:.3f} (step {point['step']})" for point in ends)
+    losses = f"loss {points}" if curve else "no loss logged"
     return (
         f"{payload['model']} (seed {payload['seed']}): {payload['steps']} steps, {losses}, {payload['tokens_per_s']:,.0f} tokens/s, "
         f"{payload['wall_time_s']:.1f} s → {adapter_dir}"
