@@ -725,6 +725,9 @@ def test_engine_wrapper_returns_the_hf_engines_generations(tiny_model_dir):
     batches = list(fast.generate(questions, adapter="level_1", max_new_tokens=24))
     assert [len(b) for b in batches] == [4, 4, 2]  # 10 prompts, at most 4 a batch: 3 batches of 4 slots
     assert sorted(g.index for b in batches for g in b) == list(range(len(questions)))
+    # The generation log's row has one set of keys whichever engine ran; on a CPU the projections stay separate.
+    described = fast.describe()
+    assert set(described) == set(hf.describe()) and described["fused_projections"] is False
 
 
 def test_profile_decode_keeps_each_finished_stage_when_a_later_one_fails(tmp_path, monkeypatch):

@@ -89,7 +89,7 @@ def test_base_then_adapters_through_evaluate(tmp_path):
     assert [row["model"] for row in summary["models"]] == ["base", "level_1", "level_4"]
     log = generation_log(run_dir)
     assert [row["model"] for row in log] == ["base", "level_1", "level_4"]
-    assert all(row["engine"] == "fast" and row["cuda_graphs"] for row in log)
+    assert all(row["engine"] == "fast" and row["cuda_graphs"] and row["fused_projections"] for row in log)
     for model in ("base", "level_1", "level_4"):
         assert len(read_samples(run_dir.samples(model))) == 40
 
@@ -112,4 +112,6 @@ def test_train_then_evaluate_in_one_process(tmp_path):
     assert not live(torch.nn.Module) and not live(FastGenerator) and not live(torch.cuda.CUDAGraph)
     assert allocated() <= trained, (trained, allocated())  # evaluate's cache, graphs and model went too
     assert [row["model"] for row in summary["models"]] == ["base", "level_1", "level_4"]
-    assert all(row["engine"] == "fast" and row["cuda_graphs"] for row in generation_log(run_dir))
+    assert all(
+        row["engine"] == "fast" and row["cuda_graphs"] and row["fused_projections"] for row in generation_log(run_dir)
+    )

@@ -1031,6 +1031,11 @@ class FastGenerationEngine:
     It wraps a loaded ``GenerationEngine`` (tokenizer, chat template, model, PEFT adapters) and runs its
     generation on a ``FastGenerator``: same prompts in, same ``Generation`` records out, batched by the same
     plan. A planned batch larger than GPU memory (or ``max_batch_size``) allows is split in equal parts.
+
+    On a GPU it runs q/k/v and gate/up as one GEMM each (``fuse_projections``): fewer launches a step for the
+    same tokens (fp32 rows identical to HF ``generate``, and 0.55 ms of a 1,319-row decode step on an H200:
+    bench/README.md). The model is this engine's own, loaded for the evaluation, so its weights may be
+    re-laid; on a CPU the separate GEMMs stay, as the CPU tests' fp32 reference.
     """
 
     def __init__(self, engine: GenerationEngine, *, max_batch_size: int = 2048) -> None:
@@ -1072,6 +1077,7 @@ class FastGenerationEngine:
             "engine": "fast",
             "cuda_graphs": fast.use_graphs,
             "fused_kernels": fast.fused_status,
+            "fused_projections": fast.fuse_projections,
         }
 
     def close(self) -> None:
@@ -1089,7 +1095,8 @@ class FastGenerationEngine:
     def _generator(self) -> FastGenerator:
         if self._fast is None or self._fast.model is not self.hf.model:
             self._close_generator()
-            self._fast = FastGenerator(self.hf.model, max_batch_size=self.max_batch_size)
+            on_gpu = next(self.hf.model.parameters()).device.type == "cuda"
+            self._fast = FastGenerator(self.hf.model, max_batch_size=self.max_batch_size, fuse_projections=on_gpu)
         return self._fast
 
     def generate(

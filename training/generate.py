@@ -266,6 +266,7 @@ class GenerationEngine:
             "dtype": str(parameter.dtype).removeprefix("torch."),
             "cuda_graphs": False,
             "fused_kernels": "off: the hf engine runs transformers' modules",
+            "fused_projections": False,
         }
 
     def close(self) -> None:
