@@ -318,7 +318,13 @@ def fp32_exactness(
             problems, vocab_size=config.vocab_size, min_len=lo, max_len=hi, seed=7
         )
         engine = FastGenerator(peft_model, **options)
-        out = {"layers": config.num_hidden_layers, "problems": problems, "new_tokens": new}
+        # Which path the check ran (the Triton kernels turn themselves off where they disagree with eager).
+        out = {
+            "layers": config.num_hidden_layers,
+            "problems": problems,
+            "new_tokens": new,
+            "fused_kernels": engine.fused_status,
+        }
         for name in ("base", "level_1"):
             with adapter_context(peft_model, name):
                 expected = hf_generate(
@@ -530,7 +536,7 @@ def describe_run(device: torch.device, *, smoke: bool) -> dict:
         "smoke": smoke,
         "date": common.utc_now(),
         "device": common.device_info(device),
-        "libraries": common.library_versions(),
+        "libraries": common.library_versions("triton"),
     }
     log(f"device {result['device']['name']} ({device.type}); {result['libraries']}")
     return result
@@ -890,14 +896,24 @@ def judge(result: dict, models: list[str]) -> None:
         or {}
     )
     match, fp32 = result.get("match") or {}, result.get("match_fp32") or {}
+    fp32_match = bool(fp32) and all(fp32[k]["identical_rows"] == fp32[k]["rows"] for k in ("base", "level_1"))
+    decode_share = roof.get("decode_share_of_roofline", 0) >= 0.4
+    # None where the stage a goal needs did not run (--skip-baselines): not measured is not missed.
     result["goals"] = {
-        "whole_eval_10x_vs_hf_batch64": result["speedup"].get("vs_hf_batch", 0) >= 10,
+        "whole_eval_10x_vs_hf_batch64": result["speedup"].get("vs_hf_batch", 0) >= 10 if hf else None,
         "end_to_end_40pct_of_decode_roofline": roof.get("end_to_end_share_of_roofline", 0) >= 0.4,
-        "decode_40pct_of_decode_roofline": roof.get("decode_share_of_roofline", 0) >= 0.4,
-        "match_all_rows": bool(match) and all(match[n]["identical_rows"] == match[n]["rows"] for n in models),
-        "fp32_match_all_rows": bool(fp32)
-        and all(fp32[k]["identical_rows"] == fp32[k]["rows"] for k in ("base", "level_1")),
+        "decode_40pct_of_decode_roofline": decode_share,
+        "match_all_rows": all(match[n]["identical_rows"] == match[n]["rows"] for n in models) if match else None,
+        "fp32_match_all_rows": fp32_match,
         "self_check": bool(result["self_check"] and result["self_check"]["ok"]),
+    }
+    # Issue 19's four eval lines, all from this run.
+    fused = (fast or {}).get("totals", {}).get("fused_kernels", "")
+    result["goals_issue_19"] = {
+        "fused_kernels_on": fused.startswith("on"),
+        "decode_40pct_of_decode_roofline": decode_share,
+        "whole_eval_at_most_45s": bool(fast) and fast["totals"]["wall_s"] <= 45,
+        "fp32_match_all_rows": fp32_match and str(fp32.get("fused_kernels", "")).startswith("on"),
     }
 
 
@@ -960,6 +976,8 @@ def _table(result: dict) -> None:
             f"(cap {FORMER_BATCH_CAP})"
         )
     lines.append(f"goals: {json.dumps(result['goals'])}")
+    if "goals_issue_19" in result:  # results written before 2026-12-02 (session 7) have none
+        lines.append(f"goals of issue 19: {json.dumps(result['goals_issue_19'])}")
     if result.get("errors"):
         lines.append(f"errors: {json.dumps(result['errors'])}")
     print("\n".join(lines), flush=True)

@@ -752,6 +752,32 @@ def test_profile_decode_keeps_each_finished_stage_when_a_later_one_fails(tmp_pat
     assert all(variant["wall_ms_per_step"] > 0 for variant in decode.values())
 
 
+def test_bench_eval_goals_not_measured_are_none_and_issue_19_reads_the_fp32_checks_path(monkeypatch):
+    """With ``--skip-baselines`` the HF comparisons never ran: their goals are None, not False. Issue 19's fp32
+    line holds only where the fp32 check ran with the Triton kernels on."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from bench.bench_eval import judge
+
+    rows = {"rows": 64, "identical_rows": 64}
+    result = {
+        "fast": {"totals": {"wall_s": 41.0, "fused_kernels": "on: Triton kernels match the eager ops"}},
+        "roofline": {"datasheet": {"decode_share_of_roofline": 0.4025, "end_to_end_share_of_roofline": 0.21}},
+        "match_fp32": {"fused_kernels": "on: Triton kernels match the eager ops", "base": rows, "level_1": rows},
+        "self_check": {"ok": True},
+    }
+    judge(result, ["base", "level_1"])
+    assert result["goals"]["whole_eval_10x_vs_hf_batch64"] is None and result["goals"]["match_all_rows"] is None
+    assert result["goals_issue_19"] == dict.fromkeys(
+        ("fused_kernels_on", "decode_40pct_of_decode_roofline", "whole_eval_at_most_45s", "fp32_match_all_rows"), True
+    )
+    result["match_fp32"]["fused_kernels"] = "off: Triton kernels failed"
+    result["fast"]["totals"]["wall_s"] = 45.5
+    judge(result, ["base", "level_1"])
+    assert not result["goals_issue_19"]["fp32_match_all_rows"] and not result["goals_issue_19"]["whole_eval_at_most_45s"]
+
+
 @pytest.mark.slow
 def test_bench_eval_smoke_runs_every_stage(tmp_path):
     import json
@@ -819,6 +845,15 @@ def test_bench_eval_smoke_runs_every_stage(tmp_path):
     # fp32 on CPU: the same greedy tokens as HF generate, for the base and every merged adapter.
     assert all(result["match"][m]["identical_rows"] == 4 for m in hf["per_model"])
     assert result["goals"]["match_all_rows"] and result["goals"]["fp32_match_all_rows"]
+    # Issue 19's lines read the path each stage ran: the fp32 check's counts only with the Triton kernels on.
+    fp32_path = result["match_fp32"]["fused_kernels"]
+    assert result["goals_issue_19"] == {
+        "fused_kernels_on": result["fast"]["totals"]["fused_kernels"].startswith("on"),
+        "decode_40pct_of_decode_roofline": result["goals"]["decode_40pct_of_decode_roofline"],
+        "whole_eval_at_most_45s": result["fast"]["totals"]["wall_s"] <= 45,
+        "fp32_match_all_rows": fp32_path.startswith("on"),
+    }
+    assert "triton" in result["libraries"]
     speedup = result["speedup"]["vs_hf_batch"]
     assert speedup == pytest.approx(hf["extrapolated_wall_s"] / result["fast"]["totals"]["wall_s"])
     table = subprocess.run(
