@@ -31,6 +31,7 @@ RECORDED = {
     "profile_train.json",
     "study_gpu.json",
     "study_gpu_final_session7.json",
+    "study_gpu_fused_projections.json",
     "study_gpu_session5.json",
     "study_gpu_session7.json",
     "train_qlora.json",

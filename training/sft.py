@@ -350,10 +350,11 @@ def build_trainer(
 
 
 class LogLastStep(TrainerCallback):
-    """Logs the last optimizer step, so the loss curve ends at the trained loss: the trainer logs only every
+    """Logs the last optimizer step, so the loss curve ends where training did: the trainer logs only every
     ``logging_steps`` (and the first step), and a run whose last step is not a multiple of it would stop its
-    curve short (a run shorter than ``logging_steps`` would have its first loss alone). When the last step is a
-    multiple, the trainer logs that step once all the same: it never logs a step twice."""
+    curve short (a run shorter than ``logging_steps`` would have its first loss alone). Like every logged point,
+    the last is the mean loss over the steps since the point before. When the last step is a multiple, the
+    trainer logs that step once all the same: it never logs a step twice."""
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
