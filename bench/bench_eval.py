@@ -881,7 +881,7 @@ def run_fp32_check(result: dict, inputs: EvalInputs) -> None:
 
 
 def judge(result: dict, models: list[str]) -> None:
-    """The fast engine's speed-ups and issue 9's goals, from what the stages recorded."""
+    """The fast engine's speed-ups, issue 9's goals and issue 19's eval lines, from what the stages recorded."""
     fast = result.get("fast")
     hf = result.get("baseline_hf_batch")
     single = result.get("baseline_one_at_a_time")
@@ -898,7 +898,8 @@ def judge(result: dict, models: list[str]) -> None:
     match, fp32 = result.get("match") or {}, result.get("match_fp32") or {}
     fp32_match = bool(fp32) and all(fp32[k]["identical_rows"] == fp32[k]["rows"] for k in ("base", "level_1"))
     decode_share = roof.get("decode_share_of_roofline", 0) >= 0.4
-    # None where the stage a goal needs did not run (--skip-baselines): not measured is not missed.
+    # None where the HF baselines a goal needs did not run (--skip-baselines): not measured is not missed. A
+    # stage that ran and failed (its result None, its error in "errors") counts as a miss.
     result["goals"] = {
         "whole_eval_10x_vs_hf_batch64": result["speedup"].get("vs_hf_batch", 0) >= 10 if hf else None,
         "end_to_end_40pct_of_decode_roofline": roof.get("end_to_end_share_of_roofline", 0) >= 0.4,
@@ -976,8 +977,7 @@ def _table(result: dict) -> None:
             f"(cap {FORMER_BATCH_CAP})"
         )
     lines.append(f"goals: {json.dumps(result['goals'])}")
-    if "goals_issue_19" in result:  # results written before 2026-12-02 (session 7) have none
-        lines.append(f"goals of issue 19: {json.dumps(result['goals_issue_19'])}")
+    lines.append(f"goals of issue 19: {json.dumps(result['goals_issue_19'])}")
     if result.get("errors"):
         lines.append(f"errors: {json.dumps(result['errors'])}")
     print("\n".join(lines), flush=True)
@@ -1070,7 +1070,9 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"fp32, {fp32['layers']} layers, {fp32['problems']} problems x {fp32['new_tokens']} tokens: base "
             f"{fp32['base']['identical_rows']}/{fp32['base']['rows']}, merged adapter "
-            f"{fp32['level_1']['identical_rows']}/{fp32['level_1']['rows']} rows identical."
+            f"{fp32['level_1']['identical_rows']}/{fp32['level_1']['rows']} rows identical"
+            # Results from before 2026-12-02 (session 7) do not record the path the check ran.
+            + (f"; fused kernels {fp32['fused_kernels']}." if "fused_kernels" in fp32 else ".")
         )
     return "\n".join(lines)
 

@@ -329,6 +329,9 @@ def eval_worker(options: argparse.Namespace) -> dict:
     if options.engine == "fast":
         from training.fast_generate import FastGenerator
 
+        # The separate q/k/v and gate/up GEMMs, as measured in bench/results/bench_multigpu*.json (2026-11-26);
+        # the evaluate stage's engine fuses them on a GPU since 2026-12-02, a per-GPU change this comparison of
+        # one GPU against several does not depend on.
         engine = FastGenerator(model)
     for name, new in profiles.items():
         batch_rows[name] = []

@@ -329,7 +329,8 @@ def eval_figures(run_dir: RunDir) -> dict:
         "engine": sorted({row["engine"] for row in rows}),
         "cuda_graphs": sorted({row["cuda_graphs"] for row in rows}),
         "fused_kernels": sorted({row["fused_kernels"] for row in rows}),
-        "fused_projections": sorted({row["fused_projections"] for row in rows}),
+        # Rows written before 2026-12-02 have no such key: their evaluate never fused the projections.
+        "fused_projections": sorted({row.get("fused_projections", False) for row in rows}),
         "generated_tokens": tokens,
         "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
         "peak_gpu_memory_gib": max(peaks) if peaks else None,

@@ -1033,8 +1033,8 @@ class FastGenerationEngine:
     plan. A planned batch larger than GPU memory (or ``max_batch_size``) allows is split in equal parts.
 
     On a GPU it runs q/k/v and gate/up as one GEMM each (``fuse_projections``): fewer launches a step for the
-    same tokens (fp32 rows identical to HF ``generate``, and 0.55 ms of a 1,319-row decode step on an H200:
-    bench/README.md). The model is this engine's own, loaded for the evaluation, so its weights may be
+    same tokens (fp32 rows identical to HF ``generate``; 0.55 ms of a decode step at bench_eval's 1,319 rows on
+    an H200, bench/README.md). The model is this engine's own, loaded for the evaluation, so its weights may be
     re-laid; on a CPU the separate GEMMs stay, as the CPU tests' fp32 reference.
     """
 

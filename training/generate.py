@@ -95,7 +95,8 @@ class Engine(Protocol):
         one draw each with ``sampling`` (from torch's global generator, which the caller seeds)."""
 
     def describe(self) -> dict:
-        """What decodes, for the generation log: engine, device, dtype, CUDA graphs, fused kernels."""
+        """What decodes, for the generation log: engine, device, dtype, CUDA graphs, fused kernels and
+        projections."""
 
     def close(self) -> None:
         """Free the model and any caches, so the next stage finds the GPU empty."""
