@@ -857,8 +857,8 @@ class FastGenerator:
         with torch.no_grad():
             self._is_stop.zero_()
             # Ids past the vocabulary can never be generated; they only have to stay out of the index.
-            stop_in_vocab = sorted(t for t in set(stop_token_ids) if 0 <= t < self.vocab)
-            stop_in_vocab = torch.tensor(stop_in_vocab, dtype=torch.long, device=self.device)
+            in_vocab = sorted(t for t in set(stop_token_ids) if 0 <= t < self.vocab)
+            stop_in_vocab = torch.tensor(in_vocab, dtype=torch.long, device=self.device)
             self._is_stop[stop_in_vocab] = True
             if len(stop_in_vocab) > len(self._stop_ids):
                 self._drop_graphs()  # captured steps index the shorter tensor
